@@ -1,0 +1,120 @@
+"""Training checkpoints: what every rank writes, how a run resumes, and how to read the weights back.
+
+A checkpoint directory holds
+    deepspeed/state/...   DeepSpeed's own files: model states and each rank's ZeRO shard
+    rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
+    trainer_state.json    step, data position, tokens seen, last metrics (written by rank 0)
+    config.json           the resolved config of the run
+    tokenizer.json        the tokenizer, so the checkpoint is self-contained
+Every rank writes its own part into its own directory (node-local under Ray, which merges them
+into one directory in storage; shared when the directories are the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm.config import TrainConfig, config_from_dict
+
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+TRAINER_STATE = "trainer_state.json"
+
+
+def save_rank_checkpoint(engine, path: str | Path, rank: int, trainer_state: dict,
+                         config: dict, tokenizer_path: str | Path) -> None:
+    """Every rank calls this (DeepSpeed's save is a collective)."""
+    path = Path(path)
+    (path / DEEPSPEED_DIR).mkdir(parents=True, exist_ok=True)
+    (path / "rng").mkdir(exist_ok=True)
+    engine.save_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(rng, path / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(tokenizer_path, path / "tokenizer.json")
+        (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+
+def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
+    """Restore weights, optimizer state and this rank's RNG; return the trainer state."""
+    path = Path(path)
+    load_path, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DEEPSPEED_DIR}")
+    rng_file = path / "rng" / f"rank_{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint counts once rank 0's trainer state is in it (written after the shards)."""
+    return (Path(path) / TRAINER_STATE).exists() and (Path(path) / DEEPSPEED_DIR).is_dir()
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["step"])
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under a run directory, or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    candidates = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    return max(candidates, key=checkpoint_step, default=None)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return config_from_dict(json.loads((Path(path) / "config.json").read_text()))
+
+
+def load_consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint of any ZeRO stage and any number of ranks."""
+    path = Path(path)
+    ds_dir = path / DEEPSPEED_DIR
+    if not (ds_dir / DEEPSPEED_TAG).is_dir():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {DEEPSPEED_DIR}/{DEEPSPEED_TAG})")
+    stage = load_config(path).deepspeed.zero_stage
+    if stage == 0:  # no ZeRO partitioning: rank 0's model states hold the whole module
+        states = torch.load(ds_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)
+
+
+def load_model(path: str | Path):
+    """(model in eval mode, tokenizer, config) from a training checkpoint, on the CPU."""
+    from lm.model import GPT
+    from lm.tokenizer import load_tokenizer
+
+    cfg = load_config(path)
+    model = GPT(cfg.model)
+    state = load_consolidated_state_dict(path)
+    state.setdefault("lm_head.weight", state["wte.weight"])  # tied weights may be saved once
+    model.load_state_dict(state)
+    return model.eval(), load_tokenizer(Path(path) / "tokenizer.json"), cfg
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def commit_checkpoint_dir(staging: str | Path, final: str | Path) -> Path:
+    """Rename a fully written checkpoint into place: readers never see a partial one."""
+    os.replace(staging, final)
+    return Path(final)

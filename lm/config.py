@@ -1,0 +1,266 @@
+"""Typed configuration for the whole training path.
+
+These dataclasses are the schema: the launcher registers them with Hydra so a typo fails at
+composition, and `validate` checks values (ranges, cross-field rules) on the driver before any
+worker starts. Workers receive a plain dict and rebuild the objects with `config_from_dict`.
+Derived values (global batch, sequence length, padded vocab) are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line naming the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"
+    variant: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256  # the model's maximum context (positions)
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms (GPT-2 has them, Llama does not)
+    mlp_hidden: Optional[int] = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (llama)
+    rope_theta: float = 10000.0
+    activation_checkpointing: bool = False
+    vocab_size: Optional[int] = None  # filled from the tokenizer by `derive`; never typed by hand
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`
+    path: Optional[str] = None  # file, directory or glob; several separated by commas
+    text_field: str = "text"  # the field read from .jsonl lines
+    tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the corpus; char: one id per character
+    vocab_size: int = 8192  # BPE only
+    block_size: Optional[int] = None  # training sequence length; None: model.block_size
+    val_fraction: float = 0.02
+    tokenizer_train_bytes: int = 8_000_000  # BPE is trained on this many bytes of the corpus
+    max_bytes: Optional[int] = None  # cap on corpus bytes read (None: all)
+    cache_dir: str = "outputs/cache"
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "zero2"
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+    offload_params: bool = False  # ZeRO-3 only: parameters offloaded to CPU memory
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: connect
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
+    max_failures: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "wandb_offline"
+    backend: str = "wandb"  # wandb or none
+    mode: str = "offline"  # offline or online
+    project: str = "lm"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: multirun jobs share their sweep's group automatically
+    dir: str = "outputs/wandb"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 600
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_steps: int = 10
+    ckpt_every: int = 200
+    log_every: int = 10
+    seed: int = 1337
+    precision: str = "fp32"  # fp32 or bf16
+    stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still follows max_steps
+    keep_checkpoints: int = 2
+    sample_tokens: int = 160  # length of the sample printed after training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # None: derived from the model name and a hash of the config
+    storage: str = "outputs/runs"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived values: computed once, here.
+
+
+def sequence_length(cfg: TrainConfig) -> int:
+    return cfg.data.block_size or cfg.model.block_size
+
+
+def global_batch_size(cfg: TrainConfig) -> int:
+    """Sequences per optimizer step: micro batch x accumulation x workers (DeepSpeed's train_batch_size)."""
+    return cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * cfg.cluster.num_workers
+
+
+def tokens_per_step(cfg: TrainConfig) -> int:
+    return global_batch_size(cfg) * sequence_length(cfg)
+
+
+def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = 64) -> int:
+    """Embedding rows rounded up so matmuls stay aligned; the extra rows are never targets."""
+    return -(-tokenizer_vocab_size // multiple) * multiple
+
+
+def mlp_hidden_size(model: ModelConfig) -> int:
+    if model.mlp_hidden:
+        return model.mlp_hidden
+    if model.variant == "llama":
+        return -(-int(8 * model.n_embd / 3) // 64) * 64
+    return 4 * model.n_embd
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule a user can break, with the field's name and what is allowed.
+
+_CHOICES = {
+    "model.variant": ("gpt2", "llama"),
+    "data.source": ("stdlib", "files"),
+    "data.tokenizer": ("bpe", "char"),
+    "logging.backend": ("wandb", "none"),
+    "logging.mode": ("offline", "online"),
+    "trainer.precision": ("fp32", "bf16"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+}
+
+
+def _get(cfg: TrainConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError on the first invalid value. Cheap: touches no files but data paths."""
+    for name, allowed in _CHOICES.items():
+        value = _get(cfg, name)
+        _require(value in allowed, name, value, "allowed values are " + ", ".join(allowed))
+
+    m, t, o, c, d, ds = cfg.model, cfg.trainer, cfg.optim, cfg.cluster, cfg.data, cfg.deepspeed
+    for name in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size"):
+        _require(_get(cfg, name) >= 1, name, _get(cfg, name), "must be an integer >= 1")
+    _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd,
+             f"must be divisible by model.n_head={m.n_head}")
+    if m.variant == "llama":
+        _require((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", m.n_embd,
+                 "RoPE needs an even head size (n_embd / n_head)")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+
+    _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage,
+             "allowed values are 0, 1, 2, 3")
+    _require(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params",
+             ds.offload_params, "parameter offload needs deepspeed.zero_stage=3")
+    _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
+             ds.offload_optimizer, "optimizer offload needs deepspeed.zero_stage >= 1")
+
+    _require(c.num_workers >= 1, "cluster.num_workers", c.num_workers, "must be an integer >= 1")
+    _require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", c.cpus_per_worker,
+             "must be an integer >= 1")
+    _require(c.max_failures >= -1, "cluster.max_failures", c.max_failures,
+             "must be >= 0, or -1 for unlimited retries")
+
+    for name in ("trainer.micro_batch_size", "trainer.grad_accum", "trainer.max_steps",
+                 "trainer.eval_every", "trainer.eval_steps", "trainer.ckpt_every",
+                 "trainer.log_every", "trainer.keep_checkpoints"):
+        _require(_get(cfg, name) >= 1, name, _get(cfg, name), "must be an integer >= 1")
+    if t.stop_at_step is not None:
+        _require(1 <= t.stop_at_step <= t.max_steps, "trainer.stop_at_step", t.stop_at_step,
+                 f"must be between 1 and trainer.max_steps={t.max_steps}, or null")
+
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+
+    seq = sequence_length(cfg)
+    _require(1 <= seq <= m.block_size, "data.block_size", seq,
+             f"must be between 1 and model.block_size={m.block_size} (the model's maximum context)")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    if d.tokenizer == "bpe":
+        _require(d.vocab_size >= 256, "data.vocab_size", d.vocab_size,
+                 "byte-level BPE needs at least 256 (one id per byte)")
+        _require(d.vocab_size <= 2**20, "data.vocab_size", d.vocab_size, "must be <= 1048576")
+    if d.source == "files":
+        _require(bool(d.path), "data.path", d.path,
+                 "data=text needs data.path=<file, directory or glob> of .txt/.jsonl files")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain dicts <-> typed objects (what crosses the process boundary to workers is a dict).
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, cls: type = TrainConfig) -> Any:
+    """Rebuild nested dataclasses from a plain dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(value, hint)
+        kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,67 @@
+"""Model FLOPs utilization: achieved training FLOP/s over the device's peak.
+
+The peak comes from a per-device table for known GPUs (dense, no sparsity, with the precision
+that the matmuls actually run in), and otherwise, on CPUs and unknown GPUs, from a matmul measured
+once in this process with the same thread count and dtype. `PeakFlops.source` says which.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense peak FLOP/s per device by matmul precision (vendor datasheets; SXM parts).
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    flops: float  # per device (per worker)
+    source: str  # how the number was obtained, for logs and summaries
+
+
+def _matmul_precision(precision: str) -> str:
+    if precision == "bf16":
+        return "bf16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """Best observed FLOP/s of a square matmul: an honest ceiling for this process's threads."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> PeakFlops:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        matmul = _matmul_precision(precision)
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name and not ("H100" in key and "PCIe" in name):
+                return PeakFlops(table[matmul], f"table: {name}, dense {matmul}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    measured = measure_matmul_flops(device, dtype)
+    threads = torch.get_num_threads()
+    return PeakFlops(measured, f"measured: 1024x1024 {dtype} matmul on {device.type}, {threads} threads")
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: PeakFlops, num_devices: int) -> float:
+    return flops_per_token * tokens_per_second / (peak.flops * num_devices)

@@ -1,0 +1,104 @@
+"""Tokenizers trained on the user's own corpus, saved as one `tokenizer.json` that travels with
+every checkpoint and export.
+
+- `ByteBPETokenizer`: byte-level BPE (GPT-2 style) from Hugging Face `tokenizers`; any unicode
+  text round-trips because every byte has an id.
+- `CharTokenizer`: one id per character seen in the corpus (nanoGPT's shakespeare_char recipe).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class ByteBPETokenizer:
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+        self.eot_id: int | None = hf_tokenizer.token_to_id(END_OF_TEXT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "ByteBPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+
+class CharTokenizer:
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self._ids = {c: i for i, c in enumerate(chars)}
+        self.eot_id: int | None = None
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this character-level vocabulary") from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids if i < len(self.chars))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
+
+
+Tokenizer = ByteBPETokenizer | CharTokenizer
+
+
+def train_tokenizer(kind: str, texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    return ByteBPETokenizer.train(texts, vocab_size)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    data = json.loads(Path(path).read_text())
+    if data.get("type") == "char":
+        return CharTokenizer(data["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return ByteBPETokenizer(HFTokenizer.from_file(str(path)))

@@ -1,0 +1,211 @@
+"""The per-worker training loop: model -> DeepSpeed engine -> steps, evaluation, checkpoints.
+
+It imports no Ray, Hydra or W&B. Metrics and checkpoints leave through `TrainHooks` that the
+caller binds (the Ray launcher reports to Ray Train and W&B; `lm.standalone` writes to disk), so
+the same loop runs under Ray, under `torchrun`/`deepspeed`, and in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint
+from lm.config import OptimConfig, TrainConfig, config_to_dict, sequence_length, tokens_per_step
+from lm.data import PreparedData, TokenShardLoader
+from lm.deepspeed_config import deepspeed_config
+from lm.mfu import PeakFlops, mfu, peak_flops
+from lm.model import GPT, flops_per_token
+
+
+def _ignore(*args) -> None:
+    return None
+
+
+@dataclass
+class TrainHooks:
+    """How metrics and checkpoints leave the loop."""
+
+    log: Callable[[dict, int], None] = _ignore  # rank 0 only: (metrics, step)
+    checkpoint_dir: Callable[[int], str] = None  # every rank: where to write step N's part
+    commit_checkpoint: Callable[[int, str, dict], None] = _ignore  # every rank, after all wrote
+    resume_from: Optional[str] = None  # a checkpoint directory to continue from
+
+
+def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps (nanoGPT's schedule)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / (optim.warmup_steps + 1)
+    if step >= max_steps:
+        return optim.min_lr
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (weights, embeddings); leave biases and norm gains alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(optimizer_param_groups(model, optim.weight_decay), lr=optim.lr,
+                             betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> None:
+    """Join the process group that Ray or torchrun set up (env vars), unless it already exists."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def default_device(cfg: TrainConfig) -> torch.device:
+    if cfg.cluster.use_gpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(values: list[float] | torch.Tensor, device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                        device=device).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _reduced_grad_norm(module: torch.nn.Module) -> float:
+    """2-norm of gradients that DeepSpeed has already averaged across ranks."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(engine, data: PreparedData, cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    """Loss, perplexity and next-token accuracy on the same val windows at every evaluation."""
+    loader = TokenShardLoader(data.tokens("val"), sequence_length(cfg), cfg.trainer.micro_batch_size,
+                              rank, world, seed=cfg.trainer.seed + 1)
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss x tokens, correct predictions, tokens
+    for _ in range(cfg.trainer.eval_steps):
+        x, y = (t.to(device) for t in loader.next_batch())
+        logits, loss = engine(x, y)
+        sums += torch.tensor([loss.item() * y.numel(), (logits.argmax(-1) == y).sum().item(), y.numel()],
+                             dtype=torch.float64)
+    engine.train()
+    loss_sum, correct, count = _all_reduce_sum(sums, device).tolist()
+    val_loss = loss_sum / count
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 80.0)),
+            "val_accuracy": correct / count}
+
+
+def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.device | None = None) -> dict:
+    """Run (or continue) training to trainer.stop_at_step or trainer.max_steps; return final metrics."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.cluster.num_workers:
+        raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but the process group has {world} ranks")
+    device = device or default_device(cfg)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
+    t, seq = cfg.trainer, sequence_length(cfg)
+    data = PreparedData.load(dataset_dir)
+
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = GPT(cfg.model)
+    fpt = flops_per_token(cfg.model, seq, model.num_params())  # before ZeRO-3 empties the params
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                           config=deepspeed_config(cfg))
+    seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
+    loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed)
+
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metrics": {}}
+    if hooks.resume_from:
+        state = load_rank_checkpoint(engine, hooks.resume_from, rank)
+        loader.load_state_dict(state["loader"])
+
+    peak: PeakFlops = peak_flops(device, t.precision)
+    step_tokens = tokens_per_step(cfg)
+    stop = t.stop_at_step or t.max_steps
+    metrics = dict(state["metrics"])
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+
+    while state["step"] < stop:
+        step = state["step"]
+        lr = learning_rate(step, cfg.optim, t.max_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        step, last = step + 1, step + 1 == stop
+        log_now = step % t.log_every == 0 or last
+        grad_norm = None
+        for micro in range(t.grad_accum):
+            x, y = (b.to(device) for b in loader.next_batch())
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            if log_now and micro == t.grad_accum - 1 and cfg.deepspeed.zero_stage == 0:
+                grad_norm = _reduced_grad_norm(engine.module)  # ZeRO-0 does not keep its clip norm
+            engine.step()
+            loss_sum += loss.detach().float()
+        state["step"] = step
+        state["tokens"] += step_tokens
+        window_steps += 1
+
+        if log_now:  # the only host syncs in the loop
+            elapsed = time.perf_counter() - window_start
+            state["train_seconds"] += elapsed
+            train_loss = _all_reduce_sum([loss_sum.item()], device).item() / (world * t.grad_accum * window_steps)
+            tokens_per_second = step_tokens * window_steps / elapsed
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            train_metrics = dict(
+                train_loss=train_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens_per_second=tokens_per_second, mfu=mfu(fpt, tokens_per_second, peak, world),
+                memory_mb=_memory_mb(device), steps=step, tokens=state["tokens"])
+            metrics.update(train_metrics, peak_flops_source=peak.source)
+            if rank == 0:
+                hooks.log(train_metrics, step)
+            loss_sum.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        paused = time.perf_counter()
+        if step % t.eval_every == 0 or last:
+            metrics.update(evaluate(engine, data, cfg, rank, world, device))
+            if rank == 0:
+                hooks.log({k: metrics[k] for k in ("val_loss", "val_perplexity", "val_accuracy")}, step)
+        if step % t.ckpt_every == 0 or last:
+            state["metrics"] = metrics
+            state["loader"] = loader.state_dict()
+            path = hooks.checkpoint_dir(step)
+            save_rank_checkpoint(engine, path, rank, state, config_to_dict(cfg), data.tokenizer_path)
+            dist.barrier()  # every rank's part is on disk before anyone calls it a checkpoint
+            hooks.commit_checkpoint(step, path, dict(metrics))
+        window_start += time.perf_counter() - paused  # eval and checkpoints are not training time
+
+    dist.barrier()
+    return metrics
