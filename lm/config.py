@@ -264,3 +264,25 @@ def config_from_dict(data: dict, cls: type = TrainConfig) -> Any:
             value = config_from_dict(value, hint)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# Settings a run cannot change between invocations: its checkpoints hold tensors of these shapes
+# and a data order that depends on them.
+_RESUME_FIXED = ("model", "data.tokenizer", "data.vocab_size", "deepspeed.zero_stage", "cluster.num_workers",
+                 "trainer.seed")
+
+
+def resume_conflict(saved: TrainConfig, current: TrainConfig) -> Optional[str]:
+    """The first setting that differs from a checkpoint's and would break resuming it, or None."""
+    for name in _RESUME_FIXED:
+        old, new = _get(saved, name), _get(current, name)
+        if dataclasses.is_dataclass(old):
+            for f in dataclasses.fields(old):
+                if getattr(old, f.name) != getattr(new, f.name):
+                    return (f"{name}.{f.name}={getattr(new, f.name)!r} differs from the checkpoint's "
+                            f"{getattr(old, f.name)!r}")
+        elif old != new:
+            return f"{name}={new!r} differs from the checkpoint's {old!r}"
+    if sequence_length(saved) != sequence_length(current):
+        return f"data.block_size={sequence_length(current)} differs from the checkpoint's {sequence_length(saved)}"
+    return None

@@ -1,0 +1,69 @@
+"""The function Ray Train runs on every worker: bind lm.trainer's hooks to Ray Train and W&B.
+
+Every rank reports to Ray exactly once per checkpoint (Ray Train V2 needs the same number of
+reports from every rank), each with its own part of the checkpoint; Ray merges the parts into one
+directory in storage. Rank 0 alone talks to W&B.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    if not loop_config["config"]["cluster"]["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from lm.config import config_from_dict
+    from lm.data import prepare_data
+    from lm.trainer import TrainHooks, train
+
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    dataset_dir = loop_config["dataset_dir"]
+    if not os.path.exists(os.path.join(dataset_dir, "meta.json")):
+        # A node that cannot see the driver's cache builds the same one (same key) itself.
+        dataset_dir = str(prepare_data(cfg.data, progress=False).directory)
+
+    logger = None
+    if rank == 0 and cfg.logging.backend == "wandb":
+        from launcher.wandb_logger import WandbLogger
+
+        logger = WandbLogger(cfg.logging, cfg.run.name, loop_config.get("wandb_group"), loop_config["config"])
+
+    def log(metrics: dict, step: int) -> None:
+        if logger:
+            logger.log(metrics, step)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"[step {step}] {shown}", flush=True)
+
+    def checkpoint_dir(step: int) -> str:
+        return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_")
+
+    def commit_checkpoint(step: int, path: str, metrics: dict) -> None:
+        reported = dict(metrics, step=step, wandb_dir=logger.run_dir if logger else None)
+        ray.train.report(reported, checkpoint=Checkpoint.from_directory(path),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+        shutil.rmtree(path, ignore_errors=True)
+
+    # After a worker failure Ray hands back its latest checkpoint; on a fresh invocation the
+    # driver passes the run's latest one (also written by runs outside Ray).
+    resume_from = loop_config.get("resume_from")
+    restored = ray.train.get_checkpoint()
+    try:
+        if restored:
+            with restored.as_directory() as path:
+                train(cfg, dataset_dir, TrainHooks(log, checkpoint_dir, commit_checkpoint, path),
+                      device=ray.train.torch.get_device())
+        else:
+            train(cfg, dataset_dir, TrainHooks(log, checkpoint_dir, commit_checkpoint, resume_from),
+                  device=ray.train.torch.get_device())
+    finally:
+        if logger:
+            logger.finish()

@@ -1,0 +1,192 @@
+"""Train a GPT: Hydra composes and validates the config, the driver prepares the token cache,
+Ray Train runs DeepSpeed workers, and the run ends with summary.json, a checkpoint and a sample.
+
+    python -m launcher.train model=tiny deepspeed=zero3 cluster.num_workers=2 trainer.max_steps=50
+    python -m launcher.train -m optim.lr=3e-4,1e-3 model=tiny      # a sweep, one run per job
+
+Rerunning the same command (same run.name) resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
+from lm.config import ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict
+
+CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
+# Settings that do not change what is trained, so they do not change the derived run name.
+_NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
+                  "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
+                  "trainer.log_every", "data.cache_dir"}
+
+
+def derive_run_name(cfg: TrainConfig) -> str:
+    """<model>-<hash>: the same command finds the same run (and resumes it), another config a new one."""
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        if section in _NAME_EXCLUDES:
+            continue
+        for key, value in values.items():
+            if f"{section}.{key}" not in _NAME_EXCLUDES:
+                flat[f"{section}.{key}"] = value
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.model.name}-{digest}"
+
+
+def check_gpu_request(cfg: TrainConfig) -> None:
+    if cfg.cluster.use_gpu and not cfg.cluster.address and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("cluster.use_gpu=true is invalid: this machine has no CUDA GPU; allowed: "
+                              "false here, or cluster.address=<a Ray cluster with GPUs>")
+
+
+def sweep_group() -> str | None:
+    """Jobs of one Hydra multirun share a W&B group named after the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return "sweep-" + Path(hc.sweep.dir).name
+    return None
+
+
+def start_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return  # later jobs of a multirun reuse the cluster
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address or None)
+    else:
+        repo = str(Path(__file__).resolve().parent.parent)
+        need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+        # A private, loopback-only Ray for this process: token auth has nothing to protect here.
+        # The dashboard stays on (127.0.0.1): Ray Train's controller queries the state API it serves.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from launcher.ray_worker import train_loop_per_worker
+
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
+                           "resume_from": resume_from, "wandb_group": sweep_group()},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=c.placement_strategy),
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
+    )
+    return trainer.fit().metrics or {}
+
+
+def print_sample(checkpoint: Path, num_tokens: int, seed: int) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation imports deepspeed
+    from lm.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(checkpoint)
+    if tokenizer.eot_id is not None:
+        prompt = [tokenizer.eot_id]  # the start of a new document
+    else:
+        prompt = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]
+    out = model.generate(torch.tensor([prompt]), num_tokens, temperature=0.8, top_k=50,
+                         generator=torch.Generator().manual_seed(seed))
+    return tokenizer.decode(out[0, len(prompt):].tolist())
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Everything after validation: data, Ray, summary, sample. Returns the summary."""
+    from launcher.summary import build_summary, previous_wandb_dir, write_summary
+    from lm.checkpoint import find_latest_checkpoint, load_config
+    from lm.data import prepare_data
+
+    started = time.time()
+    cfg.run.storage = absolute(cfg.run.storage)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.logging.dir = absolute(cfg.logging.dir)
+    cfg.run.name = cfg.run.name or derive_run_name(cfg)
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+
+    prepared = prepare_data(cfg.data)
+    from lm.config import sequence_length
+
+    needed = sequence_length(cfg) + 1
+    for split in ("train", "val"):
+        if prepared.meta[f"{split}_tokens"] < needed:
+            raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: the {split} split has "
+                              f"{prepared.meta[f'{split}_tokens']} tokens, fewer than one sequence "
+                              f"({needed}); use more text or a smaller data.block_size")
+    cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
+
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        conflict = resume_conflict(load_config(latest), cfg)
+        if conflict:
+            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
+                              "choose another run.name to start a new run)")
+        print(f"resuming run {cfg.run.name} from {latest}", flush=True)
+    print(f"run {cfg.run.name}: {run_dir}", flush=True)
+
+    start_ray(cfg)
+    metrics = fit(cfg, str(prepared.directory), str(latest) if latest else None)
+
+    final = find_latest_checkpoint(run_dir)
+    wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
+    summary = build_summary(final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
+                            config_to_dict(cfg))
+    summary_path = write_summary(run_dir, summary)
+    print(f"\ncheckpoint: {final}\nsummary:    {summary_path}", flush=True)
+    if wandb_dir:
+        print(f"W&B run:    {wandb_dir}  ({cfg.logging.mode}; `wandb sync {wandb_dir}` uploads it)", flush=True)
+    print(f"val_loss={summary['val_loss']:.4f} val_perplexity={summary['val_perplexity']:.2f} "
+          f"val_accuracy={summary['val_accuracy']:.3f} tokens/s={summary['tokens_per_second']:.0f} "
+          f"mfu={summary['mfu']:.1%}", flush=True)
+    if cfg.trainer.sample_tokens:
+        sample = print_sample(final, cfg.trainer.sample_tokens, cfg.trainer.seed)
+        print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)
+    return summary
+
+
+register_schema()
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> dict:
+    try:
+        cfg = to_train_config(dcfg)
+        check_gpu_request(cfg)
+        return run(cfg)
+    except ConfigError as error:
+        fail(error)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        check_group_choices(sys.argv[1:], CONFIG_GROUPS)
+    except ConfigError as error:
+        fail(error)
+    main()

@@ -1,0 +1,1 @@
+"""The machine-learning library: model, tokenizer, data, trainer, checkpoints. No Ray, Hydra or W&B."""
