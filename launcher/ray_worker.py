@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 
@@ -21,6 +22,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from lm.config import config_from_dict
     from lm.data import prepare_data
+    from lm.standalone import format_metrics
     from lm.trainer import TrainHooks, train
 
     cfg = config_from_dict(loop_config["config"])
@@ -40,8 +42,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def log(metrics: dict, step: int) -> None:
         if logger:
             logger.log(metrics, step)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        print(f"[step {step}] {shown}", flush=True)
+        # Not print(): Ray Train patches it to tee into its logger, which shows every line twice.
+        sys.stdout.write(format_metrics(metrics, step) + "\n")
+        sys.stdout.flush()
 
     def checkpoint_dir(step: int) -> str:
         return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_")

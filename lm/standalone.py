@@ -1,0 +1,73 @@
+"""Train without Ray, on a box launched by `torchrun` or `deepspeed` (one process per device):
+
+    torchrun --nproc_per_node=8 -m lm.standalone --config run_config.json --dataset-dir <token cache>
+
+`--config` is a resolved config (a checkpoint's or summary's `config`); checkpoints go to
+<run.storage>/<run.name>/checkpoint_<step>, written to a partial directory and renamed into place
+by rank 0 once every rank has written its part. Rerunning resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from lm.checkpoint import commit_checkpoint_dir, find_latest_checkpoint, remove_checkpoint
+
+
+def local_hooks(run_dir: str | Path, rank: int, keep: int, log=None):
+    """TrainHooks that write checkpoints to a filesystem every rank shares."""
+    from lm.trainer import TrainHooks
+
+    run_dir = Path(run_dir)
+
+    def checkpoint_dir(step: int) -> str:
+        return str(run_dir / f".checkpoint_{step:06d}.partial")
+
+    def commit_checkpoint(step: int, path: str, metrics: dict) -> None:
+        if rank != 0:
+            return
+        final = run_dir / f"checkpoint_{step:06d}"
+        remove_checkpoint(final)
+        commit_checkpoint_dir(path, final)
+        complete = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+        for old in complete[:-keep]:
+            remove_checkpoint(old)
+
+    latest = find_latest_checkpoint(run_dir)
+    return TrainHooks(log=log or _print_metrics, checkpoint_dir=checkpoint_dir,
+                      commit_checkpoint=commit_checkpoint, resume_from=str(latest) if latest else None)
+
+
+def format_metrics(metrics: dict, step: int) -> str:
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    return f"[step {step}] {shown}"
+
+
+def _print_metrics(metrics: dict, step: int) -> None:
+    print(format_metrics(metrics, step), flush=True)
+
+
+def main() -> None:
+    from lm.config import config_from_dict, validate
+    from lm.trainer import train
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config JSON")
+    parser.add_argument("--dataset-dir", required=True, help="token cache directory (has meta.json)")
+    args = parser.parse_args()
+    cfg = config_from_dict(json.loads(Path(args.config).read_text()))
+    validate(cfg)
+    cfg.cluster.num_workers = int(os.environ.get("WORLD_SIZE", cfg.cluster.num_workers))
+    rank = int(os.environ.get("RANK", 0))
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = train(cfg, args.dataset_dir, local_hooks(run_dir, rank, cfg.trainer.keep_checkpoints))
+    if rank == 0:
+        print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

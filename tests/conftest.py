@@ -1,0 +1,89 @@
+"""Shared fixtures: a small real corpus, a token cache built from it, and N-rank process groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """~400 KB of real Python source from the standard library, as one user text file."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["functools.py", "argparse.py", "textwrap.py", "dataclasses.py", "pathlib.py", "json/encoder.py"]
+    text = "\n\n".join((stdlib / n).read_text(encoding="utf-8") for n in names)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(corpus_file, tmp_path_factory):
+    """A factory of TrainConfigs for the tiny model on the small corpus (BPE vocab 512)."""
+    from lm.config import ClusterConfig, DataConfig, ModelConfig, TrainConfig, TrainerConfig
+
+    cache = tmp_path_factory.mktemp("cache")
+
+    def make(**trainer_overrides) -> TrainConfig:
+        cfg = TrainConfig()
+        cfg.model = ModelConfig(name="tiny", n_layer=2, n_head=2, n_embd=64, block_size=64)
+        cfg.data = DataConfig(name="text", source="files", path=str(corpus_file), vocab_size=512,
+                              val_fraction=0.1, cache_dir=str(cache))
+        cfg.cluster = ClusterConfig(num_workers=2)
+        cfg.trainer = TrainerConfig(**{"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2, "eval_every": 3,
+                                       "eval_steps": 2, "ckpt_every": 3, "log_every": 1, **trainer_overrides})
+        return cfg
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tiny_train_config):
+    from lm.config import padded_vocab_size
+    from lm.data import prepare_data
+
+    prepared = prepare_data(tiny_train_config().data, progress=False)
+    return prepared, padded_vocab_size(prepared.meta["vocab_size"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+    import pickle
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    result = fn(rank, *args)
+    with open(os.path.join(out_dir, f"rank_{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_on_ranks(fn, world: int, *args, tmp_path: Path) -> list:
+    """Run fn(rank, *args) in `world` fresh processes that form a gloo process group (as torchrun)."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank_results"
+    out.mkdir(exist_ok=True)
+    mp.start_processes(_rank_entry, args=(world, free_port(), fn, args, str(out)), nprocs=world,
+                       join=True, start_method="spawn")
+    return [pickle.loads((out / f"rank_{r}.pkl").read_bytes()) for r in range(world)]

@@ -1,0 +1,106 @@
+"""Data: the token cache is keyed, reused and never half-written; the loader shards disjointly,
+is deterministic from the seed and resumes at an exact position."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import lm.data as data_module
+from lm.config import ConfigError, DataConfig
+from lm.data import TokenShardLoader, corpus_files, prepare_data, read_documents
+
+
+def loader(rank=0, world=1, seed=0, micro=3, tokens=np.arange(1001, dtype=np.uint16)):
+    return TokenShardLoader(tokens, seq_len=10, micro_batch=micro, rank=rank, world_size=world, seed=seed)
+
+
+def test_shards_are_disjoint_across_ranks_and_cover_an_epoch():
+    world, micro = 4, 3
+    loaders = [loader(rank=r, world=world, micro=micro) for r in range(world)]
+    seen = []
+    for _ in range(100 // (world * micro)):  # 100 windows per epoch; stay inside the first
+        for ld in loaders:
+            x, _ = ld.next_batch()
+            seen.extend(int(row[0]) // 10 for row in x)
+    assert len(seen) == len(set(seen)) == 96
+
+
+def test_targets_are_inputs_shifted_by_one():
+    x, y = loader().next_batch()
+    assert x.shape == y.shape == (3, 10)
+    assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+
+
+def test_same_seed_gives_identical_batches_and_another_seed_does_not():
+    a, b, c = loader(seed=7), loader(seed=7), loader(seed=8)
+    batches_a = [a.next_batch()[0] for _ in range(40)]  # crosses epochs
+    batches_b = [b.next_batch()[0] for _ in range(40)]
+    batches_c = [c.next_batch()[0] for _ in range(40)]
+    assert all(np.array_equal(p, q) for p, q in zip(batches_a, batches_b))
+    assert not all(np.array_equal(p, q) for p, q in zip(batches_a, batches_c))
+
+
+def test_loader_resumes_at_the_exact_position():
+    full = loader(rank=1, world=2)
+    expected = [full.next_batch()[0] for _ in range(30)]
+    first = loader(rank=1, world=2)
+    for _ in range(17):
+        first.next_batch()
+    resumed = loader(rank=1, world=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert all(np.array_equal(resumed.next_batch()[0], e) for e in expected[17:])
+
+
+def test_cache_is_reused_and_keyed_by_tokenizer_settings(tmp_path, corpus_file):
+    cfg = DataConfig(source="files", path=str(corpus_file), vocab_size=300, cache_dir=str(tmp_path))
+    first = prepare_data(cfg, progress=False)
+    stamp = os.stat(first.directory / "train.bin").st_mtime_ns
+    again = prepare_data(cfg, progress=False)
+    assert again.directory == first.directory
+    assert os.stat(again.directory / "train.bin").st_mtime_ns == stamp
+    other = prepare_data(DataConfig(**{**cfg.__dict__, "vocab_size": 320}), progress=False)
+    assert other.directory != first.directory
+    assert first.meta["train_tokens"] == len(first.tokens("train"))
+    assert first.tokenizer().vocab_size == first.meta["vocab_size"]
+
+
+def test_crash_while_building_leaves_no_cache_and_keeps_existing_ones(tmp_path, corpus_file, monkeypatch):
+    good = DataConfig(source="files", path=str(corpus_file), vocab_size=300, cache_dir=str(tmp_path))
+    existing = prepare_data(good, progress=False)
+    before = {p.name: p.read_bytes() for p in existing.directory.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_module, "_encode_all", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(DataConfig(**{**good.__dict__, "vocab_size": 330}), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing.directory.name]
+    assert {p.name: p.read_bytes() for p in existing.directory.iterdir()} == before
+
+
+def test_directories_globs_and_jsonl_text_fields(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text file")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "line one"}\n\n{"text": "line two"}\n')
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    cfg = DataConfig(source="files", path=str(tmp_path))
+    assert read_documents(corpus_files(cfg), cfg) == ["plain text file", "line one", "line two"]
+    cfg = DataConfig(source="files", path=f"{tmp_path}/**/*.jsonl")
+    assert read_documents(corpus_files(cfg), cfg) == ["line one", "line two"]
+
+
+def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n')
+    cfg = DataConfig(source="files", path=str(tmp_path / "c.jsonl"))
+    with pytest.raises(ConfigError, match=r"data.text_field='text'.*c.jsonl:2"):
+        read_documents(corpus_files(cfg), cfg)
+
+
+def test_default_corpus_is_the_python_standard_library():
+    files = corpus_files(DataConfig())
+    names = {f.name for f in files}
+    assert {"os.py", "functools.py", "argparse.py"} <= names
+    assert sum(f.stat().st_size for f in files) > 10_000_000

@@ -1,0 +1,69 @@
+"""The model: causal in both variants, counts its parameters and FLOPs, checkpointing is exact."""
+
+import pytest
+import torch
+
+from lm.config import ModelConfig, mlp_hidden_size
+from lm.model import GPT, flops_per_token
+
+
+def small_model(variant: str, **overrides) -> GPT:
+    torch.manual_seed(0)
+    fields = dict(name="t", variant=variant, n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=97,
+                  bias=variant == "gpt2")
+    return GPT(ModelConfig(**{**fields, **overrides})).eval()
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_changing_token_t_never_changes_logits_before_t(variant):
+    model = small_model(variant)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        with torch.no_grad():
+            before, _ = model(idx)
+            after, _ = model(changed)
+        assert torch.equal(before[:, :t], after[:, :t]), f"logits before position {t} changed"
+        assert not torch.allclose(before[:, t], after[:, t]), "the changed position itself must matter"
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_parameter_count_matches_the_architecture(variant):
+    model = small_model(variant)
+    C, V, L, T = 32, 97, 2, 16
+    hidden = mlp_hidden_size(model.cfg)
+    if variant == "gpt2":  # qkv+proj with biases, fc+proj with biases, two LayerNorms with biases
+        per_block = (3 * C * C + 3 * C) + (C * C + C) + (C * hidden + hidden) + (hidden * C + C) + 4 * C
+        expected = V * C + L * per_block + 2 * C  # tied head counted once; final LayerNorm
+        assert model.num_params(non_embedding=False) == expected + T * C
+    else:  # no biases, SwiGLU's fused gate+up, RMSNorm gains
+        per_block = 3 * C * C + C * C + C * 2 * hidden + hidden * C + 2 * C
+        expected = V * C + L * per_block + C
+    assert model.num_params() == expected
+    assert flops_per_token(model.cfg, T, expected) == 6 * expected + 12 * L * C * T
+
+
+def test_output_head_is_tied_to_the_embedding():
+    model = small_model("gpt2")
+    assert model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model(variant, activation_checkpointing=checkpointing).train()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sequences_longer_than_the_context_are_rejected():
+    model = small_model("gpt2")
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
