@@ -76,6 +76,7 @@ def test_zero_stages_match_a_plain_torch_loop(tiny_train_config, prepared_tiny, 
         for name, expected in expected_state.items():
             if name == "lm_head.weight":
                 continue  # tied to wte.weight
-            torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6,
+            # Adam divides by sqrt(v): near-zero gradients turn reduction-order noise into ~lr*1e-3.
+            torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"ZeRO-{stage} {name}: {m}")
     assert expected_losses[-1] < expected_losses[0]
