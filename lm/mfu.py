@@ -34,8 +34,9 @@ def _matmul_precision(precision: str) -> str:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
     """Best observed FLOP/s of a square matmul: an honest ceiling for this process's threads."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resume must stay exact
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     best = float("inf")

@@ -1,0 +1,54 @@
+"""Exact resume: 2N steps stopped at N (trainer.stop_at_step) and continued in new processes equal
+2N uninterrupted steps: the same losses and final weights within 1e-6 (fp32, dropout on, so the
+RNG states, data position, optimizer state and schedule must all come back)."""
+
+import pytest
+import torch
+
+from conftest import run_on_ranks
+from lm.checkpoint import find_latest_checkpoint, load_consolidated_state_dict
+from lm.config import config_to_dict
+
+N = 3
+STAGES = (2, 3)
+
+
+def run_stages(rank, cfg_dict, dataset_dir, root, run_name, stop_at_step):
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    losses = {}
+    for stage in STAGES:
+        cfg = config_from_dict(cfg_dict)
+        cfg.deepspeed.zero_stage = stage
+        cfg.trainer.stop_at_step = stop_at_step
+        logged = []
+        hooks = local_hooks(f"{root}/zero{stage}-{run_name}", rank, keep=3,
+                            log=lambda m, s: logged.append((s, m.get("train_loss"))))
+        train(cfg, dataset_dir, hooks)
+        losses[stage] = {s: loss for s, loss in logged if loss is not None}
+    return losses
+
+
+def test_stop_at_n_then_rerun_equals_uninterrupted(tiny_train_config, prepared_tiny, tmp_path):
+    prepared, vocab = prepared_tiny
+    cfg = tiny_train_config(max_steps=2 * N, ckpt_every=100, eval_every=100)
+    cfg.model.vocab_size, cfg.model.dropout, cfg.optim.warmup_steps = vocab, 0.1, 1
+    args = (config_to_dict(cfg), str(prepared.directory), str(tmp_path))
+
+    straight = run_on_ranks(run_stages, 2, *args, "straight", None, tmp_path=tmp_path)[0]
+    first_half = run_on_ranks(run_stages, 2, *args, "resumed", N, tmp_path=tmp_path)[0]
+    second_half = run_on_ranks(run_stages, 2, *args, "resumed", None, tmp_path=tmp_path)[0]
+
+    for stage in STAGES:
+        assert sorted(first_half[stage]) == list(range(1, N + 1)), "the first invocation stops at N"
+        assert sorted(second_half[stage]) == list(range(N + 1, 2 * N + 1)), "the rerun continues at N+1"
+        resumed = {**first_half[stage], **second_half[stage]}
+        for step, loss in straight[stage].items():
+            assert resumed[step] == pytest.approx(loss, abs=1e-6), f"ZeRO-{stage} step {step}"
+        a = load_consolidated_state_dict(find_latest_checkpoint(tmp_path / f"zero{stage}-straight"))
+        b = load_consolidated_state_dict(find_latest_checkpoint(tmp_path / f"zero{stage}-resumed"))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
