@@ -39,9 +39,12 @@ class SweepSummary(Callback):
 
 
 def format_table(rows: list[dict]) -> str:
-    width = max(len("overrides"), *(len(r["overrides"]) for r in rows))
-    lines = [f"{'overrides':<{width}}  {'final val_loss':>14}  run", "-" * (width + 30)]
-    for r in rows:
+    """One line per job: the overrides that vary across the sweep, its final val loss, its run."""
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    varying = [" ".join(o for o in r["overrides"].split() if o not in common) for r in rows]
+    width = max(len("overrides"), *(len(v) for v in varying))
+    lines = [f"{'overrides':<{width}}  {'final val_loss':>14}  run", "-" * (width + 40)]
+    for r, shown in zip(rows, varying):
         loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else r["status"]
-        lines.append(f"{r['overrides']:<{width}}  {loss:>14}  {r['run'] or ''}")
+        lines.append(f"{shown:<{width}}  {loss:>14}  {r['run'] or ''}")
     return "\n".join(lines)

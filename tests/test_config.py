@@ -1,0 +1,124 @@
+"""Config: composition gives the documented recipes, and every bad input fails on the driver, before
+Ray starts and before anything is written, with one line naming the field and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from launcher.schema import register_schema, to_train_config
+from lm.config import ConfigError, global_batch_size, sequence_length
+
+
+def composed(*overrides):
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_are_the_small_model_on_stdlib_with_two_zero2_workers_and_offline_wandb():
+    cfg = to_train_config(composed())
+    assert (cfg.model.name, cfg.data.name, cfg.deepspeed.zero_stage) == ("small", "stdlib", 2)
+    assert (cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.cluster.cpus_per_worker) == (2, False, 1)
+    assert (cfg.logging.backend, cfg.logging.mode) == ("wandb", "offline")
+    assert cfg.run.storage == "outputs/runs"
+    assert global_batch_size(cfg) == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * 2
+
+
+def test_shakespeare_char_is_nanogpts_cpu_recipe():
+    cfg = to_train_config(composed("experiment=shakespeare_char", f"data.path={__file__}"))
+    m, t, o = cfg.model, cfg.trainer, cfg.optim
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (cfg.data.tokenizer, cfg.deepspeed.zero_stage, cfg.cluster.num_workers) == ("char", 0, 1)
+    assert (t.micro_batch_size, t.max_steps, t.eval_every, t.eval_steps) == (12, 2000, 250, 20)
+    assert (o.lr, o.min_lr, o.warmup_steps, o.beta2, o.weight_decay, o.grad_clip) == (1e-3, 1e-4, 100, 0.99, 0.1, 1.0)
+    assert sequence_length(cfg) == 64
+
+
+@pytest.mark.parametrize("group,option", [("model", "tiny"), ("model", "gpt2-124m"), ("model", "llama-small"),
+                                          ("deepspeed", "zero0"), ("deepspeed", "zero1"), ("deepspeed", "zero3"),
+                                          ("deepspeed", "zero3_offload"), ("logging", "none"),
+                                          ("logging", "wandb_online"), ("cluster", "multi_gpu")])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = to_train_config(composed(f"{group}={option}"))
+    assert getattr(cfg, group).name == option
+
+
+def test_schema_rejects_unknown_keys():
+    with pytest.raises(Exception, match="no_such_key"):
+        composed("trainer.no_such_key=1")
+
+
+BAD_INPUTS = [
+    (["model=huge"], "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny"),
+    (["model.n_embd=65"], "model.n_embd=65 is invalid: must be divisible by model.n_head=6"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
+    (["cluster.num_workers=0"], "cluster.num_workers=0 is invalid: must be an integer >= 1"),
+    (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 is invalid: must be an integer >= 1"),
+    (["data.block_size=512"], "data.block_size=512 is invalid: must be between 1 and model.block_size=256"),
+    (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt' does not exist"),
+    (["data=text"], "data.path=None is invalid: data=text needs data.path="),
+    (["data.vocab_size=100"], "data.vocab_size=100 is invalid: byte-level BPE needs at least 256"),
+    (["cluster.use_gpu=true"], "cluster.use_gpu=true is invalid: this machine has no CUDA GPU"),
+    (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: allowed values are fp32, bf16"),
+    (["trainer.stop_at_step=500"], "trainer.stop_at_step=500 is invalid: must be between 1 and trainer.max_steps"),
+]
+
+
+def run_launcher(tmp_path, *overrides):
+    args = [sys.executable, "-m", "launcher.train", *overrides, "logging=none",
+            f"run.storage={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache"]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_before_ray_starts(tmp_path, overrides, message):
+    result = run_launcher(tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert error_lines == [error_lines[0]] and error_lines[0].startswith("config error: "), result.stderr
+    assert message in error_lines[0]
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists(), "nothing may be written"
+
+
+def test_empty_corpus_is_rejected_by_name(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    result = run_launcher(tmp_path, "data=text", f"data.path={tmp_path}/empty.txt")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("config error: data.path=")
+    assert "the corpus is empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_validation_errors_are_config_errors_that_name_the_field():
+    cfg = to_train_config(composed())
+    cfg.model.n_head = 0
+    with pytest.raises(ConfigError, match="model.n_head"):
+        from lm.config import validate
+
+        validate(cfg)
+
+
+def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_trained():
+    from launcher.train import derive_run_name
+
+    base = derive_run_name(to_train_config(composed("model=tiny")))
+    assert base.startswith("tiny-")
+    assert derive_run_name(to_train_config(composed("model=tiny"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "trainer.stop_at_step=5"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "logging=none"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
+
+
+def test_sweep_table_shows_what_varies_and_each_final_loss():
+    from launcher.sweep import format_table
+
+    rows = [{"overrides": "optim.lr=0.001 model=tiny", "val_loss": 5.25, "run": "tiny-a", "status": "ok"},
+            {"overrides": "optim.lr=0.003 model=tiny", "val_loss": None, "run": None, "status": "failed"}]
+    lines = format_table(rows).splitlines()
+    assert lines[2].split() == ["optim.lr=0.001", "5.2500", "tiny-a"]
+    assert lines[3].split() == ["optim.lr=0.003", "failed"]

@@ -1,0 +1,134 @@
+"""End to end through `python -m launcher.train` on a real local Ray cluster with 2 DeepSpeed
+ZeRO-2 workers and W&B offline: loss falls, summary.json is complete, the checkpoint loads and
+reproduces the reported val loss, W&B holds the metrics, and rerunning the command resumes."""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from launcher.summary import SUMMARY_KEYS
+from wandb_offline import read_run
+
+pytestmark = pytest.mark.slow
+
+
+def launch(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if result.returncode not in (0, 2):
+        print(result.stdout[-5000:], result.stderr[-5000:])
+    return result
+
+
+def tiny_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
+    return ["model=tiny", "model.block_size=64", "deepspeed=zero2", "cluster.num_workers=2", "data=text",
+            f"data.path={corpus_file}", "data.vocab_size=512", "trainer.micro_batch_size=4",
+            "trainer.eval_every=15", "trainer.ckpt_every=15", "trainer.log_every=5", "trainer.sample_tokens=20",
+            f"run.storage={tmp_path}/runs", f"logging.dir={tmp_path}/wandb", f"data.cache_dir={tmp_path}/cache"]
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def recompute_val_loss(summary: dict) -> float:
+    """Evaluate the exported weights on the same val windows the trainer used (2 ranks' shards)."""
+    from lm.checkpoint import load_model
+    from lm.config import config_from_dict, sequence_length
+    from lm.data import PreparedData, TokenShardLoader, cache_key
+
+    model, _, _ = load_model(summary["checkpoint"])
+    cfg = config_from_dict(summary["config"])
+    caches = [p for p in Path(cfg.data.cache_dir).iterdir() if (p / "meta.json").exists()]
+    data = PreparedData.load(caches[0])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rank in range(cfg.cluster.num_workers):
+            loader = TokenShardLoader(data.tokens("val"), sequence_length(cfg), cfg.trainer.micro_batch_size,
+                                      rank, cfg.cluster.num_workers, seed=cfg.trainer.seed + 1)
+            for _ in range(cfg.trainer.eval_steps):
+                x, y = loader.next_batch()
+                _, loss = model(x, y)
+                total, count = total + loss.item() * y.numel(), count + y.numel()
+    return total / count
+
+
+def test_train_stop_resume_summary_checkpoint_and_wandb(tmp_path, corpus_file):
+    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=e2e", "trainer.max_steps=30"]
+
+    first = launch(tmp_path, *base, "trainer.stop_at_step=15")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    summary_15 = json.loads((run_dir / "summary.json").read_text())
+    assert summary_15["steps"] == 15 and Path(summary_15["checkpoint"]).name == "checkpoint_000015"
+
+    second = launch(tmp_path, *base)  # the same command, without the stop: continues at step 16
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming run e2e from {run_dir}/checkpoint_000015" in second.stdout
+    assert "sample:" in second.stdout and "checkpoint: " in second.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 1 * 2 * 64
+    assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]))
+    assert 0 < summary["val_accuracy"] < 1 and summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
+    assert summary["wall_seconds"] > 0 and summary["vocab_size"] == 512
+    assert summary["config"]["run"]["name"] == "e2e" and summary["config"]["model"]["vocab_size"] == 512
+    assert Path(summary["checkpoint"]).name == "checkpoint_000030"
+
+    # The checkpoint loads and reproduces the val loss the workers reported.
+    assert recompute_val_loss(summary) == pytest.approx(summary["val_loss"], abs=1e-4)
+
+    # W&B offline runs hold the logged metrics; the second continues where the first stopped.
+    run1, run2 = read_run(summary_15["wandb_dir"]), read_run(summary["wandb_dir"])
+    assert summary_15["wandb_dir"] != summary["wandb_dir"]
+    steps1 = [h["_step"] for h in run1["history"] if "train_loss" in h]
+    steps2 = [h["_step"] for h in run2["history"] if "train_loss" in h]
+    assert steps1 == [5, 10, 15] and steps2 == [20, 25, 30]
+    metrics = {k for h in run1["history"] + run2["history"] for k in h}
+    assert {"train_loss", "val_loss", "val_perplexity", "val_accuracy", "lr", "grad_norm", "tokens_per_second",
+            "mfu", "memory_mb"} <= metrics
+    first_loss = run1["history"][0]["train_loss"]
+    last_loss = [h["train_loss"] for h in run2["history"] if "train_loss" in h][-1]
+    assert last_loss < first_loss - 0.3, (first_loss, last_loss)
+    assert run2["config"]["model"]["n_embd"] == 64
+
+    # A contradicting override on the existing run fails before Ray and touches no checkpoint.
+    before = tree_digest(run_dir)
+    clash = launch(tmp_path, *base, "model.n_embd=128")
+    assert clash.returncode == 2
+    assert "config error: model.n_embd=128 differs from the checkpoint's 64" in clash.stderr
+    assert tree_digest(run_dir) == before
+
+
+def test_multirun_sweep_runs_each_job_and_prints_the_table(tmp_path, corpus_file):
+    overrides = tiny_overrides(tmp_path, corpus_file) + ["trainer.max_steps=4", "trainer.eval_every=4",
+                                                          "trainer.ckpt_every=4", "trainer.eval_steps=2"]
+    result = launch(tmp_path, "-m", "optim.lr=1e-3,3e-3", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted((tmp_path / "runs").glob("*/summary.json"))
+    assert len(summaries) == 2
+    lrs = sorted(json.loads(p.read_text())["config"]["optim"]["lr"] for p in summaries)
+    assert lrs == [1e-3, 3e-3]
+
+    table = result.stdout[result.stdout.index("final val_loss"):]
+    for lr in ("optim.lr=0.001", "optim.lr=0.003"):
+        line = next(line for line in table.splitlines() if line.startswith(lr))
+        float(line.split()[-2])  # the job's final val loss
+    sweep = json.loads(next((tmp_path / "outputs" / "sweeps").glob("*/sweep_summary.json")).read_text())
+    assert [row["status"] for row in sweep] == ["ok", "ok"]
+
+    groups = {read_run(json.loads(p.read_text())["wandb_dir"])["group"] for p in summaries}
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")

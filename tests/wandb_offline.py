@@ -1,0 +1,61 @@
+"""Read back what a W&B offline run logged, from its `run-<id>.wandb` file.
+
+The file is LevelDB's log format (32 KiB blocks of CRC/length/type-framed chunks) after a 7-byte
+W&B header, holding protobuf `Record`s. wandb 0.31 ships no Python reader for it, so tests use this.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _payloads(data: bytes):
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # trailer too small for a chunk header: skip to next block
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+            pending = b""
+        elif kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """{'history': [{key: value, ...} per log call], 'config': {...}, 'group': str}"""
+    from wandb.proto import wandb_internal_pb2
+
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    history, config, group = [], {}, None
+    for payload in _payloads(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "run":
+            group = record.run.run_group or group
+            for item in record.run.config.update:
+                config[item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                config[item.key] = json.loads(item.value_json)
+    return {"history": history, "config": config, "group": group}
