@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -127,6 +128,8 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates, once per collective.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != cfg.cluster.num_workers:
