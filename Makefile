@@ -11,7 +11,7 @@ DEEPSPEED := deepspeed==0.19.8
 export RAY_USAGE_STATS_ENABLED := 0
 export WANDB_SILENT := true
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast clean cluster-up cluster-down
 
 install: $(STAMP)  ## idempotent: creates .venv and installs the project and test tools
 
@@ -34,6 +34,21 @@ test: install  ## all tests, the slow end-to-end ones included (CI runs exactly 
 
 test-fast: install  ## the tests that start no Ray cluster
 	$(PY) -m pytest -v -m "not slow" $(PYTEST_ARGS)
+
+# A local Ray head for trying `ray job submit` (cluster/README.md). Loopback only, so token auth is
+# explicitly off here and in the submit recipe; real clusters use RAY_AUTH_MODE=token. The venv
+# goes first on PATH so job entrypoints (`python -m launcher.train`) run with this project's Python.
+RAY_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+CLUSTER_CPUS ?= 4
+cluster-up: install  ## start a local Ray head on 127.0.0.1 (dashboard/job API on :8265)
+	PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=disabled $(VENV)/bin/ray start --head \
+	  --node-ip-address=127.0.0.1 --port=$(RAY_PORT) --dashboard-host=127.0.0.1 \
+	  --dashboard-port=$(DASHBOARD_PORT) --num-cpus=$(CLUSTER_CPUS) --disable-usage-stats
+	@echo "submit: RAY_AUTH_MODE=disabled $(VENV)/bin/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m launcher.train cluster=multi_node cluster.shared_storage=true run.storage=$(CURDIR)/outputs/runs ..."
+
+cluster-down:  ## stop the local Ray head (and any Ray processes of this user)
+	$(VENV)/bin/ray stop --force
 
 clean:  ## remove runs, caches and W&B files (keeps .venv)
 	rm -rf outputs multirun

@@ -13,6 +13,11 @@ import sys
 import tempfile
 
 
+# Fault injection for the tests of checkpoint atomicity: "<step>:<rank>" makes that rank exit
+# between writing its part of that step's checkpoint and reporting it to Ray.
+CRASH_IN_CHECKPOINT_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     if not loop_config["config"]["cluster"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
@@ -50,6 +55,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_")
 
     def commit_checkpoint(step: int, path: str, metrics: dict) -> None:
+        if os.environ.get(CRASH_IN_CHECKPOINT_ENV) == f"{step}:{rank}":
+            os._exit(17)  # test seam: this rank dies with its part written but never reported
         reported = dict(metrics, step=step, wandb_dir=logger.run_dir if logger else None)
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(path),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")

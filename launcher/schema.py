@@ -51,4 +51,5 @@ def fail(error: Exception) -> None:
 
 
 def absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+    """Absolute local paths (workers do not share the driver's cwd); URIs pass through."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))

@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
+from launcher.storage import check_run_storage
 from lm.config import ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
@@ -127,6 +128,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg.run.storage = absolute(cfg.run.storage)
     cfg.data.cache_dir = absolute(cfg.data.cache_dir)
     cfg.logging.dir = absolute(cfg.logging.dir)
+    check_run_storage(cfg)
     cfg.run.name = cfg.run.name or derive_run_name(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
 

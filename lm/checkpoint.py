@@ -60,8 +60,14 @@ def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
 
 
 def is_complete(path: str | Path) -> bool:
-    """A checkpoint counts once rank 0's trainer state is in it (written after the shards)."""
-    return (Path(path) / TRAINER_STATE).exists() and (Path(path) / DEEPSPEED_DIR).is_dir()
+    """A checkpoint counts once every rank's part is in it: rank 0's trainer state and each rank's
+    RNG file, which a rank writes after its DeepSpeed shard. Under Ray each rank uploads its own
+    part, so a rank that died before uploading leaves a directory that must not count."""
+    path = Path(path)
+    if not ((path / TRAINER_STATE).exists() and (path / "config.json").exists() and (path / DEEPSPEED_DIR).is_dir()):
+        return False
+    world = json.loads((path / "config.json").read_text())["cluster"]["num_workers"]
+    return all((path / "rng" / f"rank_{r}.pt").exists() for r in range(world))
 
 
 def checkpoint_step(path: str | Path) -> int:

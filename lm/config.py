@@ -69,6 +69,8 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"
     max_failures: int = 0
+    multi_node: bool = False  # workers may land on several nodes: run.storage must be shared
+    shared_storage: Optional[bool] = None  # is run.storage reachable from every node? None: detect
 
 
 @dataclass

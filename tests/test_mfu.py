@@ -21,8 +21,12 @@ def test_cpu_peak_is_measured_here_and_says_so():
 ])
 def test_known_gpus_use_the_table_for_the_matmul_precision(monkeypatch, name, precision, tf32, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    peak = peak_flops(torch.device("cuda", 0), precision)
+    before = torch.backends.cuda.matmul.allow_tf32  # a dynamic attribute monkeypatch cannot restore
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        peak = peak_flops(torch.device("cuda", 0), precision)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert peak.flops == expected and peak.source.startswith(f"table: {name}")
 
 

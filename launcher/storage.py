@@ -1,0 +1,58 @@
+"""Where runs live: local paths for one machine, a filesystem every node mounts for a cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lm.config import ConfigError, TrainConfig
+
+# Filesystem types whose contents every node of a cluster can see.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                       "9p", "virtiofs", "wekafs", "panfs", "orangefs", "ocfs2", "gfs2"}
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem holding `path`, from the longest matching mount point."""
+    target = os.path.realpath(path)  # resolves symlinks in the part that exists; the run dir may not yet
+    best, best_type = "", None
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type
+
+
+def is_shared_filesystem(path: str) -> bool:
+    fs = filesystem_type(path)
+    return fs is not None and (fs in NETWORK_FILESYSTEMS or fs.startswith("fuse."))
+
+
+def check_run_storage(cfg: TrainConfig) -> None:
+    """Refuse storage that some workers could not reach, before anything is started."""
+    storage = cfg.run.storage
+    if is_uri(storage):
+        raise ConfigError(f"run.storage={storage!r} is invalid: object-store URIs are not supported yet; "
+                          "allowed: a filesystem path (on a cluster, one every node mounts, e.g. NFS/EFS/FSx)")
+    if not cfg.cluster.multi_node:
+        return
+    shared = cfg.cluster.shared_storage
+    if shared is None:
+        shared = is_shared_filesystem(storage)
+    if not shared:
+        raise ConfigError(f"run.storage={storage!r} is node-local ({filesystem_type(storage)}), but "
+                          "cluster.multi_node=true puts workers on several nodes: allowed: a path on a "
+                          "filesystem every node mounts (NFS, EFS, FSx, Lustre, ...), or "
+                          "cluster.shared_storage=true if this path is shared")

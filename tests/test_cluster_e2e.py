@@ -1,0 +1,198 @@
+"""Real Ray processes on loopback: `make cluster-up` + `ray job submit`, a 2-node cluster, and runs
+that lose a worker, a node, or a rank in the middle of a checkpoint save and still end with the
+weights of an uninterrupted run (resume is exact)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict, load_model
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+CRASH_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{BIN}:{os.environ['PATH']}", **extra}
+
+
+def training_overrides(tmp_path: Path, corpus_file: Path, name: str) -> list[str]:
+    """A run slow enough (~0.1 s/step) to be interrupted between checkpoints, short enough for CI."""
+    return ["model=tiny", "model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=64",
+            "data=text", f"data.path={corpus_file}", "data.vocab_size=512", f"data.cache_dir={tmp_path}/cache",
+            "cluster.num_workers=2", "deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=60",
+            "trainer.ckpt_every=15", "trainer.eval_every=30", "trainer.eval_steps=2", "trainer.log_every=10",
+            "trainer.keep_checkpoints=10", "trainer.sample_tokens=0", "logging=none",
+            f"run.storage={tmp_path}/runs", f"run.name={name}"]
+
+
+def launch(*overrides, extra_env=None, wait=True):
+    cmd = [sys.executable, "-m", "launcher.train", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return proc if not wait else finish(proc)
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, proc, timeout=300) -> None:
+    path = run_dir / f"checkpoint_{step:06d}"
+    deadline = time.time() + timeout
+    while not is_complete(path):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+def final_weights(run_dir: Path) -> dict:
+    latest = find_latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == "checkpoint_000060"
+    return load_consolidated_state_dict(latest)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def reference_weights(workdir, corpus_file):
+    """The uninterrupted run every interrupted one must reproduce."""
+    code, out = launch(*training_overrides(workdir, corpus_file, "reference"))
+    assert code == 0, out[-3000:]
+    return final_weights(workdir / "runs" / "reference")
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline and "TrainController" not in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint_with_exact_result(workdir, corpus_file,
+                                                                            reference_weights):
+    overrides = training_overrides(workdir, corpus_file, "killed-worker") + ["cluster.max_failures=1"]
+    proc = launch(*overrides, wait=False)
+    wait_for_checkpoint(workdir / "runs" / "killed-worker", 15, proc)
+    workers = ray_train_workers()
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert out.count("Started training worker group") >= 2, "the worker group was restarted"
+    assert_same_weights(final_weights(workdir / "runs" / "killed-worker"), reference_weights)
+
+
+def test_crash_during_a_checkpoint_save_keeps_the_previous_one_as_latest(workdir, corpus_file,
+                                                                        reference_weights):
+    overrides = training_overrides(workdir, corpus_file, "crash-in-save")
+    run_dir = workdir / "runs" / "crash-in-save"
+    code, out = launch(*overrides, extra_env={CRASH_ENV: "30:1"})  # rank 1 dies inside step 30's save
+    assert code != 0
+    latest = find_latest_checkpoint(run_dir)
+    assert latest.name == "checkpoint_000015"
+    assert not is_complete(run_dir / "checkpoint_000030")
+    model, _, _ = load_model(latest)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    code, out = launch(*overrides)  # the same command again continues from step 15
+    assert code == 0, out[-3000:]
+    assert f"resuming run crash-in-save from {run_dir}/checkpoint_000015" in out
+    assert_same_weights(final_weights(run_dir), reference_weights)
+
+
+def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(workdir, corpus_file, reference_weights,
+                                                                      monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    try:
+        worker_node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        overrides = training_overrides(workdir, corpus_file, "two-nodes") + [
+            "cluster=multi_node", f"cluster.address={cluster.address}", "cluster.shared_storage=true",
+            "cluster.num_workers=2", "cluster.max_failures=2", "cluster.placement_strategy=SPREAD"]
+        proc = launch(*overrides, wait=False)
+        wait_for_checkpoint(workdir / "runs" / "two-nodes", 15, proc)
+        cluster.remove_node(worker_node)
+        code, out = finish(proc)
+        assert code == 0, out[-3000:]
+        assert "node_rank=1" in out, "the first worker group spanned both nodes"
+        assert out.count("Started training worker group") >= 2
+        assert_same_weights(final_weights(workdir / "runs" / "two-nodes"), reference_weights)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`make cluster-up` on free ports; `make cluster-down` afterwards."""
+    port, dashboard = free_port(), free_port()
+    subprocess.run(["make", "-C", str(REPO), "cluster-up", f"RAY_PORT={port}", f"DASHBOARD_PORT={dashboard}"],
+                   check=True, env=env(), capture_output=True, timeout=300)
+    yield f"http://127.0.0.1:{dashboard}"
+    subprocess.run(["make", "-C", str(REPO), "cluster-down"], env=env(), capture_output=True, timeout=120)
+
+
+def submit(address: str, *entrypoint: str):
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", "python", "-m", "launcher.train",
+           *entrypoint]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    return result.returncode, result.stdout + result.stderr
+
+
+def job_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
+    return ["model=tiny", "model.block_size=64", "data=text", f"data.path={corpus_file}", "data.vocab_size=512",
+            f"data.cache_dir={tmp_path}/cache", f"run.storage={tmp_path}/runs", "logging=none",
+            "trainer.max_steps=6", "trainer.eval_every=6", "trainer.ckpt_every=6", "trainer.eval_steps=2",
+            "trainer.sample_tokens=10"]
+
+
+def test_job_submit_trains_on_the_cluster(ray_head, workdir, corpus_file):
+    code, out = submit(ray_head, "cluster=multi_node", "cluster.num_workers=2", "cluster.shared_storage=true",
+                       "run.name=submitted", *job_overrides(workdir / "jobs", corpus_file))
+    assert code == 0 and "succeeded" in out, out[-3000:]
+    summary = json.loads((workdir / "jobs" / "runs" / "submitted" / "summary.json").read_text())
+    assert summary["steps"] == 6 and is_complete(summary["checkpoint"])
+
+
+def test_job_with_a_bad_override_fails_with_the_config_error(ray_head, workdir, corpus_file):
+    code, out = submit(ray_head, "model.n_embd=65", *job_overrides(workdir / "bad", corpus_file))
+    assert code != 0 and "FAILED" in out.upper()
+    assert "config error: model.n_embd=65 is invalid: must be divisible by model.n_head=2" in out
+    assert not (workdir / "bad" / "runs").exists()
+
+
+def test_sweep_on_the_cluster_writes_three_summaries_and_the_table(ray_head, workdir, corpus_file):
+    code, out = submit(ray_head, "-m", "optim.lr=1e-4,3e-4,1e-3", *job_overrides(workdir / "sweep", corpus_file))
+    assert code == 0 and "succeeded" in out, out[-3000:]
+    assert len(list((workdir / "sweep" / "runs").glob("*/summary.json"))) == 3
+    table = out[out.index("final val_loss"):]
+    assert all(f"optim.lr={lr}" in table for lr in ("0.0001", "0.0003", "0.001"))

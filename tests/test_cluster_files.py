@@ -1,0 +1,97 @@
+"""cluster/: every file parses; the cluster-launcher YAML passes Ray's own validation; the KubeRay
+manifest has the fields KubeRay requires and runs a real entry point with a config that validates;
+multi-node runs refuse node-local storage."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from launcher.storage import check_run_storage, filesystem_type
+from lm.config import ConfigError
+from test_config import composed
+from launcher.schema import to_train_config
+
+CLUSTER = REPO / "cluster"
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "aws-gpu.yaml", "rayjob.yaml"])
+def test_every_cluster_yaml_parses(name):
+    assert isinstance(yaml.safe_load((CLUSTER / name).read_text()), dict)
+
+
+def test_cluster_launcher_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text()))
+    validate_config(config)  # what `ray up` runs
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert any(t["resources"].get("GPU", 0) > 0 for t in types.values())
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "-e ." in setup and "--no-build-isolation" in setup
+    assert all("RAY_AUTH_MODE=" in c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+               if c.strip().startswith("RAY") or "ray start" in c)
+
+
+def test_runtime_env_is_accepted_by_ray_and_keeps_the_upload_small():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
+    assert {".venv/", ".git/", "outputs/"} <= set(env["excludes"])
+    assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def entrypoint_overrides(entrypoint: str) -> list[str]:
+    argv = shlex.split(entrypoint)
+    assert argv[:3] == ["python", "-m", "launcher.train"], "the entrypoint runs this project's trainer"
+    assert (REPO / "launcher" / "train.py").exists()
+    return argv[3:]
+
+
+def test_rayjob_has_kuberays_required_fields_and_a_valid_training_config():
+    job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]
+    assert "rayStartParams" in head and head["template"]["spec"]["containers"][0]["image"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and "rayStartParams" in group and group["replicas"] >= 1
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+    cfg = to_train_config(composed(*entrypoint_overrides(job["spec"]["entrypoint"])))
+    gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in spec["workerGroupSpecs"])
+    assert cfg.cluster.use_gpu and cfg.cluster.multi_node and cfg.cluster.num_workers == gpus
+    assert cfg.run.storage.startswith("/mnt/shared")
+
+
+def test_readme_documents_the_serving_manifest_gap():
+    readme = (CLUSTER / "README.md").read_text()
+    assert "RayService" in readme
+
+
+def test_multi_node_refuses_node_local_storage(tmp_path):
+    cfg = to_train_config(composed("cluster=multi_node", f"run.storage={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"run.storage=.* is node-local .* cluster.shared_storage=true"):
+        check_run_storage(cfg)
+    cfg.cluster.shared_storage = True
+    check_run_storage(cfg)
+    single = to_train_config(composed(f"run.storage={tmp_path}"))
+    check_run_storage(single)  # one machine: any local path
+
+
+def test_object_store_uris_are_refused_with_the_alternative():
+    cfg = to_train_config(composed("run.storage=s3://bucket/runs"))
+    with pytest.raises(ConfigError, match="run.storage='s3://bucket/runs' is invalid: object-store URIs"):
+        check_run_storage(cfg)
+
+
+def test_filesystem_type_comes_from_the_longest_mount_point(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nserver:/export /mnt/shared nfs4 rw 0 0\n")
+    assert filesystem_type("/mnt/shared/runs/x", str(mounts)) == "nfs4"
+    assert filesystem_type("/mnt/sharedness", str(mounts)) == "ext4"
+    assert filesystem_type("/tmp", str(mounts)) == "ext4"
