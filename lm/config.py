@@ -103,7 +103,7 @@ class TrainerConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: Optional[float] = None  # None: lr / 10, so a sweep over lr keeps the schedule's shape
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -150,6 +150,10 @@ def tokens_per_step(cfg: TrainConfig) -> int:
 def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = 64) -> int:
     """Embedding rows rounded up so matmuls stay aligned; the extra rows are never targets."""
     return -(-tokenizer_vocab_size // multiple) * multiple
+
+
+def min_learning_rate(optim: OptimConfig) -> float:
+    return optim.lr / 10 if optim.min_lr is None else optim.min_lr
 
 
 def mlp_hidden_size(model: ModelConfig) -> int:
@@ -224,7 +228,8 @@ def validate(cfg: TrainConfig) -> None:
                  f"must be between 1 and trainer.max_steps={t.max_steps}, or null")
 
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    if o.min_lr is not None:
+        _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}], or null for lr/10")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint
-from lm.config import OptimConfig, TrainConfig, config_to_dict, sequence_length, tokens_per_step
+from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
+                       tokens_per_step)
 from lm.data import PreparedData, TokenShardLoader
 from lm.deepspeed_config import deepspeed_config
 from lm.mfu import PeakFlops, mfu, peak_flops
@@ -45,12 +46,13 @@ class TrainHooks:
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Linear warmup, then cosine decay from lr to min_lr at max_steps (nanoGPT's schedule)."""
+    min_lr = min_learning_rate(optim)
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / (optim.warmup_steps + 1)
     if step >= max_steps:
-        return optim.min_lr
+        return min_lr
     progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - min_lr)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

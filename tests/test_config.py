@@ -122,3 +122,12 @@ def test_sweep_table_shows_what_varies_and_each_final_loss():
     lines = format_table(rows).splitlines()
     assert lines[2].split() == ["optim.lr=0.001", "5.2500", "tiny-a"]
     assert lines[3].split() == ["optim.lr=0.003", "failed"]
+
+
+def test_min_lr_follows_lr_unless_set():
+    from lm.config import min_learning_rate
+
+    assert min_learning_rate(to_train_config(composed("optim.lr=1e-4")).optim) == pytest.approx(1e-5)
+    assert min_learning_rate(to_train_config(composed("optim.lr=1e-3", "optim.min_lr=0")).optim) == 0.0
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is invalid"):
+        to_train_config(composed("optim.lr=1e-3", "optim.min_lr=1e-2"))
