@@ -21,6 +21,7 @@ CRASH_IN_CHECKPOINT_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
 def train_loop_per_worker(loop_config: dict) -> None:
     if not loop_config["config"]["cluster"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -33,6 +34,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    sys.stdout.write(f"worker rank {rank}/{context.get_world_size()} on node {node}\n")
     dataset_dir = loop_config["dataset_dir"]
     if not os.path.exists(os.path.join(dataset_dir, "meta.json")):
         # A node that cannot see the driver's cache builds the same one (same key) itself.
