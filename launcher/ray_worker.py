@@ -69,14 +69,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # driver passes the run's latest one (also written by runs outside Ray).
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()
+    stop_file = loop_config.get("stop_file")
+
+    def stop_requested() -> bool:
+        return bool(stop_file) and os.path.exists(stop_file)
+
+    def run(resume: str | None) -> None:
+        hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, resume, stop_requested)
+        train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
+
     try:
         if restored:
             with restored.as_directory() as path:
-                train(cfg, dataset_dir, TrainHooks(log, checkpoint_dir, commit_checkpoint, path),
-                      device=ray.train.torch.get_device())
+                run(path)
         else:
-            train(cfg, dataset_dir, TrainHooks(log, checkpoint_dir, commit_checkpoint, resume_from),
-                  device=ray.train.torch.get_device())
+            run(resume_from)
     finally:
         if logger:
             logger.finish()

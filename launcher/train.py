@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from launcher.preemption import StopOnSigterm
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from lm.config import ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict
@@ -80,7 +81,7 @@ def start_ray(cfg: TrainConfig) -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}})
 
 
-def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None) -> dict:
+def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None, stop_file: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -91,7 +92,7 @@ def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
-                           "resume_from": resume_from, "wandb_group": sweep_group()},
+                           "resume_from": resume_from, "wandb_group": sweep_group(), "stop_file": stop_file},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker=resources, placement_strategy=c.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
@@ -121,7 +122,7 @@ def print_sample(checkpoint: Path, num_tokens: int, seed: int) -> str:
 def run(cfg: TrainConfig) -> dict:
     """Everything after validation: data, Ray, summary, sample. Returns the summary."""
     from launcher.summary import build_summary, previous_wandb_dir, write_summary
-    from lm.checkpoint import find_latest_checkpoint, load_config
+    from lm.checkpoint import checkpoint_step, find_latest_checkpoint, load_config
     from lm.data import prepare_data
 
     started = time.time()
@@ -153,9 +154,15 @@ def run(cfg: TrainConfig) -> dict:
     print(f"run {cfg.run.name}: {run_dir}", flush=True)
 
     start_ray(cfg)
-    metrics = fit(cfg, str(prepared.directory), str(latest) if latest else None)
+    stop = StopOnSigterm(run_dir)
+    stop.install()
+    metrics = fit(cfg, str(prepared.directory), str(latest) if latest else None, str(stop.path))
 
     final = find_latest_checkpoint(run_dir)
+    if stop.requested:
+        stop.clear()
+        print(f"stopped by SIGTERM at step {checkpoint_step(final)} of {cfg.trainer.max_steps}; "
+              "rerun the same command to continue", flush=True)
     wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
     summary = build_summary(final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
                             config_to_dict(cfg))
@@ -163,9 +170,9 @@ def run(cfg: TrainConfig) -> dict:
     print(f"\ncheckpoint: {final}\nsummary:    {summary_path}", flush=True)
     if wandb_dir:
         print(f"W&B run:    {wandb_dir}  ({cfg.logging.mode}; `wandb sync {wandb_dir}` uploads it)", flush=True)
-    print(f"val_loss={summary['val_loss']:.4f} val_perplexity={summary['val_perplexity']:.2f} "
-          f"val_accuracy={summary['val_accuracy']:.3f} tokens/s={summary['tokens_per_second']:.0f} "
-          f"mfu={summary['mfu']:.1%}", flush=True)
+    shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
+             "mfu": ".1%"}
+    print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None), flush=True)
     if cfg.trainer.sample_tokens:
         sample = print_sample(final, cfg.trainer.sample_tokens, cfg.trainer.seed)
         print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)

@@ -42,6 +42,9 @@ class TrainHooks:
     checkpoint_dir: Callable[[int], str] = None  # every rank: where to write step N's part
     commit_checkpoint: Callable[[int, str, dict], None] = _ignore  # every rank, after all wrote
     resume_from: Optional[str] = None  # a checkpoint directory to continue from
+    # Rank-local "please stop" (preemption): checked at log steps; if any rank asks, every rank
+    # checkpoints at that step and returns.
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -182,10 +185,13 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         state["tokens"] += step_tokens
         window_steps += 1
 
+        preempted = False
         if log_now:  # the only host syncs in the loop
             elapsed = time.perf_counter() - window_start
             state["train_seconds"] += elapsed
-            train_loss = _all_reduce_sum([loss_sum.item()], device).item() / (world * t.grad_accum * window_steps)
+            reduced = _all_reduce_sum([loss_sum.item(), float(hooks.stop_requested())], device).tolist()
+            train_loss = reduced[0] / (world * t.grad_accum * window_steps)
+            preempted = reduced[1] > 0 and not last
             tokens_per_second = step_tokens * window_steps / elapsed
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
@@ -203,7 +209,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
             metrics.update(evaluate(engine, data, cfg, rank, world, device))
             if rank == 0:
                 hooks.log({k: metrics[k] for k in ("val_loss", "val_perplexity", "val_accuracy")}, step)
-        if step % t.ckpt_every == 0 or last:
+        if step % t.ckpt_every == 0 or last or preempted:
             state["metrics"] = metrics
             state["loader"] = loader.state_dict()
             path = hooks.checkpoint_dir(step)
@@ -211,6 +217,9 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
             dist.barrier()  # every rank's part is on disk before anyone calls it a checkpoint
             hooks.commit_checkpoint(step, path, dict(metrics))
         window_start += time.perf_counter() - paused  # eval and checkpoints are not training time
+        if preempted:
+            metrics["stopped_early"] = True
+            break
 
     dist.barrier()
     return metrics

@@ -126,6 +126,25 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one_as_latest(workdir
     assert_same_weights(final_weights(run_dir), reference_weights)
 
 
+def test_sigterm_checkpoints_at_the_next_log_step_and_the_rerun_finishes_exactly(workdir, corpus_file,
+                                                                                 reference_weights):
+    overrides = training_overrides(workdir, corpus_file, "preempted")
+    run_dir = workdir / "runs" / "preempted"
+    proc = launch(*overrides, wait=False)
+    wait_for_checkpoint(run_dir, 15, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+) of 60", out).group(1))
+    assert 15 < stopped_at < 60 and stopped_at % 10 == 0  # a log step after the signal
+    assert find_latest_checkpoint(run_dir).name == f"checkpoint_{stopped_at:06d}"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at
+
+    code, out = launch(*overrides)
+    assert code == 0, out[-3000:]
+    assert_same_weights(final_weights(run_dir), reference_weights)
+
+
 def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(workdir, corpus_file, reference_weights,
                                                                       monkeypatch):
     from ray.cluster_utils import Cluster

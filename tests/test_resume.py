@@ -52,3 +52,27 @@ def test_stop_at_n_then_rerun_equals_uninterrupted(tiny_train_config, prepared_t
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
+
+
+def stop_on_rank_one(rank, cfg_dict, dataset_dir, root):
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    cfg = config_from_dict(cfg_dict)
+    hooks = local_hooks(f"{root}/stopped", rank, keep=3)
+    asked = iter([False, False, True] if rank == 1 else [])
+    hooks.stop_requested = lambda: next(asked, rank == 1)
+    metrics = train(cfg, dataset_dir, hooks)
+    return metrics["steps"], metrics.get("stopped_early")
+
+
+def test_a_stop_request_on_one_rank_checkpoints_every_rank_at_that_log_step(tiny_train_config, prepared_tiny,
+                                                                            tmp_path):
+    prepared, vocab = prepared_tiny
+    cfg = tiny_train_config(max_steps=10, ckpt_every=100, eval_every=100, log_every=2)
+    cfg.model.vocab_size = vocab
+    results = run_on_ranks(stop_on_rank_one, 2, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
+                           tmp_path=tmp_path)
+    assert results == [(6, True), (6, True)]  # the third log step is step 6
+    assert find_latest_checkpoint(tmp_path / "stopped").name == "checkpoint_000006"
