@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from launcher.preemption import StopOnSigterm
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
-from lm.config import ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict
+from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
+                       sequence_length)
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
@@ -102,7 +103,8 @@ def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None, stop_file: 
     return trainer.fit().metrics or {}
 
 
-def print_sample(checkpoint: Path, num_tokens: int, seed: int) -> str:
+def sample_text(checkpoint: Path, num_tokens: int, seed: int) -> str:
+    """A sample from the trained model, started where a new document starts."""
     import torch
 
     if not torch.cuda.is_available():
@@ -111,7 +113,7 @@ def print_sample(checkpoint: Path, num_tokens: int, seed: int) -> str:
 
     model, tokenizer, _ = load_model(checkpoint)
     if tokenizer.eot_id is not None:
-        prompt = [tokenizer.eot_id]  # the start of a new document
+        prompt = [tokenizer.eot_id]
     else:
         prompt = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]
     out = model.generate(torch.tensor([prompt]), num_tokens, temperature=0.8, top_k=50,
@@ -119,11 +121,53 @@ def print_sample(checkpoint: Path, num_tokens: int, seed: int) -> str:
     return tokenizer.decode(out[0, len(prompt):].tolist())
 
 
+def prepare_dataset(cfg: TrainConfig):
+    """Build or reuse the token cache on the driver; the model's vocabulary follows the tokenizer."""
+    from lm.data import prepare_data
+
+    prepared = prepare_data(cfg.data)
+    needed = sequence_length(cfg) + 1
+    for split, field in (("train", "data.path"), ("val", "data.val_fraction")):
+        tokens = prepared.meta[f"{split}_tokens"]
+        if tokens < needed:
+            value = cfg.data.path if split == "train" else cfg.data.val_fraction
+            raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
+                              f"sequence ({needed}); use more text or a smaller data.block_size")
+    cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
+    return prepared
+
+
+def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The run's latest checkpoint, after checking this config can continue it."""
+    from lm.checkpoint import find_latest_checkpoint, load_config
+
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        conflict = resume_conflict(load_config(latest), cfg)
+        if conflict:
+            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
+                              "choose another run.name to start a new run)")
+        print(f"resuming run {cfg.run.name} from {latest}", flush=True)
+    return latest
+
+
+def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
+    print(f"\ncheckpoint: {summary['checkpoint']}\nsummary:    {summary_path}", flush=True)
+    if summary["wandb_dir"]:
+        print(f"W&B run:    {summary['wandb_dir']}  ({cfg.logging.mode}; `wandb sync {summary['wandb_dir']}` "
+              "uploads it)", flush=True)
+    shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
+             "mfu": ".1%"}
+    print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None), flush=True)
+    if cfg.trainer.sample_tokens:
+        sample = sample_text(Path(summary["checkpoint"]), cfg.trainer.sample_tokens, cfg.trainer.seed)
+        print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)
+
+
 def run(cfg: TrainConfig) -> dict:
     """Everything after validation: data, Ray, summary, sample. Returns the summary."""
     from launcher.summary import build_summary, previous_wandb_dir, write_summary
-    from lm.checkpoint import checkpoint_step, find_latest_checkpoint, load_config
-    from lm.data import prepare_data
+    from lm.checkpoint import checkpoint_step, find_latest_checkpoint
 
     started = time.time()
     cfg.run.storage = absolute(cfg.run.storage)
@@ -133,24 +177,8 @@ def run(cfg: TrainConfig) -> dict:
     cfg.run.name = cfg.run.name or derive_run_name(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
 
-    prepared = prepare_data(cfg.data)
-    from lm.config import sequence_length
-
-    needed = sequence_length(cfg) + 1
-    for split in ("train", "val"):
-        if prepared.meta[f"{split}_tokens"] < needed:
-            raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: the {split} split has "
-                              f"{prepared.meta[f'{split}_tokens']} tokens, fewer than one sequence "
-                              f"({needed}); use more text or a smaller data.block_size")
-    cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
-
-    latest = find_latest_checkpoint(run_dir)
-    if latest is not None:
-        conflict = resume_conflict(load_config(latest), cfg)
-        if conflict:
-            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
-                              "choose another run.name to start a new run)")
-        print(f"resuming run {cfg.run.name} from {latest}", flush=True)
+    prepared = prepare_dataset(cfg)
+    latest = latest_resumable_checkpoint(cfg, run_dir)
     print(f"run {cfg.run.name}: {run_dir}", flush=True)
 
     start_ray(cfg)
@@ -166,16 +194,7 @@ def run(cfg: TrainConfig) -> dict:
     wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
     summary = build_summary(final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
                             config_to_dict(cfg))
-    summary_path = write_summary(run_dir, summary)
-    print(f"\ncheckpoint: {final}\nsummary:    {summary_path}", flush=True)
-    if wandb_dir:
-        print(f"W&B run:    {wandb_dir}  ({cfg.logging.mode}; `wandb sync {wandb_dir}` uploads it)", flush=True)
-    shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
-             "mfu": ".1%"}
-    print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None), flush=True)
-    if cfg.trainer.sample_tokens:
-        sample = print_sample(final, cfg.trainer.sample_tokens, cfg.trainer.seed)
-        print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)
+    print_outcome(cfg, summary, write_summary(run_dir, summary))
     return summary
 
 
