@@ -130,6 +130,21 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class ExportConfig:
+    precision: str = "fp32"  # fp32, bf16 or int8 (weight-only, per output channel)
+    max_ppl_increase: float = 0.02  # refuse an artifact whose val perplexity rises more (relative)
+    force: bool = False  # write it anyway
+    eval_batches: int = 16  # val batches (4 sequences each) for the perplexity check
+    checkpoint: Optional[str] = None  # None: the run's latest checkpoint
+
+
+@dataclass
+class ExportAppConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Derived values: computed once, here.
 

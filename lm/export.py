@@ -1,0 +1,161 @@
+"""Training checkpoint -> serving artifact: consolidated weights in fp32, bf16 or int8, checked
+against the fp32 model's validation perplexity, written atomically.
+
+An export directory holds
+    model.safetensors   our parameter names, in the export precision (int8: weight + weight_scale)
+    config.json         the model config (ours), and the precision
+    tokenizer.json      the run's tokenizer
+    export.json         precision, source checkpoint, step, perplexity before/after
+    hf/                 the same weights in Hugging Face layout (config.json, model.safetensors,
+                        tokenizer.json) for transformers and vLLM; int8 exports write bf16 there
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm.checkpoint import checkpoint_step, load_model
+from lm.config import ConfigError, ModelConfig, config_from_dict
+from lm.data import TokenShardLoader
+from lm.hf_format import hf_config, to_hf_state_dict
+from lm.model import GPT
+from lm.tokenizer import load_tokenizer
+
+PRECISIONS = ("fp32", "bf16", "int8")
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "export.json")
+
+
+class ExportQualityError(RuntimeError):
+    """The artifact's perplexity rose more than allowed over the fp32 checkpoint's."""
+
+
+def _is_quantized_matrix(name: str, tensor: torch.Tensor) -> bool:
+    # The block matmuls carry the weight; embeddings (and the tied head) and norms stay precise.
+    return tensor.dim() == 2 and name.startswith("h.") and name.endswith(".weight")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight ~= q * scale[:, None]."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def export_state(state: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """The tensors as stored: the tied head is dropped (the embedding is the head)."""
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if precision == "fp32":
+        return {k: v.float().contiguous() for k, v in state.items()}
+    if precision == "bf16":
+        return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
+    out = {}
+    for name, tensor in state.items():
+        if _is_quantized_matrix(name, tensor):
+            out[name], out[name + "_scale"] = quantize_int8(tensor.float())
+        else:
+            out[name] = tensor.float().contiguous()
+    return out
+
+
+def model_from_export_state(stored: dict[str, torch.Tensor], cfg: ModelConfig, precision: str) -> GPT:
+    """A model computing what the artifact computes (int8 weights dequantized on load)."""
+    state = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scale"):
+            continue
+        if tensor.dtype == torch.int8:
+            tensor = tensor.float() * stored[name + "_scale"][:, None]
+        state[name] = tensor
+    state["lm_head.weight"] = state["wte.weight"]
+    model = GPT(cfg)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model.load_state_dict({k: v.to(model.wte.weight.dtype) for k, v in state.items()})
+    return model.eval()
+
+
+@torch.no_grad()
+def validation_perplexity(model: GPT, val_tokens: np.ndarray, seq_len: int, batches: int, batch_size: int = 4) -> float:
+    """Perplexity over the same fixed val windows for every model compared."""
+    loader = TokenShardLoader(val_tokens, seq_len, batch_size, rank=0, world_size=1, seed=0)
+    total, count = 0.0, 0
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        _, loss = model(x, y)
+        total, count = total + loss.item() * y.numel(), count + y.numel()
+    return math.exp(total / count)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: str, val_tokens: np.ndarray,
+                      max_ppl_increase: float = 0.02, force: bool = False, eval_batches: int = 16) -> dict:
+    """Write an export of `checkpoint` to `out_dir` (atomically) and return its report."""
+    from safetensors.torch import save_file
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"export.precision={precision!r} is invalid: allowed values are {', '.join(PRECISIONS)}")
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    reference, tokenizer, train_cfg = load_model(checkpoint)
+    cfg = train_cfg.model
+    seq_len = train_cfg.data.block_size or cfg.block_size
+    stored = export_state(reference.state_dict(), precision)
+    exported = model_from_export_state(stored, cfg, precision)
+    before = validation_perplexity(reference, val_tokens, seq_len, eval_batches)
+    after = validation_perplexity(exported, val_tokens, seq_len, eval_batches)
+    increase = after / before - 1.0
+    report = {"precision": precision, "source_checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
+              "val_perplexity_fp32": before, "val_perplexity": after, "ppl_increase": increase,
+              "max_ppl_increase": max_ppl_increase, "forced": force and increase > max_ppl_increase,
+              "eval_tokens": eval_batches * 4 * seq_len}
+    if increase > max_ppl_increase and not force:
+        raise ExportQualityError(
+            f"export.precision={precision}: validation perplexity rose {increase:.2%} ({before:.3f} -> {after:.3f}), "
+            f"more than export.max_ppl_increase={max_ppl_increase:.2%}; nothing was written "
+            "(export.force=true writes it anyway)")
+
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "hf").mkdir(parents=True)
+    try:
+        save_file(stored, str(staging / "model.safetensors"), metadata={"precision": precision})
+        config = {"model": dataclasses.asdict(cfg), "precision": precision}
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(checkpoint / "tokenizer.json", staging / "tokenizer.json")
+        hf_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        hf_state = {k: v.to(hf_dtype) for k, v in to_hf_state_dict(exported.float().state_dict(), cfg).items()}
+        save_file(hf_state, str(staging / "hf" / "model.safetensors"), metadata={"format": "pt"})
+        hf = hf_config(cfg, getattr(tokenizer, "eot_id", None))
+        hf["torch_dtype"] = "float32" if precision == "fp32" else "bfloat16"
+        (staging / "hf" / "config.json").write_text(json.dumps(hf, indent=2))
+        shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")
+        (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def is_complete_export(path: str | Path) -> bool:
+    return all((Path(path) / name).exists() for name in EXPORT_FILES)
+
+
+def load_export(path: str | Path):
+    """(model, tokenizer, model config, precision) from an export directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_complete_export(path):
+        raise FileNotFoundError(f"{path} is not a complete export (needs {', '.join(EXPORT_FILES)})")
+    config = json.loads((path / "config.json").read_text())
+    cfg = config_from_dict(config["model"], ModelConfig)
+    model = model_from_export_state(load_file(str(path / "model.safetensors")), cfg, config["precision"])
+    return model, load_tokenizer(path / "tokenizer.json"), cfg, config["precision"]

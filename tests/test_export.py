@@ -1,0 +1,147 @@
+"""Export: checkpoints of any ZeRO stage consolidate to the same weights; the Hugging Face copy
+gives transformers the same logits; int8 and bf16 pass the perplexity gate on a trained model,
+a sabotaged artifact does not; bad checkpoints fail with one line and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lm.export as export_module
+from conftest import REPO, run_on_ranks
+from lm.checkpoint import find_latest_checkpoint
+from lm.config import config_to_dict
+from lm.data import PreparedData
+from lm.export import ExportQualityError, export_checkpoint, load_export
+
+# name: (variant, ZeRO stage, steps). Short runs compare consolidation across stages (longer
+# trajectories drift apart by reduction order); the long run is trained enough for the gate.
+RUNS = {"gpt2-zero0": ("gpt2", 0, 5), "gpt2-zero3": ("gpt2", 3, 5), "gpt2-trained": ("gpt2", 2, 300),
+        "llama-zero2": ("llama", 2, 20)}
+
+
+def train_runs(rank, cfg_dict, dataset_dir, root):
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    for name, (variant, stage, steps) in RUNS.items():
+        cfg = config_from_dict(cfg_dict)
+        cfg.model.variant, cfg.model.bias, cfg.deepspeed.zero_stage = variant, variant == "gpt2", stage
+        cfg.trainer.max_steps = cfg.trainer.ckpt_every = cfg.trainer.eval_every = cfg.trainer.log_every = steps
+        cfg.run.name = name
+        train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_train_config, prepared_tiny, tmp_path_factory):
+    """Three short 2-rank training runs on the small corpus: {name: latest checkpoint}."""
+    prepared, vocab = prepared_tiny
+    root = tmp_path_factory.mktemp("export_runs")
+    # gpt2-trained runs long enough that the blocks matter (after 40 steps, negating every block
+    # weight moved perplexity by 0.1%: a gate test on such a model would prove nothing).
+    cfg = tiny_train_config(micro_batch_size=4)
+    cfg.model.vocab_size, cfg.optim.lr, cfg.optim.warmup_steps = vocab, 3e-3, 20
+    cfg.run.storage = str(root)
+    run_on_ranks(train_runs, 2, config_to_dict(cfg), str(prepared.directory), str(root), tmp_path=root)
+    return root, {name: find_latest_checkpoint(root / name) for name in RUNS}, prepared
+
+
+def test_zero0_and_zero3_checkpoints_export_the_same_weights(trained, tmp_path):
+    root, checkpoints, prepared = trained
+    val = prepared.tokens("val")
+    for name in ("gpt2-zero0", "gpt2-zero3"):
+        export_checkpoint(checkpoints[name], tmp_path / name, "fp32", val)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "gpt2-zero0" / "model.safetensors")), load_file(str(tmp_path / "gpt2-zero3" / "model.safetensors"))
+    assert a.keys() == b.keys() and "lm_head.weight" not in a
+    for key in a:
+        # Training itself differs by reduction order between the stages (see test_deepspeed_parity).
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,hf_class", [("gpt2-trained", "GPT2LMHeadModel"), ("llama-zero2", "LlamaForCausalLM")])
+def test_hugging_face_copy_loads_in_transformers_with_equal_logits(trained, tmp_path, name, hf_class):
+    import transformers
+
+    root, checkpoints, prepared = trained
+    out = tmp_path / name
+    export_checkpoint(checkpoints[name], out, "fp32", prepared.tokens("val"))
+    ours, tokenizer, cfg, _ = load_export(out)
+    theirs = getattr(transformers, hf_class).from_pretrained(out / "hf").eval()
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "hf" / "tokenizer.json"))
+    text = "def walk(self, path):\n    return os.path.join(path, 'x')\n"
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer(text)["input_ids"] == ids
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids]))[0]
+        got = theirs(torch.tensor([ids])).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_exports_pass_the_perplexity_gate(trained, tmp_path, precision):
+    root, checkpoints, prepared = trained
+    report = export_checkpoint(checkpoints["gpt2-trained"], tmp_path / precision, precision, prepared.tokens("val"))
+    assert report["val_perplexity_fp32"] < 0.2 * 512, "trained: far below a uniform guess over 512 tokens"
+    assert abs(report["ppl_increase"]) <= 0.02 and not report["forced"]
+    assert json.loads((tmp_path / precision / "export.json").read_text()) == report
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / precision / "model.safetensors"))
+    expected = torch.int8 if precision == "int8" else torch.bfloat16
+    assert stored["h.0.attn.c_attn.weight"].dtype == expected
+    model, _, _, loaded_precision = load_export(tmp_path / precision)
+    assert loaded_precision == precision
+
+
+def test_a_sabotaged_artifact_fails_the_gate_and_nothing_is_written(trained, tmp_path, monkeypatch):
+    root, checkpoints, prepared = trained
+    real = export_module.quantize_int8
+
+    def sabotaged(weight):
+        q, scale = real(weight)
+        return q, scale * 3.0  # every quantized matrix comes back three times too large
+
+
+    monkeypatch.setattr(export_module, "quantize_int8", sabotaged)
+    with pytest.raises(ExportQualityError, match=r"export.precision=int8: validation perplexity rose"):
+        export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "bad", "int8", prepared.tokens("val"))
+    assert list(tmp_path.iterdir()) == []
+    forced = export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "forced", "int8", prepared.tokens("val"), force=True)
+    assert forced["forced"] and forced["ppl_increase"] > 0.02
+
+
+def run_export(cwd, *overrides):
+    return subprocess.run([sys.executable, "-m", "launcher.export", *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_export_cli_writes_the_newest_runs_export(trained, tmp_path):
+    root, checkpoints, _ = trained
+    result = run_export(tmp_path, f"run.storage={root}", "run.name=gpt2-trained", "export.precision=int8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = root / "gpt2-trained" / "exports" / "int8-step000300"
+    assert f"export: {out}" in result.stdout and (out / "export.json").exists()
+
+
+def test_export_of_a_missing_or_corrupt_checkpoint_is_one_line_and_writes_nothing(trained, tmp_path):
+    root, checkpoints, _ = trained
+    missing = run_export(tmp_path, f"run.storage={root}", "run.name=nope")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"config error: run.name='nope' has no run directory under run.storage='{root}'"]
+
+    import shutil
+
+    corrupt_run = tmp_path / "runs" / "corrupt"
+    shutil.copytree(checkpoints["gpt2-zero0"], corrupt_run / "checkpoint_000005")
+    shard = corrupt_run / "checkpoint_000005" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    bad = run_export(tmp_path, f"run.storage={tmp_path}/runs", "run.name=corrupt")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "is corrupt" in lines[0], bad.stderr[-2000:]
+    assert not (corrupt_run / "exports").exists()
