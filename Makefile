@@ -30,7 +30,7 @@ train: install  ## train the default small GPT on the embedded corpus (pass over
 	$(PY) -m launcher.train $(ARGS)
 
 test: install  ## all tests, the slow end-to-end ones included (CI runs exactly this)
-	$(PY) -m pytest -v $(PYTEST_ARGS)
+	$(PY) -m pytest -v --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## the tests that start no Ray cluster
 	$(PY) -m pytest -v -m "not slow" $(PYTEST_ARGS)
