@@ -33,9 +33,10 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by position; halves layout (as Hugging Face's Llama), so weights port."""
+    """Rotate (B, H, T, D) by position; halves layout (as Hugging Face's Llama), so weights port.
+    cos/sin are (T, D/2) shared by the batch, or (B, T, D/2) when sequences sit at other positions."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.type_as(x)
 
@@ -62,6 +63,28 @@ class CausalSelfAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def forward_cached(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention for T new tokens of B sequences, sequence b starting at positions[b], with the
+        keys and values of earlier tokens read from (and the new ones written to) cache rows `slots`.
+        Caches are (slots, max_len, n_head, head_dim)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim) for t in (q, k, v))
+        pos = positions[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        if self.use_rope:
+            cos, sin = rope
+            q = apply_rope(q.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
+            k = apply_rope(k.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
+        k_cache[slots[:, None], pos] = k.to(k_cache.dtype)
+        v_cache[slots[:, None], pos] = v.to(v_cache.dtype)
+        length = int(pos.max()) + 1
+        keys = k_cache[slots, :length].transpose(1, 2)  # (B, H, length, D)
+        values = v_cache[slots, :length].transpose(1, 2)
+        visible = torch.arange(length, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, length)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible[:, None])
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -95,6 +118,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, rope, k_cache, v_cache, slots, positions) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), rope, k_cache, v_cache, slots, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,6 +180,24 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits (B, vocab) after T new tokens per sequence, using and filling the KV
+        caches (one pair per layer): prefill is T = prompt length, decoding is T = 1."""
+        B, T = idx.shape
+        if int(positions.max()) + T > self.cfg.block_size:
+            raise ValueError(f"sequence length exceeds model.block_size={self.cfg.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions[:, None] + torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
+            x = block.forward_cached(x, rope, k_cache, v_cache, slots, positions)
+        return self.lm_head(self.ln_f(x[:, -1])).float()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters counted once (the tied head is the embedding); positions excluded if asked."""

@@ -1,0 +1,104 @@
+"""Engine: KV-cache decoding equals decoding without a cache; batched equals one at a time; the
+same seed gives the same sample; requests join a running batch; bad parameters name their field."""
+
+import string
+
+import pytest
+import torch
+
+from lm.config import ModelConfig, padded_vocab_size
+from lm.engine import Engine, RequestError, SamplingParams, sample_next
+from lm.model import GPT
+from lm.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer(sorted(set(string.ascii_lowercase + " .,\n")))
+PROMPTS = ["hello world", "a", "the quick brown fox jumps", "xyz. abc,\nq"]
+
+
+def model(variant: str) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", variant=variant, n_layer=2, n_head=4, n_embd=64, block_size=48,
+                      vocab_size=padded_vocab_size(TOKENIZER.vocab_size), bias=variant == "gpt2")
+    return GPT(cfg).eval()
+
+
+def greedy_without_cache(m: GPT, prompt: str, n: int) -> list[int]:
+    """Reference: full forward over the whole sequence for every new token, restricted to the real vocabulary."""
+    ids = TOKENIZER.encode(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = m(torch.tensor([ids + out]))
+            out.append(int(logits[0, -1, :TOKENIZER.vocab_size].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_greedy_with_the_kv_cache_equals_greedy_without(variant):
+    m = model(variant)
+    seqs = Engine(m, TOKENIZER, max_batch_size=4).generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
+    for prompt, seq in zip(PROMPTS, seqs):
+        assert seq.output_ids == greedy_without_cache(m, prompt, 20), prompt
+        assert seq.finish_reason == "length" and seq.text == TOKENIZER.decode(seq.output_ids)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_batched_results_equal_one_at_a_time(variant):
+    m = model(variant)
+    params = [SamplingParams(max_tokens=15, temperature=0.9, top_k=10, seed=i) for i in range(len(PROMPTS))]
+    together = Engine(m, TOKENIZER, max_batch_size=8).generate(PROMPTS, params)
+    alone = [Engine(m, TOKENIZER, max_batch_size=1).generate([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+    assert [s.output_ids for s in together] == [s.output_ids for s in alone]
+
+
+def test_same_seed_same_sample_and_another_seed_another():
+    m = model("gpt2")
+    engine = Engine(m, TOKENIZER, max_batch_size=4)
+    a, b, c = engine.generate(["hello"] * 3, [SamplingParams(max_tokens=30, temperature=1.0, seed=s) for s in (7, 7, 8)])
+    assert a.output_ids == b.output_ids and a.output_ids != c.output_ids
+
+
+def test_requests_join_between_decode_steps_and_slots_are_reused():
+    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)
+    first = engine.submit("hello", SamplingParams(max_tokens=10, temperature=0))
+    engine.step()
+    engine.step()
+    late = engine.submit("world", SamplingParams(max_tokens=3, temperature=0))
+    advanced = engine.step()
+    assert first in advanced and late in advanced, "the late request joined the running batch"
+    queued = [engine.submit("abc", SamplingParams(max_tokens=2, temperature=0)) for _ in range(3)]
+    while engine.has_work:
+        engine.step()
+    assert all(s.finished for s in [first, late, *queued])
+    assert sorted(engine.free_slots) == [0, 1]
+
+
+def test_stop_strings_cut_the_text():
+    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)
+    full = engine.generate(["hello"], SamplingParams(max_tokens=30, temperature=0))[0].text
+    stop = full[5:7]
+    cut = engine.generate(["hello"], SamplingParams(max_tokens=30, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy():
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(20)} == {1}
+    assert {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.01), gen) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ("x" * 48, SamplingParams(max_tokens=1), "prompt"),
+    ("", SamplingParams(), "prompt"),
+    ("hello", SamplingParams(max_tokens=0), "max_tokens"),
+    ("hello", SamplingParams(max_tokens=44), "max_tokens"),
+    ("hello", SamplingParams(temperature=-0.1), "temperature"),
+    ("hello", SamplingParams(top_p=0.0), "top_p"),
+    ("hello", SamplingParams(top_p=1.5), "top_p"),
+])
+def test_bad_requests_name_their_field_and_are_not_truncated(prompt, params, field):
+    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)
+    with pytest.raises(RequestError) as error:
+        engine.submit(prompt, params)
+    assert error.value.field == field and not engine.has_work
