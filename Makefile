@@ -11,7 +11,7 @@ DEEPSPEED := deepspeed==0.19.8
 export RAY_USAGE_STATS_ENABLED := 0
 export WANDB_SILENT := true
 
-.PHONY: install train test test-fast clean cluster-up cluster-down
+.PHONY: install train test test-fast clean cluster-up cluster-down serve
 
 install: $(STAMP)  ## idempotent: creates .venv and installs the project and test tools
 
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml Makefile
 
 train: install  ## train the default small GPT on the embedded corpus (pass overrides as ARGS="...")
 	$(PY) -m launcher.train $(ARGS)
+
+serve: install  ## serve the newest export of the newest run on 127.0.0.1:8000 (OpenAI-compatible)
+	$(PY) -m launcher.serve $(ARGS)
 
 test: install  ## all tests, the slow end-to-end ones included (CI runs exactly this)
 	$(PY) -m pytest -v --durations=15 $(PYTEST_ARGS)

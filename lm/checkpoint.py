@@ -66,7 +66,11 @@ def is_complete(path: str | Path) -> bool:
     path = Path(path)
     if not ((path / TRAINER_STATE).exists() and (path / "config.json").exists() and (path / DEEPSPEED_DIR).is_dir()):
         return False
-    world = json.loads((path / "config.json").read_text())["cluster"]["num_workers"]
+    try:  # a file still being uploaded (or cut short by a crash) is not a checkpoint yet
+        world = json.loads((path / "config.json").read_text())["cluster"]["num_workers"]
+        json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
     return all((path / "rng" / f"rank_{r}.pt").exists() for r in range(world))
 
 

@@ -145,6 +145,24 @@ class ExportAppConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+@dataclass
+class ServeConfig:
+    export_dir: Optional[str] = None  # None: the newest export of run.name (or of the newest run)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # None: no auth (or LMSTACK_API_KEY from the environment)
+    num_replicas: int = 1
+    autoscaling: bool = False  # scale 1..num_replicas replicas on ongoing requests
+    max_batch_size: int = 16  # sequences decoded together per replica
+    cpus_per_replica: int = 1
+
+
+@dataclass
+class ServeAppConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Derived values: computed once, here.
 

@@ -11,44 +11,8 @@ import pytest
 import torch
 
 import lm.export as export_module
-from conftest import REPO, run_on_ranks
-from lm.checkpoint import find_latest_checkpoint
-from lm.config import config_to_dict
-from lm.data import PreparedData
+from conftest import REPO
 from lm.export import ExportQualityError, export_checkpoint, load_export
-
-# name: (variant, ZeRO stage, steps). Short runs compare consolidation across stages (longer
-# trajectories drift apart by reduction order); the long run is trained enough for the gate.
-RUNS = {"gpt2-zero0": ("gpt2", 0, 5), "gpt2-zero3": ("gpt2", 3, 5), "gpt2-trained": ("gpt2", 2, 300),
-        "llama-zero2": ("llama", 2, 20)}
-
-
-def train_runs(rank, cfg_dict, dataset_dir, root):
-    from lm.config import config_from_dict
-    from lm.standalone import local_hooks
-    from lm.trainer import train
-
-    for name, (variant, stage, steps) in RUNS.items():
-        cfg = config_from_dict(cfg_dict)
-        cfg.model.variant, cfg.model.bias, cfg.deepspeed.zero_stage = variant, variant == "gpt2", stage
-        cfg.trainer.max_steps = cfg.trainer.ckpt_every = cfg.trainer.eval_every = cfg.trainer.log_every = steps
-        cfg.run.name = name
-        train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_train_config, prepared_tiny, tmp_path_factory):
-    """Three short 2-rank training runs on the small corpus: {name: latest checkpoint}."""
-    prepared, vocab = prepared_tiny
-    root = tmp_path_factory.mktemp("export_runs")
-    # gpt2-trained runs long enough that the blocks matter (after 40 steps, negating every block
-    # weight moved perplexity by 0.1%: a gate test on such a model would prove nothing).
-    cfg = tiny_train_config(micro_batch_size=4)
-    cfg.model.vocab_size, cfg.optim.lr, cfg.optim.warmup_steps = vocab, 3e-3, 20
-    cfg.run.storage = str(root)
-    run_on_ranks(train_runs, 2, config_to_dict(cfg), str(prepared.directory), str(root), tmp_path=root)
-    return root, {name: find_latest_checkpoint(root / name) for name in RUNS}, prepared
-
 
 def test_zero0_and_zero3_checkpoints_export_the_same_weights(trained, tmp_path):
     root, checkpoints, prepared = trained

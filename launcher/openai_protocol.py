@@ -1,0 +1,122 @@
+"""OpenAI-compatible request parsing and response shapes for /v1/completions and
+/v1/chat/completions. Every bad input becomes an `APIError` carrying the HTTP status and the
+offending field, rendered as OpenAI's error object."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from lm.chat_template import END, ROLES, render_chat
+from lm.engine import SamplingParams
+
+MAX_BODY_BYTES = 1_000_000
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def parse_body(raw: bytes) -> dict:
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not raw.strip():
+        raise APIError(400, "request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _number(body: dict, name: str, default, kind=(int, float)):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", name)
+    return value
+
+
+def sampling_params(body: dict, context: int, extra_stop: list[str] = ()) -> SamplingParams:
+    max_tokens = _number(body, "max_tokens", 16, int)
+    temperature = float(_number(body, "temperature", 1.0))
+    top_p = float(_number(body, "top_p", 1.0))
+    top_k = _number(body, "top_k", None, int)
+    seed = _number(body, "seed", None, int)
+    if max_tokens <= 0 or max_tokens >= context:
+        raise APIError(400, f"'max_tokens' must be between 1 and {context - 1} (the context is {context})", "max_tokens")
+    if temperature < 0:
+        raise APIError(400, "'temperature' must be >= 0", "temperature")
+    if not 0 < top_p <= 1:
+        raise APIError(400, "'top_p' must be in (0, 1]", "top_p")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "'n' must be 1", "n")
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          stop=stop + list(extra_stop), seed=seed)
+
+
+def completion_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise APIError(400, "'prompt' is required", "prompt")
+    if not isinstance(prompt, str):
+        raise APIError(400, f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
+    return prompt
+
+
+def chat_prompt(body: dict) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise APIError(400, f"messages[{i}] must be an object with role in {list(ROLES)} and string content",
+                           "messages")
+    return render_chat(messages)
+
+
+CHAT_STOP = [END]
+
+
+def check_model(body: dict, model_name: str) -> None:
+    name = body.get("model", model_name)
+    if name != model_name:
+        raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'", "model",
+                       "model_not_found")
+
+
+def completion_response(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                        chat: bool) -> dict:
+    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def stream_chunk(chunk_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
+                 first: bool = False) -> str:
+    if chat:
+        payload = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+        choice = {"index": 0, "delta": payload, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+    body = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+    return f"data: {json.dumps(body)}\n\n"

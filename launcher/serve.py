@@ -1,0 +1,61 @@
+"""Serve an export over HTTP with Ray Serve (blocks until Ctrl-C):
+
+    python -m launcher.serve run.name=<run> serve.port=8000
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.schema import fail
+from lm.config import ConfigError, ServeAppConfig
+
+ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
+
+
+def builder_args(cfg: ServeAppConfig) -> dict:
+    s = cfg.serve
+    if s.num_replicas < 1 or s.max_batch_size < 1 or s.cpus_per_replica < 1:
+        raise ConfigError("serve.num_replicas, serve.max_batch_size and serve.cpus_per_replica must be >= 1")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
+    return {"export_dir": s.export_dir, "run_name": cfg.run.name, "storage": cfg.run.storage,
+            "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
+            "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica}
+
+
+@hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg: ServeAppConfig = OmegaConf.to_object(dcfg)
+    try:
+        args = builder_args(cfg)
+        from launcher.serve_app import build
+
+        app = build(args)
+    except (ConfigError, FileNotFoundError) as error:
+        fail(error)
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback Ray, as in launcher.train
+    ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
+             include_dashboard=False)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name="lm", route_prefix="/")
+    print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main()

@@ -1,0 +1,218 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of a model deployment that
+wraps lm.engine. Separate from training; `serve run cluster/serve.yaml` or `make serve` start it.
+
+Each model replica runs one decode loop (in a thread, off the event loop) over its engine;
+requests submit sequences and read their tokens from per-request queues, so concurrent requests
+share batched decode steps and new ones join between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, completion_prompt,
+                                      completion_response, parse_body, sampling_params, stream_chunk)
+
+api = FastAPI(title="lmstack OpenAI-compatible API")
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to hold back while streaming: a possible start of a stop string,
+    or an incomplete UTF-8 character that the byte-level decoder shows as U+FFFD."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
+        hold += 1
+    return hold
+
+
+@serve.deployment(max_ongoing_requests=256)
+class LanguageModel:
+    def __init__(self, export_dir: str, max_batch_size: int, threads: int):
+        import torch
+
+        from lm.engine import Engine
+        from lm.export import load_export
+
+        torch.set_num_threads(threads)
+        model, tokenizer, cfg, precision = load_export(export_dir)
+        self.engine = Engine(model, tokenizer, max_batch_size)
+        self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.driver: asyncio.Task | None = None
+
+    def info(self) -> dict:
+        return self.info_
+
+    async def _drive(self) -> None:
+        while self.engine.has_work:
+            advanced = await asyncio.to_thread(self.engine.step)
+            for seq in advanced:
+                queue = self.queues.get(seq.id)  # gone if its client disconnected
+                if queue is not None:
+                    queue.put_nowait(seq.finished)
+        self.driver = None
+
+    async def generate(self, prompt: str, params):
+        """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
+        or one {"error", "param"} for a request the engine cannot serve."""
+        from lm.engine import RequestError
+
+        try:
+            seq = self.engine.submit(prompt, params)
+        except RequestError as error:
+            yield {"error": str(error), "param": error.field}
+            return
+        except ValueError as error:  # e.g. a character outside a character-level vocabulary
+            yield {"error": f"prompt: {error}", "param": "prompt"}
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[seq.id] = queue
+        if self.driver is None:
+            self.driver = asyncio.create_task(self._drive())
+        sent = 0
+        try:
+            while True:
+                finished = await queue.get()
+                text = seq.text
+                upto = len(text) if finished else len(text) - _held_back(text, params.stop)
+                if upto > sent:
+                    yield {"delta": text[sent:upto]}
+                    sent = upto
+                if finished:
+                    yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.prompt_ids),
+                           "completion_tokens": len(seq.output_ids)}
+                    return
+        finally:
+            self.queues.pop(seq.id, None)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class OpenAIServer:
+    def __init__(self, model, model_name: str, api_key: str | None):
+        self.model, self.model_name, self.api_key = model, model_name, api_key
+        self.context: int | None = None
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "authentication_error")
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "lmstack"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._complete(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, chat=True)
+
+    async def _complete(self, request: Request, chat: bool):
+        try:
+            self._authorize(request)
+            body = parse_body(await request.body())
+            check_model(body, self.model_name)
+            if self.context is None:
+                self.context = (await self.model.info.remote())["context"]
+            prompt = chat_prompt(body) if chat else completion_prompt(body)
+            params = sampling_params(body, self.context, CHAT_STOP if chat else [])
+            events = self.model.options(stream=True).generate.remote(prompt, params).__aiter__()
+            first = await events.__anext__()
+            if "error" in first:
+                raise APIError(400, first["error"], first["param"])
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        if body.get("stream"):
+            return StreamingResponse(self._sse(first, events, chat), media_type="text/event-stream")
+        text, last = "", first
+        async for event in _chain(first, events):
+            text += event.get("delta", "")
+            last = event
+        return completion_response(self.model_name, text, last["finish_reason"], last["prompt_tokens"],
+                                   last["completion_tokens"], chat)
+
+    async def _sse(self, first: dict, events, chat: bool):
+        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        opened = False
+        async for event in _chain(first, events):
+            if "delta" in event:
+                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, first=not opened)
+                opened = True
+            else:
+                if chat and not opened:
+                    yield stream_chunk(chunk_id, self.model_name, "", None, chat, first=True)
+                yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat)
+        yield "data: [DONE]\n\n"
+
+
+async def _chain(first, rest):
+    yield first
+    async for event in rest:
+        yield event
+
+
+def newest_export(run_dir: Path) -> Path:
+    from lm.export import is_complete_export
+
+    exports = [p for p in (run_dir / "exports").glob("*") if p.is_dir() and is_complete_export(p)]
+    if not exports:
+        raise FileNotFoundError(f"no export under {run_dir / 'exports'}: run `python -m launcher.export "
+                                f"run.name={run_dir.name}` first")
+    return max(exports, key=lambda p: p.stat().st_mtime)
+
+
+def build(args: dict):
+    """Application builder for `serve run` / `serve deploy` (args from cluster/serve.yaml) and make serve.
+
+    args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
+    LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
+    cpus_per_replica."""
+    storage = Path(os.path.abspath(args.get("storage") or "outputs/runs"))
+    if args.get("export_dir"):
+        export_dir = Path(os.path.abspath(args["export_dir"]))
+    else:
+        run_name = args.get("run_name")
+        if not run_name:
+            runs = [p for p in storage.glob("*") if (p / "exports").is_dir()]
+            if not runs:
+                raise FileNotFoundError(f"no exported run under {storage}: train, then `python -m launcher.export`")
+            run_name = max(runs, key=lambda p: p.stat().st_mtime).name
+        export_dir = newest_export(storage / run_name)
+    model_name = export_dir.parent.parent.name
+    replicas = int(args.get("num_replicas") or 1)
+    batch = int(args.get("max_batch_size") or 16)
+    cpus = float(args.get("cpus_per_replica") or 1)
+    options = {"ray_actor_options": {"num_cpus": cpus}, "max_ongoing_requests": max(4 * batch, 32)}
+    if args.get("autoscaling"):
+        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": replicas,
+                                         "target_ongoing_requests": batch}
+    else:
+        options["num_replicas"] = replicas
+    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)))
+    api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
+    print(f"serving {model_name} from {export_dir}", flush=True)
+    return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

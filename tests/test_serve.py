@@ -1,0 +1,128 @@
+"""Serving over real Ray Serve HTTP on loopback: the openai client (completions and chat, streaming
+and not), 32 concurrent requests, every bad input answered with a 4xx OpenAI error object naming the
+field while the server keeps serving, and the API key enforced."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import REPO, free_port
+from lm.export import export_checkpoint
+
+pytestmark = pytest.mark.slow
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    import ray
+    from ray import serve
+
+    from launcher.serve_app import build
+
+    root, checkpoints, prepared = trained
+    export_dir = root / "gpt2-trained" / "exports" / "fp32-step000300"
+    export_checkpoint(checkpoints["gpt2-trained"], export_dir, "fp32", prepared.tokens("val"))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "max_batch_size": 8}),
+                  name="lm", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", "gpt2-trained"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    url, _ = server
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completions_streaming_and_not_agree(server, client):
+    _, model = server
+    full = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0)
+    choice = full.choices[0]
+    assert isinstance(choice.text, str) and choice.finish_reason in ("length", "stop")
+    assert 0 < full.usage.completion_tokens <= 24 and full.usage.prompt_tokens > 0
+    streamed = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_chat_streaming_and_not_agree(server, client):
+    _, model = server
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop?"}]
+    full = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+    message = full.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    streamed = list(client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == message.content
+
+
+def test_same_seed_same_completion(server, client):
+    _, model = server
+    texts = {client.completions.create(model=model, prompt="import ", max_tokens=16, temperature=1.0, seed=5)
+             .choices[0].text for _ in range(3)}
+    assert len(texts) == 1
+
+
+def test_32_concurrent_requests_all_succeed(server, client):
+    _, model = server
+
+    def one(i):
+        return client.completions.create(model=model, prompt=f"x = {i}\n", max_tokens=12, temperature=0.8, seed=i)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
+
+
+BAD = [
+    ("completions", b"{not json", 400, None),
+    ("completions", b"", 400, None),
+    ("completions", b"[1, 2]", 400, None),
+    ("completions", json.dumps({"max_tokens": 5}).encode(), 400, "prompt"),
+    ("completions", json.dumps({"prompt": 123}).encode(), 400, "prompt"),
+    ("completions", json.dumps({"prompt": "a", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+    ("completions", json.dumps({"prompt": "a", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    ("completions", json.dumps({"prompt": "a", "max_tokens": 100000}).encode(), 400, "max_tokens"),
+    ("completions", json.dumps({"prompt": "a", "temperature": -1}).encode(), 400, "temperature"),
+    ("completions", json.dumps({"prompt": "a", "top_p": 0}).encode(), 400, "top_p"),
+    ("completions", json.dumps({"prompt": "a", "top_p": 1.5}).encode(), 400, "top_p"),
+    ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
+    ("completions", json.dumps({"prompt": "def f():\n    pass\n" * 200, "max_tokens": 4}).encode(), 400, "prompt"),
+    ("completions", b'{"prompt": "' + b"a" * 2_000_000 + b'"}', 413, None),
+    ("chat/completions", json.dumps({"messages": []}).encode(), 400, "messages"),
+    ("chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{p}-{s}-{i}" for i, (p, _, s, _) in enumerate(BAD)])
+def test_bad_input_gets_a_4xx_error_object_and_the_server_keeps_serving(server, path, body, status, param):
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{url}/v1/{path}", content=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_api_key_is_enforced(server):
+    url, model = server
+    body = {"model": model, "prompt": "a", "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+    wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert [m["id"] for m in models["data"]] == [model]
