@@ -6,8 +6,8 @@ requests submit sequences and read their tokens from per-request queues, so conc
 share batched decode steps and new ones join between steps.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation
+# through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
 import os
 import uuid
@@ -149,16 +149,23 @@ class OpenAIServer:
         if body.get("stream"):
             return StreamingResponse(self._sse(first, events, chat), media_type="text/event-stream")
         text, last = "", first
-        async for event in _chain(first, events):
+        async for event in self._chain(first, events):
             text += event.get("delta", "")
             last = event
         return completion_response(self.model_name, text, last["finish_reason"], last["prompt_tokens"],
                                    last["completion_tokens"], chat)
 
+    @staticmethod
+    async def _chain(first, rest):
+        """The first event (already read, to turn errors into 4xx) followed by the rest."""
+        yield first
+        async for event in rest:
+            yield event
+
     async def _sse(self, first: dict, events, chat: bool):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         opened = False
-        async for event in _chain(first, events):
+        async for event in self._chain(first, events):
             if "delta" in event:
                 yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, first=not opened)
                 opened = True
@@ -167,12 +174,6 @@ class OpenAIServer:
                     yield stream_chunk(chunk_id, self.model_name, "", None, chat, first=True)
                 yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat)
         yield "data: [DONE]\n\n"
-
-
-async def _chain(first, rest):
-    yield first
-    async for event in rest:
-        yield event
 
 
 def newest_export(run_dir: Path) -> Path:

@@ -120,6 +120,7 @@ def trained(tiny_train_config, prepared_tiny, tmp_path_factory):
     # weight moved perplexity by 0.1%: a gate test on such a model would prove nothing).
     cfg = tiny_train_config(micro_batch_size=4)
     cfg.model.vocab_size, cfg.optim.lr, cfg.optim.warmup_steps = vocab, 3e-3, 20
+    cfg.model.block_size, cfg.data.block_size = 256, 64  # room for chat prompts when served; trains on 64
     cfg.run.storage = str(root)
     run_on_ranks(train_runs, 2, config_to_dict(cfg), str(prepared.directory), str(root), tmp_path=root)
     return root, {name: find_latest_checkpoint(root / name) for name in RUNS}, prepared
