@@ -186,12 +186,19 @@ def newest_export(run_dir: Path) -> Path:
     return max(exports, key=lambda p: p.stat().st_mtime)
 
 
+BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
+              "cpus_per_replica"}
+
+
 def build(args: dict):
     """Application builder for `serve run` / `serve deploy` (args from cluster/serve.yaml) and make serve.
 
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
     cpus_per_replica."""
+    unknown = set(args) - BUILD_ARGS
+    if unknown:
+        raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     storage = Path(os.path.abspath(args.get("storage") or "outputs/runs"))
     if args.get("export_dir"):
         export_dir = Path(os.path.abspath(args["export_dir"]))

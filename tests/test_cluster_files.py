@@ -17,7 +17,7 @@ from launcher.schema import to_train_config
 CLUSTER = REPO / "cluster"
 
 
-@pytest.mark.parametrize("name", ["runtime_env.yaml", "aws-gpu.yaml", "rayjob.yaml"])
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "aws-gpu.yaml", "rayjob.yaml", "rayservice.yaml", "serve.yaml"])
 def test_every_cluster_yaml_parses(name):
     assert isinstance(yaml.safe_load((CLUSTER / name).read_text()), dict)
 
@@ -68,9 +68,20 @@ def test_rayjob_has_kuberays_required_fields_and_a_valid_training_config():
     assert cfg.run.storage.startswith("/mnt/shared")
 
 
-def test_readme_documents_the_serving_manifest_gap():
-    readme = (CLUSTER / "README.md").read_text()
-    assert "RayService" in readme
+def test_rayservice_runs_the_real_serve_builder_with_arguments_it_accepts():
+    import importlib
+    import inspect
+
+    service = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    spec = service["spec"]
+    assert "headGroupSpec" in spec["rayClusterConfig"] and spec["rayClusterConfig"]["workerGroupSpecs"]
+    for serve_config in (yaml.safe_load(spec["serveConfigV2"]), yaml.safe_load((CLUSTER / "serve.yaml").read_text())):
+        app = serve_config["applications"][0]
+        module, _, name = app["import_path"].partition(":")
+        build = getattr(importlib.import_module(module), name)
+        documented = inspect.getdoc(build)
+        assert all(key in documented for key in app["args"]), "every arg is one the builder documents"
 
 
 def test_multi_node_refuses_node_local_storage(tmp_path):

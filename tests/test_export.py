@@ -109,3 +109,14 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_one_line_and_writes_nothin
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "is corrupt" in lines[0], bad.stderr[-2000:]
     assert not (corrupt_run / "exports").exists()
+
+
+def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, capsys):
+    from launcher.generate import main
+
+    root, checkpoints, prepared = trained
+    export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "e", "bf16", prepared.tokens("val"))
+    for source in (tmp_path / "e", checkpoints["gpt2-trained"]):
+        main([str(source), "--prompt", "def ", "--max-tokens", "8", "--num-samples", "2"])
+        samples = [s.lstrip("\n") for s in capsys.readouterr().out.split("-" * 60 + "\n") if s.strip()]
+        assert len(samples) == 2 and all(s.startswith("def ") for s in samples)

@@ -1,0 +1,63 @@
+"""A quick look at a model from a terminal, no server needed:
+
+    python -m launcher.generate <export dir | training checkpoint dir> --prompt "def main(" --max-tokens 64
+    python -m launcher.generate outputs/runs/<run> --num-samples 3 --temperature 0.8 --top-k 50 --seed 1
+
+A run directory means its newest export, or else its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def load(path: Path):
+    from lm.checkpoint import find_latest_checkpoint, is_complete, load_model
+    from lm.export import is_complete_export, load_export
+
+    if (path / "exports").is_dir() or find_latest_checkpoint(path) is not None:  # a run directory
+        exports = [p for p in (path / "exports").glob("*") if is_complete_export(p)] if (path / "exports").is_dir() else []
+        path = max(exports, key=lambda p: p.stat().st_mtime) if exports else find_latest_checkpoint(path)
+    if is_complete_export(path):
+        model, tokenizer, _, _ = load_export(path)
+    elif is_complete(path):
+        model, tokenizer, _ = load_model(path)
+    else:
+        raise FileNotFoundError(f"{path} is neither an export, a training checkpoint nor a run directory with one")
+    return model, tokenizer, path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from lm.engine import Engine, RequestError, SamplingParams
+
+    try:
+        model, tokenizer, source = load(args.path)
+        engine = Engine(model, tokenizer, max_batch_size=args.num_samples)
+        prompt = args.prompt or ([tokenizer.eot_id] if tokenizer.eot_id is not None else "\n")
+        params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed + i) for i in range(args.num_samples)]
+        samples = engine.generate([prompt] * args.num_samples, params)
+    except (FileNotFoundError, RequestError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"# {source}", file=sys.stderr)
+    for seq in samples:
+        print(f"{args.prompt}{seq.text}\n{'-' * 60}")
+
+
+if __name__ == "__main__":
+    main()
