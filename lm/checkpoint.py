@@ -12,10 +12,12 @@ into one directory in storage; shared when the directories are the same).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,8 @@ def load_consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are diagnostics, not output
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)
 
 
 def load_model(path: str | Path):
