@@ -1,0 +1,123 @@
+"""Decode tokens/s: our engine at fp32, bf16 and int8 against Hugging Face `generate` on the same
+weights, in one run, at batch 1 and 8. Ratios are the result; the machine is noisy, so each cell is
+the median of several repeats.
+
+    .venv/bin/python benchmarks/decode_throughput.py [--threads 2] [--new-tokens 64] [--repeats 3]
+
+Shape from the serving issue: GPT-2 style, 6 layers, 384 wide, 6 heads, vocab 8192, context 256,
+random weights (speed does not depend on training). Greedy decoding of --new-tokens tokens after a
+16-token prompt; the engine's text decoding is stubbed so both sides measure model + decode loop only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lm.config import ModelConfig
+from lm.engine import Engine, SamplingParams
+from lm.export import export_state, model_from_export_state
+from lm.hf_format import hf_config, to_hf_state_dict
+from lm.model import GPT
+
+SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
+PROMPT_TOKENS = 16
+
+
+class TokenIds:
+    """A tokenizer stand-in: ids are the text (HF generate does not decode either)."""
+
+    vocab_size, eot_id = SHAPE["vocab_size"], None
+
+    def encode(self, text):
+        raise NotImplementedError
+
+    def decode(self, ids):
+        return ""
+
+
+def engine_tokens_per_second(model: GPT, batch: int, new_tokens: int) -> float:
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(batch)]
+    engine = Engine(model, TokenIds(), max_batch_size=batch)
+    start = time.perf_counter()
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0))
+    elapsed = time.perf_counter() - start
+    assert all(len(s.output_ids) == new_tokens for s in seqs)
+    return batch * new_tokens / elapsed
+
+
+def hf_tokens_per_second(model, batch: int, new_tokens: int) -> float:
+    ids = torch.stack([torch.randint(0, SHAPE["vocab_size"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(i))
+                       for i in range(batch)])
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == PROMPT_TOKENS + new_tokens
+    return batch * new_tokens / elapsed
+
+
+def build_models():
+    import transformers
+
+    torch.manual_seed(0)
+    reference = GPT(ModelConfig(**SHAPE)).eval()
+    ours = {p: model_from_export_state(export_state(reference.state_dict(), p), reference.cfg, p)
+            for p in ("fp32", "bf16", "int8")}
+    config = {k: v for k, v in hf_config(reference.cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    hf.load_state_dict(to_hf_state_dict(reference.state_dict(), reference.cfg), strict=False)
+    hf.tie_weights()
+    return ours, hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_throughput.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ours, hf = build_models()
+
+    runners = {f"engine {p}": (lambda b, m=m: engine_tokens_per_second(m, b, args.new_tokens)) for p, m in ours.items()}
+    runners["HF generate fp32"] = lambda b: hf_tokens_per_second(hf, b, args.new_tokens)
+    results = {}
+    for batch in (1, 8):
+        for name, run in runners.items():
+            run(batch)  # warm-up
+        samples = {name: [] for name in runners}
+        for _ in range(args.repeats):  # alternate, so drift hits every row alike
+            for name, run in runners.items():
+                samples[name].append(run(batch))
+        for name in runners:
+            results[f"{name} @ batch {batch}"] = statistics.median(samples[name])
+
+    hf1, hf8 = results["HF generate fp32 @ batch 1"], results["HF generate fp32 @ batch 8"]
+    fp32_1, fp32_8 = results["engine fp32 @ batch 1"], results["engine fp32 @ batch 8"]
+    print(f"\n{'decode (greedy, ' + str(args.new_tokens) + ' new tokens)':<38} {'tokens/s':>10} {'vs HF':>7} {'vs fp32':>8}")
+    for key, value in results.items():
+        batch = key.rsplit(" ", 1)[-1]
+        hf_ref, fp32_ref = (hf1, fp32_1) if batch == "1" else (hf8, fp32_8)
+        print(f"{key:<38} {value:>10.1f} {value / hf_ref:>6.2f}x {value / fp32_ref:>7.2f}x")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"results_tokens_per_second": results, "threads": args.threads, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "shape": SHAPE, "torch": torch.__version__, "commit": commit,
+              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
