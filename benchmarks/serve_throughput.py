@@ -1,0 +1,120 @@
+"""Serving over HTTP: aggregate decode tokens/s at 1, 4, 16 and 64 concurrent streams and time to
+first token (p50/p99), through the real Ray Serve app on 127.0.0.1.
+
+    .venv/bin/python benchmarks/serve_throughput.py [--max-tokens 32] [--max-batch-size 64]
+
+The model is the decode benchmark's shape (6 layers, 384 wide, vocab 8192) with random weights and
+a byte-level BPE tokenizer trained on a slice of the standard library. Every request streams
+greedy tokens for a short code prompt; tokens are counted as the server's text chunks (one per
+decode step, except where a partial UTF-8 character is held back, so a slight undercount).
+Traffic stays on loopback and every loop is bounded by the stream counts below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sysconfig
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from lm.config import ModelConfig
+from lm.export import export_state
+from lm.model import GPT
+from lm.tokenizer import ByteBPETokenizer
+
+SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
+STREAMS = (1, 4, 16, 64)
+
+
+def write_export(directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:80]]
+    ByteBPETokenizer.train(iter(texts), vocab_size=SHAPE["vocab_size"]).save(directory / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SHAPE))
+    save_file(export_state(model.state_dict(), "fp32"), str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.cfg), "precision": "fp32"}))
+    (directory / "export.json").write_text(json.dumps({"precision": "fp32", "note": "benchmark, random weights"}))
+
+
+def one_stream(url: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
+    """(seconds to the first text chunk, text chunks, total seconds) for one streaming request."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    first, chunks = None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if json.loads(line[6:])["choices"][0]["text"]:
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - start
+    return first or 0.0, chunks, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from launcher.serve_app import build
+
+    workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    export_dir = workdir / "runs" / "bench" / "exports" / "fp32-step000000"
+    export_dir.mkdir(parents=True)
+    write_export(export_dir)
+    ray.init(num_cpus=args.cpus + 1, include_dashboard=False)
+    port = 8000 + (int(time.time()) % 1000)
+    rows = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"export_dir": str(export_dir), "max_batch_size": args.max_batch_size,
+                         "cpus_per_replica": args.cpus}), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        one_stream(url, "def main(", 4)  # warm-up
+        for n in STREAMS:
+            prompts = [f"def function_{i}(self, value):\n    " for i in range(n)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(lambda p: one_stream(url, p, args.max_tokens), prompts))
+            wall = time.perf_counter() - start
+            ttfts = sorted(r[0] for r in results)
+            rows.append({"streams": n, "tokens": sum(r[1] for r in results), "seconds": wall,
+                         "tokens_per_second": sum(r[1] for r in results) / wall,
+                         "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    single = rows[0]["tokens_per_second"]
+    print(f"\n{'streams':>7} {'tokens/s':>9} {'vs 1 stream':>11} {'TTFT p50':>9} {'TTFT p99':>9}")
+    for r in rows:
+        print(f"{r['streams']:>7} {r['tokens_per_second']:>9.1f} {r['tokens_per_second'] / single:>10.2f}x "
+              f"{r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p99'] * 1000:>7.0f}ms")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
+                                    "cpus": args.cpus, "commit": commit, "date": time.strftime("%Y-%m-%d")}, indent=2))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
