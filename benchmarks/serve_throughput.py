@@ -31,7 +31,8 @@ from lm.export import export_state
 from lm.model import GPT
 from lm.tokenizer import ByteBPETokenizer
 
-SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
+from decode_throughput import SHAPE  # the same model shape as the decode benchmark (run as a script)
+
 STREAMS = (1, 4, 16, 64)
 
 

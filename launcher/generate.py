@@ -43,11 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lm.engine import Engine, RequestError, SamplingParams
+    from lm.tokenizer import document_start
 
     try:
         model, tokenizer, source = load(args.path)
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples)
-        prompt = args.prompt or ([tokenizer.eot_id] if tokenizer.eot_id is not None else "\n")
+        prompt = args.prompt or document_start(tokenizer)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed + i) for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)

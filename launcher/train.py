@@ -110,12 +110,10 @@ def sample_text(checkpoint: Path, num_tokens: int, seed: int) -> str:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation imports deepspeed
     from lm.checkpoint import load_model
+    from lm.tokenizer import document_start
 
     model, tokenizer, _ = load_model(checkpoint)
-    if tokenizer.eot_id is not None:
-        prompt = [tokenizer.eot_id]
-    else:
-        prompt = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]
+    prompt = document_start(tokenizer)
     out = model.generate(torch.tensor([prompt]), num_tokens, temperature=0.8, top_k=50,
                          generator=torch.Generator().manual_seed(seed))
     return tokenizer.decode(out[0, len(prompt):].tolist())

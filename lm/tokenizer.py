@@ -89,6 +89,13 @@ class CharTokenizer:
 Tokenizer = ByteBPETokenizer | CharTokenizer
 
 
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """Ids that begin a new document: end-of-text for BPE, a newline (or id 0) for characters."""
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]
+
+
 def train_tokenizer(kind: str, texts: Iterator[str], vocab_size: int) -> Tokenizer:
     if kind == "char":
         return CharTokenizer.train(texts)
