@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.schema import absolute, fail
-from lm.config import ConfigError, ExportAppConfig, RunConfig
+from lm.config import ConfigError, ExportAppConfig, RunConfig, sequence_length
 
 ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
 
@@ -41,6 +41,7 @@ def export_run(cfg: ExportAppConfig) -> Path:
     from lm.checkpoint import checkpoint_step, find_latest_checkpoint, is_complete, load_config
     from lm.data import prepare_data
     from lm.export import PRECISIONS, ExportQualityError, export_checkpoint
+    from lm.tokenizer import load_tokenizer
 
     e = cfg.export
     if e.precision not in PRECISIONS:
@@ -56,7 +57,10 @@ def export_run(cfg: ExportAppConfig) -> Path:
         step = checkpoint_step(checkpoint)
     except Exception as error:  # a damaged file: say which, write nothing
         raise ConfigError(f"export.checkpoint={str(checkpoint)!r} is corrupt: {type(error).__name__}: {error}") from None
-    val_tokens = prepare_data(train_cfg.data, progress=False).tokens("val")
+    # A fine-tune's data was encoded with the pretrained model's tokenizer, which its checkpoint holds.
+    given = load_tokenizer(checkpoint / "tokenizer.json") if train_cfg.trainer.init_from else None
+    val_tokens = prepare_data(train_cfg.data, progress=False, tokenizer=given,
+                              seq_len=sequence_length(train_cfg)).tokens("val")
     out_dir = run_dir / "exports" / f"{e.precision}-step{step:06d}"
     try:
         report = export_checkpoint(checkpoint, out_dir, e.precision, val_tokens, e.max_ppl_increase, e.force,

@@ -26,8 +26,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from lm.config import config_from_dict
+    from lm.config import config_from_dict, sequence_length
     from lm.data import prepare_data
+    from lm.pretrained import dataset_tokenizer
     from lm.standalone import format_metrics
     from lm.trainer import TrainHooks, train
 
@@ -39,7 +40,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dataset_dir = loop_config["dataset_dir"]
     if not os.path.exists(os.path.join(dataset_dir, "meta.json")):
         # A node that cannot see the driver's cache builds the same one (same key) itself.
-        dataset_dir = str(prepare_data(cfg.data, progress=False).directory)
+        dataset_dir = str(prepare_data(cfg.data, progress=False, tokenizer=dataset_tokenizer(cfg),
+                                       seq_len=sequence_length(cfg)).directory)
 
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":

@@ -9,6 +9,7 @@ Rerunning the same command (same run.name) resumes from the run's latest checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from launcher.preemption import StopOnSigterm
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
-                       sequence_length)
+                       sequence_length, validate)
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
@@ -119,11 +120,40 @@ def sample_text(checkpoint: Path, num_tokens: int, seed: int) -> str:
     return tokenizer.decode(out[0, len(prompt):].tolist())
 
 
-def prepare_dataset(cfg: TrainConfig):
-    """Build or reuse the token cache on the driver; the model's vocabulary follows the tokenizer."""
+def explicit_model_fields(overrides: list[str]) -> set[str]:
+    """Model fields the command line sets (`model.n_embd=...`; `model=<option>` sets them all)."""
+    from lm.config import ModelConfig
+
+    fields: set[str] = set()
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key == "model":
+            fields.update(f.name for f in dataclasses.fields(ModelConfig))
+        elif key.startswith("model."):
+            fields.add(key.removeprefix("model."))
+    return fields
+
+
+def apply_init_from(cfg: TrainConfig, explicit_model: set[str]):
+    """Fine-tuning: the architecture comes from trainer.init_from; then the whole config is validated.
+    Returns the pretrained source, or None when training from scratch."""
+    from lm.pretrained import apply_pretrained_architecture, inspect_pretrained
+
+    source = None
+    if cfg.trainer.init_from:
+        source = inspect_pretrained(cfg.trainer.init_from)
+        cfg.trainer.init_from = str(source.path)
+        cfg.model = apply_pretrained_architecture(cfg.model, source, explicit_model)
+    validate(cfg)
+    return source
+
+
+def prepare_dataset(cfg: TrainConfig, tokenizer=None):
+    """Build or reuse the token cache on the driver; the model's vocabulary follows the tokenizer
+    (or, fine-tuning, the pretrained model's embedding must hold the given tokenizer's ids)."""
     from lm.data import prepare_data
 
-    prepared = prepare_data(cfg.data)
+    prepared = prepare_data(cfg.data, tokenizer=tokenizer, seq_len=sequence_length(cfg))
     needed = sequence_length(cfg) + 1
     for split, field in (("train", "data.path"), ("val", "data.val_fraction")):
         tokens = prepared.meta[f"{split}_tokens"]
@@ -131,7 +161,11 @@ def prepare_dataset(cfg: TrainConfig):
             value = cfg.data.path if split == "train" else cfg.data.val_fraction
             raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
                               f"sequence ({needed}); use more text or a smaller data.block_size")
-    cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
+    if tokenizer is None:
+        cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
+    elif prepared.meta["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"trainer.init_from={cfg.trainer.init_from!r}: its tokenizer has {prepared.meta['vocab_size']} "
+                          f"tokens but the model embeds only {cfg.model.vocab_size}")
     return prepared
 
 
@@ -162,8 +196,9 @@ def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
         print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Everything after validation: data, Ray, summary, sample. Returns the summary."""
+def run(cfg: TrainConfig, source=None) -> dict:
+    """Everything after validation: data, Ray, summary, sample. Returns the summary.
+    `source`: the pretrained model a fine-tune starts from (`apply_init_from`)."""
     from launcher.summary import build_summary, previous_wandb_dir, write_summary
     from lm.checkpoint import checkpoint_step, find_latest_checkpoint
 
@@ -175,7 +210,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg.run.name = cfg.run.name or derive_run_name(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
 
-    prepared = prepare_dataset(cfg)
+    prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
     latest = latest_resumable_checkpoint(cfg, run_dir)
     print(f"run {cfg.run.name}: {run_dir}", flush=True)
 
@@ -202,9 +237,12 @@ register_schema()
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> dict:
     try:
-        cfg = to_train_config(dcfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg = to_train_config(dcfg, check=False)
+        source = apply_init_from(cfg, explicit_model_fields(list(HydraConfig.get().overrides.task)))
         check_gpu_request(cfg)
-        return run(cfg)
+        return run(cfg, source)
     except ConfigError as error:
         fail(error)
 

@@ -30,6 +30,8 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and norms (GPT-2 has them, Llama does not)
     mlp_hidden: Optional[int] = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (llama)
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head is the token embedding (GPT-2); Llama 2/3 untie it
     activation_checkpointing: bool = False
     vocab_size: Optional[int] = None  # filled from the tokenizer by `derive`; never typed by hand
 
@@ -37,7 +39,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib"
-    source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`
+    source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`; chat: JSONL chats
     path: Optional[str] = None  # file, directory or glob; several separated by commas
     text_field: str = "text"  # the field read from .jsonl lines
     tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the corpus; char: one id per character
@@ -47,6 +49,7 @@ class DataConfig:
     tokenizer_train_bytes: int = 8_000_000  # BPE is trained on this many bytes of the corpus
     max_bytes: Optional[int] = None  # cap on corpus bytes read (None: all)
     cache_dir: str = "outputs/cache"
+    max_bad_fraction: float = 0.01  # chat: skip (and report) bad lines; more than this stops the run
 
 
 @dataclass
@@ -98,6 +101,7 @@ class TrainerConfig:
     stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still follows max_steps
     keep_checkpoints: int = 2
     sample_tokens: int = 160  # length of the sample printed after training
+    init_from: Optional[str] = None  # fine-tune: our export directory or a local Hugging Face GPT-2/Llama dir
 
 
 @dataclass
@@ -202,7 +206,7 @@ def mlp_hidden_size(model: ModelConfig) -> int:
 
 _CHOICES = {
     "model.variant": ("gpt2", "llama"),
-    "data.source": ("stdlib", "files"),
+    "data.source": ("stdlib", "files", "chat"),
     "data.tokenizer": ("bpe", "char"),
     "logging.backend": ("wandb", "none"),
     "logging.mode": ("offline", "online"),
@@ -280,6 +284,9 @@ def validate(cfg: TrainConfig) -> None:
     if d.source == "files":
         _require(bool(d.path), "data.path", d.path,
                  "data=text needs data.path=<file, directory or glob> of .txt/.jsonl files")
+    if d.source == "chat":
+        _require(bool(d.path), "data.path", d.path, "data=chat needs data.path=<.jsonl file(s) of conversations>")
+    _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------

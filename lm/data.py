@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lm.chat_data import read_conversations, render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -86,13 +88,36 @@ def read_documents(files: list[Path], data: DataConfig) -> list[str]:
     return docs
 
 
-def cache_key(docs: list[str], data: DataConfig) -> str:
+def read_chats(files: list[Path], data: DataConfig) -> list[list[dict]]:
+    """The conversations; bad lines are reported with their line numbers, and too many stop the run."""
+    conversations, bad, total = read_conversations(files)
+    if bad:
+        listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if len(bad) > data.max_bad_fraction * total:
+            raise ConfigError(f"data.path={data.path!r}: {len(bad)} of {total} lines are bad, more than "
+                              f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
+        print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
+    if len(conversations) < 2:
+        raise ConfigError(f"data.path={data.path!r}: {len(conversations)} usable conversations; data=chat needs "
+                          "at least 2 (one for validation)")
+    return conversations
+
+
+def cache_key(docs: list[str], data: DataConfig, tokenizer: Tokenizer | None = None,
+              packed_seq_len: int | None = None) -> str:
     """Hash of everything that changes the token files: the text and the tokenizer settings."""
     h = hashlib.sha256()
     settings = {"v": CACHE_FORMAT_VERSION, "tokenizer": data.tokenizer, "val_fraction": data.val_fraction,
                 "tokenizer_train_bytes": data.tokenizer_train_bytes}
     if data.tokenizer == "bpe":
         settings["vocab_size"] = data.vocab_size
+    if data.source == "chat":
+        settings["source"] = "chat"
+    if tokenizer is not None:  # a given tokenizer (a pretrained model's) replaces the trained one
+        settings = {"v": CACHE_FORMAT_VERSION, "source": data.source, "val_fraction": data.val_fraction,
+                    "tokenizer_json": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
+    if packed_seq_len:
+        settings["packed_seq_len"] = packed_seq_len
     h.update(json.dumps(settings, sort_keys=True).encode())
     for doc in docs:
         encoded = doc.encode("utf-8")
@@ -125,6 +150,12 @@ class PreparedData:
     def tokens(self, split: str) -> np.memmap:
         return np.memmap(self.directory / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
+    def loss_mask(self, split: str) -> np.memmap | None:
+        """Chat data: 1 where a token is a target the loss counts (an answer token), else 0."""
+        if not self.meta.get("loss_mask"):
+            return None
+        return np.memmap(self.directory / f"{split}_mask.bin", dtype=np.uint8, mode="r")
+
 
 def _shuffled(docs: list[str]) -> list[str]:
     """A fixed, content-based order so the val split samples documents from the whole corpus."""
@@ -140,10 +171,17 @@ def _tokenizer_sample(docs: list[str], max_bytes: int):
             return
 
 
-def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
-    """Return the token cache for this corpus and tokenizer, building it if it does not exist."""
-    docs = read_documents(corpus_files(data), data)
-    key = cache_key(docs, data)
+def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer | None = None,
+                 seq_len: int | None = None) -> PreparedData:
+    """Return the token cache for this corpus and tokenizer, building it if it does not exist.
+    `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
+    `seq_len`: the training sequence length, which chat data is packed to (see `_encode_chats`)."""
+    files = corpus_files(data)
+    chats = read_chats(files, data) if data.source == "chat" else None
+    if chats and not seq_len:
+        raise ValueError("chat data is packed to the training sequence length: pass seq_len")
+    docs = [render_with_answer_spans(c)[0] for c in chats] if chats else read_documents(files, data)
+    key = cache_key(docs, data, tokenizer, seq_len if chats else None)
     final = Path(data.cache_dir) / key
     if (final / "meta.json").exists():
         return PreparedData.load(final)
@@ -153,17 +191,27 @@ def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(docs, data.tokenizer_train_bytes),
-                                    data.vocab_size)
+        if tokenizer is None:
+            tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(docs, data.tokenizer_train_bytes),
+                                        data.vocab_size)
         tokenizer.save(staging / "tokenizer.json")
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-        ids = _encode_all(tokenizer, docs, dtype, progress)
-        n_val = max(int(len(ids) * data.val_fraction), 1)
-        ids[:-n_val].tofile(staging / "train.bin")
-        ids[-n_val:].tofile(staging / "val.bin")
         meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-                "tokenizer": data.tokenizer, "train_tokens": int(len(ids) - n_val),
-                "val_tokens": int(n_val), "documents": len(docs), "key": key}
+                "tokenizer": data.tokenizer, "documents": len(docs), "key": key}
+        if chats:
+            splits = _encode_chats(tokenizer, chat_splits(chats, data.val_fraction), dtype, seq_len)
+            for split, (ids, mask) in splits.items():
+                ids.tofile(staging / f"{split}.bin")
+                mask.tofile(staging / f"{split}_mask.bin")
+                meta[f"{split}_tokens"] = int(len(ids))
+                meta[f"{split}_answer_tokens"] = int(mask.sum())
+            meta["loss_mask"] = True
+        else:
+            ids = _encode_all(tokenizer, docs, dtype, progress)
+            n_val = max(int(len(ids) * data.val_fraction), 1)
+            ids[:-n_val].tofile(staging / "train.bin")
+            ids[-n_val:].tofile(staging / "val.bin")
+            meta.update(train_tokens=int(len(ids) - n_val), val_tokens=int(n_val))
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks complete
         try:
             os.replace(staging, final)
@@ -173,6 +221,38 @@ def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return PreparedData.load(final)
+
+
+def chat_splits(chats: list[list[dict]], val_fraction: float) -> dict[str, list[list[dict]]]:
+    """{"train": ..., "val": ...}: whole conversations, the same ones on every build (content order)."""
+    ordered = sorted(chats, key=lambda c: hashlib.md5(render_with_answer_spans(c)[0].encode("utf-8")).digest())
+    n_val = min(max(round(len(chats) * val_fraction), 1), len(chats) - 1)
+    return {"train": ordered[:-n_val], "val": ordered[-n_val:]}
+
+
+def _encode_chats(tokenizer: Tokenizer, splits: dict[str, list[list[dict]]], dtype, seq_len: int) -> dict:
+    """{split: (ids, answer mask)}: each split's conversations packed into rows of seq_len
+    tokens (the loader's windows) so that no conversation straddles two rows unless it is longer
+    than one: an answer is always trained with its question in view. Rows are padded with
+    end-of-text, which carries no loss."""
+    pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+    encoded = {}
+    for split, part in splits.items():
+        ids, mask = [], []
+        for messages in part:
+            conv_ids, conv_mask = tokenize_conversation(tokenizer, messages)
+            conv_ids, conv_mask = conv_ids + [pad], conv_mask + [False]  # end-of-text closes it
+            room = seq_len - len(ids) % seq_len
+            if len(conv_ids) > room and len(conv_ids) <= seq_len:  # start it on a fresh row
+                ids += [pad] * room
+                mask += [False] * room
+            ids += conv_ids
+            mask += conv_mask
+        rows = -(-len(ids) // seq_len)
+        ids += [pad] * (rows * seq_len + 1 - len(ids))  # complete the last row, and its last target
+        mask += [False] * (len(ids) - len(mask))
+        encoded[split] = (np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8))
+    return encoded
 
 
 def _encode_all(tokenizer: Tokenizer, docs: list[str], dtype, progress: bool) -> np.ndarray:
@@ -204,8 +284,9 @@ class TokenShardLoader:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, seed: int):
+                 world_size: int, seed: int, loss_mask: np.ndarray | None = None):
         self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
+        self.loss_mask = loss_mask  # targets where it is 0 become -100 (ignored by the loss)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
@@ -234,8 +315,11 @@ class TokenShardLoader:
     def next_batch(self):
         import torch
 
-        rows = [self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]
-                for w in self.window_indices()]
+        windows = [slice(w * self.seq_len, w * self.seq_len + self.seq_len + 1) for w in self.window_indices()]
         self.position += self.micro_batch * self.world_size
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        batch = torch.from_numpy(np.stack([self.tokens[w] for w in windows]).astype(np.int64))
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if self.loss_mask is not None:
+            keep = torch.from_numpy(np.stack([self.loss_mask[w][1:] for w in windows]).astype(bool))
+            y = y.masked_fill(~keep, -100)
+        return x, y

@@ -49,9 +49,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
-def export_state(state: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
-    """The tensors as stored: the tied head is dropped (the embedding is the head)."""
-    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+def export_state(state: dict[str, torch.Tensor], precision: str, tied: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors as stored: a tied head is dropped (the embedding is the head)."""
+    state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
     if precision == "fp32":
         return {k: v.float().contiguous() for k, v in state.items()}
     if precision == "bf16":
@@ -74,7 +74,8 @@ def model_from_export_state(stored: dict[str, torch.Tensor], cfg: ModelConfig, p
         if tensor.dtype == torch.int8:
             tensor = tensor.float() * stored[name + "_scale"][:, None]
         state[name] = tensor
-    state["lm_head.weight"] = state["wte.weight"]
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
     model = GPT(cfg)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -105,7 +106,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
     reference, tokenizer, train_cfg = load_model(checkpoint)
     cfg = train_cfg.model
     seq_len = train_cfg.data.block_size or cfg.block_size
-    stored = export_state(reference.state_dict(), precision)
+    stored = export_state(reference.state_dict(), precision, cfg.tie_embeddings)
     exported = model_from_export_state(stored, cfg, precision)
     before = validation_perplexity(reference, val_tokens, seq_len, eval_batches)
     after = validation_perplexity(exported, val_tokens, seq_len, eval_batches)

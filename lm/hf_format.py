@@ -1,5 +1,6 @@
-"""Our weights in Hugging Face's layout: `GPT2LMHeadModel` for the gpt2 variant and
-`LlamaForCausalLM` for the llama variant, so `transformers` (and vLLM) load an export directly.
+"""Our weights in Hugging Face's layout and back: `GPT2LMHeadModel` for the gpt2 variant and
+`LlamaForCausalLM` for the llama variant, so `transformers` (and vLLM) load an export directly, and
+a local Hugging Face directory of either architecture initializes a fine-tune.
 
 Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Linear` stores
 (out, in); Llama keeps q/k/v and gate/up as separate matrices where we fuse them. Missing biases
@@ -24,16 +25,18 @@ def _architecture(cfg: ModelConfig) -> dict:
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": mlp_hidden_size(cfg),
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True, "scale_attn_weights": True,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
+            "scale_attn_weights": True,
         }
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
-        "max_position_embeddings": cfg.block_size, "rms_norm_eps": 1e-5, "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "tie_word_embeddings": True,
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+        "tie_word_embeddings": cfg.tie_embeddings,
     }
 
 
@@ -79,4 +82,92 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 for name, bias in biases.items():
                     out[theirs + f"{name}.bias"] = bias.clone()
         out["model.norm.weight"] = state["ln_f.weight"]
-    return out  # lm_head.weight is tied to the embedding (tie_word_embeddings): not stored twice
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out  # a tied lm_head.weight is the embedding (tie_word_embeddings): not stored twice
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face -> ours (fine-tuning from a local directory).
+
+
+class UnsupportedModelError(ValueError):
+    """A Hugging Face config this model cannot represent exactly; the message names the field."""
+
+
+def _refuse(field: str, value, allowed: str) -> None:
+    raise UnsupportedModelError(f"config.json {field}={value!r} is not supported: {allowed}")
+
+
+def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
+    """Our ModelConfig for a GPT-2 or Llama config.json; anything we would compute differently is refused."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            _refuse("activation_function", hf.get("activation_function"), "gelu_new")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                _refuse(flag, hf[flag], "false")
+        if not hf.get("scale_attn_weights", True):
+            _refuse("scale_attn_weights", False, "true")
+        return ModelConfig(name=name, variant="gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"],
+                           n_embd=hf["n_embd"], block_size=hf["n_positions"], bias=True,
+                           mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           tie_embeddings=hf.get("tie_word_embeddings", True), vocab_size=hf["vocab_size"])
+    if model_type == "llama":
+        heads, width = hf["num_attention_heads"], hf["hidden_size"]
+        if hf.get("num_key_value_heads", heads) != heads:
+            _refuse("num_key_value_heads", hf["num_key_value_heads"],
+                    f"grouped-query attention is not implemented; only num_attention_heads={heads}")
+        if hf.get("head_dim", width // heads) != width // heads:
+            _refuse("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {width // heads}")
+        if hf.get("hidden_act", "silu") != "silu":
+            _refuse("hidden_act", hf["hidden_act"], "silu")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            _refuse("rope_parameters.rope_type", rope.get("rope_type", rope.get("type")), "default (plain RoPE)")
+        rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            _refuse("attention_bias", hf.get("attention_bias"), "the same as mlp_bias")
+        return ModelConfig(name=name, variant="llama", n_layer=hf["num_hidden_layers"], n_head=heads,
+                           n_embd=width, block_size=hf["max_position_embeddings"],
+                           bias=bool(hf.get("attention_bias", False)), mlp_hidden=hf["intermediate_size"],
+                           rope_theta=rope_theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           tie_embeddings=hf.get("tie_word_embeddings", False), vocab_size=hf["vocab_size"])
+    _refuse("model_type", model_type, "gpt2 or llama")
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face parameter names and layouts -> ours (the inverse of `to_hf_state_dict`)."""
+    hf_state = {k.removeprefix("transformer.") if cfg.variant == "gpt2" else k: v for k, v in hf_state.items()}
+    out: dict[str, torch.Tensor] = {}
+    if cfg.variant == "gpt2":
+        out["wte.weight"], out["wpe.weight"] = hf_state["wte.weight"], hf_state["wpe.weight"]
+        for i in range(cfg.n_layer):
+            p = f"h.{i}."
+            for norm in ("ln_1", "ln_2"):
+                out[p + f"{norm}.weight"], out[p + f"{norm}.bias"] = hf_state[p + f"{norm}.weight"], hf_state[p + f"{norm}.bias"]
+            for module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                out[p + f"{module}.weight"] = hf_state[p + f"{module}.weight"].t().contiguous()  # Conv1D is (in, out)
+                out[p + f"{module}.bias"] = hf_state[p + f"{module}.bias"]
+        out["ln_f.weight"], out["ln_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
+    else:
+        out["wte.weight"] = hf_state["model.embed_tokens.weight"]
+        for i in range(cfg.n_layer):
+            ours, theirs = f"h.{i}.", f"model.layers.{i}."
+            out[ours + "ln_1.weight"] = hf_state[theirs + "input_layernorm.weight"]
+            out[ours + "ln_2.weight"] = hf_state[theirs + "post_attention_layernorm.weight"]
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                out[ours + f"attn.c_attn.{kind}"] = torch.cat(
+                    [hf_state[theirs + f"self_attn.{n}_proj.{kind}"] for n in "qkv"], dim=0)
+                out[ours + f"attn.c_proj.{kind}"] = hf_state[theirs + f"self_attn.o_proj.{kind}"]
+                out[ours + f"mlp.c_fc.{kind}"] = torch.cat(
+                    [hf_state[theirs + f"mlp.{n}_proj.{kind}"] for n in ("gate", "up")], dim=0)
+                out[ours + f"mlp.c_proj.{kind}"] = hf_state[theirs + f"mlp.down_proj.{kind}"]
+        out["ln_f.weight"] = hf_state["model.norm.weight"]
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        out["lm_head.weight"] = hf_state["lm_head.weight"]
+    return out

@@ -4,7 +4,8 @@
 - llama: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases (the Llama architecture)
 
 Attention goes through `F.scaled_dot_product_attention`; the output head is tied to the token
-embedding. The parameter count and FLOPs per token (for MFU) sit beside the model they describe.
+embedding (or is its own matrix, as in Llama 2/3). The parameter count and FLOPs per token (for
+MFU) sit beside the model they describe.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from lm.config import ModelConfig, mlp_hidden_size
 
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.variant == "llama":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds
         if cfg.variant == "llama":
             cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -177,8 +179,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
+            # Mean over counted targets; a batch whose targets are all masked gives 0, not NaN.
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="sum") / (targets != -100).sum().clamp(min=1)
         return logits, loss
 
     @torch.no_grad()

@@ -16,9 +16,15 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class ByteBPETokenizer:
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, eos_token_id: int | list | None = None):
         self._tok = hf_tokenizer
-        self.eot_id: int | None = hf_tokenizer.token_to_id(END_OF_TEXT)
+        # Ours and GPT-2's end-of-text is <|endoftext|>; Llama's are named otherwise. A model config's
+        # eos_token_id is the fallback (an int or a list), if the tokenizer has that id.
+        named = (hf_tokenizer.token_to_id(t) for t in (END_OF_TEXT, "</s>", "<|end_of_text|>"))
+        fallback = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+        if not isinstance(fallback, int) or not 0 <= fallback < hf_tokenizer.get_vocab_size():
+            fallback = None
+        self.eot_id: int | None = next((i for i in named if i is not None), fallback)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "ByteBPETokenizer":
@@ -40,17 +46,26 @@ class ByteBPETokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    # add_special_tokens=False: a Hugging Face tokenizer (Llama's) may add BOS to every encode.
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids and the character offset where each token starts (to map text spans to tokens)."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
 
 
 class CharTokenizer:
@@ -76,6 +91,9 @@ class CharTokenizer:
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in this character-level vocabulary") from None
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        return self.encode(text), list(range(len(text)))
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
@@ -83,7 +101,10 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
+        Path(path).write_text(self.to_json())
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
 
 Tokenizer = ByteBPETokenizer | CharTokenizer
@@ -100,6 +121,21 @@ def train_tokenizer(kind: str, texts: Iterator[str], vocab_size: int) -> Tokeniz
     if kind == "char":
         return CharTokenizer.train(texts)
     return ByteBPETokenizer.train(texts, vocab_size)
+
+
+def hf_directory_tokenizer(directory: str | Path, eos_token_id: int | list | None = None) -> ByteBPETokenizer:
+    """A Hugging Face model directory's tokenizer: tokenizer.json, or GPT-2's vocab.json + merges.txt."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    directory = Path(directory)
+    if (directory / "tokenizer.json").exists():
+        return ByteBPETokenizer(HFTokenizer.from_file(str(directory / "tokenizer.json")), eos_token_id)
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        tok = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return ByteBPETokenizer(tok, eos_token_id)
+    raise FileNotFoundError("no tokenizer: the directory needs tokenizer.json (or vocab.json and merges.txt)")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

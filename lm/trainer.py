@@ -113,19 +113,35 @@ def _memory_mb(device: torch.device) -> float:
 def evaluate(engine, data: PreparedData, cfg: TrainConfig, rank: int, world: int, device) -> dict:
     """Loss, perplexity and next-token accuracy on the same val windows at every evaluation."""
     loader = TokenShardLoader(data.tokens("val"), sequence_length(cfg), cfg.trainer.micro_batch_size,
-                              rank, world, seed=cfg.trainer.seed + 1)
+                              rank, world, seed=cfg.trainer.seed + 1, loss_mask=data.loss_mask("val"))
     engine.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss x tokens, correct predictions, tokens
+    sums = torch.zeros(3, dtype=torch.float64)  # loss x targets, correct predictions, targets
     for _ in range(cfg.trainer.eval_steps):
         x, y = (t.to(device) for t in loader.next_batch())
         logits, loss = engine(x, y)
-        sums += torch.tensor([loss.item() * y.numel(), (logits.argmax(-1) == y).sum().item(), y.numel()],
+        counted = y != -100  # chat data: the answer tokens only
+        n = counted.sum().item()
+        sums += torch.tensor([loss.item() * n, ((logits.argmax(-1) == y) & counted).sum().item(), n],
                              dtype=torch.float64)
     engine.train()
     loss_sum, correct, count = _all_reduce_sum(sums, device).tolist()
+    count = max(count, 1.0)
     val_loss = loss_sum / count
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 80.0)),
             "val_accuracy": correct / count}
+
+
+def load_pretrained(model: GPT, init_from: str) -> None:
+    """Fine-tuning: start from pretrained weights. Every rank loads them into its full model before
+    DeepSpeed partitions it (ZeRO-3 then keeps only its shard); safetensors files are memory-mapped."""
+    from lm.pretrained import load_pretrained_state_dict
+
+    state = load_pretrained_state_dict(init_from, model.cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"trainer.init_from={init_from!r}: weights do not match the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.device | None = None) -> dict:
@@ -147,11 +163,14 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
 
     seed_everything(t.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
+    if t.init_from and not hooks.resume_from:
+        load_pretrained(model, t.init_from)
     fpt = flops_per_token(cfg.model, seq, model.num_params())  # before ZeRO-3 empties the params
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
-    loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed)
+    loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed,
+                              loss_mask=data.loss_mask("train"))
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metrics": {}}
     if hooks.resume_from:

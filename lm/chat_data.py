@@ -1,0 +1,88 @@
+"""Chat fine-tuning data: JSONL conversations -> the server's chat template -> ids + loss mask.
+
+Each line is either `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`
+or `{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
+rendered exactly as `lm.chat_template` renders a served request, and tokenized in one piece, as
+the server tokenizes a prompt; the loss mask then marks the tokens that start inside an
+assistant's answer (its content and the closing `<|end|>` that ends the reply), so the model
+learns to answer and to stop, and never to predict the user's words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm.chat_template import END, ROLES, render_message
+
+GENERATION_HEADER = "<|assistant|>\n"
+
+
+@dataclass
+class BadLine:
+    path: Path
+    lineno: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path.name}:{self.lineno} ({self.reason})"
+
+
+def parse_conversation(record) -> list[dict]:
+    """The messages of one JSONL record; raises ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"each message needs role in {'/'.join(ROLES)} and string content")
+        if not any(m["role"] == "assistant" and m["content"] for m in messages):
+            raise ValueError("no non-empty assistant message to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        if not record["completion"]:
+            raise ValueError("empty completion")
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]}]
+    raise ValueError('needs "messages", or "prompt" and "completion"')
+
+
+def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
+    """(conversations, bad lines, lines read) from JSONL files; blank lines are skipped."""
+    conversations, bad, total = [], [], 0
+    for path in files:
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                conversations.append(parse_conversation(json.loads(line)))
+            except json.JSONDecodeError:
+                bad.append(BadLine(path, lineno, "invalid JSON"))
+            except ValueError as error:
+                bad.append(BadLine(path, lineno, str(error)))
+    return conversations, bad, total
+
+
+def render_with_answer_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character spans the model is trained to produce."""
+    text, spans = "", []
+    for m in messages:
+        piece = render_message(m["role"], m["content"])
+        if m["role"] == "assistant":
+            start = len(text) + len(GENERATION_HEADER)
+            spans.append((start, start + len(m["content"]) + 1 + len(END)))  # content, "\n", <|end|>
+        text += piece
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids and, per token, whether it is an answer token (carries loss as a target)."""
+    text, spans = render_with_answer_spans(messages)
+    ids, starts = tokenizer.encode_with_offsets(text)
+    mask = [any(a <= s < b for a, b in spans) for s in starts]
+    return ids, mask

@@ -1,0 +1,108 @@
+"""Weights to start a fine-tune from: a directory written by our export, or a local Hugging Face
+directory of a GPT-2 or Llama model (config.json + model.safetensors or pytorch_model.bin).
+
+The directory decides the architecture and the tokenizer; `trainer.init_from` never reaches the
+network, so a hub id (`gpt2`, `meta-llama/Llama-3.2-1B`) is refused with a pointer to a local copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lm.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
+from lm.hf_format import UnsupportedModelError, from_hf_state_dict, model_config_from_hf
+from lm.tokenizer import Tokenizer, hf_directory_tokenizer, load_tokenizer
+
+FIELD = "trainer.init_from"
+# What may differ from the pretrained model: everything else is its architecture.
+NON_ARCHITECTURE_FIELDS = ("name", "dropout", "activation_checkpointing")
+
+
+@dataclass
+class PretrainedSource:
+    path: Path
+    kind: str  # "export" (ours) or "hf"
+    model: ModelConfig
+
+    def tokenizer(self) -> Tokenizer:
+        if self.kind == "export":
+            return load_tokenizer(self.path / "tokenizer.json")
+        try:
+            return hf_directory_tokenizer(self.path, _hf_config(self.path).get("eos_token_id"))
+        except FileNotFoundError as error:
+            raise ConfigError(f"{FIELD}={str(self.path)!r}: {error}") from None
+
+
+def _hf_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def inspect_pretrained(init_from: str) -> PretrainedSource:
+    """What `init_from` holds (reads config files only: cheap, before any worker starts)."""
+    path = Path(init_from).expanduser()
+    if not path.is_dir():
+        hint = (" (it looks like a Hugging Face hub id: this stack never downloads; save the model with "
+                "save_pretrained or `huggingface-cli download --local-dir` and pass that directory)"
+                if not path.exists() and not init_from.startswith((".", "/", "~")) else "")
+        raise ConfigError(f"{FIELD}={init_from!r} is not a local directory{hint}; allowed: a directory written by "
+                          "launcher.export, or a Hugging Face GPT-2/Llama directory")
+    path = path.resolve()
+    if (path / "export.json").exists():
+        saved = json.loads((path / "config.json").read_text())
+        return PretrainedSource(path, "export", config_from_dict(saved["model"], ModelConfig))
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{FIELD}={init_from!r} has no config.json; allowed: a directory written by "
+                          "launcher.export, or a Hugging Face GPT-2/Llama directory")
+    if not any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(f"{FIELD}={init_from!r} has no model.safetensors or pytorch_model.bin "
+                          "(sharded checkpoints are not supported yet)")
+    try:
+        model = model_config_from_hf(_hf_config(path), name=path.name)
+    except UnsupportedModelError as error:
+        raise ConfigError(f"{FIELD}={init_from!r}: {error}") from None
+    except KeyError as error:
+        raise ConfigError(f"{FIELD}={init_from!r}: config.json lacks {error.args[0]!r}") from None
+    return PretrainedSource(path, "hf", model)
+
+
+def apply_pretrained_architecture(model: ModelConfig, source: PretrainedSource, explicit: set[str]) -> ModelConfig:
+    """The run's model config: the pretrained architecture, plus the non-architecture settings.
+    A field the user set explicitly (`explicit`) that contradicts the checkpoint is an error."""
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in explicit and f.name not in NON_ARCHITECTURE_FIELDS and f.name != "vocab_size":
+            ours, theirs = getattr(model, f.name), getattr(source.model, f.name)
+            if ours != theirs:
+                raise ConfigError(f"model.{f.name}={ours!r} contradicts {FIELD}={str(source.path)!r}, which has "
+                                  f"{f.name}={theirs!r}; drop the override (the architecture comes from the checkpoint)")
+    return dataclasses.replace(source.model, dropout=model.dropout,
+                               activation_checkpointing=model.activation_checkpointing,
+                               name=model.name if "name" in explicit else source.model.name)
+
+
+def dataset_tokenizer(cfg: TrainConfig) -> Tokenizer | None:
+    """The tokenizer a run's data is encoded with when it is not trained on the corpus."""
+    return inspect_pretrained(cfg.trainer.init_from).tokenizer() if cfg.trainer.init_from else None
+
+
+def load_pretrained_state_dict(init_from: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full-precision weights under our parameter names, ready for `GPT.load_state_dict`."""
+    source = inspect_pretrained(init_from)
+    if source.kind == "export":
+        from lm.export import model_from_export_state
+        from safetensors.torch import load_file
+
+        precision = json.loads((source.path / "config.json").read_text())["precision"]
+        model = model_from_export_state(load_file(str(source.path / "model.safetensors")), source.model, precision)
+        return {k: v.float() for k, v in model.state_dict().items()}
+    if (source.path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        hf_state = load_file(str(source.path / "model.safetensors"))
+    else:
+        hf_state = torch.load(source.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in from_hf_state_dict(hf_state, cfg).items()}

@@ -1,0 +1,249 @@
+"""Fine-tuning from pretrained weights (`trainer.init_from`) and on chat data (`data=chat`):
+Hugging Face GPT-2 / Llama directories and our own exports load with equal logits; ZeRO-2 and
+ZeRO-3 fine-tunes on 2 ranks start from those weights and lower the loss; the prompt carries no
+loss; bad chat lines are reported by line number; contradicting overrides and hub ids fail with
+one line naming the field."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_on_ranks
+from lm.config import ConfigError, DataConfig, ModelConfig
+
+HF_KINDS = ("gpt2", "llama", "llama-untied")
+
+
+def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 0):
+    """A Hugging Face model built from a config (random weights, no download), saved with its tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                         eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                          max_position_embeddings=64, rope_theta=500000.0,
+                                          tie_word_embeddings=kind == "llama", eos_token_id=tokenizer.eot_id)
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return model.eval()
+
+
+def our_model(init_from: str):
+    from lm.model import GPT
+    from lm.pretrained import inspect_pretrained
+    from lm.trainer import load_pretrained
+
+    source = inspect_pretrained(init_from)
+    model = GPT(source.model)
+    load_pretrained(model, init_from)
+    return model.eval(), source
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(prepared_tiny, tmp_path_factory):
+    prepared, vocab = prepared_tiny
+    root = tmp_path_factory.mktemp("hf")
+    models = {kind: save_hf_model(kind, root / kind, prepared.tokenizer(), vocab) for kind in HF_KINDS}
+    return root, models
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared_tiny, kind):
+    root, models = hf_dirs
+    ours, source = our_model(str(root / kind))
+    assert source.kind == "hf" and source.model.tie_embeddings == (kind != "llama-untied")
+    ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], models[kind](ids).logits, rtol=1e-5, atol=1e-5)
+    assert source.tokenizer().encode("return x") == prepared_tiny[0].tokenizer().encode("return x")
+
+
+def test_our_export_round_trips_through_init_from(trained, tmp_path):
+    from lm.export import export_checkpoint, load_export
+
+    root, checkpoints, prepared = trained
+    export_checkpoint(checkpoints["llama-zero2"], tmp_path / "export", "fp32", prepared.tokens("val"))
+    exported, tokenizer, cfg, _ = load_export(tmp_path / "export")
+    ours, source = our_model(str(tmp_path / "export"))
+    assert source.kind == "export" and source.model == cfg
+    ids = torch.tensor([tokenizer.encode("import os\nprint(os.getcwd())\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], exported(ids)[0], rtol=0, atol=0)
+
+
+def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
+    from lm.pretrained import inspect_pretrained
+
+    for hub_id in ("gpt2", "meta-llama/Llama-3.2-1B"):
+        with pytest.raises(ConfigError, match=r"trainer.init_from=.*hub id.*never downloads.*local"):
+            inspect_pretrained(hub_id)
+    with pytest.raises(ConfigError, match="trainer.init_from=.*no config.json"):
+        inspect_pretrained(str(tmp_path))
+    root, _ = hf_dirs
+    config = json.loads((root / "llama" / "config.json").read_text())
+    gqa = tmp_path / "gqa"
+    gqa.mkdir()
+    (gqa / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    (gqa / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="num_key_value_heads=2 is not supported"):
+        inspect_pretrained(str(gqa))
+
+
+def test_overrides_that_contradict_the_checkpoint_name_the_field(hf_dirs):
+    from launcher.train import explicit_model_fields
+    from lm.pretrained import apply_pretrained_architecture, inspect_pretrained
+
+    root, _ = hf_dirs
+    source = inspect_pretrained(str(root / "gpt2"))
+    with pytest.raises(ConfigError, match=r"model.n_embd=128 contradicts trainer.init_from=.*n_embd=64"):
+        apply_pretrained_architecture(ModelConfig(n_embd=128), source, explicit_model_fields(["model.n_embd=128"]))
+    with pytest.raises(ConfigError, match=r"model.variant='llama' contradicts"):
+        apply_pretrained_architecture(ModelConfig(variant="llama"), source, explicit_model_fields(["model=llama-small"]))
+    # Run settings may differ; the architecture comes from the checkpoint.
+    merged = apply_pretrained_architecture(ModelConfig(n_embd=384, dropout=0.1, name="mine"), source,
+                                           explicit_model_fields(["model.dropout=0.1", "model.name=mine"]))
+    assert (merged.n_embd, merged.dropout, merged.name, merged.vocab_size) == (64, 0.1, "mine", source.model.vocab_size)
+
+
+def qa_pairs(n: int) -> list[tuple[str, str]]:
+    """Made-up countries and capitals: nothing a model could know, only learn."""
+    import random
+
+    rng = random.Random(7)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "vor", "zan", "pel", "dri", "os", "qua", "bel", "nix", "ta"]
+    words = set()
+    while len(words) < 2 * n:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(2, 3))).capitalize())
+    words = sorted(words)
+    rng.shuffle(words)
+    return [(f"What is the capital of {words[2 * i]}?", f"{words[2 * i + 1]}.") for i in range(n)]
+
+
+def write_chats(path, pairs, extra_lines=()) -> None:
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+             if i % 2 else json.dumps({"prompt": q, "completion": a}) for i, (q, a) in enumerate(pairs)]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n")
+
+
+def test_prompt_tokens_carry_no_loss(prepared_tiny):
+    from lm.chat_data import tokenize_conversation
+    from lm.data import TokenShardLoader
+    from lm.model import GPT
+
+    tokenizer = prepared_tiny[0].tokenizer()
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of Foo?"},
+                {"role": "assistant", "content": "Bar."}, {"role": "user", "content": "And of Baz?"},
+                {"role": "assistant", "content": "Qux."}]
+    ids, mask = tokenize_conversation(tokenizer, messages)
+    assert tokenizer.decode(ids) == "".join(f"<|{m['role']}|>\n{m['content']}\n<|end|>\n" for m in messages)
+    answers = [i for i, keep in zip(ids, mask) if keep]
+    assert tokenizer.decode(answers) == "Bar.\n<|end|>Qux.\n<|end|>"
+
+    import numpy as np
+
+    loader = TokenShardLoader(np.array(ids + [0], dtype=np.int64), len(ids), 1, 0, 1, 0,
+                              loss_mask=np.array(mask + [0], dtype=np.uint8))
+    x, y = loader.next_batch()
+    assert tokenizer.decode([t for t in y[0].tolist() if t != -100]) == "Bar.\n<|end|>Qux.\n<|end|>"
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=len(ids), vocab_size=prepared_tiny[1]))
+    logits, loss = model(x, y)
+    counted = y[0] != -100
+    expected = torch.nn.functional.cross_entropy(logits[0][counted], y[0][counted])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bad_chat_lines_are_reported_by_line_number(tmp_path, capsys):
+    from lm.data import prepare_data
+
+    path = tmp_path / "chats.jsonl"
+    write_chats(path, qa_pairs(30), extra_lines=["{not json", json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
+    data = DataConfig(name="chat", source="chat", path=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache"),
+                      max_bad_fraction=0.1)
+    prepare_data(data, progress=False, seq_len=32)
+    assert "skipped 2 bad lines of 32: chats.jsonl:31 (invalid JSON), chats.jsonl:32 (no non-empty assistant" \
+        in capsys.readouterr().err
+    data.max_bad_fraction = 0.05
+    with pytest.raises(ConfigError, match=r"data.path=.*2 of 32 lines are bad, more than data.max_bad_fraction=0.05: "
+                                          r"chats.jsonl:31 \(invalid JSON\)"):
+        prepare_data(data, progress=False, seq_len=32)
+
+
+def finetune_runs(rank, runs, cfg_dict, dataset_dir, root):
+    """Each run: (HF dir, ZeRO stage) for 20 steps; returns the logged train losses per run."""
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    losses = {}
+    for name, (init_from, stage) in runs.items():
+        cfg = config_from_dict(cfg_dict)
+        cfg.trainer.init_from, cfg.deepspeed.zero_stage, cfg.run.name = init_from, stage, name
+        from lm.pretrained import inspect_pretrained
+
+        cfg.model = inspect_pretrained(init_from).model
+        logged = []
+        train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1,
+                                            log=lambda m, s: "train_loss" in m and logged.append(m["train_loss"])))
+        losses[name] = logged
+    return losses
+
+
+def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf_dirs, tiny_train_config, tmp_path):
+    from lm.config import config_to_dict
+    from lm.data import TokenShardLoader, prepare_data
+    from lm.pretrained import inspect_pretrained
+
+    root, models = hf_dirs
+    chats = tmp_path / "chats.jsonl"
+    write_chats(chats, qa_pairs(60))
+    cfg = tiny_train_config(max_steps=20, log_every=1, eval_every=20, ckpt_every=20, micro_batch_size=4, grad_accum=1)
+    cfg.data = DataConfig(name="chat", source="chat", path=str(chats), cache_dir=str(tmp_path / "cache"))
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 2
+    cfg.trainer.init_from = str(root / "gpt2")
+    prepared = prepare_data(cfg.data, progress=False, tokenizer=inspect_pretrained(cfg.trainer.init_from).tokenizer(),
+                            seq_len=64)
+    runs = {"gpt2-zero2": (str(root / "gpt2"), 2), "gpt2-zero3": (str(root / "gpt2"), 3),
+            "llama-zero3": (str(root / "llama-untied"), 3)}
+    losses = run_on_ranks(finetune_runs, 2, runs, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
+                          tmp_path=tmp_path)[0]
+    for name, (init_from, _) in runs.items():
+        # Step 1's loss is the pretrained model's own loss on the first batch of both ranks.
+        kind = os.path.basename(init_from)
+        first = []
+        for rank in range(2):
+            loader = TokenShardLoader(prepared.tokens("train"), 64, 4, rank, 2, cfg.trainer.seed,
+                                      loss_mask=prepared.loss_mask("train"))
+            x, y = loader.next_batch()
+            with torch.no_grad():
+                logits = models[kind](x).logits
+            first.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+        assert losses[name][0] == pytest.approx(sum(first) / 2, rel=1e-4), name
+        assert len(losses[name]) == 20 and sum(losses[name][-3:]) / 3 < 0.7 * losses[name][0], (name, losses[name])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_embd=128", "config error: model.n_embd=128 contradicts trainer.init_from="),
+    ("trainer.init_from=gpt2", "config error: trainer.init_from='gpt2' is not a local directory (it looks like a "
+                               "Hugging Face hub id"),
+])
+def test_command_line_errors_are_one_line(hf_dirs, tmp_path, override, message):
+    root, _ = hf_dirs
+    chats = tmp_path / "chats.jsonl"
+    write_chats(chats, qa_pairs(10))
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "experiment=finetune", f"trainer.init_from={root / 'gpt2'}",
+         "data=chat", f"data.path={chats}", f"run.storage={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache",
+         override], cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(message), result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

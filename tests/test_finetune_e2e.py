@@ -1,0 +1,90 @@
+"""The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from one of our
+exports on a made-up Q/A chat set (2 Ray workers, ZeRO-3), `launcher.export` to int8, and the
+answers served through `/v1/chat/completions` with the chat template the model was tuned on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from test_finetune import qa_pairs, write_chats
+
+pytestmark = pytest.mark.slow
+
+
+def run_module(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def answer_accuracy(model, tokenizer, pairs) -> float:
+    """Next-token accuracy on the answer tokens of each conversation, teacher forced."""
+    from lm.chat_data import tokenize_conversation
+
+    correct = total = 0
+    for question, answer in pairs:
+        ids, mask = tokenize_conversation(tokenizer, [{"role": "user", "content": question},
+                                                      {"role": "assistant", "content": answer}])
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[:-1]]))
+        predicted, targets, counted = logits[0].argmax(-1), torch.tensor(ids[1:]), torch.tensor(mask[1:])
+        correct += int((predicted == targets)[counted].sum())
+        total += int(counted.sum())
+    return correct / total
+
+
+def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
+    from launcher.serve_app import build
+    from lm.chat_data import read_conversations
+    from lm.data import chat_splits
+    from lm.export import export_checkpoint, load_export
+
+    root, checkpoints, prepared = trained
+    pretrained = tmp_path / "pretrained"
+    export_checkpoint(checkpoints["gpt2-trained"], pretrained, "fp32", prepared.tokens("val"))
+    pairs = qa_pairs(40)
+    write_chats(tmp_path / "qa.jsonl", pairs)
+    storage = tmp_path / "runs"
+    run_module("launcher.train", "experiment=finetune", f"trainer.init_from={pretrained}", "data=chat",
+               f"data.path={tmp_path / 'qa.jsonl'}", "deepspeed=zero3", "cluster.num_workers=2", "data.block_size=64",
+               "data.val_fraction=0.05", "trainer.max_steps=200", "trainer.micro_batch_size=4", "trainer.eval_every=100",
+               "trainer.ckpt_every=200", "optim.lr=3e-3", "trainer.sample_tokens=0", "run.name=qa",
+               f"run.storage={storage}", f"logging.dir={tmp_path / 'wandb'}", f"data.cache_dir={tmp_path / 'cache'}",
+               cwd=tmp_path)
+    summary = json.loads((storage / "qa" / "summary.json").read_text())
+    assert summary["config"]["trainer"]["init_from"] == str(pretrained)
+    assert summary["val_accuracy"] is not None  # measured on the held-out conversations' answer tokens
+
+    run_module("launcher.export", "run.name=qa", f"run.storage={storage}", "export.precision=int8", cwd=tmp_path)
+    export_dir = next((storage / "qa" / "exports").glob("int8-*"))
+    model, tokenizer, _, _ = load_export(export_dir)
+    conversations, _, _ = read_conversations([tmp_path / "qa.jsonl"])
+    trained_on = chat_splits(conversations, 0.05)["train"]  # 38 of 40; the other 2 are the val split
+    train_pairs = [(c[0]["content"], c[1]["content"]) for c in trained_on]
+    assert len(train_pairs) == 38
+    assert answer_accuracy(model, tokenizer, train_pairs) >= 0.95
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"export_dir": str(export_dir)}), name="lm", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for question, answer in train_pairs[:4]:
+            reply = client.chat.completions.create(model="qa", messages=[{"role": "user", "content": question}],
+                                                   max_tokens=16, temperature=0)
+            assert reply.choices[0].message.content.strip() == answer, (question, reply.choices[0].message.content)
+            assert reply.choices[0].finish_reason == "stop"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
