@@ -23,7 +23,7 @@ import torch
 
 from lm.config import ModelConfig
 from lm.engine import Engine, SamplingParams
-from lm.export import export_state, model_from_export_state
+from lm.export import export_state, serving_model
 from lm.hf_format import hf_config, to_hf_state_dict
 from lm.model import GPT
 
@@ -71,7 +71,7 @@ def build_models():
 
     torch.manual_seed(0)
     reference = GPT(ModelConfig(**SHAPE)).eval()
-    ours = {p: model_from_export_state(export_state(reference.state_dict(), p), reference.cfg, p)
+    ours = {p: serving_model(export_state(reference.state_dict(), p), reference.cfg, p)
             for p in ("fp32", "bf16", "int8")}
     config = {k: v for k, v in hf_config(reference.cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()

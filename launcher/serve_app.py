@@ -96,6 +96,8 @@ class LanguageModel:
                     return
         finally:
             self.queues.pop(seq.id, None)
+            if not seq.finished:  # the client went away: stop decoding for it
+                self.engine.abort(seq)
 
 
 @serve.deployment(max_ongoing_requests=256)

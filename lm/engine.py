@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lm.inference import optimize_for_decoding
 from lm.model import GPT
 
 
@@ -48,10 +49,19 @@ class Sequence:
     text: str = ""
     finish_reason: Optional[str] = None  # "stop" or "length"
     slot: Optional[int] = None
+    # Incremental detokenization: text is extended from the last few tokens, never re-decoded whole.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    aborted: bool = False
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache before the last sampled one (which the next decode step feeds in)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -72,20 +82,26 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 class Engine:
+    """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
+
     def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16):
-        self.model = model.eval()
+        self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
         cfg = model.cfg
         self.context = cfg.block_size
-        shape = (max_batch_size, cfg.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)
-        dtype, device = model.wte.weight.dtype, model.wte.weight.device
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.free_slots = list(range(max_batch_size))
+        self.max_batch_size = max_batch_size
+        shape = (max_batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        dtype, self.device = model.wte.weight.dtype, model.wte.weight.device
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._ids = itertools.count()
+
+    @property
+    def free_slots(self) -> list[int]:
+        return list(range(len(self.running), self.max_batch_size))
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -111,31 +127,42 @@ class Engine:
         self.waiting.append(seq)
         return seq
 
+    @staticmethod
+    def abort(seq: Sequence) -> None:
+        """Stop a request whose client went away; its slot is freed at the start of the next step.
+        Only a flag is set, so this is safe while another thread is inside `step`."""
+        seq.aborted = True
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Sequence]:
-        """Admit waiting requests, decode one token for every running one; return those that advanced."""
+        """Decode one token for every running sequence in one batched forward, then admit waiting
+        requests into free slots (prefilling their prompts); return the sequences that advanced."""
         advanced = []
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
-            logits = self._forward([seq.prompt_ids], [0], [seq.slot])
-            self._append(seq, logits[0])
-            advanced.append(seq)
-            (self._release if seq.finished else self.running.append)(seq)
-        decoding = [s for s in self.running if s not in advanced]
-        if decoding:
-            logits = self._forward([[s.output_ids[-1]] for s in decoding],
-                                   [len(s.prompt_ids) + len(s.output_ids) - 1 for s in decoding],
-                                   [s.slot for s in decoding])
-            for seq, row in zip(decoding, logits):
-                self._append(seq, row)
+        for seq in [s for s in (*self.waiting, *self.running) if s.aborted and not s.finished]:
+            seq.finish_reason = "abort"
+            self.waiting.remove(seq) if seq in self.waiting else self._release(seq)
+        if self.running:
+            batch = list(self.running)
+            ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
+            logits = self.model.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)
+            for seq, token in zip(batch, self._sample(batch, logits[:, :self.vocab_limit])):
+                self._append(seq, token)
                 advanced.append(seq)
-                if seq.finished:
-                    self.running.remove(seq)
-                    self._release(seq)
+        for seq in [s for s in self.running if s.finished]:
+            self._release(seq)
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running)
+            self.running.append(seq)
+            ids = torch.tensor(seq.prompt_ids, device=self.device)
+            logits = self.model.prefill(ids, seq.slot, self.k_caches, self.v_caches)[None, :self.vocab_limit]
+            self._append(seq, self._sample([seq], logits)[0])
+            advanced.append(seq)
+            if seq.finished:
+                self._release(seq)
         return advanced
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
@@ -146,26 +173,54 @@ class Engine:
             self.step()
         return seqs
 
-    def _forward(self, ids: list[list[int]], positions: list[int], slots: list[int]) -> torch.Tensor:
-        device = self.model.wte.weight.device
-        logits = self.model.forward_cached(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                           torch.tensor(slots, device=device), self.k_caches, self.v_caches)
-        return logits[:, :self.vocab_limit].cpu()
+    @staticmethod
+    def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Greedy rows in one argmax; sampled rows each with their own generator (seeded reproducibility)."""
+        logits = logits.cpu()
+        greedy = logits.argmax(dim=-1).tolist()
+        return [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
+                for i, seq in enumerate(batch)]
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token = sample_next(logits, seq.params, seq.generator)
+    def _append(self, seq: Sequence, token: int) -> None:
         if token == getattr(self.tokenizer, "eot_id", None):
-            seq.finish_reason = "stop"
+            self._finish(seq, "stop")
             return
         seq.output_ids.append(token)
-        seq.text = self.tokenizer.decode(seq.output_ids)
-        for stop in seq.params.stop:
-            cut = seq.text.find(stop)
+        before = len(seq.text)
+        self._detokenize(seq)
+        longest = max((len(s) for s in seq.params.stop), default=0)
+        for stop in seq.params.stop:  # only where the new text could complete a stop string
+            cut = seq.text.find(stop, max(0, before - longest + 1))
             if cut != -1:
                 seq.text, seq.finish_reason = seq.text[:cut], "stop"
                 return
         if len(seq.output_ids) >= seq.params.max_tokens:
-            seq.finish_reason = "length"
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Flush text held back for an incomplete character, then mark the sequence finished."""
+        if seq.read_offset < len(seq.output_ids):
+            done = self.tokenizer.decode(seq.output_ids[seq.prefix_offset:seq.read_offset])
+            seq.text += self.tokenizer.decode(seq.output_ids[seq.prefix_offset:])[len(done):]
+            seq.read_offset = len(seq.output_ids)
+        seq.finish_reason = reason
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Extend seq.text by the newest token's text. A few tokens of context are decoded again so
+        byte-level pieces join correctly; an incomplete UTF-8 character waits for its next bytes."""
+        ids = seq.output_ids
+        done = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset])
+        now = self.tokenizer.decode(ids[seq.prefix_offset:])
+        if len(now) > len(done) and not now.endswith("\ufffd"):
+            seq.text += now[len(done):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
     def _release(self, seq: Sequence) -> None:
-        self.free_slots.append(seq.slot)
+        """Free the sequence's slot; the last running sequence moves into it, so slots stay 0..B-1."""
+        slot, last = seq.slot, self.running[-1]
+        self.running.pop()
+        if last is not seq:
+            for cache in (*self.k_caches, *self.v_caches):
+                cache[slot, :, :last.position + 1] = cache[last.slot, :, :last.position + 1]
+            last.slot = slot
+            self.running[slot] = last

@@ -66,7 +66,8 @@ def export_state(state: dict[str, torch.Tensor], precision: str, tied: bool = Tr
 
 
 def model_from_export_state(stored: dict[str, torch.Tensor], cfg: ModelConfig, precision: str) -> GPT:
-    """A model computing what the artifact computes (int8 weights dequantized on load)."""
+    """A plain GPT with the artifact's weights (int8 dequantized): for the Hugging Face copy and
+    fine-tuning. `serving_model` is what the server computes with."""
     state = {}
     for name, tensor in stored.items():
         if name.endswith("_scale"):
@@ -80,6 +81,26 @@ def model_from_export_state(stored: dict[str, torch.Tensor], cfg: ModelConfig, p
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model.load_state_dict({k: v.to(model.wte.weight.dtype) for k, v in state.items()})
+    return model.eval()
+
+
+def serving_model(stored: dict[str, torch.Tensor], cfg: ModelConfig, precision: str) -> GPT:
+    """The model the server runs for an artifact. int8: every block matrix computes in int8 with its
+    stored weights and scales, and the output head with the embedding quantized per row the same way."""
+    from lm.inference import int8_linear
+
+    model = model_from_export_state(stored, cfg, precision)
+    if precision != "int8":
+        return model
+    for name, tensor in stored.items():
+        if tensor.dtype == torch.int8:
+            owner_name, _ = name.rsplit(".", 1)  # h.0.attn.c_attn.weight -> h.0.attn.c_attn
+            parent_name, child = owner_name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            bias = getattr(parent, child).bias
+            setattr(parent, child, int8_linear(tensor, stored[name + "_scale"], None if bias is None else bias.detach()))
+    head = model.wte.weight if cfg.tie_embeddings else model.lm_head.weight
+    model.lm_head = int8_linear(*quantize_int8(head.detach().float()), None)
     return model.eval()
 
 
@@ -109,7 +130,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
     stored = export_state(reference.state_dict(), precision, cfg.tie_embeddings)
     exported = model_from_export_state(stored, cfg, precision)
     before = validation_perplexity(reference, val_tokens, seq_len, eval_batches)
-    after = validation_perplexity(exported, val_tokens, seq_len, eval_batches)
+    after = validation_perplexity(serving_model(stored, cfg, precision), val_tokens, seq_len, eval_batches)
     increase = after / before - 1.0
     report = {"precision": precision, "source_checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
               "val_perplexity_fp32": before, "val_perplexity": after, "ppl_increase": increase,
@@ -150,7 +171,7 @@ def is_complete_export(path: str | Path) -> bool:
 
 
 def load_export(path: str | Path):
-    """(model, tokenizer, model config, precision) from an export directory."""
+    """(model as served, tokenizer, model config, precision) from an export directory."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -158,5 +179,5 @@ def load_export(path: str | Path):
         raise FileNotFoundError(f"{path} is not a complete export (needs {', '.join(EXPORT_FILES)})")
     config = json.loads((path / "config.json").read_text())
     cfg = config_from_dict(config["model"], ModelConfig)
-    model = model_from_export_state(load_file(str(path / "model.safetensors")), cfg, config["precision"])
+    model = serving_model(load_file(str(path / "model.safetensors")), cfg, config["precision"])
     return model, load_tokenizer(path / "tokenizer.json"), cfg, config["precision"]

@@ -65,27 +65,35 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Attention for T new tokens of B sequences, sequence b starting at positions[b], with the
-        keys and values of earlier tokens read from (and the new ones written to) cache rows `slots`.
-        Caches are (slots, max_len, n_head, head_dim)."""
+    # KV-cache paths for serving. Caches are (slots, n_head, max_len, head_dim); the engine keeps
+    # its running sequences in slots 0..B-1, so decoding reads them as one view, without a gather.
+
+    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int) -> torch.Tensor:
+        """A whole prompt (1, T, C) from position 0: causal attention over itself, keys stored in `slot`."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim) for t in (q, k, v))
-        pos = positions[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.use_rope:
             cos, sin = rope
-            q = apply_rope(q.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
-            k = apply_rope(k.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
-        k_cache[slots[:, None], pos] = k.to(k_cache.dtype)
-        v_cache[slots[:, None], pos] = v.to(v_cache.dtype)
-        length = int(pos.max()) + 1
-        keys = k_cache[slots, :length].transpose(1, 2)  # (B, H, length, D)
-        values = v_cache[slots, :length].transpose(1, 2)
-        visible = torch.arange(length, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, length)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible[:, None])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache[slot, :, :T] = k[0]
+        v_cache[slot, :, :T] = v[0]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def decode(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+               positions: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """One new token (B, 1, C) for the sequences in slots 0..B-1, token b at positions[b]."""
+        B, _, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, 1, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache[rows, :, positions] = k[:, :, 0]
+        v_cache[rows, :, positions] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, k_cache[:B, :, :length], v_cache[:B, :, :length], attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, 1, C))
 
 
 class MLP(nn.Module):
@@ -121,8 +129,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, rope, k_cache, v_cache, slots, positions) -> torch.Tensor:
-        x = x + self.attn.forward_cached(self.ln_1(x), rope, k_cache, v_cache, slots, positions)
+    def prefill(self, x, rope, k_cache, v_cache, slot) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, slot)
+        return x + self.mlp(self.ln_2(x))
+
+    def decode(self, x, rope, k_cache, v_cache, rows, positions, length, mask) -> torch.Tensor:
+        x = x + self.attn.decode(self.ln_1(x), rope, k_cache, v_cache, rows, positions, length, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,22 +197,45 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                       k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token logits (B, vocab) after T new tokens per sequence, using and filling the KV
-        caches (one pair per layer): prefill is T = prompt length, decoding is T = 1."""
-        B, T = idx.shape
-        if int(positions.max()) + T > self.cfg.block_size:
-            raise ValueError(f"sequence length exceeds model.block_size={self.cfg.block_size}")
-        x = self.wte(idx)
+    def prefill(self, ids: torch.Tensor, slot: int, k_caches: list[torch.Tensor],
+                v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits (vocab,) after a prompt (T,), filling cache slot `slot` (one pair per layer)."""
+        T = ids.numel()
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        x = self.wte(ids[None])
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(positions[:, None] + torch.arange(T, device=idx.device))
+            x = x + self.wpe.weight[:T]
         else:
-            rope = (self.rope_cos, self.rope_sin)
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
-            x = block.forward_cached(x, rope, k_cache, v_cache, slots, positions)
-        return self.lm_head(self.ln_f(x[:, -1])).float()
+            x = block.prefill(x, rope, k_cache, v_cache, slot)
+        return self.lm_head(self.ln_f(x[:, -1]))[0].float()
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
+               v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits (B, vocab) after one token per sequence; sequence b sits in cache slot b
+        with positions[b] tokens before this one. Masks and position tables are built once per step."""
+        B = ids.numel()
+        length = max(positions) + 1
+        if length > self.cfg.block_size:
+            raise ValueError(f"sequence length {length} exceeds model.block_size={self.cfg.block_size}")
+        pos = torch.tensor(positions, device=ids.device)
+        x = self.wte(ids)[:, None]
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)[:, None]
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, D/2)
+        mask = None  # all sequences at the same position see every cached key
+        if min(positions) != length - 1:
+            mask = (torch.arange(length, device=ids.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, length)
+        rows = torch.arange(B, device=ids.device)
+        for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
+            x = block.decode(x, rope, k_cache, v_cache, rows, pos, length, mask)
+        return self.lm_head(self.ln_f(x[:, 0])).float()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters counted once (the tied head is the embedding); positions excluded if asked."""

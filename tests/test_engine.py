@@ -102,3 +102,33 @@ def test_bad_requests_name_their_field_and_are_not_truncated(prompt, params, fie
     with pytest.raises(RequestError) as error:
         engine.submit(prompt, params)
     assert error.value.field == field and not engine.has_work
+
+
+def test_incremental_text_equals_decoding_the_whole_output_for_byte_level_bpe():
+    from lm.tokenizer import ByteBPETokenizer
+
+    tokenizer = ByteBPETokenizer.train(["naïve café — 東京 ünïcödé 🙂 text, and plain words."] * 20, 300)
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(name="t", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                        vocab_size=padded_vocab_size(tokenizer.vocab_size))).eval()
+    engine = Engine(m, tokenizer, max_batch_size=4)
+    seqs = engine.generate(["café"] * 4, [SamplingParams(max_tokens=40, temperature=1.5, seed=s) for s in range(4)])
+    assert any(ord(c) > 127 for s in seqs for c in s.text), "the samples exercise multi-byte characters"
+    for seq in seqs:
+        assert seq.text == tokenizer.decode(seq.output_ids)
+
+
+def test_an_aborted_request_frees_its_slot_and_the_others_continue():
+    m = model("gpt2")
+    engine = Engine(m, TOKENIZER, max_batch_size=2)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    gone, kept = engine.submit("hello", params), engine.submit("world", params)
+    engine.step()
+    engine.abort(gone)
+    waiting = engine.submit("abc", params)
+    while engine.has_work:
+        engine.step()
+    assert gone.finish_reason == "abort" and len(gone.output_ids) < 12
+    assert kept.output_ids == greedy_without_cache(m, "world", 12)
+    assert waiting.output_ids == greedy_without_cache(m, "abc", 12)
+    assert engine.free_slots == [0, 1]

@@ -61,6 +61,10 @@ def test_reduced_precision_exports_pass_the_perplexity_gate(trained, tmp_path, p
     assert stored["h.0.attn.c_attn.weight"].dtype == expected
     model, _, _, loaded_precision = load_export(tmp_path / precision)
     assert loaded_precision == precision
+    if precision == "int8":  # served (and gated) as int8 matmuls, the output head included
+        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+        assert isinstance(model.h[0].attn.c_attn, Int8Linear) and isinstance(model.lm_head, Int8Linear)
 
 
 def test_a_sabotaged_artifact_fails_the_gate_and_nothing_is_written(trained, tmp_path, monkeypatch):
