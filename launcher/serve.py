@@ -24,9 +24,12 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError("serve.num_replicas, serve.max_batch_size and serve.cpus_per_replica must be >= 1")
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
+    if s.gpus_per_replica < 0:
+        raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     return {"export_dir": s.export_dir, "run_name": cfg.run.name, "storage": cfg.run.storage,
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
-            "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica}
+            "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
+            "gpus_per_replica": s.gpus_per_replica}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")
@@ -45,6 +48,10 @@ def main(dcfg: DictConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback Ray, as in launcher.train
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
              include_dashboard=False)
+    if cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
+        ray.shutdown()
+        fail(ConfigError(f"serve.gpus_per_replica={cfg.serve.gpus_per_replica} is invalid: this machine has no GPU; "
+                         "allowed: 0 here"))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="lm", route_prefix="/")
     print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)

@@ -39,14 +39,14 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
-    def __init__(self, export_dir: str, max_batch_size: int, threads: int):
+    def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False):
         import torch
 
         from lm.engine import Engine
         from lm.export import load_export
 
         torch.set_num_threads(threads)
-        model, tokenizer, cfg, precision = load_export(export_dir)
+        model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
         self.engine = Engine(model, tokenizer, max_batch_size)
         self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
         self.queues: dict[int, asyncio.Queue] = {}
@@ -85,6 +85,8 @@ class LanguageModel:
         try:
             while True:
                 finished = await queue.get()
+                while not queue.empty():  # tokens that arrived meanwhile go out as one delta
+                    finished = queue.get_nowait() or finished
                 text = seq.text
                 upto = len(text) if finished else len(text) - _held_back(text, params.stop)
                 if upto > sent:
@@ -189,7 +191,7 @@ def newest_export(run_dir: Path) -> Path:
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
-              "cpus_per_replica"}
+              "cpus_per_replica", "gpus_per_replica"}
 
 
 def build(args: dict):
@@ -197,7 +199,7 @@ def build(args: dict):
 
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
-    cpus_per_replica."""
+    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -216,13 +218,14 @@ def build(args: dict):
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)
-    options = {"ray_actor_options": {"num_cpus": cpus}, "max_ongoing_requests": max(4 * batch, 32)}
+    gpus = float(args.get("gpus_per_replica") or 0)
+    options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}, "max_ongoing_requests": max(4 * batch, 32)}
     if args.get("autoscaling"):
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": replicas,
                                          "target_ongoing_requests": batch}
     else:
         options["num_replicas"] = replicas
-    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)))
+    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0)
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

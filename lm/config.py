@@ -159,6 +159,7 @@ class ServeConfig:
     autoscaling: bool = False  # scale 1..num_replicas replicas on ongoing requests
     max_batch_size: int = 16  # sequences decoded together per replica
     cpus_per_replica: int = 1
+    gpus_per_replica: float = 0  # > 0: replicas are placed on GPUs and decode there (CUDA)
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Batched decoding with a KV cache and continuous batching, for serving and sampling.
 
-The engine owns `max_batch_size` cache slots. Each `step()` first admits waiting requests into free
-slots (prefilling their prompts), then decodes one token for every running sequence in a single
-batched forward. New requests therefore join between decode steps instead of waiting for a batch
-to finish, and a finished sequence frees its slot at once. Each request samples with its own
-generator, so the same seed gives the same text whatever else is in the batch.
+The engine owns `max_batch_size` cache slots. Each `step()` decodes one token for every running
+sequence in a single batched forward, then admits waiting requests into free slots, prefilling
+all their prompts in one more forward. New requests therefore join between decode steps instead
+of waiting for a batch to finish, and a finished sequence frees its slot at once (the last running
+sequence moves into it, so the running batch always sits in slots 0..B-1 and is read as one view).
+Each request samples with its own generator, so the same seed gives the same text whatever else is
+in the batch.
 """
 
 from __future__ import annotations
@@ -153,15 +155,22 @@ class Engine:
                 advanced.append(seq)
         for seq in [s for s in self.running if s.finished]:
             self._release(seq)
+        admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)
             self.running.append(seq)
-            ids = torch.tensor(seq.prompt_ids, device=self.device)
-            logits = self.model.prefill(ids, seq.slot, self.k_caches, self.v_caches)[None, :self.vocab_limit]
-            self._append(seq, self._sample([seq], logits)[0])
-            advanced.append(seq)
-            if seq.finished:
+            admitted.append(seq)
+        if admitted:  # all new prompts in one forward, right-padded to the longest
+            longest = max(len(s.prompt_ids) for s in admitted)
+            ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in admitted],
+                               device=self.device)
+            logits = self.model.prefill(ids, [len(s.prompt_ids) for s in admitted], admitted[0].slot,
+                                        self.k_caches, self.v_caches)
+            for seq, token in zip(admitted, self._sample(admitted, logits[:, :self.vocab_limit])):
+                self._append(seq, token)
+                advanced.append(seq)
+            for seq in [s for s in admitted if s.finished]:
                 self._release(seq)
         return advanced
 

@@ -170,8 +170,9 @@ def is_complete_export(path: str | Path) -> bool:
     return all((Path(path) / name).exists() for name in EXPORT_FILES)
 
 
-def load_export(path: str | Path):
-    """(model as served, tokenizer, model config, precision) from an export directory."""
+def load_export(path: str | Path, device: str = "cpu"):
+    """(model as served, tokenizer, model config, precision) from an export directory. On a GPU the
+    int8 weights are dequantized (the int8 kernels here are CPU kernels); bf16 and fp32 run as stored."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -179,5 +180,9 @@ def load_export(path: str | Path):
         raise FileNotFoundError(f"{path} is not a complete export (needs {', '.join(EXPORT_FILES)})")
     config = json.loads((path / "config.json").read_text())
     cfg = config_from_dict(config["model"], ModelConfig)
-    model = serving_model(load_file(str(path / "model.safetensors")), cfg, config["precision"])
+    stored = load_file(str(path / "model.safetensors"))
+    if device == "cpu":
+        model = serving_model(stored, cfg, config["precision"])
+    else:
+        model = model_from_export_state(stored, cfg, config["precision"]).to(device)
     return model, load_tokenizer(path / "tokenizer.json"), cfg, config["precision"]

@@ -68,16 +68,18 @@ class CausalSelfAttention(nn.Module):
     # KV-cache paths for serving. Caches are (slots, n_head, max_len, head_dim); the engine keeps
     # its running sequences in slots 0..B-1, so decoding reads them as one view, without a gather.
 
-    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int) -> torch.Tensor:
-        """A whole prompt (1, T, C) from position 0: causal attention over itself, keys stored in `slot`."""
+    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int) -> torch.Tensor:
+        """Whole prompts (B, T, C) from position 0, right-padded to T: causal attention over
+        themselves (padding comes after every real token, so it is never attended), keys stored in
+        slots first_slot..first_slot+B-1."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache[slot, :, :T] = k[0]
-        v_cache[slot, :, :T] = v[0]
+        k_cache[first_slot:first_slot + B, :, :T] = k
+        v_cache[first_slot:first_slot + B, :, :T] = v
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -129,8 +131,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
-    def prefill(self, x, rope, k_cache, v_cache, slot) -> torch.Tensor:
-        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, slot)
+    def prefill(self, x, rope, k_cache, v_cache, first_slot) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, first_slot)
         return x + self.mlp(self.ln_2(x))
 
     def decode(self, x, rope, k_cache, v_cache, rows, positions, length, mask) -> torch.Tensor:
@@ -197,21 +199,23 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, slot: int, k_caches: list[torch.Tensor],
+    def prefill(self, ids: torch.Tensor, lengths: list[int], first_slot: int, k_caches: list[torch.Tensor],
                 v_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token logits (vocab,) after a prompt (T,), filling cache slot `slot` (one pair per layer)."""
-        T = ids.numel()
+        """Next-token logits (B, vocab) after B prompts in one forward: ids (B, T) right-padded,
+        prompt b of lengths[b] tokens; caches filled in slots first_slot.. (one pair per layer)."""
+        B, T = ids.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        x = self.wte(ids[None])
+        x = self.wte(ids)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe.weight[:T]
         else:
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
-            x = block.prefill(x, rope, k_cache, v_cache, slot)
-        return self.lm_head(self.ln_f(x[:, -1]))[0].float()
+            x = block.prefill(x, rope, k_cache, v_cache, first_slot)
+        last = x[torch.arange(B, device=ids.device), torch.tensor(lengths, device=ids.device) - 1]
+        return self.lm_head(self.ln_f(last)).float()
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
