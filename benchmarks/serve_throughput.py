@@ -5,8 +5,8 @@ first token (p50/p99), through the real Ray Serve app on 127.0.0.1.
 
 The model is the decode benchmark's shape (6 layers, 384 wide, vocab 8192) with random weights and
 a byte-level BPE tokenizer trained on a slice of the standard library. Every request streams
-greedy tokens for a short code prompt; tokens are counted as the server's text chunks (one per
-decode step, except where a partial UTF-8 character is held back, so a slight undercount).
+greedy tokens for a short code prompt; tokens are the server's own count (the usage chunk that
+`stream_options: {"include_usage": true}` asks for).
 Traffic stays on loopback and every loop is bounded by the stream counts below.
 """
 
@@ -50,19 +50,23 @@ def write_export(directory: Path) -> None:
 
 
 def one_stream(url: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
-    """(seconds to the first text chunk, text chunks, total seconds) for one streaming request."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    """(seconds to the first text chunk, tokens generated, total seconds) for one streaming request;
+    the token count is the server's own, from the usage chunk (`stream_options.include_usage`)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, chunks = None, 0
+    first, tokens = None, 0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if json.loads(line[6:])["choices"][0]["text"]:
-                chunks += 1
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["text"]:
                 first = first if first is not None else time.perf_counter() - start
-    return first or 0.0, chunks, time.perf_counter() - start
+    return first or 0.0, tokens, time.perf_counter() - start
 
 
 def main() -> None:

@@ -110,6 +110,24 @@ def completion_response(model: str, text: str, finish_reason: str, prompt_tokens
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
+def wants_stream_usage(body: dict) -> bool:
+    """OpenAI's `stream_options: {"include_usage": true}`: a last chunk carrying the token counts."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    return options.get("include_usage", False)
+
+
+def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens: int, chat: bool) -> str:
+    body = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+    return f"data: {json.dumps(body)}\n\n"
+
+
 def stream_chunk(chunk_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
                  first: bool = False) -> str:
     if chat:

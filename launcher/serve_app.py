@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, completion_prompt,
-                                      completion_response, parse_body, sampling_params, stream_chunk)
+                                      completion_response, parse_body, sampling_params, stream_chunk, usage_chunk,
+                                      wants_stream_usage)
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -144,6 +145,7 @@ class OpenAIServer:
                 self.context = (await self.model.info.remote())["context"]
             prompt = chat_prompt(body) if chat else completion_prompt(body)
             params = sampling_params(body, self.context, CHAT_STOP if chat else [])
+            usage = bool(body.get("stream")) and wants_stream_usage(body)
             events = self.model.options(stream=True).generate.remote(prompt, params).__aiter__()
             first = await events.__anext__()
             if "error" in first:
@@ -151,7 +153,7 @@ class OpenAIServer:
         except APIError as error:
             return JSONResponse(error.body(), status_code=error.status)
         if body.get("stream"):
-            return StreamingResponse(self._sse(first, events, chat), media_type="text/event-stream")
+            return StreamingResponse(self._sse(first, events, chat, usage), media_type="text/event-stream")
         text, last = "", first
         async for event in self._chain(first, events):
             text += event.get("delta", "")
@@ -166,7 +168,7 @@ class OpenAIServer:
         async for event in rest:
             yield event
 
-    async def _sse(self, first: dict, events, chat: bool):
+    async def _sse(self, first: dict, events, chat: bool, usage: bool):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         opened = False
         async for event in self._chain(first, events):
@@ -177,6 +179,8 @@ class OpenAIServer:
                 if chat and not opened:
                     yield stream_chunk(chunk_id, self.model_name, "", None, chat, first=True)
                 yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat)
+                if usage:
+                    yield usage_chunk(chunk_id, self.model_name, event["prompt_tokens"], event["completion_tokens"], chat)
         yield "data: [DONE]\n\n"
 
 

@@ -55,6 +55,9 @@ def test_completions_streaming_and_not_agree(server, client):
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    with_usage = list(client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
 def test_chat_streaming_and_not_agree(server, client):
@@ -102,6 +105,7 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
     ("completions", json.dumps({"prompt": "def f():\n    pass\n" * 200, "max_tokens": 4}).encode(), 400, "prompt"),
     ("completions", b'{"prompt": "' + b"a" * 2_000_000 + b'"}', 413, None),
+    ("completions", json.dumps({"prompt": "a", "stream": True, "stream_options": 5}).encode(), 400, "stream_options"),
     ("chat/completions", json.dumps({"messages": []}).encode(), 400, "messages"),
     ("chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "messages"),
 ]
