@@ -24,12 +24,14 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError("serve.num_replicas, serve.max_batch_size and serve.cpus_per_replica must be >= 1")
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
+    if s.stream_interval_ms < 0:
+        raise ConfigError(f"serve.stream_interval_ms={s.stream_interval_ms} is invalid: must be >= 0")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     return {"export_dir": s.export_dir, "run_name": cfg.run.name, "storage": cfg.run.storage,
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
-            "gpus_per_replica": s.gpus_per_replica}
+            "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

@@ -10,6 +10,7 @@ share batched decode steps and new ones join between steps.
 # through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
-    def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False):
+    def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
+                 stream_interval_ms: int = 40):
         import torch
 
         from lm.engine import Engine
@@ -49,6 +51,9 @@ class LanguageModel:
         torch.set_num_threads(threads)
         model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
         self.engine = Engine(model, tokenizer, max_batch_size)
+        # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
+        # CPU than decoding. Tokens that arrive within the interval go out together.
+        self.stream_interval = stream_interval_ms / 1000
         self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
         self.queues: dict[int, asyncio.Queue] = {}
         self.driver: asyncio.Task | None = None
@@ -82,17 +87,19 @@ class LanguageModel:
         self.queues[seq.id] = queue
         if self.driver is None:
             self.driver = asyncio.create_task(self._drive())
-        sent = 0
+        sent, last_sent = 0, 0.0
         try:
             while True:
                 finished = await queue.get()
                 while not queue.empty():  # tokens that arrived meanwhile go out as one delta
                     finished = queue.get_nowait() or finished
+                if not finished and sent and time.monotonic() - last_sent < self.stream_interval:
+                    continue  # the text so far goes with the next token
                 text = seq.text
                 upto = len(text) if finished else len(text) - _held_back(text, params.stop)
                 if upto > sent:
                     yield {"delta": text[sent:upto]}
-                    sent = upto
+                    sent, last_sent = upto, time.monotonic()
                 if finished:
                     yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.prompt_ids),
                            "completion_tokens": len(seq.output_ids)}
@@ -195,7 +202,7 @@ def newest_export(run_dir: Path) -> Path:
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
-              "cpus_per_replica", "gpus_per_replica"}
+              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms"}
 
 
 def build(args: dict):
@@ -203,7 +210,7 @@ def build(args: dict):
 
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
-    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs)."""
+    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -229,7 +236,8 @@ def build(args: dict):
                                          "target_ongoing_requests": batch}
     else:
         options["num_replicas"] = replicas
-    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0)
+    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0,
+                                                   int(args.get("stream_interval_ms", 40)))
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

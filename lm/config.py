@@ -158,6 +158,7 @@ class ServeConfig:
     num_replicas: int = 1
     autoscaling: bool = False  # scale 1..num_replicas replicas on ongoing requests
     max_batch_size: int = 16  # sequences decoded together per replica
+    stream_interval_ms: int = 40  # a stream's text goes out at most this often (the first token at once)
     cpus_per_replica: int = 1
     gpus_per_replica: float = 0  # > 0: replicas are placed on GPUs and decode there (CUDA)
 
