@@ -11,7 +11,7 @@ DEEPSPEED := deepspeed==0.19.8
 export RAY_USAGE_STATS_ENABLED := 0
 export WANDB_SILENT := true
 
-.PHONY: install train test test-fast clean cluster-up cluster-down serve
+.PHONY: install train test test-fast clean cluster-up cluster-down serve bench gpu-wheels
 
 install: $(STAMP)  ## idempotent: creates .venv and installs the project and test tools
 
@@ -37,6 +37,22 @@ test: install  ## all tests, the slow end-to-end ones included (CI runs exactly 
 
 test-fast: install  ## the tests that start no Ray cluster
 	$(PY) -m pytest -v -m "not slow" $(PYTEST_ARGS)
+
+bench: install  ## the speed benchmarks (benchmarks/*.py): tables printed, JSON in benchmarks/results/
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/decode_throughput.py
+	$(PY) benchmarks/serve_throughput.py
+	$(PY) benchmarks/recipe_parity.py $(if $(DATA),--data $(DATA),)
+
+# Wheels for benchmarks/gpu.sh on an offline GPU machine with Python 3.12 and its own CUDA torch.
+GPU_WHEELS := benchmarks/wheels
+gpu-wheels: install  ## download/build the wheels benchmarks/gpu.sh installs (Python 3.12, x86_64 Linux)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) $(DEEPSPEED) antlr4-python3-runtime==4.9.3
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+	  pydantic einops hjson msgpack ninja numpy packaging psutil py-cpuinfo tqdm PyYAML
+	$(PIP) download -q --no-deps --only-binary=:all: -d $(GPU_WHEELS) hydra-core==1.3.8 omegaconf==2.3.1
 
 # A local Ray head for trying `ray job submit` (cluster/README.md). Loopback only, so token auth is
 # explicitly off here and in the submit recipe; real clusters use RAY_AUTH_MODE=token. The venv
