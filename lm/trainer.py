@@ -61,8 +61,16 @@ def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (weights, embeddings); leave biases and norm gains alone."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in params if _ndim(p) >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0}]
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitioned: its full shape
+
+
+def _numel(p: torch.Tensor) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -77,11 +85,11 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed() -> None:
-    """Join the process group that Ray or torchrun set up (env vars), unless it already exists."""
+    """Join the process group that torchrun set up (env vars), or adopt the one Ray Train made.
+    Either way DeepSpeed's comm layer learns the world size before `deepspeed.zero.Init` needs it."""
     import deepspeed
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def default_device(cfg: TrainConfig) -> torch.device:
@@ -132,8 +140,7 @@ def evaluate(engine, data: PreparedData, cfg: TrainConfig, rank: int, world: int
 
 
 def load_pretrained(model: GPT, init_from: str) -> None:
-    """Fine-tuning: start from pretrained weights. Every rank loads them into its full model before
-    DeepSpeed partitions it (ZeRO-3 then keeps only its shard); safetensors files are memory-mapped."""
+    """Fine-tuning: start from pretrained weights (a full model on this rank)."""
     from lm.pretrained import load_pretrained_state_dict
 
     state = load_pretrained_state_dict(init_from, model.cfg)
@@ -142,6 +149,28 @@ def load_pretrained(model: GPT, init_from: str) -> None:
     if missing or unexpected:
         raise ValueError(f"trainer.init_from={init_from!r}: weights do not match the model "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def pretrained_zero3_model(cfg: TrainConfig, rank: int) -> GPT:
+    """ZeRO-3 fine-tuning: the model is built already partitioned (`deepspeed.zero.Init`), and each
+    parameter is gathered in turn for rank 0 to copy its pretrained value in, then re-partitioned:
+    no rank ever holds the whole model, and only rank 0 reads the weights file."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg)):
+        model = GPT(cfg.model)
+    state = None
+    if rank == 0:
+        from lm.pretrained import load_pretrained_state_dict
+
+        state = load_pretrained_state_dict(cfg.trainer.init_from, cfg.model)
+    for name, param in model.named_parameters():  # shared (tied) parameters come once
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                if name not in state:
+                    raise ValueError(f"trainer.init_from={cfg.trainer.init_from!r}: no weights for {name}")
+                param.data.copy_(state[name])
+    return model
 
 
 def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.device | None = None) -> dict:
@@ -162,10 +191,15 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     data = PreparedData.load(dataset_dir)
 
     seed_everything(t.seed)  # identical initial weights on every rank
-    model = GPT(cfg.model)
-    if t.init_from and not hooks.resume_from:
-        load_pretrained(model, t.init_from)
-    fpt = flops_per_token(cfg.model, seq, model.num_params())  # before ZeRO-3 empties the params
+    if t.init_from and not hooks.resume_from and cfg.deepspeed.zero_stage == 3:
+        model = pretrained_zero3_model(cfg, rank)
+    else:
+        model = GPT(cfg.model)
+        if t.init_from and not hooks.resume_from:
+            load_pretrained(model, t.init_from)
+    num_params = sum(_numel(p) for p in model.parameters())  # as GPT.num_params, ZeRO-3 partitions too
+    num_params -= _numel(model.wpe.weight) if model.wpe is not None else 0
+    fpt = flops_per_token(cfg.model, seq, num_params)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank

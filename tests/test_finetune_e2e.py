@@ -1,5 +1,5 @@
 """The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from one of our
-exports on a made-up Q/A chat set (2 Ray workers, ZeRO-3), `launcher.export` to int8, and the
+exports on a made-up Q/A chat set (2 Ray workers, ZeRO-3), `launcher.export`'s entry point to int8, and the
 answers served through `/v1/chat/completions` with the chat template the model was tuned on."""
 
 import json
@@ -44,7 +44,9 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     from openai import OpenAI
     from ray import serve
 
+    from launcher.export import export_run
     from launcher.serve_app import build
+    from lm.config import ExportAppConfig, ExportConfig, RunConfig
     from lm.chat_data import read_conversations
     from lm.data import chat_splits
     from lm.export import export_checkpoint, load_export
@@ -65,8 +67,9 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     assert summary["config"]["trainer"]["init_from"] == str(pretrained)
     assert summary["val_accuracy"] is not None  # measured on the held-out conversations' answer tokens
 
-    run_module("launcher.export", "run.name=qa", f"run.storage={storage}", "export.precision=int8", cwd=tmp_path)
-    export_dir = next((storage / "qa" / "exports").glob("int8-*"))
+    # launcher.export's own entry point, in-process (its CLI is tested in test_export.py)
+    export_dir = export_run(ExportAppConfig(run=RunConfig(name="qa", storage=str(storage)),
+                                            export=ExportConfig(precision="int8")))
     model, tokenizer, _, _ = load_export(export_dir)
     conversations, _, _ = read_conversations([tmp_path / "qa.jsonl"])
     trained_on = chat_splits(conversations, 0.05)["train"]  # 38 of 40; the other 2 are the val split
