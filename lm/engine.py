@@ -49,7 +49,7 @@ class Sequence:
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: Optional[str] = None  # "stop" or "length"
+    finish_reason: Optional[str] = None  # "stop", "length", or "abort" (client gone)
     slot: Optional[int] = None
     # Incremental detokenization: text is extended from the last few tokens, never re-decoded whole.
     prefix_offset: int = 0
@@ -145,7 +145,10 @@ class Engine:
         advanced = []
         for seq in [s for s in (*self.waiting, *self.running) if s.aborted and not s.finished]:
             seq.finish_reason = "abort"
-            self.waiting.remove(seq) if seq in self.waiting else self._release(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            else:
+                self._release(seq)
         if self.running:
             batch = list(self.running)
             ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
