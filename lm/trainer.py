@@ -69,9 +69,6 @@ def _ndim(p: torch.Tensor) -> int:
     return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitioned: its full shape
 
 
-def _numel(p: torch.Tensor) -> int:
-    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(optimizer_param_groups(model, optim.weight_decay), lr=optim.lr,
@@ -197,8 +194,8 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         model = GPT(cfg.model)
         if t.init_from and not hooks.resume_from:
             load_pretrained(model, t.init_from)
-    num_params = sum(_numel(p) for p in model.parameters())  # as GPT.num_params, ZeRO-3 partitions too
-    num_params -= _numel(model.wpe.weight) if model.wpe is not None else 0
+    with torch.device("meta"):  # counted on a shape-only copy: ZeRO-3 may have partitioned `model`
+        num_params = GPT(cfg.model).num_params()
     fpt = flops_per_token(cfg.model, seq, num_params)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
