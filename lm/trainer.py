@@ -12,6 +12,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -81,11 +82,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_ninja_beside_python() -> None:
+    """Put this interpreter's bin directory (where pip installs `ninja`, a DeepSpeed dependency) first
+    on PATH. DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and ninja versions
+    hash build commands differently: processes that alternate between a system ninja and the
+    environment's rebuild the op (~45 s) each time. It also works where no system ninja exists."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
 def init_distributed() -> None:
     """Join the process group that torchrun set up (env vars), or adopt the one Ray Train made.
     Either way DeepSpeed's comm layer learns the world size before `deepspeed.zero.Init` needs it."""
     import deepspeed
 
+    use_ninja_beside_python()  # deepspeed.init_distributed builds its shared-memory comm op on CPU
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
