@@ -57,6 +57,17 @@ def prepared_tiny(tiny_train_config):
     return prepared, padded_vocab_size(prepared.meta["vocab_size"])
 
 
+def composed(*overrides: str):
+    """hydra_conf/ composed with these command-line overrides, as `python -m launcher.train` would."""
+    from hydra import compose, initialize_config_dir
+
+    from launcher.schema import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

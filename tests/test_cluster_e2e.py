@@ -1,6 +1,7 @@
 """Real Ray processes on loopback: `make cluster-up` + `ray job submit`, a 2-node cluster, and runs
 that lose a worker, a node, or a rank in the middle of a checkpoint save and still end with the
-weights of an uninterrupted run (resume is exact)."""
+weights of an uninterrupted run (resume is exact). The uninterrupted run is the same training loop
+on 2 gloo ranks without Ray, so these tests also show that Ray's scheduling changes nothing."""
 
 import json
 import os
@@ -15,8 +16,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, composed, free_port, run_on_ranks
 from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict, load_model
+from wandb_offline import read_run
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +79,27 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cluster")
 
 
+def train_without_ray(rank, cfg_dict, dataset_dir, run_dir):
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    train(config_from_dict(cfg_dict), dataset_dir, local_hooks(run_dir, rank, keep=1, log=lambda m, s: None))
+
+
 @pytest.fixture(scope="module")
 def reference_weights(workdir, corpus_file):
-    """The uninterrupted run every interrupted one must reproduce."""
-    code, out = launch(*training_overrides(workdir, corpus_file, "reference"))
-    assert code == 0, out[-3000:]
-    return final_weights(workdir / "runs" / "reference")
+    """The uninterrupted run every interrupted one must reproduce: the config `launcher.train` composes
+    from the same overrides, on the token cache it builds, trained by lm.trainer on 2 ranks without Ray."""
+    from launcher.schema import to_train_config
+    from launcher.train import prepare_dataset
+    from lm.config import config_to_dict
+
+    cfg = to_train_config(composed(*training_overrides(workdir, corpus_file, "reference")))
+    prepared = prepare_dataset(cfg)  # the same cache the Ray runs below then reuse
+    run_dir = workdir / "runs" / "reference"
+    run_on_ranks(train_without_ray, 2, config_to_dict(cfg), str(prepared.directory), str(run_dir), tmp_path=workdir)
+    return final_weights(run_dir)
 
 
 def ray_train_workers() -> list[psutil.Process]:
@@ -186,19 +203,11 @@ def submit(address: str, *entrypoint: str):
     return result.returncode, result.stdout + result.stderr
 
 
-def job_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
+def job_overrides(tmp_path: Path, corpus_file: Path, logging: str = "none") -> list[str]:
     return ["model=tiny", "model.block_size=64", "data=text", f"data.path={corpus_file}", "data.vocab_size=512",
-            f"data.cache_dir={tmp_path}/cache", f"run.storage={tmp_path}/runs", "logging=none",
+            f"data.cache_dir={tmp_path}/cache", f"run.storage={tmp_path}/runs", f"logging={logging}",
             "trainer.max_steps=6", "trainer.eval_every=6", "trainer.ckpt_every=6", "trainer.eval_steps=2",
             "trainer.sample_tokens=10"]
-
-
-def test_job_submit_trains_on_the_cluster(ray_head, workdir, corpus_file):
-    code, out = submit(ray_head, "cluster=multi_node", "cluster.num_workers=2", "cluster.shared_storage=true",
-                       "run.name=submitted", *job_overrides(workdir / "jobs", corpus_file))
-    assert code == 0 and "succeeded" in out, out[-3000:]
-    summary = json.loads((workdir / "jobs" / "runs" / "submitted" / "summary.json").read_text())
-    assert summary["steps"] == 6 and is_complete(summary["checkpoint"])
 
 
 def test_job_with_a_bad_override_fails_with_the_config_error(ray_head, workdir, corpus_file):
@@ -208,9 +217,23 @@ def test_job_with_a_bad_override_fails_with_the_config_error(ray_head, workdir, 
     assert not (workdir / "bad" / "runs").exists()
 
 
-def test_sweep_on_the_cluster_writes_three_summaries_and_the_table(ray_head, workdir, corpus_file):
-    code, out = submit(ray_head, "-m", "optim.lr=1e-4,3e-4,1e-3", *job_overrides(workdir / "sweep", corpus_file))
+def test_job_submit_runs_a_multirun_sweep_on_the_cluster(ray_head, workdir, corpus_file):
+    """`ray job submit -- python -m launcher.train -m ...`: each job trains on the cluster's workers,
+    the sweep's table and summary come back, and the jobs share one W&B group."""
+    jobs = workdir / "sweep"
+    code, out = submit(ray_head, "-m", "optim.lr=1e-4,1e-3", "cluster=multi_node", "cluster.num_workers=2",
+                       "cluster.shared_storage=true", *job_overrides(jobs, corpus_file, "wandb_offline"),
+                       f"logging.dir={jobs}/wandb", f"hydra.sweep.dir={jobs}/multirun")
     assert code == 0 and "succeeded" in out, out[-3000:]
-    assert len(list((workdir / "sweep" / "runs").glob("*/summary.json"))) == 3
+    summaries = [json.loads(p.read_text()) for p in sorted((jobs / "runs").glob("*/summary.json"))]
+    assert sorted(s["config"]["optim"]["lr"] for s in summaries) == [1e-4, 1e-3]
+    assert all(s["steps"] == 6 and is_complete(s["checkpoint"]) for s in summaries)
+
     table = out[out.index("final val_loss"):]
-    assert all(f"optim.lr={lr}" in table for lr in ("0.0001", "0.0003", "0.001"))
+    for lr in ("optim.lr=0.0001", "optim.lr=0.001"):
+        line = next(line for line in table.splitlines() if line.startswith(lr))
+        float(line.split()[-2])  # the job's final val loss
+    sweep = json.loads((jobs / "multirun" / "sweep_summary.json").read_text())
+    assert [row["status"] for row in sweep] == ["ok", "ok"]
+    groups = {read_run(s["wandb_dir"])["group"] for s in summaries}
+    assert len(groups) == 1 and groups.pop() == "sweep-multirun"

@@ -5,18 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO
-from launcher.schema import register_schema, to_train_config
+from conftest import REPO, composed
+from launcher.schema import to_train_config
 from lm.config import ConfigError, global_batch_size, sequence_length
-
-
-def composed(*overrides):
-    register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def test_defaults_are_the_small_model_on_stdlib_with_two_zero2_workers_and_offline_wandb():
