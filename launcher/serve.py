@@ -26,12 +26,15 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
     if s.stream_interval_ms < 0:
         raise ConfigError(f"serve.stream_interval_ms={s.stream_interval_ms} is invalid: must be >= 0")
+    if s.stream_events_per_s < 0:
+        raise ConfigError(f"serve.stream_events_per_s={s.stream_events_per_s} is invalid: must be >= 0 (0: no cap)")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     return {"export_dir": s.export_dir, "run_name": cfg.run.name, "storage": cfg.run.storage,
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
-            "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms}
+            "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
+            "stream_events_per_s": s.stream_events_per_s}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

@@ -42,7 +42,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
-                 stream_interval_ms: int = 40):
+                 stream_interval_ms: int = 40, stream_events_per_s: int = 100):
         import torch
 
         from lm.engine import Engine
@@ -52,8 +52,10 @@ class LanguageModel:
         model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
         self.engine = Engine(model, tokenizer, max_batch_size)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
-        # CPU than decoding. Tokens that arrive within the interval go out together.
+        # CPU than decoding. Tokens that arrive within the interval go out together, and with many
+        # streams each one's interval grows so that together they send about stream_events_per_s.
         self.stream_interval = stream_interval_ms / 1000
+        self.stream_events_per_s = stream_events_per_s
         self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
         self.queues: dict[int, asyncio.Queue] = {}
         self.driver: asyncio.Task | None = None
@@ -69,6 +71,13 @@ class LanguageModel:
                 if queue is not None:
                     queue.put_nowait(seq.finished)
         self.driver = None
+
+    def _interval(self) -> float:
+        """Seconds between a stream's chunks: stream_interval_ms, or longer when this replica's
+        streams together would send more than stream_events_per_s chunks (0: no such cap)."""
+        if not self.stream_events_per_s:
+            return self.stream_interval
+        return max(self.stream_interval, len(self.queues) / self.stream_events_per_s)
 
     async def generate(self, prompt: str, params):
         """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
@@ -93,7 +102,7 @@ class LanguageModel:
                 finished = await queue.get()
                 while not queue.empty():  # tokens that arrived meanwhile go out as one delta
                     finished = queue.get_nowait() or finished
-                if not finished and sent and time.monotonic() - last_sent < self.stream_interval:
+                if not finished and sent and time.monotonic() - last_sent < self._interval():
                     continue  # the text so far goes with the next token
                 text = seq.text
                 upto = len(text) if finished else len(text) - _held_back(text, params.stop)
@@ -202,7 +211,7 @@ def newest_export(run_dir: Path) -> Path:
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
-              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms"}
+              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s"}
 
 
 def build(args: dict):
@@ -210,7 +219,7 @@ def build(args: dict):
 
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
-    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms."""
+    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -237,7 +246,8 @@ def build(args: dict):
     else:
         options["num_replicas"] = replicas
     model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0,
-                                                   int(args.get("stream_interval_ms", 40)))
+                                                   int(args.get("stream_interval_ms", 40)),
+                                                   int(args.get("stream_events_per_s", 100)))
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

@@ -159,6 +159,7 @@ class ServeConfig:
     autoscaling: bool = False  # scale 1..num_replicas replicas on ongoing requests
     max_batch_size: int = 16  # sequences decoded together per replica
     stream_interval_ms: int = 40  # a stream's text goes out at most this often (the first token at once)
+    stream_events_per_s: int = 100  # a replica's streams together send about this many chunks/s at most (0: no cap)
     cpus_per_replica: int = 1
     gpus_per_replica: float = 0  # > 0: replicas are placed on GPUs and decode there (CUDA)
 

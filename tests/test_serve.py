@@ -130,3 +130,24 @@ def test_api_key_is_enforced(server):
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
     assert [m["id"] for m in models["data"]] == [model]
+
+
+@pytest.mark.parametrize("streams,events_per_s,expected_ms", [(1, 100, 40), (4, 100, 40), (16, 100, 160),
+                                                               (64, 100, 640), (64, 0, 40)])
+def test_each_streams_interval_grows_so_a_replica_keeps_to_its_chunk_budget(streams, events_per_s, expected_ms):
+    from types import SimpleNamespace
+
+    from launcher.serve_app import LanguageModel
+
+    replica = SimpleNamespace(stream_interval=0.040, stream_events_per_s=events_per_s,
+                              queues={i: None for i in range(streams)})
+    assert LanguageModel.func_or_class._interval(replica) == pytest.approx(expected_ms / 1000)
+
+
+def test_serve_config_errors_name_the_field():
+    from launcher.serve import builder_args
+    from lm.config import ConfigError, ServeAppConfig, ServeConfig
+
+    for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000)):
+        with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
+            builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
