@@ -85,7 +85,7 @@ def measure(client: httpx.Client, url: str, streams: int, max_tokens: int) -> di
 
 
 def median_row(runs: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return {key: statistics.median(r[key] for r in runs) if key != "streams" else runs[0][key] for key in runs[0]}
 
 
 def main() -> None:
