@@ -241,11 +241,12 @@ class GPT(nn.Module):
             x = block.decode(x, rope, k_cache, v_cache, rows, pos, length, mask)
         return self.lm_head(self.ln_f(x[:, 0])).float()
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters counted once (the tied head is the embedding); positions excluded if asked."""
-        n = sum(p.numel() for p in self.parameters())
+    def num_params(self, non_embedding: bool = True, numel=torch.Tensor.numel) -> int:
+        """Parameters counted once (the tied head is the embedding); positions excluded if asked.
+        `numel` sizes one parameter (a sharded one may keep its full size elsewhere)."""
+        n = sum(numel(p) for p in self.parameters())
         if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
+            n -= numel(self.wpe.weight)
         return n
 
     @torch.no_grad()

@@ -70,6 +70,9 @@ def _ndim(p: torch.Tensor) -> int:
     return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitioned: its full shape
 
 
+def _numel(p: torch.Tensor) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitioned: its full size
+
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(optimizer_param_groups(model, optim.weight_decay), lr=optim.lr,
@@ -207,9 +210,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         model = GPT(cfg.model)
         if t.init_from and not hooks.resume_from:
             load_pretrained(model, t.init_from)
-    with torch.device("meta"):  # counted on a shape-only copy: ZeRO-3 may have partitioned `model`
-        num_params = GPT(cfg.model).num_params()
-    fpt = flops_per_token(cfg.model, seq, num_params)
+    fpt = flops_per_token(cfg.model, seq, model.num_params(numel=_numel))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
