@@ -9,9 +9,12 @@ Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Li
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lm.config import ModelConfig, mlp_hidden_size
+
+if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
+    import torch
 
 
 def hf_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
@@ -41,7 +44,7 @@ def _architecture(cfg: ModelConfig) -> dict:
 
 
 def _bias(state: dict, name: str, size: int) -> torch.Tensor:
-    return state.get(name, torch.zeros(size, dtype=state["wte.weight"].dtype))
+    return state[name] if name in state else state["wte.weight"].new_zeros(size)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -140,6 +143,8 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face parameter names and layouts -> ours (the inverse of `to_hf_state_dict`)."""
+    import torch
+
     hf_state = {k.removeprefix("transformer.") if cfg.variant == "gpt2" else k: v for k, v in hf_state.items()}
     out: dict[str, torch.Tensor] = {}
     if cfg.variant == "gpt2":

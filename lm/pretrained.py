@@ -11,12 +11,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lm.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from lm.hf_format import UnsupportedModelError, from_hf_state_dict, model_config_from_hf
 from lm.tokenizer import Tokenizer, hf_directory_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # imported where weights load: checking a command line must not pay torch's import
+    import torch
 
 FIELD = "trainer.init_from"
 # What may differ from the pretrained model: everything else is its architecture.
@@ -91,6 +93,8 @@ def dataset_tokenizer(cfg: TrainConfig) -> Tokenizer | None:
 
 def load_pretrained_state_dict(init_from: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full-precision weights under our parameter names, ready for `GPT.load_state_dict`."""
+    import torch
+
     source = inspect_pretrained(init_from)
     if source.kind == "export":
         from lm.export import model_from_export_state
