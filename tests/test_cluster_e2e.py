@@ -1,6 +1,6 @@
 """Real Ray processes on loopback: `make cluster-up` + `ray job submit`, a 2-node cluster, and runs
 that lose a worker, a node, or a rank in the middle of a checkpoint save and still end with the
-weights of an uninterrupted run (resume is exact). The uninterrupted run is the same training loop
+weights of an uninterrupted run (resume is exact). SIGTERM is tested end to end in test_train_e2e.py. The uninterrupted run is the same training loop
 on 2 gloo ranks without Ray, so these tests also show that Ray's scheduling changes nothing."""
 
 import json
@@ -102,35 +102,31 @@ def reference_weights(workdir, corpus_file):
     return final_weights(run_dir)
 
 
-def ray_train_workers() -> list[psutil.Process]:
+def ray_train_workers(driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes of the Ray instance this driver started."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        cmdline = " ".join(proc.cmdline())
         if "RayTrainWorker" in cmdline and "TrainController" not in cmdline:
             found.append(proc)
     return found
 
 
-def test_killed_worker_restarts_from_the_latest_checkpoint_with_exact_result(workdir, corpus_file,
-                                                                            reference_weights):
-    overrides = training_overrides(workdir, corpus_file, "killed-worker") + ["cluster.max_failures=1"]
-    proc = launch(*overrides, wait=False)
-    wait_for_checkpoint(workdir / "runs" / "killed-worker", 15, proc)
-    workers = ray_train_workers()
+def test_killed_worker_restarts_and_a_crash_in_a_save_keeps_the_previous_checkpoint(workdir, corpus_file,
+                                                                                    reference_weights):
+    """One run meets both failures: a worker SIGKILLed after step 15's checkpoint (Ray restarts the group
+    from it: max_failures=1), then rank 1 dying inside step 30's save (a second failure: the run fails).
+    The half-written checkpoint never becomes the latest, and rerunning the command ends exact."""
+    overrides = training_overrides(workdir, corpus_file, "failures")
+    run_dir = workdir / "runs" / "failures"
+    proc = launch(*overrides, "cluster.max_failures=1", extra_env={CRASH_ENV: "30:1"}, wait=False)
+    wait_for_checkpoint(run_dir, 15, proc)
+    workers = ray_train_workers(proc.pid)
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGKILL)
     code, out = finish(proc)
-    assert code == 0, out[-3000:]
+    assert code != 0, out[-3000:]
     assert out.count("Started training worker group") >= 2, "the worker group was restarted"
-    assert_same_weights(final_weights(workdir / "runs" / "killed-worker"), reference_weights)
-
-
-def test_crash_during_a_checkpoint_save_keeps_the_previous_one_as_latest(workdir, corpus_file,
-                                                                        reference_weights):
-    overrides = training_overrides(workdir, corpus_file, "crash-in-save")
-    run_dir = workdir / "runs" / "crash-in-save"
-    code, out = launch(*overrides, extra_env={CRASH_ENV: "30:1"})  # rank 1 dies inside step 30's save
-    assert code != 0
     latest = find_latest_checkpoint(run_dir)
     assert latest.name == "checkpoint_000015"
     assert not is_complete(run_dir / "checkpoint_000030")
@@ -139,23 +135,8 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one_as_latest(workdir
 
     code, out = launch(*overrides)  # the same command again continues from step 15
     assert code == 0, out[-3000:]
-    assert f"resuming run crash-in-save from {run_dir}/checkpoint_000015" in out
+    assert f"resuming run failures from {run_dir}/checkpoint_000015" in out
     assert_same_weights(final_weights(run_dir), reference_weights)
-
-
-def test_sigterm_checkpoints_at_the_next_log_step_and_exits_cleanly(workdir, corpus_file):
-    overrides = training_overrides(workdir, corpus_file, "preempted")
-    run_dir = workdir / "runs" / "preempted"
-    proc = launch(*overrides, wait=False)
-    wait_for_checkpoint(run_dir, 15, proc)
-    proc.send_signal(signal.SIGTERM)
-    code, out = finish(proc)
-    assert code == 0, out[-3000:]
-    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+) of 45", out).group(1))
-    assert 15 < stopped_at < 45 and stopped_at % 10 == 0  # a log step after the signal
-    assert find_latest_checkpoint(run_dir).name == f"checkpoint_{stopped_at:06d}"
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at
-    # Continuing from it is the exact resume the crash-in-save test already checks end to end.
 
 
 def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(workdir, corpus_file, reference_weights,

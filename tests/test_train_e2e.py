@@ -1,6 +1,7 @@
 """End to end through `python -m launcher.train` on a real local Ray cluster with 2 DeepSpeed
-ZeRO-2 workers and W&B offline: loss falls, summary.json is complete, the checkpoint loads and
-reproduces the reported val loss, W&B holds the metrics, and rerunning the command resumes.
+ZeRO-2 workers and W&B offline: a SIGTERM (preemption, `ray job stop`) checkpoints at the next log
+step and exits cleanly, rerunning the command resumes, loss falls, summary.json is complete, the
+checkpoint loads and reproduces the reported val loss, and W&B holds the metrics of both parts.
 (Multirun sweeps run through `ray job submit` in test_cluster_e2e.py: the same entry point, with the
 table, sweep_summary.json and the shared W&B group checked there.)"""
 
@@ -8,8 +9,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,19 +26,39 @@ from wandb_offline import read_run
 pytestmark = pytest.mark.slow
 
 
+def start(cwd: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=900)
+    if proc.returncode not in (0, 2):
+        print(stdout[-5000:], stderr[-5000:])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def launch(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, capture_output=True,
-                            text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if result.returncode not in (0, 2):
-        print(result.stdout[-5000:], result.stderr[-5000:])
-    return result
+    return finish(start(cwd, *overrides))
+
+
+def wait_for_checkpoint(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    from lm.checkpoint import is_complete
+
+    deadline = time.time() + timeout
+    while not is_complete(path):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
 
 
 def tiny_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
-    return ["model=tiny", "model.block_size=64", "deepspeed=zero2", "cluster.num_workers=2", "data=text",
-            f"data.path={corpus_file}", "data.vocab_size=512", "trainer.micro_batch_size=4",
-            "trainer.eval_every=15", "trainer.ckpt_every=15", "trainer.log_every=5", "trainer.sample_tokens=20",
-            f"run.storage={tmp_path}/runs", f"logging.dir={tmp_path}/wandb", f"data.cache_dir={tmp_path}/cache"]
+    """A model slow enough (~0.1 s/step) to be interrupted between checkpoints, fast enough for CI."""
+    return ["model=tiny", "model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=64",
+            "deepspeed=zero2", "cluster.num_workers=2", "data=text", f"data.path={corpus_file}",
+            "data.vocab_size=512", "trainer.micro_batch_size=4", "trainer.eval_every=15", "trainer.ckpt_every=15",
+            "trainer.log_every=5", "trainer.sample_tokens=20", f"run.storage={tmp_path}/runs",
+            f"logging.dir={tmp_path}/wandb", f"data.cache_dir={tmp_path}/cache"]
 
 
 def tree_digest(path: Path) -> str:
@@ -67,49 +91,55 @@ def recompute_val_loss(summary: dict) -> float:
     return total / count
 
 
-def test_train_stop_resume_summary_checkpoint_and_wandb(tmp_path, corpus_file):
-    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=e2e", "trainer.max_steps=30"]
-
-    first = launch(tmp_path, *base, "trainer.stop_at_step=15")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, corpus_file):
+    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=e2e", "trainer.max_steps=45"]
     run_dir = tmp_path / "runs" / "e2e"
-    summary_15 = json.loads((run_dir / "summary.json").read_text())
-    assert summary_15["steps"] == 15 and Path(summary_15["checkpoint"]).name == "checkpoint_000015"
 
-    second = launch(tmp_path, *base)  # the same command, without the stop: continues at step 16
+    proc = start(tmp_path, *base)  # preempted after its first checkpoint: SIGTERM, as a cluster sends
+    wait_for_checkpoint(run_dir / "checkpoint_000015", proc)
+    proc.send_signal(signal.SIGTERM)
+    first = finish(proc)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+) of 45", first.stdout).group(1))
+    assert 15 < stopped_at < 45 and stopped_at % 5 == 0  # the first log step after the signal
+    summary_first = json.loads((run_dir / "summary.json").read_text())
+    assert summary_first["steps"] == stopped_at
+    assert Path(summary_first["checkpoint"]).name == f"checkpoint_{stopped_at:06d}"
+
+    second = launch(tmp_path, *base)  # the same command again continues where the first stopped
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming run e2e from {run_dir}/checkpoint_000015" in second.stdout
+    assert f"resuming run e2e from {run_dir}/checkpoint_{stopped_at:06d}" in second.stdout
     assert "sample:" in second.stdout and "checkpoint: " in second.stdout
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
-    assert summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 1 * 2 * 64
+    assert summary["steps"] == 45 and summary["tokens"] == 45 * 4 * 1 * 2 * 64
     assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]))
     assert 0 < summary["val_accuracy"] < 1 and summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
     assert summary["wall_seconds"] > 0 and summary["vocab_size"] == 512
     assert summary["config"]["run"]["name"] == "e2e" and summary["config"]["model"]["vocab_size"] == 512
-    assert Path(summary["checkpoint"]).name == "checkpoint_000030"
+    assert Path(summary["checkpoint"]).name == "checkpoint_000045"
 
     # The checkpoint loads and reproduces the val loss the workers reported.
     assert recompute_val_loss(summary) == pytest.approx(summary["val_loss"], abs=1e-4)
 
     # W&B offline runs hold the logged metrics; the second continues where the first stopped.
-    run1, run2 = read_run(summary_15["wandb_dir"]), read_run(summary["wandb_dir"])
-    assert summary_15["wandb_dir"] != summary["wandb_dir"]
+    run1, run2 = read_run(summary_first["wandb_dir"]), read_run(summary["wandb_dir"])
+    assert summary_first["wandb_dir"] != summary["wandb_dir"]
     steps1 = [h["_step"] for h in run1["history"] if "train_loss" in h]
     steps2 = [h["_step"] for h in run2["history"] if "train_loss" in h]
-    assert steps1 == [5, 10, 15] and steps2 == [20, 25, 30]
+    assert steps1 == list(range(5, stopped_at + 1, 5)) and steps2 == list(range(stopped_at + 5, 46, 5))
     metrics = {k for h in run1["history"] + run2["history"] for k in h}
     assert {"train_loss", "val_loss", "val_perplexity", "val_accuracy", "lr", "grad_norm", "tokens_per_second",
             "mfu", "memory_mb"} <= metrics
     first_loss = run1["history"][0]["train_loss"]
     last_loss = [h["train_loss"] for h in run2["history"] if "train_loss" in h][-1]
     assert last_loss < first_loss - 0.3, (first_loss, last_loss)
-    assert run2["config"]["model"]["n_embd"] == 64
+    assert run2["config"]["model"]["n_embd"] == 256
 
     # A contradicting override on the existing run fails before Ray and touches no checkpoint.
     before = tree_digest(run_dir)
     clash = launch(tmp_path, *base, "model.n_embd=128")
     assert clash.returncode == 2
-    assert "config error: model.n_embd=128 differs from the checkpoint's 64" in clash.stderr
+    assert "config error: model.n_embd=128 differs from the checkpoint's 256" in clash.stderr
     assert tree_digest(run_dir) == before
