@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all stream counts; medians are reported")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=1, help="CPUs (and torch threads) per replica; serving's default")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas; the ingress spreads requests")
     parser.add_argument("--stream-interval-ms", type=int, default=40)
     parser.add_argument("--stream-events-per-s", type=int, default=100, help="0: no cap (each stream every interval)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
@@ -108,13 +109,13 @@ def main() -> None:
     export_dir = workdir / "runs" / "bench" / "exports" / "fp32-step000000"
     export_dir.mkdir(parents=True)
     write_export(export_dir)
-    ray.init(num_cpus=args.cpus + 1, include_dashboard=False)
+    ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False)
     port = 8000 + (int(time.time()) % 1000)
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"export_dir": str(export_dir), "max_batch_size": args.max_batch_size,
-                         "cpus_per_replica": args.cpus, "stream_interval_ms": args.stream_interval_ms,
+                         "cpus_per_replica": args.cpus, "num_replicas": args.replicas, "stream_interval_ms": args.stream_interval_ms,
                          "stream_events_per_s": args.stream_events_per_s}), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # One client, its connections reused: a client per request spends the shared cores on setup.
@@ -139,7 +140,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
-                                    "cpus": args.cpus, "runs": runs, "repeats": args.repeats, "stream_interval_ms": args.stream_interval_ms,
+                                    "cpus": args.cpus, "replicas": args.replicas, "runs": runs, "repeats": args.repeats, "stream_interval_ms": args.stream_interval_ms,
                                     "stream_events_per_s": args.stream_events_per_s, "commit": commit, "date": time.strftime("%Y-%m-%d")}, indent=2))
     print(f"\nJSON: {args.out}")
 

@@ -78,9 +78,12 @@ def start_ray(cfg: TrainConfig) -> None:
         need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         # A private, loopback-only Ray for this process: token auth has nothing to protect here.
         # The dashboard stays on (127.0.0.1): Ray Train's controller queries the state API it serves.
+        # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
+        # this one machine has none, and SIGTERM is handled by StopOnSigterm.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}})
+                 runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
 def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None, stop_file: str) -> dict:
