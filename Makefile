@@ -41,6 +41,7 @@ test-fast: install  ## the tests that start no Ray cluster
 bench: install  ## the speed benchmarks (benchmarks/*.py): tables printed, JSON in benchmarks/results/
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode_throughput.py
+	$(PY) benchmarks/int8_kernels.py
 	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/recipe_parity.py $(if $(DATA),--data $(DATA),)
 
