@@ -12,10 +12,7 @@ random weights (speed does not depend on training). Greedy decoding of --new-tok
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +23,8 @@ from lm.engine import Engine, SamplingParams
 from lm.export import export_state, serving_model
 from lm.hf_format import hf_config, to_hf_state_dict
 from lm.model import GPT
+
+from report import write_report  # benchmarks/ (run as a script)
 
 SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 PROMPT_TOKENS = 16
@@ -110,13 +109,8 @@ def main() -> None:
         batch = key.rsplit(" ", 1)[-1]
         hf_ref, fp32_ref = (hf1, fp32_1) if batch == "1" else (hf8, fp32_8)
         print(f"{key:<38} {value:>10.1f} {value / hf_ref:>6.2f}x {value / fp32_ref:>7.2f}x")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"results_tokens_per_second": results, "threads": args.threads, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "shape": SHAPE, "torch": torch.__version__, "commit": commit,
-              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {args.out}")
+    write_report(args.out, {"results_tokens_per_second": results, "threads": args.threads,
+                            "new_tokens": args.new_tokens, "repeats": args.repeats, "shape": SHAPE})
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ on each quantized engine (FBGEMM, oneDNN, x86; what int8 exports use), `torch._i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +22,8 @@ from pathlib import Path
 import torch
 
 from lm.inference import int8_linear
+
+from report import write_report  # benchmarks/ (run as a script)
 
 SHAPES = {"attn qkv": (384, 1152), "attn proj": (384, 384), "mlp fc": (384, 1536), "mlp proj": (1536, 384),
           "head": (384, 8192)}
@@ -99,11 +99,7 @@ def main() -> None:
             fp32_total = fp32_total or total
             print(f"{name:<28}"[:28] + "".join(f"{us[s]:>11.1f}" for s in SHAPES)
                   + f"{total:>11.0f}{fp32_total / total:>8.2f}x")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "results": results, "commit": commit,
-                                    "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"\nJSON: {args.out}")
+    write_report(args.out, {"threads": args.threads, "results": results})
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ tensor); `fused=True` is one kernel per tensor. lm.trainer.build_optimizer uses 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import torch
 from lm.config import ModelConfig
 from lm.model import GPT
 from lm.trainer import optimizer_param_groups
+
+from report import write_report  # benchmarks/ (run as a script)
 
 MODELS = {"recipe 4x128": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=128, bias=False),
           "bench 6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)}
@@ -61,11 +61,7 @@ def main() -> None:
         base = next(b["ms_per_step"] for b in rows if b["model"] == r["model"])
         print(f"{r['model']:<14}{r['params']:>12,}  {r['variant']:<24}{r['ms_per_step']:>9.2f}"
               f"{base / r['ms_per_step']:>10.2f}x")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "rows": rows, "commit": commit,
-                                    "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"\nJSON: {args.out}")
+    write_report(args.out, {"threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="recipe_parity_"))
     data = args.data.resolve() if args.data else stand_in_text(workdir)
-    overrides = [f"experiment=shakespeare_char", f"data.path={data}", f"trainer.max_steps={args.max_steps}",
+    overrides = ["experiment=shakespeare_char", f"data.path={data}", f"trainer.max_steps={args.max_steps}",
                  "logging=none", f"run.storage={workdir}/runs", f"data.cache_dir={workdir}/cache", "run.name=parity"]
     start = time.perf_counter()
     reached, evals = None, []

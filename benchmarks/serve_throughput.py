@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sysconfig
 import tempfile
 import time
@@ -32,6 +31,7 @@ from lm.model import GPT
 from lm.tokenizer import ByteBPETokenizer
 
 from decode_throughput import SHAPE  # the same model shape as the decode benchmark (run as a script)
+from report import write_report
 
 STREAMS = (1, 4, 16, 64)
 
@@ -137,12 +137,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['streams']:>7} {r['tokens_per_second']:>9.1f} {r['tokens_per_second'] / single:>10.2f}x "
               f"{r['chunks_per_second']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p99'] * 1000:>7.0f}ms")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
-                                    "cpus": args.cpus, "replicas": args.replicas, "runs": runs, "repeats": args.repeats, "stream_interval_ms": args.stream_interval_ms,
-                                    "stream_events_per_s": args.stream_events_per_s, "commit": commit, "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"\nJSON: {args.out}")
+    write_report(args.out, {"rows": rows, "runs": runs, "repeats": args.repeats, "max_tokens": args.max_tokens,
+                            "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
+                            "stream_interval_ms": args.stream_interval_ms,
+                            "stream_events_per_s": args.stream_events_per_s})
 
 
 if __name__ == "__main__":

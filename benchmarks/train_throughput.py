@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from lm.config import (ClusterConfig, DataConfig, DeepSpeedConfig, LoggingConfig
                        TrainConfig, TrainerConfig, config_to_dict)
 from lm.mfu import measure_matmul_flops  # noqa: E402
 from lm.model import GPT, flops_per_token  # noqa: E402
+from report import write_report  # noqa: E402  (benchmarks/, run as a script)
 
 SHAPE = dict(name="small", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 BATCH, SEQ, THREADS = 8, 256, 2
@@ -215,14 +215,9 @@ def main() -> None:
           f"MFU = {fpt / 1e6:.1f} MFLOP/token x tokens/s / peak")
     for name, value in ratios.items():
         print(f"{name:<42} {value:>9}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"tokens_per_second": results, "samples": samples, "ratios": ratios,
-                                    "peak_fp32_flops": peak, "flops_per_token": fpt, "steps": args.steps,
-                                    "repeats": args.repeats, "commit": commit, "torch": torch.__version__,
-                                    "machine": platform.processor() or platform.machine(),
-                                    "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"\nJSON: {args.out}")
+    write_report(args.out, {"tokens_per_second": results, "samples": samples, "ratios": ratios,
+                            "peak_fp32_flops": peak, "flops_per_token": fpt, "steps": args.steps,
+                            "repeats": args.repeats})
 
 
 if __name__ == "__main__":
