@@ -79,6 +79,16 @@ def test_bad_input_fails_with_one_line_before_ray_starts(tmp_path, overrides, me
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists(), "nothing may be written"
 
 
+def test_checking_a_command_line_does_not_import_torch():
+    """Config errors come before any expensive work: the modules the check runs import no torch (~3 s)."""
+    probe = ("import sys; import launcher.train; from lm.pretrained import inspect_pretrained; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'deepspeed', 'ray'))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_empty_corpus_is_rejected_by_name(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     result = run_launcher(tmp_path, "data=text", f"data.path={tmp_path}/empty.txt")
