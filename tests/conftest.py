@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,18 @@ def composed(*overrides: str):
     register_schema()
     with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
+    """Poll until the run's checkpoint at `step` is complete, while its process `proc` still runs."""
+    from lm.checkpoint import is_complete
+
+    path = run_dir / f"checkpoint_{step:06d}"
+    deadline = time.time() + timeout
+    while not is_complete(path):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -9,14 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from conftest import REPO, composed, free_port, run_on_ranks
+from conftest import REPO, composed, free_port, run_on_ranks, wait_for_checkpoint
 from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict, load_model
 from wandb_offline import read_run
 
@@ -51,15 +50,6 @@ def launch(*overrides, extra_env=None, wait=True):
 def finish(proc, timeout=600):
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
-
-
-def wait_for_checkpoint(run_dir: Path, step: int, proc, timeout=300) -> None:
-    path = run_dir / f"checkpoint_{step:06d}"
-    deadline = time.time() + timeout
-    while not is_complete(path):
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, f"no {path} after {timeout}s"
-        time.sleep(0.05)
 
 
 def final_weights(run_dir: Path) -> dict:

@@ -3,7 +3,6 @@ manifest has the fields KubeRay requires and runs a real entry point with a conf
 multi-node runs refuse node-local storage."""
 
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml

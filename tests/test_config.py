@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import REPO, composed
 from launcher.schema import to_train_config

@@ -13,13 +13,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, wait_for_checkpoint
 from launcher.summary import SUMMARY_KEYS
 from wandb_offline import read_run
 
@@ -40,16 +39,6 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
 
 def launch(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return finish(start(cwd, *overrides))
-
-
-def wait_for_checkpoint(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    from lm.checkpoint import is_complete
-
-    deadline = time.time() + timeout
-    while not is_complete(path):
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, f"no {path} after {timeout}s"
-        time.sleep(0.05)
 
 
 def tiny_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
@@ -73,7 +62,7 @@ def recompute_val_loss(summary: dict) -> float:
     """Evaluate the exported weights on the same val windows the trainer used (2 ranks' shards)."""
     from lm.checkpoint import load_model
     from lm.config import config_from_dict, sequence_length
-    from lm.data import PreparedData, TokenShardLoader, cache_key
+    from lm.data import PreparedData, TokenShardLoader
 
     model, _, _ = load_model(summary["checkpoint"])
     cfg = config_from_dict(summary["config"])
@@ -96,7 +85,7 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     run_dir = tmp_path / "runs" / "e2e"
 
     proc = start(tmp_path, *base)  # preempted after its first checkpoint: SIGTERM, as a cluster sends
-    wait_for_checkpoint(run_dir / "checkpoint_000015", proc)
+    wait_for_checkpoint(run_dir, 15, proc)
     proc.send_signal(signal.SIGTERM)
     first = finish(proc)
     assert first.returncode == 0, first.stderr[-3000:]
