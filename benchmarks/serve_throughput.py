@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="model replicas; the ingress spreads requests")
     parser.add_argument("--stream-interval-ms", type=int, default=40)
     parser.add_argument("--stream-events-per-s", type=int, default=100, help="0: no cap (each stream every interval)")
+    parser.add_argument("--compile", action="store_true", help="serve.compile: the decode step compiled at start-up")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     args = parser.parse_args()
 
@@ -116,7 +117,8 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"export_dir": str(export_dir), "max_batch_size": args.max_batch_size,
                          "cpus_per_replica": args.cpus, "num_replicas": args.replicas, "stream_interval_ms": args.stream_interval_ms,
-                         "stream_events_per_s": args.stream_events_per_s}), name="bench", route_prefix="/")
+                         "stream_events_per_s": args.stream_events_per_s, "compile": args.compile}),
+                  name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # One client, its connections reused: a client per request spends the shared cores on setup.
         client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=max(STREAMS)))
@@ -140,7 +142,7 @@ def main() -> None:
     write_report(args.out, {"rows": rows, "runs": runs, "repeats": args.repeats, "max_tokens": args.max_tokens,
                             "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
                             "stream_interval_ms": args.stream_interval_ms,
-                            "stream_events_per_s": args.stream_events_per_s})
+                            "stream_events_per_s": args.stream_events_per_s, "compile": args.compile})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
-            "stream_events_per_s": s.stream_events_per_s}
+            "stream_events_per_s": s.stream_events_per_s, "compile": s.compile}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

@@ -42,7 +42,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
-                 stream_interval_ms: int = 40, stream_events_per_s: int = 100):
+                 stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False):
         import torch
 
         from lm.engine import Engine
@@ -50,7 +50,7 @@ class LanguageModel:
 
         torch.set_num_threads(threads)
         model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
-        self.engine = Engine(model, tokenizer, max_batch_size)
+        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many
         # streams each one's interval grows so that together they send about stream_events_per_s.
@@ -211,7 +211,7 @@ def newest_export(run_dir: Path) -> Path:
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
-              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s"}
+              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile"}
 
 
 def build(args: dict):
@@ -219,7 +219,8 @@ def build(args: dict):
 
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
-    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s."""
+    cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s;
+    compile (torch.compile the decode step when a replica starts)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -247,7 +248,8 @@ def build(args: dict):
         options["num_replicas"] = replicas
     model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0,
                                                    int(args.get("stream_interval_ms", 40)),
-                                                   int(args.get("stream_events_per_s", 100)))
+                                                   int(args.get("stream_events_per_s", 100)),
+                                                   bool(args.get("compile", False)))
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

@@ -86,7 +86,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 class Engine:
     """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16):
+    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, compile: bool = False):
         self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
@@ -100,6 +100,28 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._ids = itertools.count()
+        if compile:
+            self._compile_decode()
+
+    def _compile_decode(self) -> None:
+        """torch.compile the decode step, and compile each of its shape classes now, before any
+        request: one sequence; several at one position; several at different positions (masked).
+        Sizes and lengths are symbolic, so continuous batching does not recompile. Small-batch
+        decoding is bound by per-op overhead and weight bytes: on CPU the C++ wrapper removes the
+        Python between kernels, and int8 layers switch to a weight-only kernel (lm.inference)."""
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        # Compiled code is cached per Python function, so every model structure compiled in this
+        # process (fp32 and int8, gpt2 and llama) adds its 3 entries to the same cache; past torch's
+        # default limit of 8 the step would silently run eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if "decode_step" not in vars(self.model):  # once per model, however many engines it serves
+            self.model.decode_step = torch.compile(self.model.decode_step, dynamic=True, options=options)
+        shapes = [[3]] + ([[3, 3], [2, 3]] if self.max_batch_size > 1 else [])
+        for positions in shapes:  # fresh ids, as in `step`: a view would add guards on its base
+            ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
+            self.model.decode(ids, positions, self.k_caches, self.v_caches)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache.zero_()
 
     @property
     def free_slots(self) -> list[int]:

@@ -221,12 +221,20 @@ class GPT(nn.Module):
     def decode(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
                v_caches: list[torch.Tensor]) -> torch.Tensor:
         """Next-token logits (B, vocab) after one token per sequence; sequence b sits in cache slot b
-        with positions[b] tokens before this one. Masks and position tables are built once per step."""
-        B = ids.numel()
+        with positions[b] tokens before this one."""
         length = max(positions) + 1
         if length > self.cfg.block_size:
             raise ValueError(f"sequence length {length} exceeds model.block_size={self.cfg.block_size}")
         pos = torch.tensor(positions, device=ids.device)
+        return self.decode_step(ids, pos, length, min(positions) != length - 1, k_caches, v_caches)
+
+    @torch.no_grad()
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, length: int, ragged: bool,
+                    k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """`decode` on tensors only (what the engine compiles): `length` is the longest sequence's
+        length with this token, `ragged` whether some sequences are shorter (then a mask hides the
+        keys past each one's position). Masks and position tables are built once per step."""
+        B = ids.numel()
         x = self.wte(ids)[:, None]
         rope = None
         if self.wpe is not None:
@@ -234,7 +242,7 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, D/2)
         mask = None  # all sequences at the same position see every cached key
-        if min(positions) != length - 1:
+        if ragged:
             mask = (torch.arange(length, device=ids.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, length)
         rows = torch.arange(B, device=ids.device)
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):

@@ -1,5 +1,6 @@
 """Engine: KV-cache decoding equals decoding without a cache; batched equals one at a time; the
-same seed gives the same sample; requests join a running batch; bad parameters name their field."""
+same seed gives the same sample; requests join a running batch; bad parameters name their field;
+the compiled decode step (serve.compile) decodes as the eager one does."""
 
 import string
 
@@ -132,3 +133,30 @@ def test_an_aborted_request_frees_its_slot_and_the_others_continue():
     assert kept.output_ids == greedy_without_cache(m, "world", 12)
     assert waiting.output_ids == greedy_without_cache(m, "abc", 12)
     assert engine.free_slots == [0, 1]
+
+
+def test_compiled_decoding_equals_eager_and_does_not_recompile_as_the_batch_changes():
+    from torch._dynamo.utils import counters
+
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (5, 20, 10, 15)]  # batch 4 -> 3 -> 2 -> 1
+    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    together = engine.generate(PROMPTS, params)  # prompts of different lengths: masked (ragged) steps
+    alone = engine.generate(PROMPTS[:1], params[1])
+    assert counters["stats"]["unique_graphs"] == graphs, "every shape was compiled before the first request"
+    reference = Engine(model("gpt2"), TOKENIZER, max_batch_size=4)
+    assert [s.output_ids for s in together] == [s.output_ids for s in reference.generate(PROMPTS, params)]
+    assert alone[0].output_ids == reference.generate(PROMPTS[:1], params[1])[0].output_ids
+
+
+def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
+    """Compiled, int8 layers run a weight-only kernel; `use_weight_only_int8` is that arithmetic in eager."""
+    from lm.export import export_state, serving_model
+    from lm.inference import use_weight_only_int8
+
+    m = model("gpt2")
+    eager, compiled = (serving_model(export_state(m.state_dict(), "int8"), m.cfg, "int8") for _ in range(2))
+    use_weight_only_int8(eager)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    out = Engine(compiled, TOKENIZER, max_batch_size=1, compile=True).generate(PROMPTS[2:3], params)
+    assert out[0].output_ids == Engine(eager, TOKENIZER, max_batch_size=1).generate(PROMPTS[2:3], params)[0].output_ids

@@ -62,7 +62,7 @@ def test_reduced_precision_exports_pass_the_perplexity_gate(trained, tmp_path, p
     model, _, _, loaded_precision = load_export(tmp_path / precision)
     assert loaded_precision == precision
     if precision == "int8":  # served (and gated) as int8 matmuls, the output head included
-        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+        from lm.inference import Int8Linear
 
         assert isinstance(model.h[0].attn.c_attn, Int8Linear) and isinstance(model.lm_head, Int8Linear)
 
