@@ -8,7 +8,6 @@ Any ZeRO stage and number of ranks; the perplexity check uses the run's own vali
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
