@@ -5,6 +5,13 @@ from __future__ import annotations
 from lm.config import TrainConfig, global_batch_size
 
 
+def trainer_clips_gradients(cfg: TrainConfig) -> bool:
+    """ZeRO-0 in fp32: the trainer clips (torch's foreach clip_grad_norm_) instead of DeepSpeed, whose
+    clip loops over parameters and all-reduces a norm that ZeRO-0's already averaged gradients
+    make identical on every rank. Other stages and bf16 clip inside DeepSpeed's optimizer wrappers."""
+    return cfg.deepspeed.zero_stage == 0 and cfg.trainer.precision == "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     ds, t = cfg.deepspeed, cfg.trainer
     zero: dict = {"stage": ds.zero_stage}
@@ -21,7 +28,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_batch_size": global_batch_size(cfg),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
         # Our client optimizer is torch's AdamW: DeepSpeed's fused/CPU Adam would JIT-compile

@@ -26,7 +26,7 @@ from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint
 from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
                        tokens_per_step)
 from lm.data import PreparedData, TokenShardLoader
-from lm.deepspeed_config import deepspeed_config
+from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
 from lm.mfu import PeakFlops, mfu, peak_flops
 from lm.model import GPT, flops_per_token
 
@@ -216,6 +216,9 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     fpt = flops_per_token(cfg.model, seq, model.num_params(numel=_numel))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
+    clip_here = trainer_clips_gradients(cfg)
+    if clip_here and world == 1:  # nothing to average, yet DeepSpeed would flatten, reduce and copy back
+        engine.enable_backward_allreduce = False  # every gradient each step
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
     loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed,
                               loss_mask=data.loss_mask("train"))
@@ -243,9 +246,13 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         for micro in range(t.grad_accum):
             x, y = (b.to(device) for b in loader.next_batch())
             _, loss = engine(x, y)
-            engine.backward(loss)
-            if log_now and micro == t.grad_accum - 1 and cfg.deepspeed.zero_stage == 0:
-                grad_norm = _reduced_grad_norm(engine.module)  # ZeRO-0 does not keep its clip norm
+            engine.backward(loss)  # ZeRO-0: gradients are averaged across ranks when this returns
+            if micro == t.grad_accum - 1:
+                if clip_here and (cfg.optim.grad_clip > 0 or log_now):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
+                                                               cfg.optim.grad_clip or math.inf, foreach=True)
+                elif log_now and cfg.deepspeed.zero_stage == 0:
+                    grad_norm = _reduced_grad_norm(engine.module)  # ZeRO-0 does not keep its clip norm
             engine.step()
             loss_sum += loss.detach().float()
         state["step"] = step
