@@ -1,6 +1,6 @@
 """One-GPU benchmark without Ray (run by benchmarks/gpu.sh): DeepSpeed ZeRO-1 training of the
 GPT-2 124M-class model in bf16 through our trainer (tokens/s, MFU against the GPU's dense bf16
-peak), then the serving engine's decode tokens/s on the same shape.
+peak), then the serving engine's decode tokens/s on the same shape, eager and compiled.
 
     python benchmarks/gpu_bench.py [--steps 40] [--micro-batch 16] [--device cuda]
 
@@ -79,8 +79,9 @@ def train_benchmark(shape: dict, args, workdir: Path) -> dict:
             "tokens_per_step": args.micro_batch * seq}
 
 
-def decode_benchmark(shape: dict, args) -> dict:
-    from lm.engine import Engine, SamplingParams
+def decode_benchmark(shape: dict, args, batches: list[int], compile: bool = False) -> dict:
+    """Decode tokens/s per batch size; `compile`: the engine's compiled decode step (serve.compile)."""
+    from lm.engine import Engine
     from lm.model import GPT
 
     class TokenIds:  # ids are the text: the benchmark measures the model and the decode loop
@@ -92,17 +93,20 @@ def decode_benchmark(shape: dict, args) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = GPT(ModelConfig(**shape)).to(device=args.device, dtype=dtype).eval()
-    results = {}
-    for batch in args.decode_batches:
-        engine = Engine(model, TokenIds(), max_batch_size=batch)
-        prompts = [list(range(i, i + 16)) for i in range(batch)]
-        engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))  # warm-up
-        start = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0))
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        results[batch] = batch * args.new_tokens / (time.perf_counter() - start)
-    return results
+    return {batch: decode_tokens_per_second(Engine(model, TokenIds(), max_batch_size=batch, compile=compile), batch, args)
+            for batch in batches}
+
+
+def decode_tokens_per_second(engine, batch: int, args) -> float:
+    from lm.engine import SamplingParams
+
+    prompts = [list(range(i, i + 16)) for i in range(batch)]
+    engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))  # warm-up
+    start = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return batch * args.new_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -114,6 +118,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke check of the script")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--compile-batches", type=int, nargs="*", default=[1, 8],
+                        help="batch sizes to decode again with the compiled decode step (none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gpu.json")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -122,7 +128,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         train_result = train_benchmark(shape, args, Path(tmp))
-    decode = decode_benchmark(shape, args)
+    decode = decode_benchmark(shape, args, args.decode_batches)
+    compiled: dict = {}
+    if args.compile_batches:
+        try:  # untested on CUDA before this script's first GPU run: a failure must not lose the numbers above
+            compiled = decode_benchmark(shape, args, args.compile_batches, compile=True)
+        except Exception as error:  # noqa: BLE001
+            compiled = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
 
     print(f"\n{shape['name']} ({shape['n_layer']}L/{shape['n_embd']}/{shape['n_head']}H, T={shape['block_size']}, "
           f"vocab {shape['vocab_size']}) on {device_name}, {args.precision}")
@@ -131,10 +143,16 @@ def main() -> None:
           f"MFU {train_result['mfu']:.1%}  ({train_result['peak_flops_source']})")
     for batch, value in decode.items():
         print(f"{f'decode: engine, batch {batch}, {args.new_tokens} new tokens':<44} {value:>10.0f} tokens/s")
+    for batch, value in compiled.items():
+        if batch == "error":
+            print(f"decode, compiled: failed: {value}")
+        else:
+            print(f"{f'decode: engine compiled, batch {batch}':<44} {value:>10.0f} tokens/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device_name, "shape": shape, "precision": args.precision,
                                     "steps": args.steps, "micro_batch": args.micro_batch, "train": train_result,
-                                    "decode_tokens_per_second": decode, "torch": torch.__version__,
+                                    "decode_tokens_per_second": decode,
+                                    "decode_compiled_tokens_per_second": compiled, "torch": torch.__version__,
                                     "date": time.strftime("%Y-%m-%d")}, indent=2))
     print(f"JSON: {args.out}")
 
