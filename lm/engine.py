@@ -112,8 +112,10 @@ class Engine:
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         # Compiled code is cached per Python function, so every model structure compiled in this
         # process (fp32 and int8, gpt2 and llama) adds its 3 entries to the same cache; past torch's
-        # default limit of 8 the step would silently run eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # default limit of 8 the step would silently run eagerly (older torch names it cache_size_limit).
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         if "decode_step" not in vars(self.model):  # once per model, however many engines it serves
             self.model.decode_step = torch.compile(self.model.decode_step, dynamic=True, options=options)
         shapes = [[3]] + ([[3, 3], [2, 3]] if self.max_batch_size > 1 else [])
