@@ -7,7 +7,9 @@ directory in storage. Rank 0 alone talks to W&B.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -16,6 +18,11 @@ import tempfile
 # Fault injection for the tests of checkpoint atomicity: "<step>:<rank>" makes that rank exit
 # between writing its part of that step's checkpoint and reporting it to Ray.
 CRASH_IN_CHECKPOINT_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
+
+
+def staging_root(run_name: str) -> str:
+    """Where this node's ranks stage their parts of a run's checkpoints before Ray copies them to storage."""
+    return os.path.join(tempfile.gettempdir(), "lmstack-staging-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_name))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -56,8 +63,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sys.stdout.write(format_metrics(metrics, step) + "\n")
         sys.stdout.flush()
 
+    # A worker killed mid-save (preemption, a lost node, OOM) leaves its staged part behind; the next
+    # attempt's same rank on this node removes it before training, so failures do not fill the disk.
+    staging = staging_root(cfg.run.name)
+    os.makedirs(staging, exist_ok=True)
+    for stale in glob.glob(os.path.join(staging, f"ckpt_*_rank{rank}_*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
     def checkpoint_dir(step: int) -> str:
-        return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_")
+        return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_", dir=staging)
 
     def commit_checkpoint(step: int, path: str, metrics: dict) -> None:
         if os.environ.get(CRASH_IN_CHECKPOINT_ENV) == f"{step}:{rank}":

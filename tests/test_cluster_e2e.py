@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, composed, free_port, run_on_ranks, wait_for_checkpoint
+from launcher.ray_worker import staging_root
 from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict, load_model
 from wandb_offline import read_run
 
@@ -123,10 +124,14 @@ def test_killed_worker_restarts_and_a_crash_in_a_save_keeps_the_previous_checkpo
     model, _, _ = load_model(latest)
     assert sum(p.numel() for p in model.parameters()) > 0
 
+    staged = Path(staging_root("failures"))
+    assert list(staged.glob("ckpt_000030_rank1_*")), "the crashed rank's staged part was left behind"
+
     code, out = launch(*overrides)  # the same command again continues from step 15
     assert code == 0, out[-3000:]
     assert f"resuming run failures from {run_dir}/checkpoint_000015" in out
     assert_same_weights(final_weights(run_dir), reference_weights)
+    assert not list(staged.iterdir()), "the rerun removed what the failed workers had staged"
 
 
 def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(workdir, corpus_file, reference_weights,
