@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lm.inference import int8_linear
+from lm.inference import Int8Linear
 
 from report import write_report  # benchmarks/ (run as a script)
 
@@ -56,7 +56,7 @@ def kernels(in_features: int, out_features: int, rows: int) -> dict:
     for engine in ("fbgemm", "onednn", "x86"):
         if engine in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = engine
-            layer = int8_linear(q, scale, torch.zeros(out_features))  # packs the weights for this engine
+            layer = Int8Linear(q, scale, torch.zeros(out_features)).dynamic  # FBGEMM-packed for this engine
 
             def call(layer=layer, engine=engine):
                 torch.backends.quantized.engine = engine
@@ -64,6 +64,8 @@ def kernels(in_features: int, out_features: int, rows: int) -> dict:
             calls[f"dynamic int8 ({engine})"] = call
     calls["_int_mm int8"] = lambda: torch._int_mm(x_q, q_t)
     calls["_weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, q, scale)
+    scale_bf16 = scale.bfloat16()  # bf16 activations take its AVX-512 path (the compiled engine's int8 kernel)
+    calls["_weight_int8pack_mm bf16 x"] = lambda: torch._weight_int8pack_mm(x_bf16, q, scale_bf16)
     calls["bf16 GEMM"] = lambda: x_bf16 @ w_t_bf16
     return calls
 
