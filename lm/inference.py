@@ -54,15 +54,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.dynamic = _fbgemm_linear(q, scale, self.bias)
         self.weight_only = False
+        # The weight-only kernel needs in_features % 16 == 0 (other widths crash or miscompute).
+        self.kernel_fits = self.in_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.weight_only or torch.compiler.is_compiling()):
             return self.dynamic(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        # The kernel is a GEMV (its time grows with every row) and needs in_features % 16 == 0 (other
-        # widths crash or miscompute); otherwise the same arithmetic goes through an fp32 GEMM.
-        kernel = self.in_features % 16 == 0 and (torch.compiler.is_compiling() or rows.shape[0] <= 16)
-        if kernel:
+        # The kernel is a GEMV (its time grows with every row); where it does not fit or pay, the same
+        # arithmetic goes through an fp32 GEMM.
+        if self.kernel_fits and (torch.compiler.is_compiling() or rows.shape[0] <= 16):
             y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale_bf16)
         else:
             weight = self.weight_int8.float() * self.scale_bf16.float()[:, None]

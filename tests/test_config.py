@@ -1,6 +1,7 @@
 """Config: composition gives the documented recipes, and every bad input fails on the driver, before
 Ray starts and before anything is written, with one line naming the field and what is allowed."""
 
+import os
 import subprocess
 import sys
 
@@ -64,7 +65,7 @@ def run_launcher(tmp_path, *overrides):
     args = [sys.executable, "-m", "launcher.train", *overrides, "logging=none",
             f"run.storage={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache"]
     return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
@@ -83,7 +84,7 @@ def test_checking_a_command_line_does_not_import_torch():
     probe = ("import sys; import launcher.train; from lm.pretrained import inspect_pretrained; "
              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'deepspeed', 'ray'))))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
