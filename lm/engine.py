@@ -104,21 +104,21 @@ class Engine:
             self._compile_decode()
 
     def _compile_decode(self) -> None:
-        """torch.compile the decode step, and compile each of its shape classes now, before any
-        request: one sequence; several at one position; several at different positions (masked).
-        Sizes and lengths are symbolic, so continuous batching does not recompile. Small-batch
+        """torch.compile the decode step, and compile both of its shape classes now, before any
+        request: one sequence; several (masked). Sizes and lengths are symbolic, so continuous
+        batching does not recompile. Small-batch
         decoding is bound by per-op overhead and weight bytes: on CPU the C++ wrapper removes the
         Python between kernels, and int8 layers switch to a weight-only kernel (lm.inference)."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         # Compiled code is cached per Python function, so every model structure compiled in this
-        # process (fp32 and int8, gpt2 and llama) adds its 3 entries to the same cache; past torch's
+        # process (fp32 and int8, gpt2 and llama) adds its 2 entries to the same cache; past torch's
         # default limit of 8 the step would silently run eagerly (older torch names it cache_size_limit).
         dynamo = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         if "decode_step" not in vars(self.model):  # once per model, however many engines it serves
             self.model.decode_step = torch.compile(self.model.decode_step, dynamic=True, options=options)
-        shapes = [[3]] + ([[3, 3], [2, 3]] if self.max_batch_size > 1 else [])
+        shapes = [[3]] + ([[2, 3]] if self.max_batch_size > 1 else [])
         for positions in shapes:  # fresh ids, as in `step`: a view would add guards on its base
             ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
             self.model.decode(ids, positions, self.k_caches, self.v_caches)

@@ -226,14 +226,16 @@ class GPT(nn.Module):
         if length > self.cfg.block_size:
             raise ValueError(f"sequence length {length} exceeds model.block_size={self.cfg.block_size}")
         pos = torch.tensor(positions, device=ids.device)
-        return self.decode_step(ids, pos, length, min(positions) != length - 1, k_caches, v_caches)
+        # Several sequences always attend through the mask, even at one position: a compiled step then
+        # has one graph for every batch of two or more, and the mask costs nothing measurable.
+        return self.decode_step(ids, pos, length, len(positions) > 1, k_caches, v_caches)
 
     @torch.no_grad()
-    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, length: int, ragged: bool,
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, length: int, masked: bool,
                     k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         """`decode` on tensors only (what the engine compiles): `length` is the longest sequence's
-        length with this token, `ragged` whether some sequences are shorter (then a mask hides the
-        keys past each one's position). Masks and position tables are built once per step."""
+        length with this token; `masked`: a mask hides the keys past each sequence's position (needed
+        when some are shorter). Masks and position tables are built once per step."""
         B = ids.numel()
         x = self.wte(ids)[:, None]
         rope = None
@@ -241,8 +243,8 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)[:, None]
         else:
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, D/2)
-        mask = None  # all sequences at the same position see every cached key
-        if ragged:
+        mask = None  # one sequence sees every cached key
+        if masked:
             mask = (torch.arange(length, device=ids.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, length)
         rows = torch.arange(B, device=ids.device)
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):

@@ -141,12 +141,14 @@ def test_compiled_decoding_equals_eager_and_does_not_recompile_as_the_batch_chan
     params = [SamplingParams(max_tokens=n, temperature=0) for n in (5, 20, 10, 15)]  # batch 4 -> 3 -> 2 -> 1
     engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, compile=True)
     graphs = counters["stats"]["unique_graphs"]
-    together = engine.generate(PROMPTS, params)  # prompts of different lengths: masked (ragged) steps
+    together = engine.generate(PROMPTS, params)  # prompts of different lengths
     alone = engine.generate(PROMPTS[:1], params[1])
+    in_step = engine.generate(PROMPTS[2:3] * 2, params[:2])  # two sequences at one position
     assert counters["stats"]["unique_graphs"] == graphs, "every shape was compiled before the first request"
     reference = Engine(model("gpt2"), TOKENIZER, max_batch_size=4)
     assert [s.output_ids for s in together] == [s.output_ids for s in reference.generate(PROMPTS, params)]
     assert alone[0].output_ids == reference.generate(PROMPTS[:1], params[1])[0].output_ids
+    assert [s.output_ids for s in in_step] == [s.output_ids for s in reference.generate(PROMPTS[2:3] * 2, params[:2])]
 
 
 def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
