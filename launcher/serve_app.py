@@ -220,7 +220,7 @@ def build(args: dict):
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
     cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s;
-    compile (torch.compile the decode step when a replica starts)."""
+    compile (compile the decode step ahead of time when a replica starts)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")

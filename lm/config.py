@@ -162,7 +162,7 @@ class ServeConfig:
     stream_events_per_s: int = 100  # a replica's streams together send about this many chunks/s at most (0: no cap)
     cpus_per_replica: int = 1
     gpus_per_replica: float = 0  # > 0: replicas are placed on GPUs and decode there (CUDA)
-    compile: bool = False  # torch.compile the decode step at start-up (lm.engine): faster small batches
+    compile: bool = False  # compile the decode step ahead of time at start-up (lm.compiled_decode): faster decoding
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lm.compiled_decode import CompiledDecodeStep
 from lm.inference import optimize_for_decoding
 from lm.model import GPT
 
@@ -100,30 +101,10 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._ids = itertools.count()
-        if compile:
-            self._compile_decode()
-
-    def _compile_decode(self) -> None:
-        """torch.compile the decode step, and compile both of its shape classes now, before any
-        request: one sequence; several (masked). Sizes and lengths are symbolic, so continuous
-        batching does not recompile. Small-batch
-        decoding is bound by per-op overhead and weight bytes: on CPU the C++ wrapper removes the
-        Python between kernels, and int8 layers switch to a weight-only kernel (lm.inference)."""
-        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-        # Compiled code is cached per Python function, so every model structure compiled in this
-        # process (fp32 and int8, gpt2 and llama) adds its 2 entries to the same cache; past torch's
-        # default limit of 8 the step would silently run eagerly (older torch names it cache_size_limit).
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
-        if "decode_step" not in vars(self.model):  # once per model, however many engines it serves
-            self.model.decode_step = torch.compile(self.model.decode_step, dynamic=True, options=options)
-        shapes = [[3]] + ([[2, 3]] if self.max_batch_size > 1 else [])
-        for positions in shapes:  # fresh ids, as in `step`: a view would add guards on its base
-            ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
-            self.model.decode(ids, positions, self.k_caches, self.v_caches)
-        for cache in (*self.k_caches, *self.v_caches):
-            cache.zero_()
+        # compile: the decode step as an ahead-of-time compiled program (lm.compiled_decode), built
+        # here, before any request, for both of its shape classes.
+        self.decode = CompiledDecodeStep(self.model, max_batch_size, self.k_caches, self.v_caches) if compile \
+            else self.model.decode
 
     @property
     def free_slots(self) -> list[int]:
@@ -176,7 +157,7 @@ class Engine:
         if self.running:
             batch = list(self.running)
             ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
-            logits = self.model.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)
+            logits = self.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)
             for seq, token in zip(batch, self._sample(batch, logits[:, :self.vocab_limit])):
                 self._append(seq, token)
                 advanced.append(seq)

@@ -7,8 +7,8 @@
 - `Int8Linear`: an int8 export's weights (per-output-channel scales) with two kernels. Eager:
   PyTorch's dynamic quantized linear (FBGEMM int8 GEMM, activations quantized per call), the
   fastest eager path here at every batch size. Compiled (the engine's `compile` mode):
-  `torch._weight_int8pack_mm`, weight-only int8 with bf16 activations, an AVX-512 GEMV that
-  FBGEMM's packed op cannot join (it breaks the graph). Either way a quarter of fp32's weight
+  `torch._weight_int8pack_mm`, weight-only int8 with bf16 activations, an AVX-512 GEMV that a
+  compiled graph can hold (FBGEMM's packed weights are a TorchScript object it cannot). Either way a quarter of fp32's weight
   bytes per token, which is what small-batch decoding on a CPU is bound by.
 """
 
