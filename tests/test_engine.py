@@ -150,6 +150,12 @@ def test_compiled_decoding_equals_eager_at_every_batch_size_without_falling_back
     assert alone[0].output_ids == reference.generate(PROMPTS[:1], params[1])[0].output_ids
     assert [s.output_ids for s in in_step] == [s.output_ids for s in reference.generate(PROMPTS[2:3] * 2, params[:2])]
 
+    # The programs read the model's own weights (handed over at load, not copied into them).
+    engine.model.lm_head.weight_t.zero_()
+    ids = torch.tensor([1, 2])
+    assert not engine.decode(ids, [3, 5], engine.k_caches, engine.v_caches).any()
+    assert not engine.decode(ids[:1], [3], engine.k_caches, engine.v_caches).any()
+
 
 def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
     """Compiled, int8 layers run a weight-only kernel; `use_weight_only_int8` is that arithmetic in eager."""
