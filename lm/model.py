@@ -227,7 +227,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {length} exceeds model.block_size={self.cfg.block_size}")
         pos = torch.tensor(positions, device=ids.device)
         # Several sequences always attend through the mask, even at one position: a compiled step then
-        # has one graph for every batch of two or more, and the mask costs nothing measurable.
+        # has one program for every batch of two or more, and the mask costs nothing measurable.
         return self.decode_step(ids, pos, length, len(positions) > 1, k_caches, v_caches)
 
     @torch.no_grad()
