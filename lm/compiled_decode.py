@@ -37,7 +37,7 @@ class _Step(nn.Module):
         self.model, self.masked = model, masked
 
     def forward(self, ids, pos, span, k_caches, v_caches):
-        return GPT.decode_step(self.model, ids, pos, span.shape[0], self.masked, k_caches, v_caches)
+        return self.model.decode_step(ids, pos, span.shape[0], self.masked, k_caches, v_caches)
 
 
 @contextlib.contextmanager
@@ -64,7 +64,6 @@ class CompiledDecodeStep:
         self.k_caches, self.v_caches = k_caches, v_caches
         device = k_caches[0].device
         self.span = torch.empty(self.block_size, device=device)
-        self._workdir = tempfile.TemporaryDirectory(prefix="lm-decode-")
         self.single = self._build(1, masked=False)
         self.batched = self._build(max_batch_size, masked=True) if max_batch_size > 1 else None
 
@@ -76,14 +75,15 @@ class CompiledDecodeStep:
         batch = {0: Dim("batch", min=2, max=max_batch)} if masked and max_batch > 2 else None  # else static
         length = {0: Dim("length", min=2, max=self.block_size - 1)}
         step = _Step(self.model, masked)
-        with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings():
+        with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings(), \
+                tempfile.TemporaryDirectory(prefix="lm-decode-") as workdir:
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
             program = torch.export.export(step, example, dynamic_shapes=(batch, batch, length, [None] * n, [None] * n),
                                           strict=False)
-            path = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(self._workdir.name) / f"decode_{'batched' if masked else 'single'}.pt2"),
+            path = torch._inductor.aoti_compile_and_package(  # the package is unpacked on load, then not needed
+                program, package_path=str(Path(workdir) / "decode.pt2"),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
-        compiled = torch._inductor.aoti_load_package(path)
+            compiled = torch._inductor.aoti_load_package(path)
         weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
         compiled.load_constants({name: weights[name] for name in compiled.get_constant_fqns()},
                                 check_full_update=True, user_managed=True)  # the model's tensors, not copies

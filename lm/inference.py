@@ -8,8 +8,9 @@
   PyTorch's dynamic quantized linear (FBGEMM int8 GEMM, activations quantized per call), the
   fastest eager path here at every batch size. Compiled (the engine's `compile` mode):
   `torch._weight_int8pack_mm`, weight-only int8 with bf16 activations, an AVX-512 GEMV that a
-  compiled graph can hold (FBGEMM's packed weights are a TorchScript object it cannot). Either way a quarter of fp32's weight
-  bytes per token, which is what small-batch decoding on a CPU is bound by.
+  compiled program can hold (FBGEMM's packed weights are a TorchScript object it cannot). Either
+  way a quarter of fp32's weight bytes per token, which is what small-batch decoding on a CPU is
+  bound by.
 """
 
 from __future__ import annotations
