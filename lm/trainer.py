@@ -12,7 +12,6 @@ import math
 import os
 import random
 import resource
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -88,15 +87,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_ninja_beside_python() -> None:
-    """Put this interpreter's bin directory (where pip installs `ninja`, a DeepSpeed dependency) first
-    on PATH. DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and ninja versions
-    hash build commands differently: processes that alternate between a system ninja and the
-    environment's rebuild the op (~45 s) each time. It also works where no system ninja exists."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if os.path.exists(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + path
+def skip_inference_comm_op() -> None:
+    """Don't JIT-build DeepSpeed's shared-memory all-reduce (`deepspeed_shm_comm`): its CPU comm backend
+    builds it in `init_distributed` (35-60 s on every fresh machine or environment: the build is keyed by
+    the include paths), yet only its inference tensor parallelism calls it. Training's collectives go
+    through torch.distributed either way. DeepSpeed skips ops marked incompatible, as on machines
+    without a compiler, and keeps that table for the process's lifetime."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def init_distributed() -> None:
@@ -104,7 +106,7 @@ def init_distributed() -> None:
     Either way DeepSpeed's comm layer learns the world size before `deepspeed.zero.Init` needs it."""
     import deepspeed
 
-    use_ninja_beside_python()  # deepspeed.init_distributed builds its shared-memory comm op on CPU
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
