@@ -15,9 +15,15 @@ import sys
 import tempfile
 
 
-# Fault injection for the tests of checkpoint atomicity: "<step>:<rank>" makes that rank exit
-# between writing its part of that step's checkpoint and reporting it to Ray.
+# Fault injection for the tests of checkpoint atomicity: "<step>:<rank>:<file>" makes that rank exit
+# between writing its part of that step's checkpoint and reporting it to Ray, while <file> exists
+# (a test on a cluster it started cannot change its workers' environment between runs).
 CRASH_IN_CHECKPOINT_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
+
+
+def crash_requested(step: int, rank: int) -> bool:
+    when = os.environ.get(CRASH_IN_CHECKPOINT_ENV, "").split(":", 2)
+    return len(when) == 3 and when[:2] == [str(step), str(rank)] and os.path.exists(when[2])
 
 
 def staging_root(run_name: str) -> str:
@@ -33,6 +39,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from lm.checkpoint import find_latest_checkpoint
     from lm.config import config_from_dict, sequence_length
     from lm.data import prepare_data
     from lm.pretrained import dataset_tokenizer
@@ -74,32 +81,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return tempfile.mkdtemp(prefix=f"ckpt_{step:06d}_rank{rank}_", dir=staging)
 
     def commit_checkpoint(step: int, path: str, metrics: dict) -> None:
-        if os.environ.get(CRASH_IN_CHECKPOINT_ENV) == f"{step}:{rank}":
+        if crash_requested(step, rank):
             os._exit(17)  # test seam: this rank dies with its part written but never reported
         reported = dict(metrics, step=step, wandb_dir=logger.run_dir if logger else None)
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(path),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
         shutil.rmtree(path, ignore_errors=True)
 
-    # After a worker failure Ray hands back its latest checkpoint; on a fresh invocation the
-    # driver passes the run's latest one (also written by runs outside Ray).
-    resume_from = loop_config.get("resume_from")
-    restored = ray.train.get_checkpoint()
+    # Every attempt (the first, and each restart after a lost worker or node) continues from the
+    # run's latest complete checkpoint on storage, as rerunning the command would. Not Ray's
+    # `get_checkpoint()`: Ray registers a checkpoint only once every rank has reported it, so a
+    # group that fails just after writing one would otherwise restart from the one before.
+    resume_from = find_latest_checkpoint(os.path.join(cfg.run.storage, cfg.run.name))
+    if resume_from and rank == 0:
+        sys.stdout.write(f"worker group resumes from {resume_from}\n")
     stop_file = loop_config.get("stop_file")
 
     def stop_requested() -> bool:
         return bool(stop_file) and os.path.exists(stop_file)
 
-    def run(resume: str | None) -> None:
-        hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, resume, stop_requested)
-        train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
-
+    hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, str(resume_from) if resume_from else None,
+                       stop_requested)
     try:
-        if restored:
-            with restored.as_directory() as path:
-                run(path)
-        else:
-            run(resume_from)
+        train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
     finally:
         if logger:
             logger.finish()

@@ -86,7 +86,7 @@ def start_ray(cfg: TrainConfig) -> None:
                                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
-def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None, stop_file: str) -> dict:
+def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -97,7 +97,7 @@ def fit(cfg: TrainConfig, dataset_dir: str, resume_from: str | None, stop_file: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
-                           "resume_from": resume_from, "wandb_group": sweep_group(), "stop_file": stop_file},
+                           "wandb_group": sweep_group(), "stop_file": stop_file},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker=resources, placement_strategy=c.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
@@ -214,13 +214,13 @@ def run(cfg: TrainConfig, source=None) -> dict:
     run_dir = Path(cfg.run.storage) / cfg.run.name
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
-    latest = latest_resumable_checkpoint(cfg, run_dir)
+    latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
     print(f"run {cfg.run.name}: {run_dir}", flush=True)
 
     start_ray(cfg)
     stop = StopOnSigterm(run_dir)
     stop.install()
-    metrics = fit(cfg, str(prepared.directory), str(latest) if latest else None, str(stop.path))
+    metrics = fit(cfg, str(prepared.directory), str(stop.path))
 
     final = find_latest_checkpoint(run_dir)
     if stop.requested:

@@ -1,7 +1,8 @@
-"""Real Ray processes on loopback: `make cluster-up` + `ray job submit`, a 2-node cluster, and runs
-that lose a worker, a node, or a rank in the middle of a checkpoint save and still end with the
-weights of an uninterrupted run (resume is exact). SIGTERM is tested end to end in test_train_e2e.py. The uninterrupted run is the same training loop
-on 2 gloo ranks without Ray, so these tests also show that Ray's scheduling changes nothing."""
+"""Real Ray processes on loopback: `make cluster-up` + `ray job submit`, and a 2-node cluster where a
+run loses a worker, a node, and a rank in the middle of a checkpoint save and still ends with the
+weights of an uninterrupted run (resume is exact). SIGTERM is tested end to end in test_train_e2e.py.
+The uninterrupted run is the same training loop on 2 gloo ranks without Ray, so these tests also
+show that Ray's scheduling changes nothing."""
 
 import json
 import os
@@ -16,14 +17,13 @@ import pytest
 import torch
 
 from conftest import REPO, composed, free_port, run_on_ranks, wait_for_checkpoint
-from launcher.ray_worker import staging_root
-from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict, load_model
+from launcher.ray_worker import CRASH_IN_CHECKPOINT_ENV, staging_root
+from lm.checkpoint import find_latest_checkpoint, is_complete, load_consolidated_state_dict
 from wandb_offline import read_run
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-CRASH_ENV = "LMSTACK_TEST_CRASH_IN_CHECKPOINT"
 
 
 def env(**extra) -> dict:
@@ -41,9 +41,9 @@ def training_overrides(tmp_path: Path, corpus_file: Path, name: str) -> list[str
             f"run.storage={tmp_path}/runs", f"run.name={name}"]
 
 
-def launch(*overrides, extra_env=None, wait=True):
+def launch(*overrides, wait=True):
     cmd = [sys.executable, "-m", "launcher.train", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     return proc if not wait else finish(proc)
 
@@ -93,70 +93,71 @@ def reference_weights(workdir, corpus_file):
     return final_weights(run_dir)
 
 
-def ray_train_workers(driver_pid: int) -> list[psutil.Process]:
-    """The Ray Train worker processes of the Ray instance this driver started."""
+def ray_train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes of the cluster this test process started."""
     found = []
-    for proc in psutil.Process(driver_pid).children(recursive=True):
+    for proc in psutil.Process().children(recursive=True):
         cmdline = " ".join(proc.cmdline())
         if "RayTrainWorker" in cmdline and "TrainController" not in cmdline:
             found.append(proc)
     return found
 
 
-def test_killed_worker_restarts_and_a_crash_in_a_save_keeps_the_previous_checkpoint(workdir, corpus_file,
-                                                                                    reference_weights):
-    """One run meets both failures: a worker SIGKILLed after step 15's checkpoint (Ray restarts the group
-    from it: max_failures=1), then rank 1 dying inside step 30's save (a second failure: the run fails).
-    The half-written checkpoint never becomes the latest, and rerunning the command ends exact."""
-    overrides = training_overrides(workdir, corpus_file, "failures")
-    run_dir = workdir / "runs" / "failures"
-    proc = launch(*overrides, "cluster.max_failures=1", extra_env={CRASH_ENV: "30:1"}, wait=False)
-    wait_for_checkpoint(run_dir, 15, proc)
-    workers = ray_train_workers(proc.pid)
-    assert len(workers) == 2
-    workers[-1].send_signal(signal.SIGKILL)
-    code, out = finish(proc)
-    assert code != 0, out[-3000:]
-    assert out.count("Started training worker group") >= 2, "the worker group was restarted"
-    latest = find_latest_checkpoint(run_dir)
-    assert latest.name == "checkpoint_000015"
-    assert not is_complete(run_dir / "checkpoint_000030")
-    model, _, _ = load_model(latest)
-    assert sum(p.numel() for p in model.parameters()) > 0
-
-    staged = Path(staging_root("failures"))
-    assert list(staged.glob("ckpt_000030_rank1_*")), "the crashed rank's staged part was left behind"
-
-    code, out = launch(*overrides)  # the same command again continues from step 15
-    assert code == 0, out[-3000:]
-    assert f"resuming run failures from {run_dir}/checkpoint_000015" in out
-    assert_same_weights(final_weights(run_dir), reference_weights)
-    assert not list(staged.iterdir()), "the rerun removed what the failed workers had staged"
+def worker_groups(out: str) -> list[set[str]]:
+    """The nodes each successive worker group ran on, from the ranks' `worker rank r/2 on node X` lines."""
+    placed = re.findall(r"worker rank \d/2 on node (\w+)", out)
+    return [set(placed[i:i + 2]) for i in range(0, len(placed), 2)]
 
 
-def test_two_node_cluster_spreads_workers_and_survives_losing_a_node(workdir, corpus_file, reference_weights,
-                                                                      monkeypatch):
+def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_keeps_the_last_checkpoint(
+        workdir, corpus_file, reference_weights, monkeypatch):
+    """One run on a 2-node cluster, its 2 workers spread over both nodes, meets three failures:
+    1. the second node removed after step 15's checkpoint: the group restarts on the head, from 15;
+    2. a worker SIGKILLed after step 30's checkpoint: Ray restarts the group, which resumes from 30;
+    3. rank 1 dying inside step 45's save: a third failure (max_failures=2), so the run fails.
+    The half-written checkpoint never becomes the latest, and rerunning the command ends with the
+    weights of the uninterrupted run."""
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")  # every attempt's placement lines, even when they repeat
+    crash = workdir / "crash-rank-1-in-the-save-of-step-45"
+    crash.touch()
+    monkeypatch.setenv(CRASH_IN_CHECKPOINT_ENV, f"45:1:{crash}")  # the cluster's workers inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
     try:
         worker_node = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        overrides = training_overrides(workdir, corpus_file, "two-nodes") + [
+        run_dir = workdir / "runs" / "failures"
+        overrides = training_overrides(workdir, corpus_file, "failures") + [
             "cluster=multi_node", f"cluster.address={cluster.address}", "cluster.shared_storage=true",
             "cluster.num_workers=2", "cluster.max_failures=2", "cluster.placement_strategy=SPREAD"]
         proc = launch(*overrides, wait=False)
-        wait_for_checkpoint(workdir / "runs" / "two-nodes", 15, proc)
+        wait_for_checkpoint(run_dir, 15, proc)
         cluster.remove_node(worker_node)
+        wait_for_checkpoint(run_dir, 30, proc)
+        workers = ray_train_workers()
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGKILL)
         code, out = finish(proc)
+
+        assert code != 0, out[-3000:]
+        groups = worker_groups(out)
+        assert [len(nodes) for nodes in groups] == [2, 1, 1], "spread over both nodes, then on the head"
+        for step in (15, 30):
+            assert f"worker group resumes from {run_dir}/checkpoint_{step:06d}" in out
+        assert find_latest_checkpoint(run_dir).name == "checkpoint_000030"
+        assert not is_complete(run_dir / "checkpoint_000045")
+        staged = Path(staging_root("failures"))
+        assert list(staged.glob("ckpt_000045_rank1_*")), "the crashed rank's staged part was left behind"
+
+        crash.unlink()
+        code, out = launch(*overrides)  # the same command again continues from step 30
         assert code == 0, out[-3000:]
-        first_group = re.findall(r"worker rank (\d)/2 on node (\w+)", out)[:2]
-        assert {rank for rank, _ in first_group} == {"0", "1"}
-        assert len({node for _, node in first_group}) == 2, "the first worker group spanned both nodes"
-        assert out.count("Started training worker group") >= 2, "the group restarted without the lost node"
-        assert_same_weights(final_weights(workdir / "runs" / "two-nodes"), reference_weights)
+        assert f"resuming run failures from {run_dir}/checkpoint_000030" in out
+        assert_same_weights(final_weights(run_dir), reference_weights)
+        assert not list(staged.iterdir()), "the rerun removed what the failed workers had staged"
     finally:
         cluster.shutdown()
 
