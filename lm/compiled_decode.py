@@ -43,7 +43,7 @@ class _Step(nn.Module):
 @contextlib.contextmanager
 def _fbgemm_set_aside(model: nn.Module):
     """Export cannot trace FBGEMM's packed int8 weights (a TorchScript object). The exported step
-    runs the weight-only kernel (Int8Linear's traced path), so they are set aside while exporting."""
+    runs Int8Linear's traced path (`torch._int_mm`), so they are set aside while exporting."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     kept = [m.dynamic for m in layers]
     for layer in layers:

@@ -5,12 +5,14 @@
   faster for 8-16 rows in this layout than in nn.Linear's (out, in) layout (benchmarks/RESULTS.md).
   Hugging Face GPT-2's Conv1D uses the same layout. Same function, so the swap is made in place.
 - `Int8Linear`: an int8 export's weights (per-output-channel scales) with two kernels. Eager:
-  PyTorch's dynamic quantized linear (FBGEMM int8 GEMM, activations quantized per call), the
-  fastest eager path here at every batch size. Compiled (the engine's `compile` mode):
-  `torch._weight_int8pack_mm`, weight-only int8 with bf16 activations, an AVX-512 GEMV that a
-  compiled program can hold (FBGEMM's packed weights are a TorchScript object it cannot). Either
-  way a quarter of fp32's weight bytes per token, which is what small-batch decoding on a CPU is
-  bound by.
+  PyTorch's dynamic quantized linear (FBGEMM int8 GEMM, activations quantized per tensor on each
+  call), the fastest eager path here at every batch size. Compiled (the engine's `compile` mode):
+  each row's activations quantized to int8 (symmetric, per row) and `torch._int_mm` (int8 x int8
+  -> int32, VNNI) on the stored (out, in) weight seen transposed; the quantization fuses into the
+  program's neighbouring kernels and the GEMM is 2-4x faster than weight-only int8 at 1-8 rows
+  (benchmarks/int8_kernels.py), where FBGEMM's packed weights are a TorchScript object a compiled
+  program cannot hold. Either way a quarter of fp32's weight bytes per token, which is what
+  small-batch decoding on a CPU is bound by.
 """
 
 from __future__ import annotations
@@ -45,39 +47,34 @@ def optimize_for_decoding(model: nn.Module) -> nn.Module:
 
 class Int8Linear(nn.Module):
     """y = x @ (q * scale[:, None])^T + b, q int8 (out, in). See the module docstring for the kernels;
-    `weight_only = True` runs the compiled path's kernel in eager too (the export gate measures both)."""
+    `int8_activations = True` runs the compiled path's arithmetic in eager too (the export gate measures both)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("weight_int8", q.contiguous())
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
+        self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.dynamic = _fbgemm_linear(q, scale, self.bias)
-        self.weight_only = False
-        # The weight-only kernel needs in_features % 16 == 0 (other widths crash or miscompute).
-        self.kernel_fits = self.in_features % 16 == 0
+        self.int8_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.weight_only or torch.compiler.is_compiling()):
+        if not (self.int8_activations or torch.compiler.is_compiling()):
             return self.dynamic(x)
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        # The kernel is a GEMV (its time grows with every row); where it does not fit or pay, the same
-        # arithmetic goes through an fp32 GEMM.
-        if self.kernel_fits and (torch.compiler.is_compiling() or rows.shape[0] <= 16):
-            y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale_bf16)
-        else:
-            weight = self.weight_int8.float() * self.scale_bf16.float()[:, None]
-            y = (rows.float() @ weight.t()).to(torch.bfloat16)
-        y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features).float()
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        q_rows = torch.round(rows / row_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(q_rows, self.weight_int8.t()).float() * (row_scale * self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
-def use_weight_only_int8(model: nn.Module, on: bool = True) -> None:
-    """Make every Int8Linear of the model run the weight-only kernel in eager (or go back to FBGEMM)."""
+def use_int8_activations(model: nn.Module, on: bool = True) -> None:
+    """Make every Int8Linear of the model run the compiled path's arithmetic in eager (or go back to FBGEMM)."""
     for module in model.modules():
         if isinstance(module, Int8Linear):
-            module.weight_only = on
+            module.int8_activations = on
 
 
 def _fbgemm_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -158,13 +158,14 @@ def test_compiled_decoding_equals_eager_at_every_batch_size_without_falling_back
 
 
 def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
-    """Compiled, int8 layers run a weight-only kernel; `use_weight_only_int8` is that arithmetic in eager."""
+    """Compiled, int8 layers quantize activations per row for `torch._int_mm`; `use_int8_activations`
+    is that arithmetic in eager."""
     from lm.export import export_state, serving_model
-    from lm.inference import use_weight_only_int8
+    from lm.inference import use_int8_activations
 
     m = model("gpt2")
     eager, compiled = (serving_model(export_state(m.state_dict(), "int8"), m.cfg, "int8") for _ in range(2))
-    use_weight_only_int8(eager)
+    use_int8_activations(eager)
     params = SamplingParams(max_tokens=20, temperature=0)
     out = Engine(compiled, TOKENIZER, max_batch_size=1, compile=True).generate(PROMPTS[2:3], params)
     assert out[0].output_ids == Engine(eager, TOKENIZER, max_batch_size=1).generate(PROMPTS[2:3], params)[0].output_ids
