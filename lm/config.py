@@ -136,7 +136,7 @@ class TrainConfig:
 
 @dataclass
 class ExportConfig:
-    precision: str = "fp32"  # fp32, bf16 or int8 (weight-only, per output channel)
+    precision: str = "fp32"  # fp32, bf16 or int8 (int8 weights per output channel; activations quantized when served)
     max_ppl_increase: float = 0.02  # refuse an artifact whose val perplexity rises more (relative)
     force: bool = False  # write it anyway
     eval_batches: int = 16  # val batches (4 sequences each) for the perplexity check
