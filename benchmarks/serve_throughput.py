@@ -1,7 +1,7 @@
 """Serving over HTTP: aggregate decode tokens/s at 1, 4, 16 and 64 concurrent streams and time to
 first token (p50/p99), through the real Ray Serve app on 127.0.0.1.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--max-tokens 32] [--max-batch-size 64]
+    .venv/bin/python benchmarks/serve_throughput.py [--max-tokens 32] [--max-batch-size 64] [--compile] [--precision int8]
 
 The model is the decode benchmark's shape (6 layers, 384 wide, vocab 8192) with random weights and
 a byte-level BPE tokenizer trained on a slice of the standard library. Every request streams
@@ -36,7 +36,7 @@ from report import write_report
 STREAMS = (1, 4, 16, 64)
 
 
-def write_export(directory: Path) -> None:
+def write_export(directory: Path, precision: str) -> None:
     from safetensors.torch import save_file
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -44,9 +44,9 @@ def write_export(directory: Path) -> None:
     ByteBPETokenizer.train(iter(texts), vocab_size=SHAPE["vocab_size"]).save(directory / "tokenizer.json")
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SHAPE))
-    save_file(export_state(model.state_dict(), "fp32"), str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.cfg), "precision": "fp32"}))
-    (directory / "export.json").write_text(json.dumps({"precision": "fp32", "note": "benchmark, random weights"}))
+    save_file(export_state(model.state_dict(), precision), str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.cfg), "precision": precision}))
+    (directory / "export.json").write_text(json.dumps({"precision": precision, "note": "benchmark, random weights"}))
 
 
 def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, int, int]:
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--stream-interval-ms", type=int, default=40)
     parser.add_argument("--stream-events-per-s", type=int, default=100, help="0: no cap (each stream every interval)")
     parser.add_argument("--compile", action="store_true", help="serve.compile: the decode step compiled at start-up")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="the served export's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     args = parser.parse_args()
 
@@ -107,9 +108,9 @@ def main() -> None:
     from launcher.serve_app import build
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
-    export_dir = workdir / "runs" / "bench" / "exports" / "fp32-step000000"
+    export_dir = workdir / "runs" / "bench" / "exports" / f"{args.precision}-step000000"
     export_dir.mkdir(parents=True)
-    write_export(export_dir)
+    write_export(export_dir, args.precision)
     ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False)
     port = 8000 + (int(time.time()) % 1000)
     rows = []
@@ -134,7 +135,8 @@ def main() -> None:
     runs = rows
     rows = [median_row([r for r in runs if r["streams"] == n]) for n in STREAMS]
     single = rows[0]["tokens_per_second"]
-    print(f"\nmedians of {args.repeats} rounds, {args.max_tokens} greedy tokens per request")
+    print(f"\nmedians of {args.repeats} rounds, {args.max_tokens} greedy tokens per request; {args.precision}"
+          f"{', compiled step' if args.compile else ''}")
     print(f"\n{'streams':>7} {'tokens/s':>9} {'vs 1 stream':>11} {'chunks/s':>9} {'TTFT p50':>9} {'TTFT p99':>9}")
     for r in rows:
         print(f"{r['streams']:>7} {r['tokens_per_second']:>9.1f} {r['tokens_per_second'] / single:>10.2f}x "
@@ -142,7 +144,8 @@ def main() -> None:
     write_report(args.out, {"rows": rows, "runs": runs, "repeats": args.repeats, "max_tokens": args.max_tokens,
                             "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
                             "stream_interval_ms": args.stream_interval_ms,
-                            "stream_events_per_s": args.stream_events_per_s, "compile": args.compile})
+                            "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,
+                            "precision": args.precision})
 
 
 if __name__ == "__main__":
