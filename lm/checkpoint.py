@@ -6,6 +6,7 @@ A checkpoint directory holds
     trainer_state.json    step, data position, tokens seen, last metrics (written by rank 0)
     config.json           the resolved config of the run
     tokenizer.json        the tokenizer, so the checkpoint is self-contained
+    parts/rank_<r>.json   each rank's manifest: every file of its part and its size
 Every rank writes its own part into its own directory (node-local under Ray, which merges them
 into one directory in storage; shared when the directories are the same).
 """
@@ -28,6 +29,7 @@ from lm.config import TrainConfig, config_from_dict
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
+PARTS_DIR = "parts"
 
 
 def save_rank_checkpoint(engine, path: str | Path, rank: int, trainer_state: dict,
@@ -43,6 +45,20 @@ def save_rank_checkpoint(engine, path: str | Path, rank: int, trainer_state: dic
         (path / "config.json").write_text(json.dumps(config, indent=2))
         shutil.copyfile(tokenizer_path, path / "tokenizer.json")
         (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+
+def write_part_manifest(path: str | Path, rank: int) -> None:
+    """Record every file of this rank's part and its size, once every rank has finished writing
+    (in a shared directory the listing then holds all parts; under Ray, this rank's own). Ray copies
+    the parts into storage file by file, in any order: a file that is listed but missing or short
+    there (a rank or node lost mid-copy) means the checkpoint is not one."""
+    path = Path(path)
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.relative_to(path).parts[0] != PARTS_DIR}
+    (path / PARTS_DIR).mkdir(exist_ok=True)
+    partial = path / PARTS_DIR / f".rank_{rank}.json.partial"
+    partial.write_text(json.dumps(files, indent=1))
+    partial.rename(path / PARTS_DIR / f"rank_{rank}.json")
 
 
 def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
@@ -62,18 +78,20 @@ def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
 
 
 def is_complete(path: str | Path) -> bool:
-    """A checkpoint counts once every rank's part is in it: rank 0's trainer state and each rank's
-    RNG file, which a rank writes after its DeepSpeed shard. Under Ray each rank uploads its own
-    part, so a rank that died before uploading leaves a directory that must not count."""
+    """A checkpoint counts once every rank's manifest is in it and every file each one lists is
+    there at its full size (see `write_part_manifest`)."""
     path = Path(path)
-    if not ((path / TRAINER_STATE).exists() and (path / "config.json").exists() and (path / DEEPSPEED_DIR).is_dir()):
-        return False
-    try:  # a file still being uploaded (or cut short by a crash) is not a checkpoint yet
+    try:
         world = json.loads((path / "config.json").read_text())["cluster"]["num_workers"]
+        for rank in range(world):
+            listed = json.loads((path / PARTS_DIR / f"rank_{rank}.json").read_text())
+            for name, size in listed.items():
+                if (path / name).stat().st_size != size:
+                    return False
         json.loads((path / TRAINER_STATE).read_text())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # missing, or still being copied
         return False
-    return all((path / "rng" / f"rank_{r}.pt").exists() for r in range(world))
+    return True
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint
+from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint, write_part_manifest
 from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
                        tokens_per_step)
 from lm.data import PreparedData, TokenShardLoader
@@ -290,7 +290,9 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
             state["loader"] = loader.state_dict()
             path = hooks.checkpoint_dir(step)
             save_rank_checkpoint(engine, path, rank, state, config_to_dict(cfg), data.tokenizer_path)
-            dist.barrier()  # every rank's part is on disk before anyone calls it a checkpoint
+            dist.barrier()  # every rank's part is on disk before anyone lists it
+            write_part_manifest(path, rank)
+            dist.barrier()  # and listed before anyone calls it a checkpoint
             hooks.commit_checkpoint(step, path, dict(metrics))
         window_start += time.perf_counter() - paused  # eval and checkpoints are not training time
         if preempted:
