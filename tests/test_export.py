@@ -108,7 +108,12 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_one_line_and_writes_nothin
     corrupt_run = tmp_path / "runs" / "corrupt"
     shutil.copytree(checkpoints["gpt2-zero0"], corrupt_run / "checkpoint_000005")
     shard = corrupt_run / "checkpoint_000005" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1000])  # cut short: its rank's manifest says otherwise
+    bad = run_export(tmp_path, f"run.storage={tmp_path}/runs", "run.name=corrupt")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "no complete training checkpoint" in lines[0], bad.stderr[-2000:]
+    shard.write_bytes(data[:1000] + bytes(len(data) - 1000))  # full size, unreadable
     bad = run_export(tmp_path, f"run.storage={tmp_path}/runs", "run.name=corrupt")
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "is corrupt" in lines[0], bad.stderr[-2000:]
