@@ -9,8 +9,8 @@
   call), the fastest eager path here at every batch size. Compiled (the engine's `compile` mode):
   each row's activations quantized to int8 (symmetric, per row) and `torch._int_mm` (int8 x int8
   -> int32, VNNI) on the stored (out, in) weight seen transposed; the quantization fuses into the
-  program's neighbouring kernels and the GEMM is 2-4x faster than weight-only int8 at 1-8 rows
-  (benchmarks/int8_kernels.py), where FBGEMM's packed weights are a TorchScript object a compiled
+  program's neighbouring kernels, and the GEMM is 2-4x faster than weight-only int8 at 1-8 rows
+  (benchmarks/int8_kernels.py). FBGEMM's packed weights are a TorchScript object that a compiled
   program cannot hold. Either way a quarter of fp32's weight bytes per token, which is what
   small-batch decoding on a CPU is bound by.
 """
