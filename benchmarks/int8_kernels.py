@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/int8_kernels.py [--threads 2]
 
 Why it exists: int8 decoding (lm/inference.py) reads a quarter of fp32's weight bytes, but how much
-of that becomes speed depends on the kernel (which chose `_int_mm` for the compiled engine). Each kernel on the same
-weights (the model's four block matrices and its output head, 6 layers x 384 wide, vocab 8192),
-called back to back, so the weights sit in cache and what remains is each call's own cost.
+of that becomes speed depends on the kernel (this chose `_int_mm` for the compiled engine). Each
+kernel runs on the same weights (the model's four block matrices and its output head, 6 layers x 384
+wide, vocab 8192), called back to back, so the weights sit in cache and what remains is each call's
+own cost.
 Kernels: fp32 GEMM on (in, out) weights (what the engine uses), torch's dynamic quantized linear
 on each quantized engine (FBGEMM, oneDNN, x86; what int8 exports use in eager), `torch._int_mm` (int8 x
 int8 -> int32, activations already quantized; on an (in, out) copy, and on the stored (out, in) weight
@@ -66,7 +67,7 @@ def kernels(in_features: int, out_features: int, rows: int) -> dict:
     calls["_int_mm int8 (in, out)"] = lambda: torch._int_mm(x_q, q_t)
     calls["_int_mm int8 q.t()"] = lambda: torch._int_mm(x_q, q.t())  # the compiled engine's: stored (out, in)
     calls["_weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, q, scale)
-    scale_bf16 = scale.bfloat16()  # bf16 activations take its AVX-512 path (the compiled engine's int8 kernel)
+    scale_bf16 = scale.bfloat16()  # bf16 activations take its AVX-512 path (the compiled engine's, before _int_mm)
     calls["_weight_int8pack_mm bf16 x"] = lambda: torch._weight_int8pack_mm(x_bf16, q, scale_bf16)
     calls["bf16 GEMM"] = lambda: x_bf16 @ w_t_bf16
     return calls

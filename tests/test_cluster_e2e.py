@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def env(**extra) -> dict:
+def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
-            "PATH": f"{BIN}:{os.environ['PATH']}", **extra}
+            "PATH": f"{BIN}:{os.environ['PATH']}"}
 
 
 def training_overrides(tmp_path: Path, corpus_file: Path, name: str) -> list[str]:
