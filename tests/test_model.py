@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, mlp_hidden_size
-from lm.model import GPT, flops_per_token
+from lm.model import GPT, flops_per_token, one_query_attention
 
 
 def small_model(variant: str, **overrides) -> GPT:
@@ -67,3 +67,16 @@ def test_sequences_longer_than_the_context_are_rejected():
     model = small_model("gpt2")
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_equals_sdpa_with_and_without_the_mask(dtype):
+    """The compiled decode step's attention (multiply-and-sum) against SDPA, the eager step's."""
+    torch.manual_seed(0)
+    q, keys, values = (torch.randn(4, 3, n, 16, dtype=dtype) for n in (1, 9, 9))
+    positions = torch.tensor([8, 0, 5, 2])
+    mask = (torch.arange(9) <= positions[:, None])[:, None, None]
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for m in (mask, None):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
+        torch.testing.assert_close(one_query_attention(q, keys, values, m), expected, **tolerance)
