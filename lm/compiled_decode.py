@@ -17,8 +17,10 @@ whole context (length == block_size) runs eagerly: export cannot keep that one l
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -80,14 +82,11 @@ class CompiledDecodeStep:
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
             program = torch.export.export(step, example, dynamic_shapes=(batch, batch, length, [None] * n, [None] * n),
                                           strict=False)
-            path = torch._inductor.aoti_compile_and_package(  # the package is unpacked on load, then not needed
+            path = torch._inductor.aoti_compile_and_package(
                 program, package_path=str(Path(workdir) / "decode.pt2"),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
-            compiled = torch._inductor.aoti_load_package(path)
-        weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
-        compiled.load_constants({name: weights[name] for name in compiled.get_constant_fqns()},
-                                check_full_update=True, user_managed=True)  # the model's tensors, not copies
-        return compiled.loader
+            weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+            return _Program(path, Path(workdir), weights, device)  # the library is loaded; the files can go
 
     def __call__(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -96,4 +95,78 @@ class CompiledDecodeStep:
             return self.model.decode(ids, positions, k_caches, v_caches)
         program = self.single if len(positions) == 1 else self.batched
         pos = torch.tensor(positions, device=ids.device)
-        return program.boxed_run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]
+        return program.run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]
+
+
+class _Program:
+    """One compiled program, called through the model library's C interface with ctypes.
+
+    Why not the package loader: its Python binding holds the GIL for the whole call. A serving
+    replica decodes in a thread beside its event loop (requests in, tokens out), which would then
+    stall for every step. ctypes releases the GIL for the call. The container gets the model's
+    own tensors as user-managed constants (no copies), as the loader's `load_constants` does."""
+
+    def __init__(self, package: str, workdir: Path, weights: dict[str, torch.Tensor], device: torch.device):
+        with zipfile.ZipFile(package) as archive:
+            libraries = [n for n in archive.namelist() if n.endswith(".so")]
+            if len(libraries) != 1 or any(n.endswith(".json") and not n.endswith("metadata.json")
+                                          for n in archive.namelist()):  # <library>.json: ops for a proxy executor
+                raise RuntimeError("the compiled decode step needs more than one model library and its C "
+                                   f"interface (package files: {archive.namelist()}); run without compile")
+            library = archive.extract(libraries[0], workdir)
+        self.lib = lib = ctypes.CDLL(library)  # stays mapped after its file is deleted
+        self.handle = ctypes.c_void_p()
+        self._check("CreateWithDevice", ctypes.byref(self.handle), ctypes.c_size_t(1), str(device).encode(), None)
+        count = ctypes.c_size_t()
+        self._check("GetNumConstants", self.handle, ctypes.byref(count))
+        names, tensors = [], []
+        for i in range(count.value):
+            name, fqn = ctypes.c_char_p(), ctypes.c_char_p()
+            self._check("GetConstantName", self.handle, ctypes.c_size_t(i), ctypes.byref(name))
+            self._check("GetConstantOriginalFQN", self.handle, ctypes.c_size_t(i), ctypes.byref(fqn))
+            names.append(name.value)
+            tensors.append(weights[fqn.value.decode()])
+        # The container keeps these handles (not copies) for its lifetime; they are freed in __del__.
+        self.constant_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+        pairs = (_ConstantEntry * len(names))(*(_ConstantEntry(n, _pointer(h)) for n, h in zip(names, self.constant_handles)))
+        self._check("UpdateUserManagedConstantBufferPairs", self.handle, pairs, ctypes.c_size_t(len(names)),
+                    ctypes.c_bool(False), ctypes.c_bool(True))
+        outputs = ctypes.c_size_t()
+        self._check("GetNumOutputs", self.handle, ctypes.byref(outputs))
+        self.outputs = outputs.value
+
+    def _check(self, function: str, *args) -> None:
+        error = getattr(self.lib, f"AOTInductorModelContainer{function}")(*args)
+        if error:
+            raise RuntimeError(f"AOTInductorModelContainer{function} failed (error {error}); see the log above")
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(inputs)  # the container takes these
+        outputs = (ctypes.c_void_p * self.outputs)()
+        self._check("Run", self.handle, (ctypes.c_void_p * len(handles))(*map(_pointer, handles)),
+                    ctypes.c_size_t(len(handles)), outputs, ctypes.c_size_t(self.outputs), None, None)
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule(p) for p in outputs])
+
+    def __del__(self):
+        if getattr(self, "handle", None) and self.handle.value:
+            self.lib.AOTInductorModelContainerDelete(self.handle)
+            torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(self.constant_handles)  # freed with these
+
+
+# torch's handle helpers pass pointers as unnamed PyCapsules; ctypes wants integers.
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype, _new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _pointer(capsule) -> int:
+    return _capsule_pointer(capsule, None)
+
+
+def _capsule(pointer: int):
+    return _new_capsule(pointer, None, None)
+
+
+class _ConstantEntry(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
