@@ -129,7 +129,11 @@ class Engine:
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        generator = torch.Generator()
+        if params.seed is None:
+            generator.seed()  # this generator only: torch.seed() reseeds the global RNGs, CUDA's lazily (~1 ms)
+        else:
+            generator.manual_seed(params.seed)
         seq = Sequence(next(self._ids), prompt_ids, params, generator)
         self.waiting.append(seq)
         return seq
