@@ -1,7 +1,11 @@
 """Serving over HTTP: aggregate decode tokens/s at 1, 4, 16 and 64 concurrent streams and time to
 first token (p50/p99), through the real Ray Serve app on 127.0.0.1.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--max-tokens 32] [--max-batch-size 64] [--compile] [--precision int8]
+    .venv/bin/python benchmarks/serve_throughput.py [--max-tokens 32] [--requests-per-stream 4] [--compile] [--precision int8]
+
+N streams are N clients, each sending its requests back to back (a closed loop, as llmperf's and
+vLLM's concurrency benchmarks do), so N requests stay in flight; `--requests-per-stream 1` measures
+one burst of N simultaneous requests instead, whose ramp-up then weighs on the result.
 
 The model is the decode benchmark's shape (6 layers, 384 wide, vocab 8192) with random weights and
 a byte-level BPE tokenizer trained on a slice of the standard library. Every request streams
@@ -70,12 +74,17 @@ def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> 
     return first or 0.0, tokens, chunks
 
 
-def measure(client: httpx.Client, url: str, streams: int, max_tokens: int) -> dict:
-    """`streams` concurrent streaming requests: aggregate tokens/s and chunks/s, time to first token."""
-    prompts = [f"def function_{i}(self, value):\n    " for i in range(streams)]
+def measure(client: httpx.Client, url: str, streams: int, max_tokens: int, requests_per_stream: int) -> dict:
+    """`streams` concurrent clients, each sending `requests_per_stream` streaming requests back to back
+    (closed loop, so `streams` requests stay in flight): aggregate tokens/s and chunks/s over the whole
+    run, and time to first token over every request. One request per stream measures a single burst."""
+    def client_loop(i: int) -> list[tuple[float, int, int]]:
+        return [one_stream(client, url, f"def function_{i}_{r}(self, value):\n    ", max_tokens)
+                for r in range(requests_per_stream)]
+
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
-        results = list(pool.map(lambda p: one_stream(client, url, p, max_tokens), prompts))
+        results = [r for loop in pool.map(client_loop, range(streams)) for r in loop]
     wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
     return {"streams": streams, "tokens": sum(r[1] for r in results), "seconds": wall,
@@ -92,6 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all stream counts; medians are reported")
+    parser.add_argument("--requests-per-stream", type=int, default=4,
+                        help="requests each stream sends back to back (1: one burst of simultaneous requests)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=1, help="CPUs (and torch threads) per replica; serving's default")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas; the ingress spreads requests")
@@ -127,7 +138,7 @@ def main() -> None:
         # The machine is noisy: every stream count is measured once per round, and rounds repeat.
         for _ in range(args.repeats):
             for n in STREAMS:
-                rows.append(measure(client, url, n, args.max_tokens))
+                rows.append(measure(client, url, n, args.max_tokens, args.requests_per_stream))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -135,13 +146,15 @@ def main() -> None:
     runs = rows
     rows = [median_row([r for r in runs if r["streams"] == n]) for n in STREAMS]
     single = rows[0]["tokens_per_second"]
-    print(f"\nmedians of {args.repeats} rounds, {args.max_tokens} greedy tokens per request; {args.precision}"
+    print(f"\nmedians of {args.repeats} rounds, {args.requests_per_stream} requests per stream, {args.max_tokens} "
+          f"greedy tokens per request; {args.precision}"
           f"{', compiled step' if args.compile else ''}")
     print(f"\n{'streams':>7} {'tokens/s':>9} {'vs 1 stream':>11} {'chunks/s':>9} {'TTFT p50':>9} {'TTFT p99':>9}")
     for r in rows:
         print(f"{r['streams']:>7} {r['tokens_per_second']:>9.1f} {r['tokens_per_second'] / single:>10.2f}x "
               f"{r['chunks_per_second']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p99'] * 1000:>7.0f}ms")
     write_report(args.out, {"rows": rows, "runs": runs, "repeats": args.repeats, "max_tokens": args.max_tokens,
+                            "requests_per_stream": args.requests_per_stream,
                             "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
                             "stream_interval_ms": args.stream_interval_ms,
                             "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,

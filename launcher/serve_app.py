@@ -1,16 +1,20 @@
 """The Ray Serve application: an OpenAI-compatible ingress in front of a model deployment that
 wraps lm.engine. Separate from training; `serve run cluster/serve.yaml` or `make serve` start it.
 
-Each model replica runs one decode loop (in a thread, off the event loop) over its engine;
-requests submit sequences and read their tokens from per-request queues, so concurrent requests
-share batched decode steps and new ones join between steps.
+Each model replica runs one decode thread over its engine; requests submit sequences and read
+their text from per-request queues, so concurrent requests share batched decode steps and new ones
+join between steps. The thread steps back to back while there is work and hands each step's text to
+the event loop, which streams it out meanwhile: decoding never waits for the loop (the compiled
+step and torch's kernels release the GIL), and the loop never waits for a step.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation
 # through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
 import os
+import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -58,19 +62,33 @@ class LanguageModel:
         self.stream_events_per_s = stream_events_per_s
         self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
         self.queues: dict[int, asyncio.Queue] = {}
-        self.driver: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
 
     def info(self) -> dict:
         return self.info_
 
-    async def _drive(self) -> None:
-        while self.engine.has_work:
-            advanced = await asyncio.to_thread(self.engine.step)
-            for seq in advanced:
-                queue = self.queues.get(seq.id)  # gone if its client disconnected
-                if queue is not None:
-                    queue.put_nowait(seq.finished)
-        self.driver = None
+    def _decode_forever(self) -> None:
+        """The decode thread. Each update is (text, finished) taken right after the step, so the loop
+        never reads a sequence the next step is changing."""
+        while True:
+            self.work.clear()  # before looking for work: a submit after the look sets it again
+            while self.engine.has_work:
+                try:
+                    updates = [(seq.id, (seq.text, seq.finished)) for seq in self.engine.step()]
+                except Exception as error:  # a failed step fails the requests in flight, not the replica
+                    traceback.print_exc()
+                    ids = [seq.id for seq in (*self.engine.waiting, *self.engine.running)]
+                    self.engine.cancel_all()
+                    updates = [(i, RuntimeError(f"decoding failed: {error}")) for i in ids]
+                self.loop.call_soon_threadsafe(self._deliver, updates)
+            self.work.wait()
+
+    def _deliver(self, updates: list) -> None:
+        for seq_id, update in updates:
+            queue = self.queues.get(seq_id)  # gone if its client disconnected
+            if queue is not None:
+                queue.put_nowait(update)
 
     def _interval(self) -> float:
         """Seconds between a stream's chunks: stream_interval_ms, or longer when this replica's
@@ -94,17 +112,21 @@ class LanguageModel:
             return
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq.id] = queue
-        if self.driver is None:
-            self.driver = asyncio.create_task(self._drive())
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            threading.Thread(target=self._decode_forever, name="decode", daemon=True).start()
+        self.work.set()
         sent, last_sent = 0, 0.0
         try:
             while True:
-                finished = await queue.get()
-                while not queue.empty():  # tokens that arrived meanwhile go out as one delta
-                    finished = queue.get_nowait() or finished
+                update = await queue.get()
+                while not queue.empty():  # text that arrived meanwhile goes out as one delta
+                    update = queue.get_nowait()
+                if isinstance(update, Exception):
+                    raise update
+                text, finished = update
                 if not finished and sent and time.monotonic() - last_sent < self._interval():
                     continue  # the text so far goes with the next token
-                text = seq.text
                 upto = len(text) if finished else len(text) - _held_back(text, params.stop)
                 if upto > sent:
                     yield {"delta": text[sent:upto]}

@@ -144,6 +144,13 @@ class Engine:
         Only a flag is set, so this is safe while another thread is inside `step`."""
         seq.aborted = True
 
+    def cancel_all(self) -> None:
+        """Finish every request at once (after a failed step, whose state is unknown); all slots free."""
+        for seq in (*self.waiting, *self.running):
+            seq.finish_reason = seq.finish_reason or "abort"
+        self.waiting.clear()
+        self.running.clear()
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -151,3 +151,43 @@ def test_serve_config_errors_name_the_field():
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
+
+
+def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps_serving():
+    """The replica's decode thread: a step that raises ends its requests with that error (Serve turns
+    it into a failed response); the next request decodes as usual."""
+    import asyncio
+    import string
+    import threading
+
+    import torch
+
+    from launcher.serve_app import LanguageModel
+    from lm.config import ModelConfig
+    from lm.engine import Engine, SamplingParams
+    from lm.model import GPT
+    from lm.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(sorted(set(string.ascii_lowercase + " ")))
+    torch.manual_seed(0)
+    engine = Engine(GPT(ModelConfig(name="t", n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=32)),
+                    tokenizer, max_batch_size=2)
+    replica = object.__new__(LanguageModel.func_or_class)  # the replica's state without loading an export
+    replica.engine, replica.queues, replica.loop, replica.work = engine, {}, None, threading.Event()
+    replica.stream_interval, replica.stream_events_per_s = 0.0, 0
+    step, failures = engine.step, [RuntimeError("out of memory")]
+    engine.step = lambda: step() if not failures else (_ for _ in ()).throw(failures.pop())
+
+    async def run(prompt):
+        return [event async for event in replica.generate(prompt, SamplingParams(max_tokens=5, temperature=0))]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="decoding failed: out of memory"):
+            await asyncio.wait_for(run("abc"), 30)
+        return await asyncio.wait_for(run("abc"), 30)
+
+    events = asyncio.run(main())
+    expected = Engine(engine.model, tokenizer, max_batch_size=1).generate(["abc"], SamplingParams(max_tokens=5, temperature=0))
+    assert "".join(e.get("delta", "") for e in events) == expected[0].text
+    assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 5
+    assert not engine.running and not engine.waiting
