@@ -12,6 +12,8 @@ copied. Two shape classes cover continuous batching:
 
 Batch size and length stay symbolic, so nothing compiles while serving. A step that fills the
 whole context (length == block_size) runs eagerly: export cannot keep that one length symbolic.
+On CPU a program is called through its library's C interface with ctypes, which releases the GIL
+for the step (`_Program`), so a server's event loop keeps running while it decodes.
 """
 
 from __future__ import annotations
@@ -86,7 +88,13 @@ class CompiledDecodeStep:
                 program, package_path=str(Path(workdir) / "decode.pt2"),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
             weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
-            return _Program(path, Path(workdir), weights, device)  # the library is loaded; the files can go
+            if device.type == "cpu":
+                return _Program(path, Path(workdir), weights, device)  # the library is loaded; the files can go
+            # GPU programs also need their kernel binaries, which the package loader unpacks and finds.
+            compiled = torch._inductor.aoti_load_package(path)
+            compiled.load_constants({name: weights[name] for name in compiled.get_constant_fqns()},
+                                    check_full_update=True, user_managed=True)  # the model's tensors, not copies
+            return _LoadedProgram(compiled.loader)
 
     def __call__(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -99,7 +107,7 @@ class CompiledDecodeStep:
 
 
 class _Program:
-    """One compiled program, called through the model library's C interface with ctypes.
+    """One compiled CPU program, called through the model library's C interface with ctypes.
 
     Why not the package loader: its Python binding holds the GIL for the whole call. A serving
     replica decodes in a thread beside its event loop (requests in, tokens out), which would then
@@ -151,6 +159,16 @@ class _Program:
         if getattr(self, "handle", None) and self.handle.value:
             self.lib.AOTInductorModelContainerDelete(self.handle)
             torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(self.constant_handles)  # freed with these
+
+
+class _LoadedProgram:
+    """A program run by the package loader (GPU): its binding holds the GIL for the call."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.loader.boxed_run(inputs)
 
 
 # torch's handle helpers pass pointers as unnamed PyCapsules; ctypes wants integers.
