@@ -74,15 +74,23 @@ class LanguageModel:
         while True:
             self.work.clear()  # before looking for work: a submit after the look sets it again
             while self.engine.has_work:
+                prefilled: set[int] = set()
                 try:
-                    updates = [(seq.id, (seq.text, seq.finished)) for seq in self.engine.step()]
+                    # New requests' first tokens go out before the running batch's decode step.
+                    advanced = self.engine.step(on_prefilled=lambda seqs: prefilled.update(self._hand_over(seqs)))
+                    self._hand_over([seq for seq in advanced if seq.id not in prefilled])
                 except Exception as error:  # a failed step fails the requests in flight, not the replica
                     traceback.print_exc()
                     ids = [seq.id for seq in (*self.engine.waiting, *self.engine.running)]
                     self.engine.cancel_all()
-                    updates = [(i, RuntimeError(f"decoding failed: {error}")) for i in ids]
-                self.loop.call_soon_threadsafe(self._deliver, updates)
+                    self.loop.call_soon_threadsafe(self._deliver, [(i, RuntimeError(f"decoding failed: {error}"))
+                                                                   for i in ids])
             self.work.wait()
+
+    def _hand_over(self, seqs: list) -> list[int]:
+        """Send these sequences' text so far to the event loop; returns their ids."""
+        self.loop.call_soon_threadsafe(self._deliver, [(seq.id, (seq.text, seq.finished)) for seq in seqs])
+        return [seq.id for seq in seqs]
 
     def _deliver(self, updates: list) -> None:
         for seq_id, update in updates:

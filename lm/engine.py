@@ -1,9 +1,9 @@
 """Batched decoding with a KV cache and continuous batching, for serving and sampling.
 
-The engine owns `max_batch_size` cache slots. Each `step()` decodes one token for every running
-sequence in a single batched forward, then admits waiting requests into free slots, prefilling
-all their prompts in one more forward. New requests therefore join between decode steps instead
-of waiting for a batch to finish, and a finished sequence frees its slot at once (the last running
+The engine owns `max_batch_size` cache slots. Each `step()` admits waiting requests into free
+slots, prefilling all their prompts in one forward, then decodes one token for every sequence that
+was already running in a single batched forward. New requests therefore join between decode steps
+instead of waiting for a batch to finish, and a finished sequence frees its slot at once (the last running
 sequence moves into it, so the running batch always sits in slots 0..B-1 and is read as one view).
 Each request samples with its own generator, so the same seed gives the same text whatever else is
 in the batch.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,32 +155,40 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[Sequence]:
-        """Decode one token for every running sequence in one batched forward, then admit waiting
-        requests into free slots (prefilling their prompts); return the sequences that advanced."""
-        advanced = []
+    def step(self, on_prefilled: Callable[[list[Sequence]], None] | None = None) -> list[Sequence]:
+        """Admit waiting requests into free slots (prefilling their prompts in one forward), then decode
+        one token for every sequence that was already running, in one batched forward; return the
+        sequences that advanced. New requests go first, so their first token never waits for a decode
+        step; `on_prefilled` gets them as soon as it exists (a server streams it out meanwhile)."""
         for seq in [s for s in (*self.waiting, *self.running) if s.aborted and not s.finished]:
             seq.finish_reason = "abort"
             if seq in self.waiting:
                 self.waiting.remove(seq)
             else:
                 self._release(seq)
-        if self.running:
-            batch = list(self.running)
+        batch = list(self.running)  # slots 0..len(batch)-1; admitted sequences take the slots after
+        admitted = self._admit()
+        if admitted and on_prefilled is not None:
+            on_prefilled(admitted)
+        if batch:
             ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
             logits = self.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)
             for seq, token in zip(batch, self._sample(batch, logits[:, :self.vocab_limit])):
                 self._append(seq, token)
-                advanced.append(seq)
-        for seq in [s for s in self.running if s.finished]:
-            self._release(seq)
+            for seq in [s for s in batch if s.finished]:
+                self._release(seq)
+        return admitted + batch
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting requests into free slots and prefill all their prompts in one forward,
+        right-padded to the longest; each gets its first token."""
         admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
-        if admitted:  # all new prompts in one forward, right-padded to the longest
+        if admitted:
             longest = max(len(s.prompt_ids) for s in admitted)
             ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in admitted],
                                device=self.device)
@@ -188,10 +196,9 @@ class Engine:
                                         self.k_caches, self.v_caches)
             for seq, token in zip(admitted, self._sample(admitted, logits[:, :self.vocab_limit])):
                 self._append(seq, token)
-                advanced.append(seq)
             for seq in [s for s in admitted if s.finished]:
                 self._release(seq)
-        return advanced
+        return admitted
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Run prompts to completion together (a convenience over submit/step)."""

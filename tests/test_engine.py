@@ -74,6 +74,25 @@ def test_requests_join_between_decode_steps_and_slots_are_reused():
     assert sorted(engine.free_slots) == [0, 1]
 
 
+def test_a_new_request_is_prefilled_before_the_running_batch_decodes():
+    """Its first token exists (and `on_prefilled` sees it) before the step decodes the others."""
+    m = model("gpt2")
+    engine = Engine(m, TOKENIZER, max_batch_size=4)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    running = engine.submit("hello", params)
+    engine.step()
+    new = engine.submit("abc", params)
+    seen = []
+    advanced = engine.step(on_prefilled=lambda seqs: seen.append(([s.id for s in seqs], len(new.output_ids),
+                                                                  len(running.output_ids))))
+    assert seen == [([new.id], 1, 1)]  # the running sequence had not decoded yet
+    assert {s.id for s in advanced} == {new.id, running.id} and len(running.output_ids) == 2
+    while engine.has_work:
+        engine.step()
+    assert running.output_ids == greedy_without_cache(m, "hello", 6)
+    assert new.output_ids == greedy_without_cache(m, "abc", 6)
+
+
 def test_stop_strings_cut_the_text():
     engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)
     full = engine.generate(["hello"], SamplingParams(max_tokens=30, temperature=0))[0].text

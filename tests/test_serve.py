@@ -176,7 +176,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
     replica.engine, replica.queues, replica.loop, replica.work = engine, {}, None, threading.Event()
     replica.stream_interval, replica.stream_events_per_s = 0.0, 0
     step, failures = engine.step, [RuntimeError("out of memory")]
-    engine.step = lambda: step() if not failures else (_ for _ in ()).throw(failures.pop())
+    engine.step = lambda **kw: step(**kw) if not failures else (_ for _ in ()).throw(failures.pop())
 
     async def run(prompt):
         return [event async for event in replica.generate(prompt, SamplingParams(max_tokens=5, temperature=0))]
