@@ -119,8 +119,8 @@ class _Program:
             libraries = [n for n in archive.namelist() if n.endswith(".so")]
             if len(libraries) != 1 or any(n.endswith(".json") and not n.endswith("metadata.json")
                                           for n in archive.namelist()):  # <library>.json: ops for a proxy executor
-                raise RuntimeError("the compiled decode step needs more than one model library and its C "
-                                   f"interface (package files: {archive.namelist()}); run without compile")
+                raise RuntimeError("this compiled decode step is not one model library callable through its C "
+                                   f"interface (package files: {archive.namelist()}); serve without compile")
             library = archive.extract(libraries[0], workdir)
         self.lib = lib = ctypes.CDLL(library)  # stays mapped after its file is deleted
         self.handle = ctypes.c_void_p()
@@ -136,7 +136,8 @@ class _Program:
             tensors.append(weights[fqn.value.decode()])
         # The container keeps these handles (not copies) for its lifetime; they are freed in __del__.
         self.constant_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
-        pairs = (_ConstantEntry * len(names))(*(_ConstantEntry(n, _pointer(h)) for n, h in zip(names, self.constant_handles)))
+        entries = [_ConstantEntry(name, _pointer(handle)) for name, handle in zip(names, self.constant_handles)]
+        pairs = (_ConstantEntry * len(entries))(*entries)
         self._check("UpdateUserManagedConstantBufferPairs", self.handle, pairs, ctypes.c_size_t(len(names)),
                     ctypes.c_bool(False), ctypes.c_bool(True))
         outputs = ctypes.c_size_t()

@@ -187,7 +187,8 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
         return await asyncio.wait_for(run("abc"), 30)
 
     events = asyncio.run(main())
-    expected = Engine(engine.model, tokenizer, max_batch_size=1).generate(["abc"], SamplingParams(max_tokens=5, temperature=0))
+    greedy = SamplingParams(max_tokens=5, temperature=0)
+    expected = Engine(engine.model, tokenizer, max_batch_size=1).generate(["abc"], greedy)
     assert "".join(e.get("delta", "") for e in events) == expected[0].text
     assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 5
     assert not engine.running and not engine.waiting
