@@ -116,7 +116,7 @@ def main() -> None:
         print(f"{key:<38} {value:>10.1f} {value / results[f'HF generate fp32 @ batch {batch}']:>6.2f}x "
               f"{value / fp32_ref:>7.2f}x")
     for key, seconds in compile_seconds.items():
-        print(f"compile + warm-up, {key}: {seconds:.0f} s")
+        print(f"compile (or load from the program cache) + warm-up, {key}: {seconds:.0f} s")
     write_report(args.out, {"results_tokens_per_second": results, "compile_seconds": compile_seconds, "threads": args.threads,
                             "new_tokens": args.new_tokens, "repeats": args.repeats, "shape": SHAPE})
 

@@ -13,13 +13,20 @@ copied. Two shape classes cover continuous batching:
 Batch size and length stay symbolic, so nothing compiles while serving. A step that fills the
 whole context (length == block_size) runs eagerly: export cannot keep that one length symbolic.
 On CPU a program is called through its library's C interface with ctypes, which releases the GIL
-for the step (`_Program`), so a server's event loop keeps running while it decodes.
+for the step (`_Program`), so a server's event loop keeps running while it decodes. Programs are
+cached on disk under a key of what they depend on, not the weights (`_cache_dir`): a replica that
+starts again, or serves another export of the same shape, loads them instead of compiling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import hashlib
+import json
+import os
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -29,6 +36,8 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+import lm.inference
+import lm.model
 from lm.inference import Int8Linear
 from lm.model import GPT
 
@@ -72,29 +81,54 @@ class CompiledDecodeStep:
         self.batched = self._build(max_batch_size, masked=True) if max_batch_size > 1 else None
 
     def _build(self, max_batch: int, masked: bool):
+        device = self.span.device
+        step = _Step(self.model, masked)
+        weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+        with tempfile.TemporaryDirectory(prefix="lm-decode-") as workdir:
+            cache = _cache_dir()
+            package = (cache / f"{self._key(weights, max_batch, masked)}.pt2") if cache else Path(workdir) / "decode.pt2"
+            if not package.exists():
+                self._compile(step, max_batch, masked, package)
+            if device.type == "cpu":
+                return _Program(str(package), Path(workdir), weights, device)  # the library is loaded; files can go
+            # GPU programs also need their kernel binaries, which the package loader unpacks and finds.
+            compiled = torch._inductor.aoti_load_package(str(package))
+            compiled.load_constants({name: weights[name] for name in compiled.get_constant_fqns()},
+                                    check_full_update=True, user_managed=True)  # the model's tensors, not copies
+            return _LoadedProgram(compiled.loader)
+
+    def _compile(self, step: _Step, max_batch: int, masked: bool, package: Path) -> None:
         device, n = self.span.device, len(self.k_caches)
         rows = 2 if masked else 1
         example = (torch.zeros(rows, dtype=torch.long, device=device), torch.full((rows,), 2, device=device),
                    self.span[:3], self.k_caches, self.v_caches)
         batch = {0: Dim("batch", min=2, max=max_batch)} if masked and max_batch > 2 else None  # else static
         length = {0: Dim("length", min=2, max=self.block_size - 1)}
-        step = _Step(self.model, masked)
-        with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings(), \
-                tempfile.TemporaryDirectory(prefix="lm-decode-") as workdir:
+        with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
             program = torch.export.export(step, example, dynamic_shapes=(batch, batch, length, [None] * n, [None] * n),
                                           strict=False)
-            path = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(workdir) / "decode.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-            weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
-            if device.type == "cpu":
-                return _Program(path, Path(workdir), weights, device)  # the library is loaded; the files can go
-            # GPU programs also need their kernel binaries, which the package loader unpacks and finds.
-            compiled = torch._inductor.aoti_load_package(path)
-            compiled.load_constants({name: weights[name] for name in compiled.get_constant_fqns()},
-                                    check_full_update=True, user_managed=True)  # the model's tensors, not copies
-            return _LoadedProgram(compiled.loader)
+            partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                     inductor_configs={"aot_inductor.package_constants_in_so": False})
+        os.replace(partial, package)  # atomic: replicas starting together never load half a package
+
+    def _key(self, weights: dict[str, torch.Tensor], max_batch: int, masked: bool) -> str:
+        """What a program depends on: the model's config, its tensors' names, shapes and dtypes (not their
+        values, handed over at load), the caches, the shape class, torch, the CPU's vector ISA, and
+        this code. Programs are therefore shared by every export of the same model shape."""
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        h = hashlib.sha256()
+        h.update(json.dumps(dataclasses.asdict(self.model.cfg), sort_keys=True).encode())
+        for name, tensor in sorted(weights.items()):
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        cache = self.k_caches[0]
+        h.update(f"{len(self.k_caches)}x{tuple(cache.shape)}:{cache.dtype}:{cache.device.type}|{max_batch}|{masked}|"
+                 f"{torch.__version__}|{pick_vec_isa() if cache.device.type == 'cpu' else ''}".encode())
+        for module in (lm.model, lm.inference, sys.modules[__name__]):
+            h.update(Path(module.__file__).read_bytes())
+        return h.hexdigest()[:32]
 
     def __call__(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -104,6 +138,18 @@ class CompiledDecodeStep:
         program = self.single if len(positions) == 1 else self.batched
         pos = torch.tensor(positions, device=ids.device)
         return program.run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]
+
+
+def _cache_dir() -> Path | None:
+    """Where compiled programs are kept between starts: $LMSTACK_COMPILE_CACHE, else
+    ~/.cache/lmstack/decode-programs (~1-2 MB a program; weights are not in them). None when it
+    cannot be written: then every start compiles."""
+    path = Path(os.environ.get("LMSTACK_COMPILE_CACHE") or Path.home() / ".cache" / "lmstack" / "decode-programs")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
 
 
 class _Program:

@@ -18,6 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> Path:
+    """Compiled decode programs go to this session's own cache, never the user's."""
+    path = tmp_path_factory.mktemp("compile-cache")
+    os.environ["LMSTACK_COMPILE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """~400 KB of real Python source from the standard library, as one user text file."""

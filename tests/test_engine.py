@@ -188,3 +188,30 @@ def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
     params = SamplingParams(max_tokens=20, temperature=0)
     out = Engine(compiled, TOKENIZER, max_batch_size=1, compile=True).generate(PROMPTS[2:3], params)
     assert out[0].output_ids == Engine(eager, TOKENIZER, max_batch_size=1).generate(PROMPTS[2:3], params)[0].output_ids
+
+
+def test_compiled_programs_are_cached_by_shape_and_read_each_models_own_weights(compile_cache, monkeypatch):
+    """A second engine of the same shape loads the cached programs (nothing compiles) and decodes with
+    its own weights, which are not in the programs."""
+    params = SamplingParams(max_tokens=12, temperature=0)
+    # The shape of the first compiled test's engine: run after it, nothing compiles here at all.
+    first = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, compile=True).generate(PROMPTS[:2], params)
+    cached = sorted(compile_cache.glob("*.pt2"))
+    assert cached and not list(compile_cache.glob("*.partial.pt2"))
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again instead of loading the cached program")
+
+    def other_weights() -> GPT:  # same shape
+        m = model("gpt2")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.5)
+        return m
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    out = Engine(other_weights(), TOKENIZER, max_batch_size=4, compile=True).generate(PROMPTS[:2], params)
+    expected = Engine(other_weights(), TOKENIZER, max_batch_size=4).generate(PROMPTS[:2], params)
+    assert [s.output_ids for s in expected] != [s.output_ids for s in first], "the two models decode differently"
+    assert [s.output_ids for s in out] == [s.output_ids for s in expected]
+    assert sorted(compile_cache.glob("*.pt2")) == cached
