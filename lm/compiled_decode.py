@@ -109,9 +109,12 @@ class CompiledDecodeStep:
             program = torch.export.export(step, example, dynamic_shapes=(batch, batch, length, [None] * n, [None] * n),
                                           strict=False)
             partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
-            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                                     inductor_configs={"aot_inductor.package_constants_in_so": False})
-        os.replace(partial, package)  # atomic: replicas starting together never load half a package
+            try:
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
+                os.replace(partial, package)  # atomic: replicas starting together never load half a package
+            finally:
+                partial.unlink(missing_ok=True)  # a failed compile leaves nothing in the cache
 
     def _key(self, weights: dict[str, torch.Tensor], max_batch: int, masked: bool) -> str:
         """What a program depends on: the model's config, its tensors' names, shapes and dtypes (not their
