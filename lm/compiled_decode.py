@@ -3,12 +3,12 @@
 Small-batch decoding is bound by weight bytes and per-call overhead, not arithmetic. `torch.compile`
 removes the Python between kernels but keeps some around each call: guards, and lifting every
 module tensor (~100 here) into the graph's inputs. An AOTInductor program has neither: it is
-exported once per shape class, compiled to a shared library, and called with the few tensors that
-change (ids, positions, the KV caches). The model's own weights are handed to it at load, not
-copied. Two shape classes cover continuous batching:
-
-- one sequence (no mask);
-- 2..max_batch_size sequences (always masked: `GPT.decode` masks whenever several decode together).
+exported once, compiled to a shared library, and called with the few tensors that change (ids,
+positions, the KV caches). The model's own weights are handed to it at load, not copied. One
+program serves every batch size of continuous batching, 1..max_batch_size: it always applies the
+attention mask (all true for a single sequence), which costs nothing measurable, and one program
+compiles in half the time of one per shape class (RESULTS.md). An engine of max_batch_size 1 gets
+an unmasked program of one sequence.
 
 Batch size and length stay symbolic, so nothing compiles while serving. A step that fills the
 whole context (length == block_size) runs eagerly: export cannot keep that one length symbolic.
@@ -77,8 +77,7 @@ class CompiledDecodeStep:
         self.k_caches, self.v_caches = k_caches, v_caches
         device = k_caches[0].device
         self.span = torch.empty(self.block_size, device=device)
-        self.single = self._build(1, masked=False)
-        self.batched = self._build(max_batch_size, masked=True) if max_batch_size > 1 else None
+        self.program = self._build(max_batch_size, masked=max_batch_size > 1)
 
     def _build(self, max_batch: int, masked: bool):
         device = self.span.device
@@ -102,7 +101,7 @@ class CompiledDecodeStep:
         rows = 2 if masked else 1
         example = (torch.zeros(rows, dtype=torch.long, device=device), torch.full((rows,), 2, device=device),
                    self.span[:3], self.k_caches, self.v_caches)
-        batch = {0: Dim("batch", min=2, max=max_batch)} if masked and max_batch > 2 else None  # else static
+        batch = {0: Dim("batch", min=1, max=max_batch)} if masked else None  # else one sequence, static
         length = {0: Dim("length", min=2, max=self.block_size - 1)}
         with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
@@ -118,7 +117,7 @@ class CompiledDecodeStep:
 
     def _key(self, weights: dict[str, torch.Tensor], max_batch: int, masked: bool) -> str:
         """What a program depends on: the model's config, its tensors' names, shapes and dtypes (not their
-        values, handed over at load), the caches, the shape class, torch, the CPU's vector ISA, and
+        values, handed over at load), the caches, the batch sizes, torch, the CPU's vector ISA, and
         this code. Programs are therefore shared by every export of the same model shape."""
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
@@ -138,9 +137,8 @@ class CompiledDecodeStep:
         length = max(positions) + 1
         if length >= self.block_size or k_caches is not self.k_caches or v_caches is not self.v_caches:
             return self.model.decode(ids, positions, k_caches, v_caches)
-        program = self.single if len(positions) == 1 else self.batched
         pos = torch.tensor(positions, device=ids.device)
-        return program.run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]
+        return self.program.run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]
 
 
 def _cache_dir() -> Path | None:

@@ -102,7 +102,7 @@ class Engine:
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._ids = itertools.count()
         # compile: the decode step as an ahead-of-time compiled program (lm.compiled_decode), built
-        # here, before any request, for both of its shape classes.
+        # here, before any request: one program for every batch size up to max_batch_size.
         self.decode = CompiledDecodeStep(self.model, max_batch_size, self.k_caches, self.v_caches) if compile \
             else self.model.decode
 
