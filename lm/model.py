@@ -5,8 +5,9 @@
 
 Attention goes through `F.scaled_dot_product_attention` (a compiled decode step writes its one
 query's attention out, `one_query_attention`, which Inductor fuses); the output head is tied to the token
-embedding (or is its own matrix, as in Llama 2/3). The parameter count and FLOPs per token (for
-MFU) sit beside the model they describe.
+embedding (or is its own matrix, as in Llama 2/3) and, in training, computes the loss a chunk of
+tokens at a time (lm.head_loss). The parameter count and FLOPs per token (for MFU) sit beside the
+model they describe.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lm.config import ModelConfig, mlp_hidden_size
+from lm.head_loss import IGNORE_INDEX, OutputHead
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -169,7 +171,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.n_embd, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds
         if cfg.variant == "llama":
@@ -192,7 +194,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (-100 targets are ignored)."""
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (-100 targets are ignored).
+        In training mode with targets, the logits are None: the loss is computed a chunk at a time
+        without them (lm.head_loss), as Hugging Face models do with a fused loss."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
@@ -208,12 +212,16 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if self.training and targets is not None:
+            return None, self.lm_head(x, targets)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # Mean over counted targets; a batch whose targets are all masked gives 0, not NaN.
+            counted = (targets != IGNORE_INDEX).sum().clamp(min=1)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / (targets != -100).sum().clamp(min=1)
+                                   ignore_index=IGNORE_INDEX, reduction="sum") / counted
         return logits, loss
 
     @torch.no_grad()

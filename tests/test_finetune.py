@@ -156,10 +156,12 @@ def test_prompt_tokens_carry_no_loss(prepared_tiny):
     x, y = loader.next_batch()
     assert tokenizer.decode([t for t in y[0].tolist() if t != -100]) == "Bar.\n<|end|>Qux.\n<|end|>"
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=len(ids), vocab_size=prepared_tiny[1]))
-    logits, loss = model(x, y)
+    logits, loss = model.eval()(x, y)
     counted = y[0] != -100
     expected = torch.nn.functional.cross_entropy(logits[0][counted], y[0][counted])
     torch.testing.assert_close(loss, expected)
+    _, training_loss = model.train()(x, y)  # computed without the logits (lm.head_loss)
+    torch.testing.assert_close(training_loss, expected)
 
 
 def test_bad_chat_lines_are_reported_by_line_number(tmp_path, capsys):
