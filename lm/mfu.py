@@ -32,6 +32,12 @@ def _matmul_precision(precision: str) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without, torch emulates bf16,
+    which then trains slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
     """Best observed FLOP/s of a square matmul: an honest ceiling for this process's threads."""
     gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resume must stay exact
