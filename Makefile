@@ -40,6 +40,7 @@ test-fast: install  ## the tests that start no Ray cluster
 
 bench: install  ## the speed benchmarks (benchmarks/*.py): tables printed, JSON in benchmarks/results/
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/bf16_parity.py
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/decode_throughput.py
 	$(PY) benchmarks/int8_kernels.py

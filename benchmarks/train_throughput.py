@@ -5,9 +5,12 @@
   (c) the same through Ray (python -m launcher.train)
   (d) ZeRO-0, 1, 2 and 3 with 2 workers (1 thread each; torchrun)
   (e) our model's forward+backward against Hugging Face GPT2LMHeadModel of the same dimensions
-  plus bf16 autocast in the plain loop, and the fp32 matmul peak measured in the same run: just
-  before and just after every run, so each run's MFU is against the VM's speed at that time
-  (this 2-vCPU VM's peak moves by 25%+ over minutes) and the MFU column is the median of those.
+  plus bf16: autocast in the plain loop, and the trainer with `trainer.precision=bf16` (DeepSpeed's
+  bf16 mode: bf16 weights, fp32 master weights in its optimizer wrapper), and the matmul peak in the
+  run's dtype measured in the same run: just before and just after every run, so each run's MFU is
+  against the VM's speed at that time (a 2-vCPU VM's peak moves by 25%+ over minutes) and the MFU
+  column is the median of those. bf16 rows are against the bf16 peak (fp32's where the CPU has no
+  bf16 instructions, as torch then emulates them).
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 32] [--repeats 1] [--only a,b,e]
 
@@ -39,13 +42,14 @@ sys.path.insert(0, str(REPO))
 
 from lm.config import (ClusterConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, RunConfig,  # noqa: E402
                        TrainConfig, TrainerConfig, config_to_dict)
-from lm.mfu import measure_matmul_flops  # noqa: E402
+from lm.mfu import cpu_has_bf16, measure_matmul_flops  # noqa: E402
 from lm.model import GPT, flops_per_token  # noqa: E402
 from report import write_report  # noqa: E402  (benchmarks/, run as a script)
 
 SHAPE = dict(name="small", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 BATCH, SEQ, THREADS = 8, 256, 2
 WARMUP = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def plain_loop(steps: int, bf16: bool = False) -> float:
@@ -103,7 +107,8 @@ def corpus(workdir: Path) -> Path:
     return path
 
 
-def train_config(workdir: Path, corpus_file: Path, workers: int, stage: int, steps: int) -> TrainConfig:
+def train_config(workdir: Path, corpus_file: Path, workers: int, stage: int, steps: int,
+                 precision: str = "fp32") -> TrainConfig:
     model = {k: v for k, v in SHAPE.items() if k != "vocab_size"}
     return TrainConfig(
         model=ModelConfig(**model, vocab_size=SHAPE["vocab_size"]),
@@ -113,8 +118,8 @@ def train_config(workdir: Path, corpus_file: Path, workers: int, stage: int, ste
         cluster=ClusterConfig(num_workers=workers, cpus_per_worker=THREADS // workers),
         logging=LoggingConfig(name="none", backend="none"),
         trainer=TrainerConfig(max_steps=steps, micro_batch_size=BATCH // workers, grad_accum=1, eval_every=10**6,
-                              eval_steps=1, ckpt_every=10**6, log_every=4, sample_tokens=0),
-        run=RunConfig(name=f"w{workers}-zero{stage}-{time.time_ns()}", storage=str(workdir / "runs")),
+                              eval_steps=1, ckpt_every=10**6, log_every=4, sample_tokens=0, precision=precision),
+        run=RunConfig(name=f"w{workers}-zero{stage}-{precision}-{time.time_ns()}", storage=str(workdir / "runs")),
     )
 
 
@@ -178,6 +183,8 @@ def main() -> None:
     if "b" in only:
         runners["(b) trainer, 1 worker, ZeRO-0"] = lambda: torchrun_trainer(
             train_config(workdir, corpus_file, 1, 0, args.steps), dataset_dir, workdir)
+        runners["(b) trainer, 1 worker, ZeRO-0, bf16"] = lambda: torchrun_trainer(
+            train_config(workdir, corpus_file, 1, 0, args.steps, "bf16"), dataset_dir, workdir)
     if "c" in only:
         runners["(c) trainer via Ray, 1 worker, ZeRO-0"] = lambda: ray_trainer(corpus_file, workdir, args.steps)
     if "d" in only:
@@ -193,13 +200,14 @@ def main() -> None:
     fpt = flops_per_token(ModelConfig(**SHAPE), SEQ, GPT(ModelConfig(**SHAPE)).num_params())
     samples: dict[str, list[float]] = {name: [] for name in runners}
     mfus: dict[str, list[float]] = {name: [] for name in runners}
-    peaks: list[float] = []
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(args.repeats):  # alternate, so drift hits every row alike
         for name, run in runners.items():
-            before = measure_matmul_flops(torch.device("cpu"), torch.float32)
+            dtype = "bf16" if "bf16" in name and cpu_has_bf16() else "fp32"
+            before = measure_matmul_flops(torch.device("cpu"), DTYPES[dtype])
             samples[name].append(run())
-            peak = (before + measure_matmul_flops(torch.device("cpu"), torch.float32)) / 2
-            peaks.append(peak)
+            peak = (before + measure_matmul_flops(torch.device("cpu"), DTYPES[dtype])) / 2
+            peaks[dtype].append(peak)
             mfus[name].append(fpt * samples[name][-1] / peak)
     results = {name: statistics.median(values) for name, values in samples.items()}
     mfu = {name: statistics.median(values) for name, values in mfus.items()}
@@ -218,13 +226,18 @@ def main() -> None:
         "ZeRO-3 step time / ZeRO-0": ratio("(d) 2 workers, ZeRO-0", "(d) 2 workers, ZeRO-3"),
         "our fwd+bwd / HF's": ratio("(e) fwd+bwd, our GPT", "(e) fwd+bwd, HF GPT2LMHeadModel"),
         "bf16 autocast / fp32 (plain loop)": ratio("(a) plain loop, bf16 autocast", "(a) plain PyTorch loop"),
+        "bf16 / fp32 (trainer)": ratio("(b) trainer, 1 worker, ZeRO-0, bf16", "(b) trainer, 1 worker, ZeRO-0"),
     }
-    print(f"\nfp32 matmul peak around each run ({THREADS} threads): median {statistics.median(peaks) / 1e9:.0f} GFLOP/s, "
-          f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f}; MFU = {fpt / 1e6:.1f} MFLOP/token x tokens/s / that run's peak")
+    print()
+    for dtype, values in peaks.items():
+        if values:
+            print(f"{dtype} matmul peak around each run ({THREADS} threads): median {statistics.median(values) / 1e9:.0f} "
+                  f"GFLOP/s, {min(values) / 1e9:.0f}-{max(values) / 1e9:.0f}")
+    print(f"MFU = {fpt / 1e6:.1f} MFLOP/token x tokens/s / that run's peak")
     for name, value in ratios.items():
         print(f"{name:<42} {value:>9}")
     write_report(args.out, {"tokens_per_second": results, "samples": samples, "ratios": ratios,
-                            "mfu": mfu, "mfu_samples": mfus, "peak_fp32_flops_per_run": peaks, "flops_per_token": fpt, "steps": args.steps,
+                            "mfu": mfu, "mfu_samples": mfus, "peak_flops_per_run": peaks, "flops_per_token": fpt, "steps": args.steps,
                             "repeats": args.repeats})
 
 
