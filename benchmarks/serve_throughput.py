@@ -100,6 +100,7 @@ def median_row(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS), help="concurrent stream counts")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all stream counts; medians are reported")
     parser.add_argument("--requests-per-stream", type=int, default=4,
                         help="requests each stream sends back to back (1: one burst of simultaneous requests)")
@@ -133,18 +134,18 @@ def main() -> None:
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # One client, its connections reused: a client per request spends the shared cores on setup.
-        client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=max(STREAMS)))
+        client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=max(args.streams)))
         one_stream(client, url, "def main(", 4)  # warm-up
         # The machine is noisy: every stream count is measured once per round, and rounds repeat.
         for _ in range(args.repeats):
-            for n in STREAMS:
+            for n in args.streams:
                 rows.append(measure(client, url, n, args.max_tokens, args.requests_per_stream))
     finally:
         serve.shutdown()
         ray.shutdown()
 
     runs = rows
-    rows = [median_row([r for r in runs if r["streams"] == n]) for n in STREAMS]
+    rows = [median_row([r for r in runs if r["streams"] == n]) for n in args.streams]
     single = rows[0]["tokens_per_second"]
     print(f"\nmedians of {args.repeats} rounds, {args.requests_per_stream} requests per stream, {args.max_tokens} "
           f"greedy tokens per request; {args.precision}"
