@@ -66,6 +66,13 @@ def sweep_group() -> str | None:
     return None
 
 
+# Ray starts its workers at niceness 15, below its own processes. A CPU training worker's threads meet
+# at a barrier in every op, so each time a Ray process wakes and takes a core from one of them, the
+# other waits: 25% a step on 2 cores (benchmarks/RESULTS.md). Ray's job manager runs its own job
+# supervisor at 0 the same way. cluster/runtime_env.yaml sets it for `ray job submit`.
+WORKER_NICENESS = "0"
+
+
 def start_ray(cfg: TrainConfig) -> None:
     import ray
 
@@ -83,7 +90,8 @@ def start_ray(cfg: TrainConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
-                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                           "RAY_worker_niceness": WORKER_NICENESS}})
 
 
 def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
