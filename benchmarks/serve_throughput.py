@@ -117,13 +117,15 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from launcher.ray_env import WORKER_ENV
     from launcher.serve_app import build
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     export_dir = workdir / "runs" / "bench" / "exports" / f"{args.precision}-step000000"
     export_dir.mkdir(parents=True)
     write_export(export_dir, args.precision)
-    ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False)
+    ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False,
+             runtime_env={"env_vars": dict(WORKER_ENV)})  # as launcher.serve (make serve) starts Ray
     port = 8000 + (int(time.time()) % 1000)
     rows = []
     try:

@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launcher.preemption import StopOnSigterm
+from launcher.ray_env import WORKER_ENV
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
@@ -66,13 +67,6 @@ def sweep_group() -> str | None:
     return None
 
 
-# Ray starts its workers at niceness 15, below its own processes. A CPU training worker's threads meet
-# at a barrier in every op, so each time a Ray process wakes and takes a core from one of them, the
-# other waits: 25% a step on 2 cores (benchmarks/RESULTS.md). Ray's job manager runs its own job
-# supervisor at 0 the same way. cluster/runtime_env.yaml sets it for `ray job submit`.
-WORKER_NICENESS = "0"
-
-
 def start_ray(cfg: TrainConfig) -> None:
     import ray
 
@@ -90,8 +84,7 @@ def start_ray(cfg: TrainConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
-                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                                           "RAY_worker_niceness": WORKER_NICENESS}})
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **WORKER_ENV}})
 
 
 def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
