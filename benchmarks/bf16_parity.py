@@ -13,33 +13,21 @@ against the largest gap between the two fp32 seeds; and tokens/s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from train_throughput import REPO, corpus, train_config  # benchmarks/ (run as a script)
+from train_throughput import REPO, corpus, torchrun_output, train_config  # benchmarks/ (run as a script)
 
-from lm.config import config_to_dict
 from report import write_report
 
 
 def run(cfg, dataset_dir: Path, workdir: Path) -> dict:
     """Train one run; its logged train losses, val losses and tokens/s, by step."""
-    config_file = workdir / f"{cfg.run.name}.json"
-    config_file.write_text(json.dumps(config_to_dict(cfg)))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cfg.cluster.cpus_per_worker)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                             "-m", "lm.standalone", "--config", str(config_file), "--dataset-dir", str(dataset_dir)],
-                            capture_output=True, text=True, env=env, cwd=workdir, timeout=3600)
-    if result.returncode:
-        raise RuntimeError(result.stderr[-3000:])
+    output = torchrun_output(cfg, dataset_dir, workdir)
     train, val, speed = {}, {}, []
-    for step, fields in re.findall(r"\[step (\d+)\] (.*)", result.stdout):
+    for step, fields in re.findall(r"\[step (\d+)\] (.*)", output):
         values = dict(re.findall(r"(\w+)=([0-9.e+-]+)", fields))
         if "train_loss" in values:
             train[int(step)] = float(values["train_loss"])

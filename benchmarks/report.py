@@ -34,7 +34,8 @@ def cpu_description() -> str:
     family = [line.split(":", 1)[1].strip() for line in info if line.startswith(("cpu family", "model\t"))][:2]
     if len(family) == 2:
         model += f" (family {family[0]}, model {family[1]})"
-    present = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in cpu_flags()]
+    flags = cpu_flags()
+    present = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     return f"{model}, {os.cpu_count()} CPUs, {' '.join(present) or 'no AVX-512'}"
 
 

@@ -100,7 +100,7 @@ def median_row(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS), help="concurrent stream counts")
+    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS), help="concurrent stream counts; the ratio column is against the first")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all stream counts; medians are reported")
     parser.add_argument("--requests-per-stream", type=int, default=4,
                         help="requests each stream sends back to back (1: one burst of simultaneous requests)")

@@ -132,6 +132,11 @@ def logged_tokens_per_second(output: str) -> float:
 
 def torchrun_trainer(cfg: TrainConfig, dataset_dir: Path, workdir: Path) -> float:
     """(b) and (d): lm.standalone under torchrun, one process per worker."""
+    return logged_tokens_per_second(torchrun_output(cfg, dataset_dir, workdir))
+
+
+def torchrun_output(cfg: TrainConfig, dataset_dir: Path, workdir: Path) -> str:
+    """Train with lm.standalone under torchrun (one process per worker); its printed output."""
     config_file = workdir / f"{cfg.run.name}.json"
     config_file.write_text(json.dumps(config_to_dict(cfg)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cfg.cluster.cpus_per_worker)}
@@ -141,7 +146,7 @@ def torchrun_trainer(cfg: TrainConfig, dataset_dir: Path, workdir: Path) -> floa
                             capture_output=True, text=True, env=env, cwd=workdir, timeout=1800)
     if result.returncode:
         raise RuntimeError(result.stderr[-3000:])
-    return logged_tokens_per_second(result.stdout)
+    return result.stdout
 
 
 def ray_trainer(corpus_file: Path, workdir: Path, steps: int) -> float:
