@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, mlp_hidden_size
-from lm.model import GPT, flops_per_token, one_query_attention
+from lm.model import EXPLICIT_ATTENTION_MAX_LEN, GPT, causal_attention, flops_per_token, one_query_attention
 
 
 def small_model(variant: str, **overrides) -> GPT:
@@ -80,3 +80,36 @@ def test_one_query_attention_equals_sdpa_with_and_without_the_mask(dtype):
     for m in (mask, None):
         expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
         torch.testing.assert_close(one_query_attention(q, keys, values, m), expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 37, EXPLICIT_ATTENTION_MAX_LEN, EXPLICIT_ATTENTION_MAX_LEN + 1])
+def test_causal_attention_equals_sdpa_forward_and_backward(dtype, length):
+    """The written-out form (up to EXPLICIT_ATTENTION_MAX_LEN on CPU) and the flash kernel beyond it
+    give SDPA's outputs and gradients; queries arrive strided, as the model's transposed heads do."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, length, 3, 3, 16, dtype=torch.float64)  # (B, T, q/k/v, H, D)
+    grad_out = torch.randn(2, 3, length, 16, dtype=torch.float64)
+    results = []
+    for attention in (causal_attention, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True)):
+        leaf = qkv.clone().to(dtype).requires_grad_()
+        q, k, v = leaf.unbind(2)
+        out = attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        out.backward(grad_out.to(dtype))
+        results.append((out.float(), leaf.grad.float()))
+    # bf16: the written-out form rounds the scores to bf16 (the flash kernel keeps them in fp32)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+    torch.testing.assert_close(results[0][0], results[1][0], **tolerance)
+    torch.testing.assert_close(results[0][1], results[1][1], **tolerance)
+
+
+def test_causal_attention_dropout_drops_and_rescales_the_weights():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    exact = causal_attention(q, k, v)
+    torch.testing.assert_close(causal_attention(q, k, v, dropout_p=0.0), exact)
+    dropped = causal_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, exact)
+    torch.testing.assert_close(dropped[:, :, 0], torch.zeros_like(dropped[:, :, 0]).where(
+        dropped[:, :, 0] == 0, exact[:, :, 0] * 2), rtol=1e-5, atol=1e-6)
