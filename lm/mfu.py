@@ -64,10 +64,14 @@ def peak_flops(device: torch.device, precision: str) -> PeakFlops:
         for key, table in GPU_PEAK_FLOPS.items():
             if key in name and not ("H100" in key and "PCIe" in name):
                 return PeakFlops(table[matmul], f"table: {name}, dense {matmul}")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # A CPU without bf16 instructions emulates bf16 matmuls slower than fp32 ones: its peak for any
+    # precision is then fp32's, or bf16 training there would look efficient while running slow.
+    native_bf16 = device.type != "cpu" or cpu_has_bf16()
+    dtype = torch.bfloat16 if precision == "bf16" and native_bf16 else torch.float32
     measured = measure_matmul_flops(device, dtype)
     threads = torch.get_num_threads()
-    return PeakFlops(measured, f"measured: 1024x1024 {dtype} matmul on {device.type}, {threads} threads")
+    note = "" if native_bf16 or precision != "bf16" else " (this CPU has no native bf16)"
+    return PeakFlops(measured, f"measured: 1024x1024 {dtype} matmul on {device.type}, {threads} threads{note}")
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: PeakFlops, num_devices: int) -> float:

@@ -13,6 +13,16 @@ def test_cpu_peak_is_measured_here_and_says_so():
     assert peak.source.startswith("measured: 1024x1024 torch.float32 matmul on cpu")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_peak_is_fp32_where_bf16_is_emulated(monkeypatch, native):
+    """Without bf16 instructions torch emulates bf16 below fp32 speed: the hardware's peak is fp32's."""
+    monkeypatch.setattr(mfu_module, "cpu_has_bf16", lambda: native)
+    peak = peak_flops(torch.device("cpu"), "bf16")
+    dtype = "torch.bfloat16" if native else "torch.float32"
+    assert peak.source.startswith(f"measured: 1024x1024 {dtype} matmul on cpu")
+    assert peak.source.endswith("(this CPU has no native bf16)") != native
+
+
 @pytest.mark.parametrize("name,precision,tf32,expected", [
     ("NVIDIA H200", "bf16", False, 989e12),
     ("NVIDIA H100 80GB HBM3", "fp32", True, 494.5e12),
