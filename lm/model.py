@@ -4,7 +4,7 @@
 - llama: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases (the Llama architecture)
 
 Attention goes through `F.scaled_dot_product_attention`, except where a written-out form is faster:
-short sequences on CPU (`causal_attention`) and a compiled decode step's one query
+training on CPU at short sequences (`causal_attention`) and a compiled decode step's one query
 (`one_query_attention`, which Inductor fuses); the output head is tied to the token
 embedding (or is its own matrix, as in Llama 2/3) and, in training, computes the loss a chunk of
 tokens at a time (lm.head_loss). The parameter count and FLOPs per token (for MFU) sit beside the
@@ -63,14 +63,16 @@ EXPLICIT_ATTENTION_MAX_LEN = 256
 
 
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal SDPA over (B, H, T, D). On CPU, up to EXPLICIT_ATTENTION_MAX_LEN positions, it is written
-    out: one batched matmul for the scores with the causal mask added in the same call, a softmax, and
-    one for the weighted sum. At such lengths PyTorch's CPU flash kernel spends its time on small blocks,
-    not arithmetic: the written-out form's forward+backward is ~1.8x faster in fp32 at T=64 and ~2x in
-    bf16 at T=256 (RESULTS.md). Its (T, T) scores per head grow with T squared, so longer sequences and
-    GPUs keep the flash kernel. In bf16 the scores are bf16, as in nanoGPT's attention under autocast."""
+    """Causal SDPA over (B, H, T, D). In training on CPU, up to EXPLICIT_ATTENTION_MAX_LEN positions, it
+    is written out: one batched matmul for the scores with the causal mask added in the same call, a
+    softmax, and one for the weighted sum. There PyTorch's CPU flash kernel spends its backward on small
+    blocks, not arithmetic: the written-out forward+backward is ~1.5x faster in fp32 at T=64 and ~2x in
+    bf16 at T=256 (RESULTS.md). Forward alone (evaluation, prefill) it is no faster in fp32, and its
+    (T, T) scores per head grow with T squared, so inference, longer sequences and GPUs keep the flash
+    kernel. In bf16 the scores are bf16, as in nanoGPT's attention under autocast."""
     B, H, T, D = q.shape
-    if q.device.type != "cpu" or T > EXPLICIT_ATTENTION_MAX_LEN:
+    training = torch.is_grad_enabled() and q.requires_grad
+    if not training or q.device.type != "cpu" or T > EXPLICIT_ATTENTION_MAX_LEN:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=True, dropout_p=dropout_p)
     mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     scores = torch.baddbmm(mask, q.reshape(B * H, T, D), keys.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
@@ -115,7 +117,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache[first_slot:first_slot + B, :, :T] = k
         v_cache[first_slot:first_slot + B, :, :T] = v
-        y = causal_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def decode(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,

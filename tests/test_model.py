@@ -85,8 +85,8 @@ def test_one_query_attention_equals_sdpa_with_and_without_the_mask(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1, 37, EXPLICIT_ATTENTION_MAX_LEN, EXPLICIT_ATTENTION_MAX_LEN + 1])
 def test_causal_attention_equals_sdpa_forward_and_backward(dtype, length):
-    """The written-out form (up to EXPLICIT_ATTENTION_MAX_LEN on CPU) and the flash kernel beyond it
-    give SDPA's outputs and gradients; queries arrive strided, as the model's transposed heads do."""
+    """The written-out form (training on CPU up to EXPLICIT_ATTENTION_MAX_LEN) and the flash kernel beyond
+    it give SDPA's outputs and gradients; queries arrive strided, as the model's transposed heads do."""
     torch.manual_seed(0)
     qkv = torch.randn(2, length, 3, 3, 16, dtype=torch.float64)  # (B, T, q/k/v, H, D)
     grad_out = torch.randn(2, 3, length, 16, dtype=torch.float64)
@@ -106,7 +106,7 @@ def test_causal_attention_equals_sdpa_forward_and_backward(dtype, length):
 
 def test_causal_attention_dropout_drops_and_rescales_the_weights():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))  # training: the written-out form
     exact = causal_attention(q, k, v)
     torch.testing.assert_close(causal_attention(q, k, v, dropout_p=0.0), exact)
     dropped = causal_attention(q, k, v, dropout_p=0.5)
