@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report  # benchmarks/ (run as a script)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -75,12 +77,9 @@ def main() -> None:
     print(f"{'val loss <= ' + str(args.target) + ' first at':<40} "
           + (f"{reached['seconds']:>8.1f} s (step {reached['step']})" if reached else f"{'never':>8}"))
     print("nanoGPT's published recipe: val loss 1.88 after 2000 steps, about 3 minutes on a CPU")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": source, "max_steps": args.max_steps, "wall_seconds": wall,
-                                    "final_val_loss": summary["val_loss"], "tokens_per_second": summary["tokens_per_second"],
-                                    "target": args.target, "reached": reached, "evals": evals,
-                                    "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"JSON: {args.out}")
+    write_report(args.out, {"data": source, "max_steps": args.max_steps, "wall_seconds": wall,
+                            "final_val_loss": summary["val_loss"], "tokens_per_second": summary["tokens_per_second"],
+                            "target": args.target, "reached": reached, "evals": evals})
 
 
 if __name__ == "__main__":
