@@ -50,7 +50,11 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.88)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/recipe_parity.json")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="recipe_parity_"))
+    with tempfile.TemporaryDirectory(prefix="recipe_parity_") as tmp:  # the run's checkpoints and token cache
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     data = args.data.resolve() if args.data else stand_in_text(workdir)
     overrides = ["experiment=shakespeare_char", f"data.path={data}", f"trainer.max_steps={args.max_steps}",
                  "logging=none", f"run.storage={workdir}/runs", f"data.cache_dir={workdir}/cache", "run.name=parity"]
