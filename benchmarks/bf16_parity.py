@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import tempfile
 from pathlib import Path
 
 from train_throughput import REPO, corpus, torchrun_output, train_config  # benchmarks/ (run as a script)
 
-from report import write_report
+from report import scratch_dir, write_report
 
 
 def run(cfg, dataset_dir: Path, workdir: Path) -> dict:
@@ -49,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     from lm.data import prepare_data
 
-    workdir = Path(tempfile.mkdtemp(prefix="bf16_parity_"))
+    workdir = scratch_dir("bf16_parity_")
     corpus_file = corpus(workdir)
     dataset_dir = prepare_data(train_config(workdir, corpus_file, 1, 0, args.steps).data, progress=False).directory
     runs: dict[str, dict] = {}

@@ -21,11 +21,10 @@ import json
 import re
 import subprocess
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
-from report import write_report  # benchmarks/ (run as a script)
+from report import scratch_dir, write_report  # benchmarks/ (run as a script)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,11 +49,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.88)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/recipe_parity.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="recipe_parity_") as tmp:  # the run's checkpoints and token cache
-        run(args, Path(tmp))
-
-
-def run(args: argparse.Namespace, workdir: Path) -> None:
+    workdir = scratch_dir("recipe_parity_")
     data = args.data.resolve() if args.data else stand_in_text(workdir)
     overrides = ["experiment=shakespeare_char", f"data.path={data}", f"trainer.max_steps={args.max_steps}",
                  "logging=none", f"run.storage={workdir}/runs", f"data.cache_dir={workdir}/cache", "run.name=parity"]

@@ -1,12 +1,16 @@
-"""The JSON every benchmark writes: its own results plus where they came from (commit, date, torch,
-machine), so a number in RESULTS.md can be traced to the run that produced it."""
+"""What every benchmark shares: the JSON it writes (its own results plus where they came from: commit,
+date, torch, machine), so a number in RESULTS.md can be traced to the run that produced it; and its
+scratch directory."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,3 +51,11 @@ def write_report(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**results, **provenance}, indent=2))
     print(f"\nJSON: {out}")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory for a benchmark's corpora, runs and checkpoints (hundreds of MB), removed
+    when the benchmark exits, however it exits short of being killed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

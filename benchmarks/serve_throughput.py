@@ -21,7 +21,6 @@ import dataclasses
 import json
 import statistics
 import sysconfig
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,7 @@ from lm.model import GPT
 from lm.tokenizer import ByteBPETokenizer
 
 from decode_throughput import SHAPE  # the same model shape as the decode benchmark (run as a script)
-from report import write_report
+from report import scratch_dir, write_report
 
 STREAMS = (1, 4, 16, 64)
 
@@ -120,7 +119,7 @@ def main() -> None:
     from launcher.ray_env import WORKER_ENV
     from launcher.serve_app import build
 
-    workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    workdir = scratch_dir("serve_bench_")
     export_dir = workdir / "runs" / "bench" / "exports" / f"{args.precision}-step000000"
     export_dir.mkdir(parents=True)
     write_export(export_dir, args.precision)

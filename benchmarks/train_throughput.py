@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from lm.config import (ClusterConfig, DataConfig, DeepSpeedConfig, LoggingConfig
                        TrainConfig, TrainerConfig, config_to_dict)
 from lm.mfu import cpu_has_bf16, measure_matmul_flops  # noqa: E402
 from lm.model import GPT, flops_per_token  # noqa: E402
-from report import write_report  # noqa: E402  (benchmarks/, run as a script)
+from report import scratch_dir, write_report  # noqa: E402  (benchmarks/, run as a script)
 
 SHAPE = dict(name="small", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 BATCH, SEQ, THREADS = 8, 256, 2
@@ -173,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only.split(","))
     torch.set_num_threads(THREADS)
-    workdir = Path(tempfile.mkdtemp(prefix="train_bench_"))
+    workdir = scratch_dir("train_bench_")
     corpus_file = corpus(workdir)
     dataset_dir = None
     if only & {"b", "d"}:
