@@ -41,14 +41,13 @@ sys.path.insert(0, str(REPO))
 
 from lm.config import (ClusterConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, RunConfig,  # noqa: E402
                        TrainConfig, TrainerConfig, config_to_dict)
-from lm.mfu import cpu_has_bf16, measure_matmul_flops  # noqa: E402
+from lm.mfu import measure_matmul_flops, peak_matmul_dtype  # noqa: E402
 from lm.model import GPT, flops_per_token  # noqa: E402
 from report import scratch_dir, write_report  # noqa: E402  (benchmarks/, run as a script)
 
 SHAPE = dict(name="small", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 BATCH, SEQ, THREADS = 8, 256, 2
 WARMUP = 2
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def plain_loop(steps: int, bf16: bool = False) -> float:
@@ -207,11 +206,11 @@ def main() -> None:
     peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(args.repeats):  # alternate, so drift hits every row alike
         for name, run in runners.items():
-            dtype = "bf16" if "bf16" in name and cpu_has_bf16() else "fp32"
-            before = measure_matmul_flops(torch.device("cpu"), DTYPES[dtype])
+            dtype = peak_matmul_dtype(torch.device("cpu"), "bf16" if "bf16" in name else "fp32")
+            before = measure_matmul_flops(torch.device("cpu"), dtype)
             samples[name].append(run())
-            peak = (before + measure_matmul_flops(torch.device("cpu"), DTYPES[dtype])) / 2
-            peaks[dtype].append(peak)
+            peak = (before + measure_matmul_flops(torch.device("cpu"), dtype)) / 2
+            peaks["bf16" if dtype == torch.bfloat16 else "fp32"].append(peak)
             mfus[name].append(fpt * samples[name][-1] / peak)
     results = {name: statistics.median(values) for name, values in samples.items()}
     mfu = {name: statistics.median(values) for name, values in mfus.items()}

@@ -38,6 +38,14 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def peak_matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype whose matmul peak a run in `precision` is held against: bf16's where the device
+    multiplies bf16 natively, else fp32's. A CPU without bf16 instructions emulates bf16 matmuls slower
+    than fp32 ones, so against its bf16 peak, bf16 training there would look efficient while running slow."""
+    native_bf16 = device.type != "cpu" or cpu_has_bf16()
+    return torch.bfloat16 if precision == "bf16" and native_bf16 else torch.float32
+
+
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
     """Best observed FLOP/s of a square matmul: an honest ceiling for this process's threads."""
     gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resume must stay exact
@@ -64,13 +72,10 @@ def peak_flops(device: torch.device, precision: str) -> PeakFlops:
         for key, table in GPU_PEAK_FLOPS.items():
             if key in name and not ("H100" in key and "PCIe" in name):
                 return PeakFlops(table[matmul], f"table: {name}, dense {matmul}")
-    # A CPU without bf16 instructions emulates bf16 matmuls slower than fp32 ones: its peak for any
-    # precision is then fp32's, or bf16 training there would look efficient while running slow.
-    native_bf16 = device.type != "cpu" or cpu_has_bf16()
-    dtype = torch.bfloat16 if precision == "bf16" and native_bf16 else torch.float32
+    dtype = peak_matmul_dtype(device, precision)
     measured = measure_matmul_flops(device, dtype)
     threads = torch.get_num_threads()
-    note = "" if native_bf16 or precision != "bf16" else " (this CPU has no native bf16)"
+    note = " (this CPU has no native bf16)" if precision == "bf16" and dtype != torch.bfloat16 else ""
     return PeakFlops(measured, f"measured: 1024x1024 {dtype} matmul on {device.type}, {threads} threads{note}")
 
 
