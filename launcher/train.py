@@ -194,7 +194,8 @@ def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
               "uploads it)", flush=True)
     shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
              "mfu": ".1%"}
-    print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None), flush=True)
+    print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None)
+          + (f" precision={summary['precision']}" if summary.get("precision") else ""), flush=True)
     if cfg.trainer.sample_tokens:
         sample = sample_text(Path(summary["checkpoint"]), cfg.trainer.sample_tokens, cfg.trainer.seed)
         print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)

@@ -38,12 +38,20 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively: a CPU with AVX-512 BF16 or AMX, a GPU with bf16."""
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
 def peak_matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype whose matmul peak a run in `precision` is held against: bf16's where the device
     multiplies bf16 natively, else fp32's. A CPU without bf16 instructions emulates bf16 matmuls slower
     than fp32 ones, so against its bf16 peak, bf16 training there would look efficient while running slow."""
-    native_bf16 = device.type != "cpu" or cpu_has_bf16()
-    return torch.bfloat16 if precision == "bf16" and native_bf16 else torch.float32
+    return torch.bfloat16 if precision == "bf16" and native_bf16(device) else torch.float32
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:

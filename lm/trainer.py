@@ -14,19 +14,19 @@ import random
 import resource
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lm.checkpoint import load_rank_checkpoint, save_rank_checkpoint, write_part_manifest
+from lm.checkpoint import load_config, load_rank_checkpoint, save_rank_checkpoint, write_part_manifest
 from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
                        tokens_per_step)
 from lm.data import PreparedData, TokenShardLoader
 from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
-from lm.mfu import PeakFlops, cpu_has_bf16, mfu, peak_flops
+from lm.mfu import PeakFlops, cpu_has_bf16, mfu, native_bf16, peak_flops
 from lm.model import GPT, flops_per_token
 
 
@@ -123,6 +123,18 @@ def _all_reduce_sum(values: list[float] | torch.Tensor, device) -> torch.Tensor:
     return t
 
 
+def resolve_precision(cfg: TrainConfig, device: torch.device, resume_from: str | None) -> str:
+    """trainer.precision, with `auto` decided: bf16 where every rank's device multiplies bf16 natively
+    (emulated bf16 trains slower than fp32), else fp32. A resumed run keeps its checkpoint's choice, so
+    its optimizer state loads as it was saved. Every rank calls this (a collective)."""
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    if resume_from:
+        return load_config(resume_from).trainer.precision
+    ranks_with_bf16 = _all_reduce_sum([float(native_bf16(device))], device).item()
+    return "bf16" if ranks_with_bf16 == dist.get_world_size() else "fp32"
+
+
 def _reduced_grad_norm(module: torch.nn.Module) -> float:
     """2-norm of gradients that DeepSpeed has already averaged across ranks."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
@@ -203,6 +215,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     if world != cfg.cluster.num_workers:
         raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but the process group has {world} ranks")
     device = device or default_device(cfg)
+    cfg = replace(cfg, trainer=replace(cfg.trainer, precision=resolve_precision(cfg, device, hooks.resume_from)))
     if device.type == "cpu":
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
         if cfg.trainer.precision == "bf16" and not cpu_has_bf16() and rank == 0:
@@ -278,7 +291,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
                 train_loss=train_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                 tokens_per_second=tokens_per_second, mfu=mfu(fpt, tokens_per_second, peak, world),
                 memory_mb=_memory_mb(device), steps=step, tokens=state["tokens"])
-            metrics.update(train_metrics, peak_flops_source=peak.source)
+            metrics.update(train_metrics, peak_flops_source=peak.source, precision=t.precision)
             if rank == 0:
                 hooks.log(train_metrics, step)
             loss_sum.zero_()

@@ -1,10 +1,14 @@
 """Every precision / ZeRO / memory option a user can pick trains and leaves a loadable checkpoint:
-bf16 on ZeRO 0/2/3, ZeRO-3 with optimizer and parameter offload, activation checkpointing."""
+bf16 on ZeRO 0/2/3, ZeRO-3 with optimizer and parameter offload, activation checkpointing, and
+`trainer.precision=auto` decided the same way on every rank."""
 
+import json
 import math
 
+import torch
 from conftest import run_on_ranks
 from lm.config import config_to_dict
+from lm.mfu import native_bf16
 
 PATHS = {  # name: (precision, zero stage, offload, activation checkpointing)
     "bf16-zero0": ("bf16", 0, False, False),
@@ -12,6 +16,7 @@ PATHS = {  # name: (precision, zero stage, offload, activation checkpointing)
     "bf16-zero3": ("bf16", 3, False, False),
     "zero3-offload": ("fp32", 3, True, False),
     "activation-checkpointing": ("fp32", 2, False, True),
+    "auto-zero0": ("auto", 0, False, False),
 }
 
 
@@ -28,8 +33,10 @@ def train_each_path(rank, cfg_dict, dataset_dir, root):
         cfg.deepspeed.offload_optimizer = cfg.deepspeed.offload_params = offload
         cfg.model.activation_checkpointing = checkpointing
         metrics = train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))
-        model, _, _ = load_model(find_latest_checkpoint(f"{root}/{name}"))
-        results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params())
+        checkpoint = find_latest_checkpoint(f"{root}/{name}")
+        model, _, saved = load_model(checkpoint)
+        results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params(), metrics["precision"],
+                         saved.trainer.precision)
     return results
 
 
@@ -40,8 +47,38 @@ def test_every_precision_and_memory_option_trains_and_checkpoints(tiny_train_con
     results = run_on_ranks(train_each_path, 1, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
                            tmp_path=tmp_path)[0]
     assert set(results) == set(PATHS)
-    sizes = {n for _, _, n in results.values()}
+    sizes = {r[2] for r in results.values()}
     assert len(sizes) == 1, "every path restores the whole model"
-    for name, (train_loss, val_loss, _) in results.items():
+    for name, (train_loss, val_loss, _, precision, saved_precision) in results.items():
         assert math.isfinite(train_loss) and math.isfinite(val_loss), name
         assert abs(val_loss - math.log(512)) < 1.0, f"{name}: a 4-step model is near uniform over 512 tokens"
+        expected = PATHS[name][0] if PATHS[name][0] != "auto" else ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+        assert precision == saved_precision == expected, f"{name}: ran in and recorded the precision it resolved to"
+
+
+CASES = (([True, True], "bf16"), ([True, False], "fp32"), ([False, False], "fp32"))  # (bf16 per rank, auto)
+
+
+def resolve_each_case(rank, cfg_dict, resume_from):
+    from lm import trainer
+    from lm.config import config_from_dict
+
+    trainer.init_distributed()
+    cfg, cpu, resolved = config_from_dict(cfg_dict), torch.device("cpu"), []
+    for has_bf16, _ in CASES:
+        trainer.native_bf16 = lambda device: has_bf16[rank]
+        resolved.append((trainer.resolve_precision(cfg, cpu, None), trainer.resolve_precision(cfg, cpu, resume_from)))
+    torch.distributed.destroy_process_group()  # a rank leaving mid-collective would abort its peer
+    return resolved
+
+
+def test_auto_precision_is_bf16_only_where_every_rank_has_it_and_a_resume_keeps_its_checkpoints(tiny_train_config, tmp_path):
+    cfg = tiny_train_config()
+    cfg.trainer.precision, cfg.cluster.num_workers = "auto", 2
+    resumed = tmp_path / "checkpoint_000010"
+    resumed.mkdir()
+    saved = config_to_dict(cfg)
+    saved["trainer"]["precision"] = "fp32"  # what an earlier auto run resolved to
+    (resumed / "config.json").write_text(json.dumps(saved))
+    results = run_on_ranks(resolve_each_case, 2, config_to_dict(cfg), str(resumed), tmp_path=tmp_path)
+    assert results == [[(fresh, "fp32") for _, fresh in CASES]] * 2
