@@ -107,3 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if logger:
             logger.finish()
+    try:
+        os.rmdir(staging)  # once empty: every rank has committed its parts (train ends with a barrier)
+    except OSError:
+        pass
