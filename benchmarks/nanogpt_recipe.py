@@ -37,6 +37,11 @@ LEARNING_RATE, MIN_LR, WARMUP_ITERS, WEIGHT_DECAY, BETAS, GRAD_CLIP = 1e-3, 1e-4
 EVAL_INTERVAL, EVAL_ITERS = 250, 20
 
 
+def val_split(text: str) -> str:
+    """The last 10% of the characters, as nanoGPT's prepare.py splits them."""
+    return text[int(len(text) * 0.9):]
+
+
 def prepare(text_path: Path, data_dir: Path) -> int:
     """data/shakespeare_char/prepare.py: train.bin, val.bin (uint16 ids) and meta.pkl; the vocab size."""
     text = text_path.read_text()
@@ -113,10 +118,6 @@ def estimate_loss(model: GPT, data_dir: Path) -> dict:
            for split in ("train", "val")}
     model.train()
     return out
-
-
-def val_split(text: str) -> str:
-    return text[int(len(text) * 0.9):]
 
 
 @torch.no_grad()
