@@ -169,7 +169,7 @@ class _Program:
                 raise RuntimeError("this compiled decode step is not one model library callable through its C "
                                    f"interface (package files: {archive.namelist()}); serve without compile")
             library = archive.extract(libraries[0], workdir)
-        self.lib = lib = ctypes.CDLL(library)  # stays mapped after its file is deleted
+        self.lib = ctypes.CDLL(library)  # stays mapped after its file is deleted
         self.handle = ctypes.c_void_p()
         self._check("CreateWithDevice", ctypes.byref(self.handle), ctypes.c_size_t(1), str(device).encode(), None)
         count = ctypes.c_size_t()
