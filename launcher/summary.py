@@ -19,8 +19,8 @@ def build_summary(checkpoint: Path, wall_seconds: float, vocab_size: int, wandb_
     metrics = json.loads((checkpoint / TRAINER_STATE).read_text())["metrics"]
     summary = {key: metrics.get(key) for key in SUMMARY_KEYS}
     summary.update(peak_flops_source=metrics.get("peak_flops_source"), precision=metrics.get("precision"),
-                   wall_seconds=wall_seconds,
-                   vocab_size=vocab_size, checkpoint=str(checkpoint), wandb_dir=wandb_dir, config=config)
+                   wall_seconds=wall_seconds, vocab_size=vocab_size, checkpoint=str(checkpoint),
+                   wandb_dir=wandb_dir, config=config)
     return summary
 
 
