@@ -102,6 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, str(resume_from) if resume_from else None,
                        stop_requested)
+    if logger:
+        hooks.started = logger.update_config  # W&B's config then shows what `auto` resolved to
     try:
         train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
     finally:

@@ -25,6 +25,10 @@ class WandbLogger:
         """The run's own directory (…/wandb/offline-run-<time>-<id>), what `wandb sync` takes."""
         return str(Path(self.run.dir).parent)
 
+    def update_config(self, config: dict) -> None:
+        """The run's config as the workers run it (`trainer.precision=auto` resolved)."""
+        self.run.config.update(config, allow_val_change=True)
+
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 

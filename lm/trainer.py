@@ -45,6 +45,8 @@ class TrainHooks:
     # Rank-local "please stop" (preemption): checked at log steps; if any rank asks, every rank
     # checkpoints at that step and returns.
     stop_requested: Callable[[], bool] = lambda: False
+    # Rank 0 only, once before the first step: the config as it runs (`auto` values resolved).
+    started: Callable[[dict], None] = _ignore
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -216,6 +218,8 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but the process group has {world} ranks")
     device = device or default_device(cfg)
     cfg = replace(cfg, trainer=replace(cfg.trainer, precision=resolve_precision(cfg, device, hooks.resume_from)))
+    if rank == 0:
+        hooks.started(config_to_dict(cfg))
     if device.type == "cpu":
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
         if cfg.trainer.precision == "bf16" and not cpu_has_bf16() and rank == 0:

@@ -132,3 +132,13 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert clash.returncode == 2
     assert "config error: model.n_embd=128 differs from the checkpoint's 256" in clash.stderr
     assert tree_digest(run_dir) == before
+
+
+def test_wandb_config_shows_what_auto_precision_resolved_to(tmp_path):
+    from launcher.wandb_logger import WandbLogger
+    from lm.config import LoggingConfig
+
+    logger = WandbLogger(LoggingConfig(dir=str(tmp_path)), "auto", None, {"trainer": {"precision": "auto", "seed": 1}})
+    logger.update_config({"trainer": {"precision": "bf16", "seed": 1}})  # the trainer's `started` hook
+    logger.finish()
+    assert read_run(logger.run_dir)["config"]["trainer"] == {"precision": "bf16", "seed": 1}

@@ -32,11 +32,13 @@ def train_each_path(rank, cfg_dict, dataset_dir, root):
         cfg.trainer.precision, cfg.deepspeed.zero_stage = precision, stage
         cfg.deepspeed.offload_optimizer = cfg.deepspeed.offload_params = offload
         cfg.model.activation_checkpointing = checkpointing
-        metrics = train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))
+        hooks, started = local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None), []
+        hooks.started = started.append
+        metrics = train(cfg, dataset_dir, hooks)
         checkpoint = find_latest_checkpoint(f"{root}/{name}")
         model, _, saved = load_model(checkpoint)
         results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params(), metrics["precision"],
-                         saved.trainer.precision)
+                         saved.trainer.precision, [c["trainer"]["precision"] for c in started])
     return results
 
 
@@ -49,11 +51,12 @@ def test_every_precision_and_memory_option_trains_and_checkpoints(tiny_train_con
     assert set(results) == set(PATHS)
     sizes = {r[2] for r in results.values()}
     assert len(sizes) == 1, "every path restores the whole model"
-    for name, (train_loss, val_loss, _, precision, saved_precision) in results.items():
+    for name, (train_loss, val_loss, _, precision, saved_precision, started) in results.items():
         assert math.isfinite(train_loss) and math.isfinite(val_loss), name
         assert abs(val_loss - math.log(512)) < 1.0, f"{name}: a 4-step model is near uniform over 512 tokens"
         expected = PATHS[name][0] if PATHS[name][0] != "auto" else ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
         assert precision == saved_precision == expected, f"{name}: ran in and recorded the precision it resolved to"
+        assert started == [expected], f"{name}: the start hook saw the resolved config once (W&B's config)"
 
 
 CASES = (([True, True], "bf16"), ([True, False], "fp32"), ([False, False], "fp32"))  # (bf16 per rank, auto)
