@@ -83,7 +83,9 @@ def peak_flops(device: torch.device, precision: str) -> PeakFlops:
     dtype = peak_matmul_dtype(device, precision)
     measured = measure_matmul_flops(device, dtype)
     threads = torch.get_num_threads()
-    note = " (this CPU has no native bf16)" if precision == "bf16" and dtype != torch.bfloat16 else ""
+    note = ""
+    if precision == "bf16" and dtype != torch.bfloat16:
+        note = " (this CPU has no native bf16)" if device.type == "cpu" else " (this device has no native bf16)"
     return PeakFlops(measured, f"measured: 1024x1024 {dtype} matmul on {device.type}, {threads} threads{note}")
 
 
