@@ -116,13 +116,14 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from launcher.ray_env import WORKER_ENV
+    from launcher.ray_env import WORKER_ENV, configure_local_ray
     from launcher.serve_app import build
 
     workdir = scratch_dir("serve_bench_")
     export_dir = workdir / "runs" / "bench" / "exports" / f"{args.precision}-step000000"
     export_dir.mkdir(parents=True)
     write_export(export_dir, args.precision)
+    configure_local_ray()
     ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False,
              runtime_env={"env_vars": dict(WORKER_ENV)})  # as launcher.serve (make serve) starts Ray
     port = 8000 + (int(time.time()) % 1000)

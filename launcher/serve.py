@@ -12,7 +12,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.ray_env import WORKER_ENV
+from launcher.ray_env import WORKER_ENV, configure_local_ray
 from launcher.schema import fail
 from lm.config import ConfigError, ServeAppConfig
 
@@ -51,7 +51,7 @@ def main(dcfg: DictConfig) -> None:
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback Ray, as in launcher.train
+    configure_local_ray()
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
              include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)})
     if cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launcher.preemption import StopOnSigterm
-from launcher.ray_env import WORKER_ENV
+from launcher.ray_env import WORKER_ENV, configure_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
@@ -47,8 +47,13 @@ def derive_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model.name}-{digest}"
 
 
+def joins_cluster(cfg: TrainConfig) -> bool:
+    """True: the run goes to a Ray cluster; False: the launcher starts (and stops) a Ray of its own."""
+    return bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_gpu_request(cfg: TrainConfig) -> None:
-    if cfg.cluster.use_gpu and not cfg.cluster.address and not os.environ.get("RAY_ADDRESS"):
+    if cfg.cluster.use_gpu and not joins_cluster(cfg):
         import torch
 
         if not torch.cuda.is_available():
@@ -72,16 +77,15 @@ def start_ray(cfg: TrainConfig) -> None:
 
     if ray.is_initialized():
         return  # later jobs of a multirun reuse the cluster
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         ray.init(address=cfg.cluster.address or None)
     else:
         repo = str(Path(__file__).resolve().parent.parent)
         need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-        # A private, loopback-only Ray for this process: token auth has nothing to protect here.
-        # The dashboard stays on (127.0.0.1): Ray Train's controller queries the state API it serves.
+        # The dashboard stays on (127.0.0.1), as a user of Ray expects.
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
         # this one machine has none, and SIGTERM is handled by StopOnSigterm.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        configure_local_ray()
         # Train's controller acts on a worker group's changes (started, finished) only when it next
         # polls it, every 2 s by default: ~2.5 s of every run's start and end on one machine. Polling a
         # few local workers 4 times a second costs nothing measurable (benchmarks/RESULTS.md).
@@ -93,14 +97,14 @@ def start_ray(cfg: TrainConfig) -> None:
 
 def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
+    from launcher.lean_trainer import LeanTorchTrainer
     from launcher.ray_worker import train_loop_per_worker
 
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    trainer = LeanTorchTrainer(
+        train_loop_per_worker, local_ray=not joins_cluster(cfg),
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
                            "wandb_group": sweep_group(), "stop_file": stop_file},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,

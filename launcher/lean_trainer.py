@@ -1,0 +1,38 @@
+"""Ray Train's TorchTrainer without two helper actors that a run of the launcher does not use.
+
+Each Ray process that wakes during a CPU step takes a core from one of the step's OpenMP threads,
+and the others wait for it at the next barrier. Stopping these two actors while the recipe trained
+on 2 cores sped its steps up by ~7% (benchmarks/RESULTS.md):
+- the dataset manager, which serves Ray Datasets: the launcher passes none (workers read the token
+  cache themselves);
+- the placement-group cleaner, which asks the dashboard's state API every second whether the
+  controller still lives, to free the workers' placement group if it died. Dropped only on the
+  launcher's own local Ray: that Ray ends with the driver that owns it, so nothing is left to free.
+  A cluster keeps it.
+Both are Ray Train internals: where a Ray version has moved them, the trainer keeps Ray's defaults.
+"""
+
+from __future__ import annotations
+
+from ray.train.torch import TorchTrainer
+
+
+def unused_callback_types(has_datasets: bool, local_ray: bool) -> tuple[type, ...]:
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return ()
+    return (() if has_datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local_ray else ())
+
+
+class LeanTorchTrainer(TorchTrainer):
+    """A TorchTrainer; `local_ray`: it runs on a Ray that this process started and will stop."""
+
+    def __init__(self, *args, local_ray: bool, **kwargs):
+        self.local_ray = local_ray
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self):
+        unused = unused_callback_types(bool(self.datasets), self.local_ray)
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
