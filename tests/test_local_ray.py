@@ -1,12 +1,13 @@
 """The launchers' settings for Ray still do what they are for in the installed Ray. All are Ray
-internals (a raylet flag, a worker setting read from the environment, Ray Train's default callbacks),
-so a Ray upgrade that moved one would otherwise only show as slower runs."""
+internals (a raylet flag, a worker setting read from the environment, Ray Train's default callbacks
+and scaling policy), so a Ray upgrade that moved one would otherwise only show as slower runs."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -21,16 +22,32 @@ configure_local_ray()
 ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)})
 niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
 logs = ray._private.worker._global_node.get_logs_dir_path()
-print(json.dumps({"niceness": niceness, "workers": [os.path.basename(w) for w in glob.glob(logs + "/worker-*.out")]}))
+workers = [os.path.basename(w) for w in glob.glob(logs + "/worker-*.out")]
+
+from ray.train import RunConfig, ScalingConfig
+from launcher.lean_trainer import LeanTorchTrainer
+
+trainer = LeanTorchTrainer(lambda: None, local_ray=True, scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(storage_path=os.path.abspath("probe_runs")))
+trainer.fit()
+actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+print(json.dumps({"niceness": niceness, "workers": workers, "named_actors": actors}))
 ray.shutdown()
 """
 
 
-def test_local_ray_runs_workers_at_normal_priority_and_prestarts_none():
+@pytest.fixture(scope="module")
+def local_ray_probe(tmp_path_factory) -> dict:
+    """A local Ray as the launchers start it, and a Ray Train run of an empty function on it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_prestart_worker_first_driver")}
-    out = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    probe = json.loads(out.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], cwd=tmp_path_factory.mktemp("probe"),
+                         env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_local_ray_runs_workers_at_normal_priority_and_prestarts_none(local_ray_probe):
+    probe = local_ray_probe
     assert probe["niceness"] == 0
     # A worker prestarted for the first driver, never leased to its job, keeps the nil job id in its
     # log's name (Ray's default starts one per CPU).
@@ -52,3 +69,22 @@ def test_lean_trainer_drops_the_dataset_manager_and_on_its_own_ray_the_placement
     assert DatasetsCallback not in local | cluster
     assert PlacementGroupCleanerCallback in cluster
     assert local == cluster - {PlacementGroupCleanerCallback}  # nothing else is dropped
+
+
+def test_lean_trainer_on_its_own_ray_starts_no_autoscaling_coordinator(local_ray_probe):
+    # Ray Data's coordinator is a detached actor named "AutoscalingCoordinator"; Ray's own fixed-size
+    # policy starts it for every run, before the workers.
+    assert "AutoscalingCoordinator" not in local_ray_probe["named_actors"], local_ray_probe["named_actors"]
+
+
+def test_fixed_scaling_without_autoscaler_still_sizes_the_worker_group():
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+
+    from launcher.lean_trainer import FixedScalingWithoutAutoscaler, local_scaling_policy
+
+    policy = local_scaling_policy(FixedScalingPolicy(ScalingConfig(num_workers=3, resources_per_worker={"CPU": 1})))
+    assert type(policy) is FixedScalingWithoutAutoscaler
+    policy.after_controller_start(None)  # Ray's own would create the coordinator here
+    assert policy.make_decision_for_non_running_worker_group() == ResizeDecision(num_workers=3,
+                                                                                resources_per_worker={"CPU": 1})
