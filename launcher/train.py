@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launcher.preemption import StopOnSigterm
-from launcher.ray_env import WORKER_ENV, configure_local_ray
+from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
@@ -85,14 +85,17 @@ def start_ray(cfg: TrainConfig) -> None:
         # The dashboard stays on (127.0.0.1), as a user of Ray expects.
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
         # this one machine has none, and SIGTERM is handled by StopOnSigterm.
-        configure_local_ray()
         # Train's controller acts on a worker group's changes (started, finished) only when it next
         # polls it, every 2 s by default: ~2.5 s of every run's start and end on one machine. Polling a
         # few local workers 4 times a second costs nothing measurable (benchmarks/RESULTS.md).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
-                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **WORKER_ENV}})
+        init_local_ray(import_meanwhile=FIT_IMPORTS, num_cpus=max(os.cpu_count() or 1, need),
+                       dashboard_host="127.0.0.1",
+                       runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
+                                                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **WORKER_ENV}})
+
+
+FIT_IMPORTS = ("ray.train.torch", "launcher.lean_trainer", "launcher.ray_worker")  # what fit() imports
 
 
 def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:

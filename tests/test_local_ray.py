@@ -14,12 +14,15 @@ from conftest import REPO
 # Run in a fresh process: Ray reads RAY_AUTH_MODE once per process, so setting it here would leave
 # this pytest process's later clusters (started without it) unable to talk to their own GCS.
 LOCAL_RAY_PROBE = """
-import glob, json, os
+import glob, json, os, sys
 import ray
-from launcher.ray_env import WORKER_ENV, configure_local_ray
+from launcher.ray_env import RAY_INIT_IMPORTS, WORKER_ENV, configure_local_ray, import_modules
 
 configure_local_ray()
-ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+import_modules(RAY_INIT_IMPORTS)
+before = set(sys.modules)
+ray.init(num_cpus=2, dashboard_host="127.0.0.1", runtime_env={"env_vars": dict(WORKER_ENV)})  # as the launchers
+imported_by_init = sorted(set(sys.modules) - before)
 niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
 logs = ray._private.worker._global_node.get_logs_dir_path()
 workers = [os.path.basename(w) for w in glob.glob(logs + "/worker-*.out")]
@@ -31,7 +34,8 @@ trainer = LeanTorchTrainer(lambda: None, local_ray=True, scaling_config=ScalingC
                            run_config=RunConfig(storage_path=os.path.abspath("probe_runs")))
 trainer.fit()
 actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-print(json.dumps({"niceness": niceness, "workers": workers, "named_actors": actors}))
+print(json.dumps({"niceness": niceness, "workers": workers, "named_actors": actors,
+                  "imported_by_init": imported_by_init}))
 ray.shutdown()
 """
 
@@ -88,3 +92,9 @@ def test_fixed_scaling_without_autoscaler_still_sizes_the_worker_group():
     policy.after_controller_start(None)  # Ray's own would create the coordinator here
     assert policy.make_decision_for_non_running_worker_group() == ResizeDecision(num_workers=3,
                                                                                 resources_per_worker={"CPU": 1})
+
+
+def test_ray_init_imports_nothing_beyond_what_the_launcher_imports_first(local_ray_probe):
+    # launcher.ray_env.init_local_ray imports Ray Train in a second thread while ray.init runs; two
+    # threads importing the same package at once can deadlock on a circular import.
+    assert local_ray_probe["imported_by_init"] == []
