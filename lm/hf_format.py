@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a co
     import torch
 
 
+# model.activation <-> transformers' activation_function (GPT-2); both tanh names compute the same.
+HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+FROM_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def hf_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
     """config.json for transformers; the end-of-text token is BOS and EOS, as in GPT-2."""
     return {**_architecture(cfg), "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
@@ -28,8 +33,8 @@ def _architecture(cfg: ModelConfig) -> dict:
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": mlp_hidden_size(cfg),
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
+            "activation_function": HF_ACTIVATIONS[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
             "scale_attn_weights": True,
         }
     return {
@@ -106,8 +111,9 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
     """Our ModelConfig for a GPT-2 or Llama config.json; anything we would compute differently is refused."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            _refuse("activation_function", hf.get("activation_function"), "gelu_new")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in FROM_HF_ACTIVATIONS:
+            _refuse("activation_function", activation, ", ".join(FROM_HF_ACTIVATIONS))
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(flag):
                 _refuse(flag, hf[flag], "false")
@@ -117,7 +123,8 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            n_embd=hf["n_embd"], block_size=hf["n_positions"], bias=True,
                            mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           tie_embeddings=hf.get("tie_word_embeddings", True), vocab_size=hf["vocab_size"])
+                           tie_embeddings=hf.get("tie_word_embeddings", True), vocab_size=hf["vocab_size"],
+                           activation=FROM_HF_ACTIVATIONS[activation])
     if model_type == "llama":
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
         if hf.get("num_key_value_heads", heads) != heads:

@@ -146,6 +146,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = mlp_hidden_size(cfg)
         self.swiglu = cfg.variant == "llama"
+        self.gelu_approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -156,7 +157,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.dropout(self.c_proj(h))
 
 

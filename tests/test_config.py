@@ -25,6 +25,7 @@ def test_shakespeare_char_is_nanogpts_cpu_recipe():
     cfg = to_train_config(composed("experiment=shakespeare_char", f"data.path={__file__}"))
     m, t, o = cfg.model, cfg.trainer, cfg.optim
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert m.activation == "gelu"  # nanoGPT's MLP: nn.GELU(), the exact one
     assert (cfg.data.tokenizer, cfg.deepspeed.zero_stage, cfg.cluster.num_workers) == ("char", 0, 1)
     assert (t.micro_batch_size, t.max_steps, t.eval_every, t.eval_steps) == (12, 2000, 250, 20)
     assert (o.lr, o.min_lr, o.warmup_steps, o.beta2, o.weight_decay, o.grad_clip) == (1e-3, 1e-4, 100, 0.99, 0.1, 1.0)
@@ -95,6 +96,17 @@ def test_empty_corpus_is_rejected_by_name(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("config error: data.path=")
     assert "the corpus is empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.activation=relu"], "model.activation='relu' is invalid: allowed values are gelu_tanh, gelu"),
+    (["model=llama-small", "model.activation=gelu"],
+     "model.activation='gelu' is invalid: applies to model.variant=gpt2; llama's MLP is SwiGLU"),
+])
+def test_model_activation_is_one_of_gpt2s_gelus(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        to_train_config(composed(*overrides))
+    assert str(error.value) == message
 
 
 def test_validation_errors_are_config_errors_that_name_the_field():

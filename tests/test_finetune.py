@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, run_on_ranks
 from lm.config import ConfigError, DataConfig, ModelConfig
 
-HF_KINDS = ("gpt2", "llama", "llama-untied")
+HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied")
 
 
 def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 0):
@@ -23,9 +23,10 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
     import transformers
 
     torch.manual_seed(seed)
-    if kind == "gpt2":
+    if kind.startswith("gpt2"):
         config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                         eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id)
+                                         eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id,
+                                         activation_function="gelu" if kind == "gpt2-exact-gelu" else "gelu_new")
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
@@ -62,6 +63,7 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     root, models = hf_dirs
     ours, source = our_model(str(root / kind))
     assert source.kind == "hf" and source.model.tie_embeddings == (kind != "llama-untied")
+    assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], models[kind](ids).logits, rtol=1e-5, atol=1e-5)

@@ -113,3 +113,29 @@ def test_causal_attention_dropout_drops_and_rescales_the_weights():
     assert not torch.allclose(dropped, exact)
     torch.testing.assert_close(dropped[:, :, 0], torch.zeros_like(dropped[:, :, 0]).where(
         dropped[:, :, 0] == 0, exact[:, :, 0] * 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation,hf_name", [("gelu_tanh", "gelu_new"), ("gelu", "gelu")])
+def test_gpt2_activation_is_the_one_transformers_computes_from_the_exported_config(activation, hf_name):
+    import transformers
+
+    from lm.hf_format import hf_config, to_hf_state_dict
+
+    model = small_model("gpt2", activation=activation)
+    with torch.no_grad():  # pre-activations of order 1, where the two GELUs differ most
+        for block in model.h:
+            block.mlp.c_fc.weight.mul_(50)
+    config = hf_config(model.cfg)
+    assert config["activation_function"] == hf_name
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name in ("gelu_new", "gelu"):
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config, "activation_function": name}))
+        theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+        with torch.no_grad():
+            logits[name] = theirs.eval()(idx).logits
+    with torch.no_grad():
+        ours = model(idx)[0]
+    torch.testing.assert_close(logits[hf_name], ours, rtol=1e-5, atol=1e-5)
+    other = "gelu" if hf_name == "gelu_new" else "gelu_new"
+    assert not torch.allclose(logits[other], ours, rtol=1e-5, atol=1e-5)  # the other GELU would fail it
