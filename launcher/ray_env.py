@@ -49,8 +49,9 @@ def init_local_ray(import_meanwhile=(), **init_kwargs) -> None:
 
     Starting a local Ray takes ~3.5 s, nearly all of it waiting for its processes (the dashboard,
     then the raylet and its agents) to come up; the driver then imports Ray Train and torch for
-    ~1.8 s. Done together, the run starts ~1 s sooner on 2 cores (benchmarks/RESULTS.md).
-    `ray.init` itself must stay on the main thread: its GCS client serves only the thread that made it.
+    ~1.8 s. Done together, Train's workers are up ~0.5 s sooner on 2 cores (benchmarks/RESULTS.md).
+    `ray.init` itself stays on the main thread: run from another one, the driver's later calls to
+    the GCS hung.
     """
     configure_local_ray()
     import ray
