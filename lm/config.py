@@ -23,7 +23,7 @@ class ModelConfig:
     name: str = "small"
     variant: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
     # gpt2's MLP: gelu_tanh (GPT-2's "gelu_new") or gelu (exact, erf: nanoGPT's nn.GELU, and 1.4-2x
-    # faster on a CPU); llama's is SwiGLU, whatever this says
+    # faster on a CPU). llama's MLP is SwiGLU: it takes the default only
     activation: str = "gelu_tanh"
     n_layer: int = 6
     n_head: int = 6
