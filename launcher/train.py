@@ -32,6 +32,9 @@ CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment
 _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
                   "trainer.log_every", "data.cache_dir"}
+# Settings added after run names were first derived: at these values they leave the name as it was,
+# so a run started before the setting existed still resumes under the same command.
+_NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh"}
 
 
 def derive_run_name(cfg: TrainConfig) -> str:
@@ -41,8 +44,10 @@ def derive_run_name(cfg: TrainConfig) -> str:
         if section in _NAME_EXCLUDES:
             continue
         for key, value in values.items():
-            if f"{section}.{key}" not in _NAME_EXCLUDES:
-                flat[f"{section}.{key}"] = value
+            name = f"{section}.{key}"
+            unchanged = name in _NAME_UNCHANGED_AT and _NAME_UNCHANGED_AT[name] == value
+            if name not in _NAME_EXCLUDES and not unchanged:
+                flat[name] = value
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.model.name}-{digest}"
 

@@ -127,6 +127,16 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.stop_at_step=5"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "logging=none"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
+    assert derive_run_name(to_train_config(composed("model=tiny", "model.activation=gelu"))) != base
+
+
+def test_derived_run_names_stay_what_earlier_versions_derived():
+    # `make train` resumes the run its command names; a version that renamed the default runs would
+    # start them over instead. A new setting belongs in launcher.train._NAME_UNCHANGED_AT.
+    from launcher.train import derive_run_name
+
+    assert derive_run_name(to_train_config(composed())) == "small-0c82334f"
+    assert derive_run_name(to_train_config(composed("model=tiny"))) == "tiny-a3d32eae"
 
 
 def test_sweep_table_shows_what_varies_and_each_final_loss():
