@@ -9,6 +9,9 @@ A checkpoint directory holds
     parts/rank_<r>.json   each rank's manifest: every file of its part and its size
 Every rank writes its own part into its own directory (node-local under Ray, which merges them
 into one directory in storage; shared when the directories are the same).
+
+torch is imported only by the functions that read or write tensors: the launcher's driver finds and
+checks checkpoints before it starts Ray, and importing torch there (~1 s) would delay the run.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lm.config import TrainConfig, config_from_dict
+
+if TYPE_CHECKING:
+    import torch
 
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -35,6 +41,8 @@ PARTS_DIR = "parts"
 def save_rank_checkpoint(engine, path: str | Path, rank: int, trainer_state: dict,
                          config: dict, tokenizer_path: str | Path) -> None:
     """Every rank calls this (DeepSpeed's save is a collective)."""
+    import torch
+
     path = Path(path)
     (path / DEEPSPEED_DIR).mkdir(parents=True, exist_ok=True)
     (path / "rng").mkdir(exist_ok=True)
@@ -63,6 +71,8 @@ def write_part_manifest(path: str | Path, rank: int) -> None:
 
 def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
     """Restore weights, optimizer state and this rank's RNG; return the trainer state."""
+    import torch
+
     path = Path(path)
     load_path, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -113,6 +123,8 @@ def load_config(path: str | Path) -> TrainConfig:
 
 def load_consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage and any number of ranks."""
+    import torch
+
     path = Path(path)
     ds_dir = path / DEEPSPEED_DIR
     if not (ds_dir / DEEPSPEED_TAG).is_dir():

@@ -90,6 +90,17 @@ def test_checking_a_command_line_does_not_import_torch():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_driver_imports_no_torch_before_ray_starts():
+    """The token cache, the resume check and the run's summary import no torch, so the driver's ~1 s
+    of importing it overlaps Ray's start (`init_local_ray`) instead of coming before it."""
+    probe = ("import sys; import launcher.train, launcher.summary, lm.checkpoint, lm.data; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_empty_corpus_is_rejected_by_name(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     result = run_launcher(tmp_path, "data=text", f"data.path={tmp_path}/empty.txt")
