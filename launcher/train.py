@@ -30,6 +30,7 @@ from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_si
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
 _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
+                  "cluster.include_dashboard",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
                   "trainer.log_every", "data.cache_dir"}
 # Settings added after run names were first derived: at these values they leave the name as it was,
@@ -87,7 +88,8 @@ def start_ray(cfg: TrainConfig) -> None:
     else:
         repo = str(Path(__file__).resolve().parent.parent)
         need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-        # The dashboard stays on (127.0.0.1), as a user of Ray expects.
+        # The dashboard is on (127.0.0.1) unless cluster.include_dashboard=false: `ray.init` waits ~2 s
+        # for its process to come up before it starts the raylet.
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
         # this one machine has none, and SIGTERM is handled by StopOnSigterm.
         # Train's controller acts on a worker group's changes (started, finished) only when it next
@@ -95,7 +97,7 @@ def start_ray(cfg: TrainConfig) -> None:
         # few local workers 4 times a second costs nothing measurable (benchmarks/RESULTS.md).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         init_local_ray(import_meanwhile=FIT_IMPORTS, num_cpus=max(os.cpu_count() or 1, need),
-                       dashboard_host="127.0.0.1",
+                       include_dashboard=cfg.cluster.include_dashboard, dashboard_host="127.0.0.1",
                        runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0",
                                                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **WORKER_ENV}})
 

@@ -77,6 +77,7 @@ class ClusterConfig:
     max_failures: int = 0
     multi_node: bool = False  # workers may land on several nodes: run.storage must be shared
     shared_storage: Optional[bool] = None  # is run.storage reachable from every node? None: detect
+    include_dashboard: bool = True  # Ray's dashboard on 127.0.0.1:8265, for a Ray the launcher starts itself
 
 
 @dataclass

@@ -137,6 +137,7 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.stop_at_step=5"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "logging=none"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "cluster.include_dashboard=false"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
     assert derive_run_name(to_train_config(composed("model=tiny", "model.activation=gelu"))) != base
 

@@ -95,8 +95,11 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert summary_first["steps"] == stopped_at
     assert Path(summary_first["checkpoint"]).name == f"checkpoint_{stopped_at:06d}"
 
-    second = launch(tmp_path, *base)  # the same command again continues where the first stopped
+    # The same command again continues where the first stopped; Ray's dashboard does not change training.
+    second = launch(tmp_path, *base, "cluster.include_dashboard=false")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "View the dashboard at" in first.stdout + first.stderr
+    assert "View the dashboard at" not in second.stdout + second.stderr
     assert f"resuming run e2e from {run_dir}/checkpoint_{stopped_at:06d}" in second.stdout
     assert "sample:" in second.stdout and "checkpoint: " in second.stdout
 
