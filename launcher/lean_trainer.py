@@ -12,18 +12,18 @@ trained on 2 cores sped its steps up by ~7% (benchmarks/RESULTS.md):
   autoscaler. The launcher's own local Ray is one fixed machine with no autoscaler, and the
   controller waits for the coordinator's process to start before it starts the workers: ~1.2 s of
   every run's start on 2 cores.
-A cluster keeps the last two. All three are Ray Train internals: where a Ray version has moved
-them, the trainer keeps Ray's defaults.
+On the launcher's own Ray, the controller also gets Ray's torch configuration from a module that
+imports no torch, so that it imports torch while the workers start rather than before
+(`controller_parts`). A cluster keeps the last two actors and Ray's own configuration. All of this
+is Ray Train internals: where a Ray version has moved them, the trainer keeps Ray's defaults.
 """
 
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-try:
-    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-except ImportError:
-    FixedScalingPolicy = None
+from launcher import controller_parts
+from launcher.controller_parts import TorchConfigImportedLater, local_scaling_policy
 
 
 def unused_callback_types(has_datasets: bool, local_ray: bool) -> tuple[type, ...]:
@@ -35,34 +35,22 @@ def unused_callback_types(has_datasets: bool, local_ray: bool) -> tuple[type, ..
     return (() if has_datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local_ray else ())
 
 
-if FixedScalingPolicy is not None:
-    class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
-        """Ray Train's fixed-size policy that asks no autoscaler for resources (there is none)."""
-
-        def after_controller_start(self, train_run_context) -> None:
-            pass
-
-        def _maybe_send_resource_request(self) -> None:
-            pass
-
-
-def local_scaling_policy(policy):
-    """`policy` without its autoscaler requests, where it is Ray's fixed-size one; else `policy`."""
-    if FixedScalingPolicy is None or type(policy) is not FixedScalingPolicy:
-        return policy
-    return FixedScalingWithoutAutoscaler(policy.scaling_config)
-
-
 class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer; `local_ray`: it runs on a Ray that this process started and will stop."""
 
     def __init__(self, *args, local_ray: bool, **kwargs):
         self.local_ray = local_ray
+        # The controller then imports torch while the workers start, not before (controller_parts).
+        self.torch_imported_later = (local_ray and controller_parts.TRAIN_INTERNALS_FOUND
+                                     and "torch_config" not in kwargs)
+        if self.torch_imported_later:
+            kwargs["torch_config"] = TorchConfigImportedLater()
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):
         unused = unused_callback_types(bool(self.datasets), self.local_ray)
-        return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+        callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+        return callbacks + ([controller_parts.ImportTorchWhileWorkersStart()] if self.torch_imported_later else [])
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if self.local_ray and "scaling_policy" in controller_init_kwargs:

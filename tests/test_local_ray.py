@@ -63,6 +63,7 @@ def test_lean_trainer_drops_the_dataset_manager_and_on_its_own_ray_the_placement
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+    from launcher.controller_parts import ImportTorchWhileWorkersStart
     from launcher.lean_trainer import LeanTorchTrainer
 
     def callback_types(local_ray: bool) -> set[type]:
@@ -72,7 +73,8 @@ def test_lean_trainer_drops_the_dataset_manager_and_on_its_own_ray_the_placement
     local, cluster = callback_types(local_ray=True), callback_types(local_ray=False)
     assert DatasetsCallback not in local | cluster
     assert PlacementGroupCleanerCallback in cluster
-    assert local == cluster - {PlacementGroupCleanerCallback}  # nothing else is dropped
+    # nothing else is dropped; the one added imports torch in the controller while the workers start
+    assert local == cluster - {PlacementGroupCleanerCallback} | {ImportTorchWhileWorkersStart}
 
 
 def test_lean_trainer_on_its_own_ray_starts_no_autoscaling_coordinator(local_ray_probe):
@@ -85,7 +87,7 @@ def test_fixed_scaling_without_autoscaler_still_sizes_the_worker_group():
     from ray.train import ScalingConfig
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
 
-    from launcher.lean_trainer import FixedScalingWithoutAutoscaler, local_scaling_policy
+    from launcher.controller_parts import FixedScalingWithoutAutoscaler, local_scaling_policy
 
     policy = local_scaling_policy(FixedScalingPolicy(ScalingConfig(num_workers=3, resources_per_worker={"CPU": 1})))
     assert type(policy) is FixedScalingWithoutAutoscaler
@@ -98,3 +100,32 @@ def test_ray_init_imports_nothing_beyond_what_the_launcher_imports_first(local_r
     # launcher.ray_env.init_local_ray imports Ray Train in a second thread while ray.init runs; two
     # threads importing the same package at once can deadlock on a circular import.
     assert local_ray_probe["imported_by_init"] == []
+
+
+UNPICKLE_PROBE = """
+import pickle, sys
+pickle.loads(sys.stdin.buffer.read())
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+@pytest.mark.parametrize("local_ray", [True, False])
+def test_what_train_hands_its_controller_imports_torch_only_off_a_cluster_after_the_workers(local_ray):
+    # Ray Train's controller is a fresh process that imports what it unpickles. Ray's TorchConfig
+    # imports torch (~1.2 s), before the controller starts the workers. On the launcher's own Ray the
+    # controller gets a torch-free equivalent and imports torch on a thread while the workers start.
+    from ray import cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
+    from launcher.controller_parts import ImportTorchWhileWorkersStart, local_scaling_policy
+    from launcher.lean_trainer import LeanTorchTrainer
+
+    trainer = LeanTorchTrainer(lambda: None, local_ray=local_ray, scaling_config=ScalingConfig(num_workers=1))
+    callbacks = trainer._create_default_callbacks()
+    assert any(isinstance(c, ImportTorchWhileWorkersStart) for c in callbacks) == local_ray
+    handed = cloudpickle.dumps({"train_run_context": trainer.train_run_context, "callbacks": callbacks,
+                                "scaling_policy": local_scaling_policy(create_scaling_policy(trainer.scaling_config))})
+    out = subprocess.run([sys.executable, "-c", UNPICKLE_PROBE], input=handed, capture_output=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.decode()
+    assert (out.strip() == "[]") == local_ray, out
