@@ -1,6 +1,7 @@
 """Config: composition gives the documented recipes, and every bad input fails on the driver, before
 Ray starts and before anything is written, with one line naming the field and what is allowed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,25 +81,27 @@ def test_bad_input_fails_with_one_line_before_ray_starts(tmp_path, overrides, me
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists(), "nothing may be written"
 
 
-def test_checking_a_command_line_does_not_import_torch():
-    """Config errors come before any expensive work: the modules the check runs import no torch (~3 s)."""
-    probe = ("import sys; import launcher.train; from lm.pretrained import inspect_pretrained; "
-             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'deepspeed', 'ray'))))")
+def heavy_modules_imported_by(statement: str, heavy: tuple[str, ...]) -> list[str]:
+    """The modules named `heavy` (and their submodules) that `statement` imports in a fresh interpreter."""
+    probe = (f"import json, sys; {statement}; print(json.dumps(sorted(m for m in sys.modules "
+             f"if m in {heavy!r} or m.startswith({tuple(h + '.' for h in heavy)!r}))))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    return json.loads(result.stdout)
+
+
+def test_checking_a_command_line_does_not_import_torch():
+    """Config errors come before any expensive work: the modules the check runs import no torch (~3 s)."""
+    assert heavy_modules_imported_by("import launcher.train; from lm.pretrained import inspect_pretrained",
+                                     ("torch", "deepspeed", "ray")) == []
 
 
 def test_the_driver_imports_no_torch_before_ray_starts():
     """The token cache, the resume check and the run's summary import no torch, so the driver's ~1 s
     of importing it overlaps Ray's start (`init_local_ray`) instead of coming before it."""
-    probe = ("import sys; import launcher.train, launcher.summary, lm.checkpoint, lm.data; "
-             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert heavy_modules_imported_by("import launcher.train, launcher.summary, lm.checkpoint, lm.data",
+                                     ("torch",)) == []
 
 
 def test_empty_corpus_is_rejected_by_name(tmp_path):
