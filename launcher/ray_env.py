@@ -8,6 +8,7 @@ Ray's job manager runs its job supervisor at 0 the same way; the worker applies 
 privilege is needed. cluster/runtime_env.yaml sets the same for `ray job submit`.
 """
 
+import atexit
 import importlib
 import os
 import threading
@@ -44,6 +45,20 @@ def import_modules(names) -> None:
             pass
 
 
+def stop_autoscaler_monitor() -> None:
+    """Stop the autoscaler's monitor of the Ray this process started, now (SIGKILL).
+
+    Ray's shutdown at exit stops the GCS before the monitor, whose SIGTERM handler then reports its
+    end to the gone GCS until Ray kills it a second later: 1 s of every launcher's exit. A Ray of
+    this process's own has nothing for the monitor to scale, and Ray would kill it anyway.
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if ray.is_initialized() and node is not None and hasattr(node, "kill_monitor"):
+        node.kill_monitor(check_alive=False)
+
+
 def init_local_ray(import_meanwhile=(), **init_kwargs) -> None:
     """`ray.init(**init_kwargs)` for a Ray of this process's own, while a thread imports `import_meanwhile`.
 
@@ -64,3 +79,4 @@ def init_local_ray(import_meanwhile=(), **init_kwargs) -> None:
         ray.init(**init_kwargs)
     finally:
         importer.join()
+    atexit.register(stop_autoscaler_monitor)  # runs before Ray's own shutdown, registered earlier

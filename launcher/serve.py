@@ -12,7 +12,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.ray_env import WORKER_ENV, configure_local_ray
+from launcher.ray_env import WORKER_ENV, configure_local_ray, stop_autoscaler_monitor
 from launcher.schema import fail
 from lm.config import ConfigError, ServeAppConfig
 
@@ -66,6 +66,7 @@ def main(dcfg: DictConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        stop_autoscaler_monitor()
         ray.shutdown()
 
 

@@ -10,6 +10,7 @@ Rerunning the same command (same run.name) resumes from the run's latest checkpo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -277,3 +278,6 @@ if __name__ == "__main__":
     except ConfigError as error:
         fail(error)
     main()
+    # Exit without the interpreter's last collections walking every object torch and Ray made
+    # (~0.7 s); nothing left needs them collected (Ray's shutdown still runs at exit).
+    gc.freeze()

@@ -34,8 +34,13 @@ trainer = LeanTorchTrainer(lambda: None, local_ray=True, scaling_config=ScalingC
                            run_config=RunConfig(storage_path=os.path.abspath("probe_runs")))
 trainer.fit()
 actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+
+from ray._private import ray_constants
+from launcher.ray_env import stop_autoscaler_monitor
+monitor = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+stop_autoscaler_monitor()
 print(json.dumps({"niceness": niceness, "workers": workers, "named_actors": actors,
-                  "imported_by_init": imported_by_init}))
+                  "imported_by_init": imported_by_init, "monitor_exit_code": monitor.poll()}))
 ray.shutdown()
 """
 
@@ -129,3 +134,9 @@ def test_what_train_hands_its_controller_imports_torch_only_off_a_cluster_after_
     out = subprocess.run([sys.executable, "-c", UNPICKLE_PROBE], input=handed, capture_output=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.decode()
     assert (out.strip() == "[]") == local_ray, out
+
+
+def test_the_autoscaler_monitor_can_be_stopped_before_rays_shutdown(local_ray_probe):
+    # Ray's shutdown stops the GCS first; the monitor's SIGTERM handler then waits on it until Ray
+    # kills the monitor 1 s later. launcher.ray_env stops it first, at exit, with Ray's own method.
+    assert local_ray_probe["monitor_exit_code"] is not None
