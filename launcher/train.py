@@ -89,7 +89,7 @@ def start_ray(cfg: TrainConfig) -> None:
     else:
         repo = str(Path(__file__).resolve().parent.parent)
         need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-        # The dashboard is on (127.0.0.1) unless cluster.include_dashboard=false: `ray.init` waits ~2 s
+        # The dashboard is on (127.0.0.1) unless cluster.include_dashboard=false: `ray.init` waits 1-2 s
         # for its process to come up before it starts the raylet.
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
         # this one machine has none, and SIGTERM is handled by StopOnSigterm.
