@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from launcher import controller_parts
-from launcher.controller_parts import TorchConfigImportedLater, local_scaling_policy
+from launcher import controller_parts  # ImportTorchWhileWorkersStart exists only where Ray has what it needs
 
 
 def unused_callback_types(has_datasets: bool, local_ray: bool) -> tuple[type, ...]:
@@ -44,7 +43,7 @@ class LeanTorchTrainer(TorchTrainer):
         self.torch_imported_later = (local_ray and controller_parts.TRAIN_INTERNALS_FOUND
                                      and "torch_config" not in kwargs)
         if self.torch_imported_later:
-            kwargs["torch_config"] = TorchConfigImportedLater()
+            kwargs["torch_config"] = controller_parts.TorchConfigImportedLater()
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):
@@ -54,5 +53,6 @@ class LeanTorchTrainer(TorchTrainer):
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if self.local_ray and "scaling_policy" in controller_init_kwargs:
-            controller_init_kwargs["scaling_policy"] = local_scaling_policy(controller_init_kwargs["scaling_policy"])
+            policy = controller_init_kwargs["scaling_policy"]
+            controller_init_kwargs["scaling_policy"] = controller_parts.local_scaling_policy(policy)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
