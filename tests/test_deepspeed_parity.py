@@ -80,3 +80,55 @@ def test_zero_stages_match_a_plain_torch_loop(tiny_train_config, prepared_tiny, 
             torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"ZeRO-{stage} {name}: {m}")
     assert expected_losses[-1] < expected_losses[0]
+
+
+def train_bf16_twice(rank, cfg_dict, dataset_dir):
+    """Two bf16 ZeRO-0 engines from the same weights on the same batches, DeepSpeed's own and one
+    without its redundant work; a NaN gradient midway. Parameters after each step, per engine."""
+    import deepspeed
+
+    from lm.config import config_from_dict
+    from lm.deepspeed_config import deepspeed_config
+    from lm.trainer import _GradNormCatchesOverflow, init_distributed, skip_redundant_engine_work
+
+    init_distributed()
+    cfg = config_from_dict(cfg_dict)
+    data = PreparedData.load(dataset_dir)
+    engines = []
+    for lean in (False, True):
+        seed_everything(cfg.trainer.seed)
+        model = GPT(cfg.model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                          config=deepspeed_config(cfg))
+        if lean:
+            skip_redundant_engine_work(engine, cfg.deepspeed.zero_stage, world=1)
+            assert isinstance(engine.optimizer.overflow_checker, _GradNormCatchesOverflow)
+            assert not engine.enable_backward_allreduce
+        engines.append(engine)
+    loader = TokenShardLoader(data.tokens("train"), sequence_length(cfg), cfg.trainer.micro_batch_size, 0, 1, 0)
+    history = {False: [], True: []}
+    for step in range(5):
+        x, y = loader.next_batch()
+        for lean, engine in zip((False, True), engines):
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            if step == 2:  # a bad gradient: the step must be skipped
+                next(engine.module.parameters()).grad.view(-1)[0] = float("nan")
+            engine.step()
+            history[lean].append(({k: v.clone() for k, v in engine.module.state_dict().items()},
+                                  engine.optimizer.overflow))
+    return history
+
+
+def test_bf16_zero0_without_redundant_work_trains_the_same_bits(tiny_train_config, prepared_tiny, tmp_path):
+    prepared, vocab = prepared_tiny
+    cfg = tiny_train_config(grad_accum=1)
+    cfg.model.vocab_size, cfg.cluster.num_workers = vocab, 1
+    cfg.trainer.precision, cfg.deepspeed.zero_stage = "bf16", 0
+    history = run_on_ranks(train_bf16_twice, 1, config_to_dict(cfg), str(prepared.directory), tmp_path=tmp_path)[0]
+    for step, ((plain, plain_skipped), (lean, lean_skipped)) in enumerate(zip(history[False], history[True])):
+        assert plain_skipped == lean_skipped == (step == 2), f"step {step}: only the NaN step is skipped"
+        for name, value in plain.items():
+            assert value.dtype == torch.bfloat16 and torch.equal(value, lean[name]), f"step {step}: {name} differs"
+    assert not torch.equal(history[True][1][0]["wte.weight"], history[True][3][0]["wte.weight"]), "it trained"
+    assert all(torch.equal(history[True][1][0][k], v) for k, v in history[True][2][0].items()), "NaN step skipped"
