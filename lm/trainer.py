@@ -141,8 +141,10 @@ def skip_redundant_engine_work(engine, zero_stage: int, world: int) -> None:
         return
     if world == 1:
         engine.enable_backward_allreduce = False
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
+    try:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    except ImportError:  # a DeepSpeed that moved it keeps its own scan
+        return
     optimizer = engine.optimizer
     if (engine.bfloat16_enabled() and isinstance(optimizer, FP16_UnfusedOptimizer)
             and not getattr(optimizer.loss_scale_config, "use_grad_scaling", True)):

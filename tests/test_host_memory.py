@@ -14,7 +14,6 @@ FAULTS_PROBE = """
 import resource, sys
 from lm.host_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-resident = bytearray(1 << 20)  # the heap's top is not this process's first allocation
 def churn():
     for _ in range(20):
         activations = [bytearray(800 << 10) for _ in range(20)]  # zero-filled: every page touched
