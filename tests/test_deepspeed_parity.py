@@ -132,3 +132,47 @@ def test_bf16_zero0_without_redundant_work_trains_the_same_bits(tiny_train_confi
             assert value.dtype == torch.bfloat16 and torch.equal(value, lean[name]), f"step {step}: {name} differs"
     assert not torch.equal(history[True][1][0]["wte.weight"], history[True][3][0]["wte.weight"]), "it trained"
     assert all(torch.equal(history[True][1][0][k], v) for k, v in history[True][2][0].items()), "NaN step skipped"
+
+
+def train_bf16_with_a_bad_rank(rank, cfg_dict, dataset_dir):
+    """bf16 ZeRO-0 on 2 ranks without the overflow scan (and its all-reduced flag); rank 1's loss is
+    NaN at step 2. Per step: whether it was skipped, and every rank's parameter sums."""
+    import deepspeed
+
+    from lm.config import config_from_dict
+    from lm.deepspeed_config import deepspeed_config
+    from lm.trainer import _GradNormCatchesOverflow, init_distributed, skip_redundant_engine_work
+
+    init_distributed()
+    cfg = config_from_dict(cfg_dict)
+    seed_everything(cfg.trainer.seed)
+    model = GPT(cfg.model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=deepspeed_config(cfg))
+    skip_redundant_engine_work(engine, cfg.deepspeed.zero_stage, world=2)
+    assert isinstance(engine.optimizer.overflow_checker, _GradNormCatchesOverflow)
+    data = PreparedData.load(dataset_dir)
+    loader = TokenShardLoader(data.tokens("train"), sequence_length(cfg), cfg.trainer.micro_batch_size, rank, 2, 0)
+    steps = []
+    for step in range(4):
+        x, y = loader.next_batch()
+        _, loss = engine(x, y)
+        engine.backward(loss * float("nan") if (step, rank) == (2, 1) else loss)
+        engine.step()
+        sums = torch.stack([p.float().sum() for p in engine.module.parameters()])
+        gathered = [torch.zeros_like(sums) for _ in range(2)]
+        torch.distributed.all_gather(gathered, sums)
+        steps.append((engine.optimizer.overflow, gathered))
+    return steps
+
+
+def test_bf16_zero0_ranks_skip_a_bad_step_together_without_the_overflow_scan(tiny_train_config, prepared_tiny, tmp_path):
+    prepared, vocab = prepared_tiny
+    cfg = tiny_train_config(grad_accum=1)
+    cfg.model.vocab_size = vocab
+    cfg.trainer.precision, cfg.deepspeed.zero_stage = "bf16", 0
+    results = run_on_ranks(train_bf16_with_a_bad_rank, 2, config_to_dict(cfg), str(prepared.directory), tmp_path=tmp_path)
+    for rank, steps in enumerate(results):
+        for step, (skipped, (rank0_sums, rank1_sums)) in enumerate(steps):
+            assert skipped == (step == 2), f"rank {rank}, step {step}: the all-reduced NaN skips it on every rank"
+            assert torch.equal(rank0_sums, rank1_sums), f"step {step}: the ranks' weights differ"
+    assert not torch.equal(results[0][0][1][0], results[0][3][1][0]), "it trained"
