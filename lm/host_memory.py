@@ -15,7 +15,6 @@ changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
@@ -29,7 +28,7 @@ def keep_freed_memory() -> bool:
     """Set glibc's trim and mmap thresholds to KEEP_BYTES for this process; True if it did."""
     if not _glibc() or any(os.environ.get(name) for name in _USER_SETTINGS):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # this process's own symbols, glibc's among them (find_library would run ldconfig)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
