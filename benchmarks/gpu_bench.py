@@ -1,6 +1,7 @@
 """One-GPU benchmark without Ray (run by benchmarks/gpu.sh): DeepSpeed ZeRO-1 training of the
 GPT-2 124M-class model in bf16 through our trainer (tokens/s, MFU against the GPU's dense bf16
-peak), then the serving engine's decode tokens/s on the same shape, eager and compiled.
+peak), eager and with `trainer.compile`, then the serving engine's decode tokens/s on the same
+shape, eager and compiled.
 
     python benchmarks/gpu_bench.py [--steps 40] [--micro-batch 16] [--device cuda]
 
@@ -46,7 +47,7 @@ def synthetic_dataset(directory: Path, vocab_size: int, tokens: int) -> Path:
     return directory
 
 
-def train_benchmark(shape: dict, args, workdir: Path) -> dict:
+def train_benchmark(shape: dict, args, workdir: Path, compile: bool = False) -> dict:
     from lm.standalone import local_hooks
     from lm.trainer import train
 
@@ -62,7 +63,7 @@ def train_benchmark(shape: dict, args, workdir: Path) -> dict:
         logging=LoggingConfig(name="none", backend="none"),
         trainer=TrainerConfig(max_steps=args.steps, micro_batch_size=args.micro_batch, grad_accum=1,
                               eval_every=10**6, eval_steps=1, ckpt_every=10**6, log_every=5,
-                              precision=args.precision, sample_tokens=0),
+                              precision=args.precision, sample_tokens=0, compile=compile),
         run=RunConfig(name="gpu-bench", storage=str(workdir / "runs")),
     )
     cfg.optim.warmup_steps = 5
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke check of the script")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--no-train-compile", dest="train_compile", action="store_false",
+                        help="skip the second training run with trainer.compile (torch.compile of the model)")
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[1, 8],
                         help="batch sizes to decode again with the compiled decode step (none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gpu.json")
@@ -128,6 +131,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         train_result = train_benchmark(shape, args, Path(tmp))
+    train_compiled: dict = {}
+    if args.train_compile:
+        try:  # untested on CUDA before this script's first GPU run, as the compiled decode below
+            with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
+                train_compiled = train_benchmark(shape, args, Path(tmp), compile=True)
+        except Exception as error:  # noqa: BLE001
+            train_compiled = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     decode = decode_benchmark(shape, args, args.decode_batches)
     compiled: dict = {}
     if args.compile_batches:
@@ -141,6 +151,11 @@ def main() -> None:
     where = "1 GPU" if args.device == "cuda" else "1 CPU process"
     print(f"{'train: DeepSpeed ZeRO-1, ' + where + ', no Ray':<44} {train_result['tokens_per_second']:>10.0f} tokens/s  "
           f"MFU {train_result['mfu']:.1%}  ({train_result['peak_flops_source']})")
+    if "error" in train_compiled:
+        print(f"train, compiled: failed: {train_compiled['error']}")
+    elif train_compiled:
+        print(f"{'train: the same with trainer.compile':<44} {train_compiled['tokens_per_second']:>10.0f} tokens/s  "
+              f"MFU {train_compiled['mfu']:.1%}")
     for batch, value in decode.items():
         print(f"{f'decode: engine, batch {batch}, {args.new_tokens} new tokens':<44} {value:>10.0f} tokens/s")
     for batch, value in compiled.items():
@@ -151,6 +166,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device_name, "shape": shape, "precision": args.precision,
                                     "steps": args.steps, "micro_batch": args.micro_batch, "train": train_result,
+                                    "train_compiled": train_compiled,
                                     "decode_tokens_per_second": decode,
                                     "decode_compiled_tokens_per_second": compiled, "torch": torch.__version__,
                                     "date": time.strftime("%Y-%m-%d")}, indent=2))

@@ -33,7 +33,7 @@ CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment
 _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
                   "cluster.include_dashboard",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
-                  "trainer.log_every", "data.cache_dir"}
+                  "trainer.log_every", "trainer.compile", "data.cache_dir"}
 # Settings added after run names were first derived: at these values they leave the name as it was,
 # so a run started before the setting existed still resumes under the same command.
 _NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh"}

@@ -106,6 +106,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     sample_tokens: int = 160  # length of the sample printed after training
     init_from: Optional[str] = None  # fine-tune: our export directory or a local Hugging Face GPT-2/Llama dir
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile): pays on GPUs, costs start-up
 
 
 @dataclass

@@ -279,6 +279,10 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg))
     skip_redundant_engine_work(engine, cfg.deepspeed.zero_stage, world)
+    if t.compile:
+        # In place (nn.Module.compile): the module keeps its parameter names, so checkpoints and exports
+        # read the same with or without it. Each new shape or mode (eval) compiles once, on first use.
+        engine.compile()
     clip_here = trainer_clips_gradients(cfg)
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
     loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed,

@@ -1,6 +1,6 @@
 """Every precision / ZeRO / memory option a user can pick trains and leaves a loadable checkpoint:
-bf16 on ZeRO 0/2/3, ZeRO-3 with optimizer and parameter offload, activation checkpointing, and
-`trainer.precision=auto` decided the same way on every rank."""
+bf16 on ZeRO 0/2/3, ZeRO-3 with optimizer and parameter offload, activation checkpointing,
+`trainer.precision=auto` decided the same way on every rank, and `trainer.compile`."""
 
 import json
 import math
@@ -85,3 +85,43 @@ def test_auto_precision_is_bf16_only_where_every_rank_has_it_and_a_resume_keeps_
     (resumed / "config.json").write_text(json.dumps(saved))
     results = run_on_ranks(resolve_each_case, 2, config_to_dict(cfg), str(resumed), tmp_path=tmp_path)
     assert results == [[(fresh, "fp32") for _, fresh in CASES]] * 2
+
+
+def train_eager_and_compiled(rank, cfg_dict, dataset_dir, root):
+    import torch._dynamo
+
+    from lm.checkpoint import find_latest_checkpoint, load_model
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    results = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        cfg = config_from_dict(cfg_dict)
+        cfg.trainer.compile = compile
+        torch._dynamo.utils.counters.clear()
+        metrics = train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))
+        model, _, _ = load_model(find_latest_checkpoint(f"{root}/{name}"))
+        results[name] = (metrics["train_loss"], metrics["val_loss"], model.state_dict(),
+                         sum(torch._dynamo.utils.counters["stats"].values()))
+    cfg.trainer.max_steps = 6  # the eager run, resumed with compile on
+    hooks = local_hooks(f"{root}/eager", rank, keep=1, log=lambda m, s: None)
+    results["resumed"] = (hooks.resume_from, train(cfg, dataset_dir, hooks)["steps"])
+    return results
+
+
+def test_a_compiled_model_trains_as_the_eager_one_checkpoints_the_same_weights_and_resumes(tiny_train_config, prepared_tiny,
+                                                                                  tmp_path):
+    prepared, vocab = prepared_tiny
+    cfg = tiny_train_config(max_steps=4, ckpt_every=4, eval_every=4)
+    cfg.model.vocab_size, cfg.cluster.num_workers, cfg.deepspeed.zero_stage = vocab, 1, 2
+    results = run_on_ranks(train_eager_and_compiled, 1, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
+                           tmp_path=tmp_path)[0]
+    (eager_loss, eager_val, eager_weights, eager_frames), (loss, val, weights, frames) = results["eager"], results["compiled"]
+    assert eager_frames == 0 and frames > 0, "only trainer.compile=true runs the model through torch.compile"
+    assert math.isclose(loss, eager_loss, rel_tol=1e-4) and math.isclose(val, eager_val, rel_tol=1e-4)
+    assert weights.keys() == eager_weights.keys(), "the checkpoint keeps the model's own parameter names"
+    for key, value in weights.items():
+        torch.testing.assert_close(value, eager_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    resumed_from, steps = results["resumed"]
+    assert resumed_from.endswith("checkpoint_000004") and steps == 6, "an eager run resumes with compile on"
