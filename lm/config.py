@@ -101,7 +101,7 @@ class TrainerConfig:
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 1337
-    precision: str = "fp32"  # fp32, bf16, or auto: bf16 where every worker's device multiplies bf16 natively
+    precision: str = "fp32"  # fp32, bf16, fp16 (GPUs), or auto: bf16 where every worker's device multiplies bf16 natively
     stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still follows max_steps
     keep_checkpoints: int = 2
     sample_tokens: int = 160  # length of the sample printed after training
@@ -220,7 +220,7 @@ _CHOICES = {
     "data.tokenizer": ("bpe", "char"),
     "logging.backend": ("wandb", "none"),
     "logging.mode": ("offline", "online"),
-    "trainer.precision": ("fp32", "bf16", "auto"),
+    "trainer.precision": ("fp32", "bf16", "fp16", "auto"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
@@ -272,6 +272,9 @@ def validate(cfg: TrainConfig) -> None:
                  "trainer.eval_every", "trainer.eval_steps", "trainer.ckpt_every",
                  "trainer.log_every", "trainer.keep_checkpoints"):
         _require(_get(cfg, name) >= 1, name, _get(cfg, name), "must be an integer >= 1")
+    _require(t.precision != "fp16" or c.use_gpu, "trainer.precision", t.precision,
+             "fp16 needs GPU workers (cluster.use_gpu=true): DeepSpeed refuses it on CPUs, which emulate it; "
+             "use bf16 or fp32 there")
     if t.stop_at_step is not None:
         _require(1 <= t.stop_at_step <= t.max_steps, "trainer.stop_at_step", t.stop_at_step,
                  f"must be between 1 and trainer.max_steps={t.max_steps}, or null")

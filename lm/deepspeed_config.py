@@ -31,6 +31,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
+        # Dynamic loss scaling from 2^16, halved on an overflow (that step is skipped), doubled after
+        # 1,000 clean steps: DeepSpeed's documented defaults.
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         # Our client optimizer is torch's AdamW: DeepSpeed's fused/CPU Adam would JIT-compile
         # (~47 s on CPU) and offload would otherwise insist on DeepSpeedCPUAdam.
         "zero_allow_untested_optimizer": True,

@@ -14,9 +14,9 @@ import torch
 
 # Dense peak FLOP/s per device by matmul precision (vendor datasheets; SXM parts).
 GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
 }
 
 
@@ -27,8 +27,8 @@ class PeakFlops:
 
 
 def _matmul_precision(precision: str) -> str:
-    if precision == "bf16":
-        return "bf16"
+    if precision in ("bf16", "fp16"):
+        return precision
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
@@ -50,7 +50,10 @@ def native_bf16(device: torch.device) -> bool:
 def peak_matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype whose matmul peak a run in `precision` is held against: bf16's where the device
     multiplies bf16 natively, else fp32's. A CPU without bf16 instructions emulates bf16 matmuls slower
-    than fp32 ones, so against its bf16 peak, bf16 training there would look efficient while running slow."""
+    than fp32 ones, so against its bf16 peak, bf16 training there would look efficient while running slow.
+    fp16 runs on GPUs only (lm.config.validate), against their fp16 peak."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
     return torch.bfloat16 if precision == "bf16" and native_bf16(device) else torch.float32
 
 

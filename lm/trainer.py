@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
                 train_loss=train_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                 tokens_per_second=tokens_per_second, mfu=mfu(fpt, tokens_per_second, peak, world),
                 memory_mb=_memory_mb(device), steps=step, tokens=state["tokens"])
+            if t.precision == "fp16":  # dynamic loss scaling: its scale, and the steps it skipped on an overflow
+                train_metrics.update(loss_scale=float(engine.optimizer.loss_scale), skipped_steps=engine.skipped_steps)
             metrics.update(train_metrics, peak_flops_source=peak.source, precision=t.precision)
             if rank == 0:
                 hooks.log(train_metrics, step)

@@ -58,7 +58,8 @@ BAD_INPUTS = [
     (["data=text"], "data.path=None is invalid: data=text needs data.path="),
     (["data.vocab_size=100"], "data.vocab_size=100 is invalid: byte-level BPE needs at least 256"),
     (["cluster.use_gpu=true"], "cluster.use_gpu=true is invalid: this machine has no CUDA GPU"),
-    (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: allowed values are fp32, bf16, auto"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is invalid: allowed values are fp32, bf16, fp16, auto"),
+    (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: fp16 needs GPU workers (cluster.use_gpu=true)"),
     (["trainer.stop_at_step=500"], "trainer.stop_at_step=500 is invalid: must be between 1 and trainer.max_steps"),
 ]
 

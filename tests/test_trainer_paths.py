@@ -1,5 +1,5 @@
 """Every precision / ZeRO / memory option a user can pick trains and leaves a loadable checkpoint:
-bf16 on ZeRO 0/2/3, ZeRO-3 with optimizer and parameter offload, activation checkpointing,
+bf16 on ZeRO 0/2/3, fp16 on ZeRO 0/2 (DeepSpeed's fp16 machinery run on CPU tensors), ZeRO-3 with optimizer and parameter offload, activation checkpointing,
 `trainer.precision=auto` decided the same way on every rank, and `trainer.compile`."""
 
 import json
@@ -14,6 +14,8 @@ PATHS = {  # name: (precision, zero stage, offload, activation checkpointing)
     "bf16-zero0": ("bf16", 0, False, False),
     "bf16-zero2": ("bf16", 2, False, False),
     "bf16-zero3": ("bf16", 3, False, False),
+    "fp16-zero0": ("fp16", 0, False, False),
+    "fp16-zero2": ("fp16", 2, False, False),
     "zero3-offload": ("fp32", 3, True, False),
     "activation-checkpointing": ("fp32", 2, False, True),
     "auto-zero0": ("auto", 0, False, False),
@@ -21,24 +23,31 @@ PATHS = {  # name: (precision, zero stage, offload, activation checkpointing)
 
 
 def train_each_path(rank, cfg_dict, dataset_dir, root):
+    from deepspeed.accelerator import get_accelerator
+
     from lm.checkpoint import find_latest_checkpoint, load_model
     from lm.config import config_from_dict
     from lm.standalone import local_hooks
     from lm.trainer import train
 
+    # fp16 is for GPUs (the launcher refuses it on CPU workers) and DeepSpeed refuses it on a CPU
+    # accelerator; here its loss scaling, overflow skips and checkpoints run on CPU tensors all the same.
+    get_accelerator().is_fp16_supported = lambda: True
     results = {}
     for name, (precision, stage, offload, checkpointing) in PATHS.items():
         cfg = config_from_dict(cfg_dict)
         cfg.trainer.precision, cfg.deepspeed.zero_stage = precision, stage
         cfg.deepspeed.offload_optimizer = cfg.deepspeed.offload_params = offload
         cfg.model.activation_checkpointing = checkpointing
-        hooks, started = local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None), []
+        logged = []
+        hooks, started = local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: logged.append(m)), []
         hooks.started = started.append
         metrics = train(cfg, dataset_dir, hooks)
         checkpoint = find_latest_checkpoint(f"{root}/{name}")
         model, _, saved = load_model(checkpoint)
         results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params(), metrics["precision"],
-                         saved.trainer.precision, [c["trainer"]["precision"] for c in started])
+                         saved.trainer.precision, [c["trainer"]["precision"] for c in started],
+                         [(m["loss_scale"], m["skipped_steps"]) for m in logged if "loss_scale" in m])
     return results
 
 
@@ -51,12 +60,16 @@ def test_every_precision_and_memory_option_trains_and_checkpoints(tiny_train_con
     assert set(results) == set(PATHS)
     sizes = {r[2] for r in results.values()}
     assert len(sizes) == 1, "every path restores the whole model"
-    for name, (train_loss, val_loss, _, precision, saved_precision, started) in results.items():
+    for name, (train_loss, val_loss, _, precision, saved_precision, started, scaling) in results.items():
         assert math.isfinite(train_loss) and math.isfinite(val_loss), name
         assert abs(val_loss - math.log(512)) < 1.0, f"{name}: a 4-step model is near uniform over 512 tokens"
         expected = PATHS[name][0] if PATHS[name][0] != "auto" else ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
         assert precision == saved_precision == expected, f"{name}: ran in and recorded the precision it resolved to"
         assert started == [expected], f"{name}: the start hook saw the resolved config once (W&B's config)"
+        if precision == "fp16":  # logged at every log step: a power of two at most the initial 2^16
+            assert len(scaling) == 4 and all(1 <= s <= 2**16 and math.log2(s).is_integer() and k >= 0 for s, k in scaling), name
+        else:
+            assert scaling == [], f"{name}: only fp16 has a loss scale"
 
 
 CASES = (([True, True], "bf16"), ([True, False], "fp32"), ([False, False], "fp32"))  # (bf16 per rank, auto)
