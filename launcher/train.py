@@ -36,7 +36,7 @@ _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "
                   "trainer.log_every", "trainer.compile", "data.cache_dir"}
 # Settings added after run names were first derived: at these values they leave the name as it was,
 # so a run started before the setting existed still resumes under the same command.
-_NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh"}
+_NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None}
 
 
 def derive_run_name(cfg: TrainConfig) -> str:
@@ -178,10 +178,11 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
 
     prepared = prepare_data(cfg.data, tokenizer=tokenizer, seq_len=sequence_length(cfg))
     needed = sequence_length(cfg) + 1
-    for split, field in (("train", "data.path"), ("val", "data.val_fraction")):
+    val_field = "data.val_path" if cfg.data.val_path else "data.val_fraction"
+    for split, field in (("train", "data.path"), ("val", val_field)):
         tokens = prepared.meta[f"{split}_tokens"]
         if tokens < needed:
-            value = cfg.data.path if split == "train" else cfg.data.val_fraction
+            value = getattr(cfg.data, field.split(".")[1])
             raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
                               f"sequence ({needed}); use more text or a smaller data.block_size")
     if tokenizer is None:

@@ -48,7 +48,8 @@ class DataConfig:
     tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the corpus; char: one id per character
     vocab_size: int = 8192  # BPE only
     block_size: Optional[int] = None  # training sequence length; None: model.block_size
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # the share of the corpus held out for validation, unless val_path is set
+    val_path: Optional[str] = None  # validation files (as path); set: all of path trains, val_fraction is unused
     tokenizer_train_bytes: int = 8_000_000  # BPE is trained on this many bytes of the corpus
     max_bytes: Optional[int] = None  # cap on corpus bytes read (None: all)
     cache_dir: str = "outputs/cache"
@@ -301,6 +302,8 @@ def validate(cfg: TrainConfig) -> None:
                  "data=text needs data.path=<file, directory or glob> of .txt/.jsonl files")
     if d.source == "chat":
         _require(bool(d.path), "data.path", d.path, "data=chat needs data.path=<.jsonl file(s) of conversations>")
+    _require(d.val_path is None or d.source in ("files", "chat"), "data.val_path", d.val_path,
+             "applies to data=text and data=chat; the default corpus is split by data.val_fraction")
     _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")
 
 

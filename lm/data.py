@@ -37,17 +37,18 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
-def corpus_files(data: DataConfig) -> list[Path]:
-    """Resolve `data.path` (files, directories, globs; comma separated) or the stdlib default."""
-    if data.source == "stdlib":
+def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
+    """Resolve `data.path` (or `data.val_path`: files, directories, globs; comma separated), or the
+    stdlib default."""
+    if data.source == "stdlib" and field == "data.path":
         return stdlib_files()
     files: list[Path] = []
-    for item in (p.strip() for p in str(data.path).split(",") if p.strip()):
+    for item in (p.strip() for p in str(getattr(data, field.split(".")[1])).split(",") if p.strip()):
         expanded = os.path.expanduser(item)
         if any(ch in expanded for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
             if not matches:
-                raise ConfigError(f"data.path={item!r} matches no files: pass existing files, directories or globs")
+                raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
             files.extend(m for m in matches if m.is_file())
         elif os.path.isdir(expanded):
             files.extend(sorted(p for p in Path(expanded).rglob("*")
@@ -55,11 +56,11 @@ def corpus_files(data: DataConfig) -> list[Path]:
         elif os.path.isfile(expanded):
             files.append(Path(expanded))
         else:
-            raise ConfigError(f"data.path={item!r} does not exist: pass existing files, directories or globs")
+            raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
     return files
 
 
-def read_documents(files: list[Path], data: DataConfig) -> list[str]:
+def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
     """One string per document: a whole text file, or each .jsonl line's `data.text_field`."""
     docs: list[str] = []
     budget = data.max_bytes
@@ -82,30 +83,34 @@ def read_documents(files: list[Path], data: DataConfig) -> list[str]:
             if budget <= 0:
                 break
     if not any(d.strip() for d in docs):
-        where = "the Python standard library" if data.source == "stdlib" else repr(data.path)
-        raise ConfigError(f"data.path={where}: the corpus is empty ({len(files)} files, no text); "
+        where = "the Python standard library" if data.source == "stdlib" else repr(getattr(data, field.split(".")[1]))
+        raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
                           f"allowed: non-empty {', '.join(TEXT_SUFFIXES)} files")
     return docs
 
 
-def read_chats(files: list[Path], data: DataConfig) -> list[list[dict]]:
-    """The conversations; bad lines are reported with their line numbers, and too many stop the run."""
+def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
+    """The conversations; bad lines are reported with their line numbers, and too many stop the run.
+    Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
     conversations, bad, total = read_conversations(files)
+    value = getattr(data, field.split(".")[1])
     if bad:
         listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         if len(bad) > data.max_bad_fraction * total:
-            raise ConfigError(f"data.path={data.path!r}: {len(bad)} of {total} lines are bad, more than "
+            raise ConfigError(f"{field}={value!r}: {len(bad)} of {total} lines are bad, more than "
                               f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
         print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
-    if len(conversations) < 2:
-        raise ConfigError(f"data.path={data.path!r}: {len(conversations)} usable conversations; data=chat needs "
-                          "at least 2 (one for validation)")
+    needed = 1 if data.val_path else 2
+    if len(conversations) < needed:
+        raise ConfigError(f"{field}={value!r}: {len(conversations)} usable conversations; data=chat needs at least "
+                          + ("1" if needed == 1 else "2 (one for validation)"))
     return conversations
 
 
 def cache_key(docs: list[str], data: DataConfig, tokenizer: Tokenizer | None = None,
-              packed_seq_len: int | None = None) -> str:
-    """Hash of everything that changes the token files: the text and the tokenizer settings."""
+              packed_seq_len: int | None = None, val_docs: list[str] | None = None) -> str:
+    """Hash of everything that changes the token files: the text (and the validation text when it has
+    files of its own) and the tokenizer settings."""
     h = hashlib.sha256()
     settings = {"v": CACHE_FORMAT_VERSION, "tokenizer": data.tokenizer, "val_fraction": data.val_fraction,
                 "tokenizer_train_bytes": data.tokenizer_train_bytes}
@@ -118,8 +123,11 @@ def cache_key(docs: list[str], data: DataConfig, tokenizer: Tokenizer | None = N
                     "tokenizer_json": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
     if packed_seq_len:
         settings["packed_seq_len"] = packed_seq_len
+    if val_docs is not None:  # data.val_path: val_fraction splits nothing
+        settings.pop("val_fraction")
+        settings["val_documents"] = len(val_docs)
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for doc in docs:
+    for doc in [*docs, *(val_docs or [])]:
         encoded = doc.encode("utf-8")
         h.update(len(encoded).to_bytes(8, "little"))
         h.update(encoded)
@@ -177,11 +185,17 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
     `seq_len`: the training sequence length, which chat data is packed to (see `_encode_chats`)."""
     files = corpus_files(data)
+    val_files = corpus_files(data, "data.val_path") if data.val_path else None
     chats = read_chats(files, data) if data.source == "chat" else None
     if chats and not seq_len:
         raise ValueError("chat data is packed to the training sequence length: pass seq_len")
+    val_chats = read_chats(val_files, data, "data.val_path") if chats and val_files else None
     docs = [render_with_answer_spans(c)[0] for c in chats] if chats else read_documents(files, data)
-    key = cache_key(docs, data, tokenizer, seq_len if chats else None)
+    val_docs = None
+    if val_files:
+        val_docs = ([render_with_answer_spans(c)[0] for c in val_chats] if chats
+                    else read_documents(val_files, data, "data.val_path"))
+    key = cache_key(docs, data, tokenizer, seq_len if chats else None, val_docs)
     final = Path(data.cache_dir) / key
     if (final / "meta.json").exists():
         return PreparedData.load(final)
@@ -191,21 +205,28 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        if tokenizer is None:
-            tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(docs, data.tokenizer_train_bytes),
+        if tokenizer is None:  # trained on the validation text too, as when val_fraction splits the corpus
+            sample = docs if val_docs is None else _shuffled([*docs, *val_docs])
+            tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(sample, data.tokenizer_train_bytes),
                                         data.vocab_size)
         tokenizer.save(staging / "tokenizer.json")
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
         meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
                 "tokenizer": data.tokenizer, "documents": len(docs), "key": key}
         if chats:
-            splits = _encode_chats(tokenizer, chat_splits(chats, data.val_fraction), dtype, seq_len)
+            parts = {"train": chats, "val": val_chats} if val_chats else chat_splits(chats, data.val_fraction)
+            splits = _encode_chats(tokenizer, parts, dtype, seq_len)
             for split, (ids, mask) in splits.items():
                 ids.tofile(staging / f"{split}.bin")
                 mask.tofile(staging / f"{split}_mask.bin")
                 meta[f"{split}_tokens"] = int(len(ids))
                 meta[f"{split}_answer_tokens"] = int(mask.sum())
             meta["loss_mask"] = True
+        elif val_docs is not None:  # validation from its own files
+            train_ids, val_ids = (_encode_all(tokenizer, d, dtype, progress) for d in (docs, _shuffled(val_docs)))
+            train_ids.tofile(staging / "train.bin")
+            val_ids.tofile(staging / "val.bin")
+            meta.update(train_tokens=int(len(train_ids)), val_tokens=int(len(val_ids)), val_documents=len(val_docs))
         else:
             ids = _encode_all(tokenizer, docs, dtype, progress)
             n_val = max(int(len(ids) * data.val_fraction), 1)

@@ -57,6 +57,8 @@ BAD_INPUTS = [
     (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt' does not exist"),
     (["data=text"], "data.path=None is invalid: data=text needs data.path="),
     (["data.vocab_size=100"], "data.vocab_size=100 is invalid: byte-level BPE needs at least 256"),
+    (["data.val_path=/some/val.txt"], "data.val_path='/some/val.txt' is invalid: applies to data=text and data=chat"),
+    (["data=text", f"data.path={REPO}/README.md", "data.val_path=/no/val.txt"], "data.val_path='/no/val.txt' does not exist"),
     (["cluster.use_gpu=true"], "cluster.use_gpu=true is invalid: this machine has no CUDA GPU"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is invalid: allowed values are fp32, bf16, fp16, auto"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: fp16 needs GPU workers (cluster.use_gpu=true)"),

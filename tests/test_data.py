@@ -104,3 +104,24 @@ def test_default_corpus_is_the_python_standard_library():
     names = {f.name for f in files}
     assert {"os.py", "functools.py", "argparse.py"} <= names
     assert sum(f.stat().st_size for f in files) > 10_000_000
+
+
+def test_val_path_gives_validation_its_own_files_and_training_all_of_path(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text("abcabcabc " * 40)
+    (tmp_path / "train" / "b.txt").write_text("cab bac " * 40)
+    (tmp_path / "held_out.txt").write_text("zyx zyx " * 10)  # characters that training never sees
+    split = DataConfig(source="files", path=str(tmp_path / "train"), tokenizer="char", cache_dir=str(tmp_path / "cache"))
+    own = DataConfig(**{**split.__dict__, "val_path": str(tmp_path / "held_out.txt")})
+    split_data, own_data = prepare_data(split, progress=False), prepare_data(own, progress=False)
+    assert own_data.directory != split_data.directory, "the validation files are part of the cache key"
+    tokenizer = own_data.tokenizer()
+    train_text, val_text = (tokenizer.decode(own_data.tokens(s).tolist()) for s in ("train", "val"))
+    assert sorted(train_text) == sorted("abcabcabc " * 40 + "cab bac " * 40), "all of data.path trains, nothing else"
+    assert val_text == "zyx zyx " * 10, "validation is the val_path text"
+    assert own_data.meta["val_tokens"] == len(val_text) and own_data.meta["val_documents"] == 1
+    with pytest.raises(ConfigError, match=r"^data.val_path='/no/such.txt' does not exist"):
+        prepare_data(DataConfig(**{**split.__dict__, "val_path": "/no/such.txt"}), progress=False)
+    (tmp_path / "empty.txt").write_text("  ")
+    with pytest.raises(ConfigError, match=r"^data.val_path='.*empty.txt': the corpus is empty"):
+        prepare_data(DataConfig(**{**split.__dict__, "val_path": str(tmp_path / "empty.txt")}), progress=False)

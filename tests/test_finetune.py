@@ -182,6 +182,25 @@ def test_bad_chat_lines_are_reported_by_line_number(tmp_path, capsys):
         prepare_data(data, progress=False, seq_len=32)
 
 
+def test_val_path_holds_out_its_own_conversations(tmp_path):
+    from lm.data import prepare_data
+
+    pairs = qa_pairs(12)
+    write_chats(tmp_path / "train.jsonl", pairs[:10])
+    write_chats(tmp_path / "val.jsonl", pairs[10:])
+    data = DataConfig(name="chat", source="chat", path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"),
+                      vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(data, progress=False, seq_len=32)
+    tokenizer = prepared.tokenizer()
+    train_text, val_text = (tokenizer.decode(prepared.tokens(s).tolist()) for s in ("train", "val"))
+    assert all(q in train_text and q not in val_text for q, _ in pairs[:10]), "all of data.path trains"
+    assert all(q in val_text and q not in train_text for q, _ in pairs[10:]), "validation is val_path's"
+    write_chats(tmp_path / "bad.jsonl", [], extra_lines=["{not json"])
+    data.val_path = str(tmp_path / "bad.jsonl")
+    with pytest.raises(ConfigError, match=r"^data.val_path=.*bad.jsonl.*1 of 1 lines are bad"):
+        prepare_data(data, progress=False, seq_len=32)
+
+
 def finetune_runs(rank, runs, cfg_dict, dataset_dir, root):
     """Each run: (HF dir, ZeRO stage) for 20 steps; returns the logged train losses per run."""
     from lm.config import config_from_dict
