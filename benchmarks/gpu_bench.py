@@ -129,49 +129,58 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     shape = TINY if args.tiny else GPT2_124M
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    where = "1 GPU" if args.device == "cuda" else "1 CPU process"
+    results = {"device": device_name, "shape": shape, "precision": args.precision, "steps": args.steps,
+               "micro_batch": args.micro_batch, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    rows: list[str] = []
+
+    def record(key: str, value, lines: list[str]) -> None:
+        """Keep a phase's result: its rows print now and the JSON is rewritten, so a run stopped by a
+        time limit still leaves every phase it finished."""
+        results[key] = value
+        rows.extend(lines)
+        for line in lines:
+            print(f"result: {line}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+    def train_rows(result: dict, label: str) -> list[str]:
+        if "error" in result:
+            return [f"{label}: failed: {result['error']}"]
+        return [f"{label:<44} {result['tokens_per_second']:>10.0f} tokens/s  MFU {result['mfu']:.1%}  "
+                f"({result['peak_flops_source']})"]
+
+    def decode_rows(result: dict, label: str) -> list[str]:
+        if "error" in result:
+            return [f"{label}: failed: {result['error']}"]
+        return [f"{f'{label}, batch {batch}, {args.new_tokens} new tokens':<44} {value:>10.0f} tokens/s"
+                for batch, value in result.items()]
+
+    # Most important first: eager training (the MFU target), eager decode, then the compiled variants,
+    # which are untested on CUDA before this script's first GPU run: a failure there is recorded, not raised.
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         train_result = train_benchmark(shape, args, Path(tmp))
-    train_compiled: dict = {}
+    record("train", train_result, train_rows(train_result, f"train: DeepSpeed ZeRO-1, {where}, no Ray"))
+    decode = decode_benchmark(shape, args, args.decode_batches)
+    record("decode_tokens_per_second", decode, decode_rows(decode, "decode: engine"))
     if args.train_compile:
-        try:  # untested on CUDA before this script's first GPU run, as the compiled decode below
+        try:
             with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
                 train_compiled = train_benchmark(shape, args, Path(tmp), compile=True)
         except Exception as error:  # noqa: BLE001
             train_compiled = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-    decode = decode_benchmark(shape, args, args.decode_batches)
-    compiled: dict = {}
+        record("train_compiled", train_compiled, train_rows(train_compiled, "train: the same with trainer.compile"))
     if args.compile_batches:
-        try:  # untested on CUDA before this script's first GPU run: a failure must not lose the numbers above
+        try:
             compiled = decode_benchmark(shape, args, args.compile_batches, compile=True)
         except Exception as error:  # noqa: BLE001
             compiled = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        record("decode_compiled_tokens_per_second", compiled, decode_rows(compiled, "decode: engine compiled"))
 
     print(f"\n{shape['name']} ({shape['n_layer']}L/{shape['n_embd']}/{shape['n_head']}H, T={shape['block_size']}, "
           f"vocab {shape['vocab_size']}) on {device_name}, {args.precision}")
-    where = "1 GPU" if args.device == "cuda" else "1 CPU process"
-    print(f"{'train: DeepSpeed ZeRO-1, ' + where + ', no Ray':<44} {train_result['tokens_per_second']:>10.0f} tokens/s  "
-          f"MFU {train_result['mfu']:.1%}  ({train_result['peak_flops_source']})")
-    if "error" in train_compiled:
-        print(f"train, compiled: failed: {train_compiled['error']}")
-    elif train_compiled:
-        print(f"{'train: the same with trainer.compile':<44} {train_compiled['tokens_per_second']:>10.0f} tokens/s  "
-              f"MFU {train_compiled['mfu']:.1%}")
-    for batch, value in decode.items():
-        print(f"{f'decode: engine, batch {batch}, {args.new_tokens} new tokens':<44} {value:>10.0f} tokens/s")
-    for batch, value in compiled.items():
-        if batch == "error":
-            print(f"decode, compiled: failed: {value}")
-        else:
-            print(f"{f'decode: engine compiled, batch {batch}':<44} {value:>10.0f} tokens/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device_name, "shape": shape, "precision": args.precision,
-                                    "steps": args.steps, "micro_batch": args.micro_batch, "train": train_result,
-                                    "train_compiled": train_compiled,
-                                    "decode_tokens_per_second": decode,
-                                    "decode_compiled_tokens_per_second": compiled, "torch": torch.__version__,
-                                    "date": time.strftime("%Y-%m-%d")}, indent=2))
+    print("\n".join(rows))
     print(f"JSON: {args.out}")
-
 
 if __name__ == "__main__":
     main()
