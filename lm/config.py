@@ -113,6 +113,7 @@ class TrainerConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
+    schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr at max_steps, or constant lr
     min_lr: Optional[float] = None  # None: lr / 10, so a sweep over lr keeps the schedule's shape
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -222,6 +223,7 @@ _CHOICES = {
     "logging.backend": ("wandb", "none"),
     "logging.mode": ("offline", "online"),
     "trainer.precision": ("fp32", "bf16", "fp16", "auto"),
+    "optim.schedule": ("cosine", "linear", "constant"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 

@@ -51,14 +51,18 @@ class TrainHooks:
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr at max_steps (nanoGPT's schedule)."""
-    min_lr = min_learning_rate(optim)
+    """Linear warmup, then `optim.schedule`: cosine decay from lr to min_lr at max_steps (nanoGPT's
+    schedule), linear decay to min_lr, or lr held constant."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / (optim.warmup_steps + 1)
+    if optim.schedule == "constant":
+        return optim.lr
+    min_lr = min_learning_rate(optim)
     if step >= max_steps:
         return min_lr
     progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - min_lr)
+    remaining = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + remaining * (optim.lr - min_lr)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

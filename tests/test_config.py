@@ -2,6 +2,7 @@
 Ray starts and before anything is written, with one line naming the field and what is allowed."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -174,3 +175,22 @@ def test_min_lr_follows_lr_unless_set():
     assert min_learning_rate(to_train_config(composed("optim.lr=1e-3", "optim.min_lr=0")).optim) == 0.0
     with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is invalid"):
         to_train_config(composed("optim.lr=1e-3", "optim.min_lr=1e-2"))
+
+
+def test_each_schedule_warms_up_alike_then_takes_its_shape():
+    from lm.trainer import learning_rate
+
+    def lr_at(schedule: str, step: int) -> float:
+        optim = to_train_config(composed(f"optim.schedule={schedule}", "optim.lr=1e-3", "optim.min_lr=1e-4",
+                                         "optim.warmup_steps=10")).optim
+        return learning_rate(step, optim, max_steps=110)
+
+    for schedule in ("cosine", "linear", "constant"):
+        assert [lr_at(schedule, s) for s in (0, 9)] == pytest.approx([1e-3 / 11, 1e-3 * 10 / 11]), schedule
+        assert lr_at(schedule, 10) == pytest.approx(1e-3), f"{schedule}: the peak right after warmup"
+    assert lr_at("cosine", 35) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert lr_at("linear", 35) == pytest.approx(1e-4 + 0.75 * 9e-4)
+    assert lr_at("cosine", 110) == lr_at("linear", 110) == pytest.approx(1e-4), "both decay to min_lr at max_steps"
+    assert lr_at("constant", 35) == lr_at("constant", 110) == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"optim.schedule='wsd' is invalid: allowed values are cosine, linear, constant"):
+        to_train_config(composed("optim.schedule=wsd"))
