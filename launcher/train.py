@@ -182,7 +182,7 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
     for split, field in (("train", "data.path"), ("val", val_field)):
         tokens = prepared.meta[f"{split}_tokens"]
         if tokens < needed:
-            value = getattr(cfg.data, field.split(".")[1])
+            value = getattr(cfg.data, field.removeprefix("data."))
             raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
                               f"sequence ({needed}); use more text or a smaller data.block_size")
     if tokenizer is None:

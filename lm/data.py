@@ -37,13 +37,18 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
+def _setting(data: DataConfig, field: str):
+    """The value of a dotted data setting, e.g. "data.val_path"."""
+    return getattr(data, field.removeprefix("data."))
+
+
 def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
     """Resolve `data.path` (or `data.val_path`: files, directories, globs; comma separated), or the
     stdlib default."""
     if data.source == "stdlib" and field == "data.path":
         return stdlib_files()
     files: list[Path] = []
-    for item in (p.strip() for p in str(getattr(data, field.split(".")[1])).split(",") if p.strip()):
+    for item in (p.strip() for p in str(_setting(data, field)).split(",") if p.strip()):
         expanded = os.path.expanduser(item)
         if any(ch in expanded for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
@@ -83,7 +88,7 @@ def read_documents(files: list[Path], data: DataConfig, field: str = "data.path"
             if budget <= 0:
                 break
     if not any(d.strip() for d in docs):
-        where = "the Python standard library" if data.source == "stdlib" else repr(getattr(data, field.split(".")[1]))
+        where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
         raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
                           f"allowed: non-empty {', '.join(TEXT_SUFFIXES)} files")
     return docs
@@ -93,7 +98,7 @@ def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") ->
     """The conversations; bad lines are reported with their line numbers, and too many stop the run.
     Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
     conversations, bad, total = read_conversations(files)
-    value = getattr(data, field.split(".")[1])
+    value = _setting(data, field)
     if bad:
         listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         if len(bad) > data.max_bad_fraction * total:
