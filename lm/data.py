@@ -228,12 +228,12 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
                 meta[f"{split}_answer_tokens"] = int(mask.sum())
             meta["loss_mask"] = True
         elif val_docs is not None:  # validation from its own files
-            train_ids, val_ids = (_encode_all(tokenizer, d, dtype, progress) for d in (docs, _shuffled(val_docs)))
+            train_ids, val_ids = (encode_documents(tokenizer, d, dtype, progress) for d in (docs, _shuffled(val_docs)))
             train_ids.tofile(staging / "train.bin")
             val_ids.tofile(staging / "val.bin")
             meta.update(train_tokens=int(len(train_ids)), val_tokens=int(len(val_ids)), val_documents=len(val_docs))
         else:
-            ids = _encode_all(tokenizer, docs, dtype, progress)
+            ids = encode_documents(tokenizer, docs, dtype, progress)
             n_val = max(int(len(ids) * data.val_fraction), 1)
             ids[:-n_val].tofile(staging / "train.bin")
             ids[-n_val:].tofile(staging / "val.bin")
@@ -281,7 +281,8 @@ def _encode_chats(tokenizer: Tokenizer, splits: dict[str, list[list[dict]]], dty
     return encoded
 
 
-def _encode_all(tokenizer: Tokenizer, docs: list[str], dtype, progress: bool) -> np.ndarray:
+def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype, progress: bool) -> np.ndarray:
+    """One token stream: each document's ids, then end-of-text where the tokenizer has one."""
     from tqdm import tqdm
 
     chunks = []

@@ -74,7 +74,7 @@ def test_crash_while_building_leaves_no_cache_and_keeps_existing_ones(tmp_path, 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_module, "_encode_all", crash)
+    monkeypatch.setattr(data_module, "encode_documents", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(DataConfig(**{**good.__dict__, "vocab_size": 330}), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [existing.directory.name]

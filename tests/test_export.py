@@ -120,6 +120,33 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_one_line_and_writes_nothin
     assert not (corrupt_run / "exports").exists()
 
 
+def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained, corpus_file, tmp_path, capsys):
+    from launcher.evaluate import main
+    from lm.checkpoint import load_model
+    from lm.evaluation import evaluate_stream
+
+    root, checkpoints, prepared = trained
+    checkpoint = checkpoints["gpt2-trained"]
+    export_checkpoint(checkpoint, tmp_path / "e", "fp32", prepared.tokens("val"))
+    scores = {}
+    for name, source in (("checkpoint", checkpoint), ("export", tmp_path / "e")):
+        main([str(source), "--data", str(corpus_file), "--max-tokens", "600", "--json", str(tmp_path / f"{name}.json")])
+        assert "600 tokens of 1 document:" in capsys.readouterr().out
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    model, tokenizer, _ = load_model(checkpoint)
+    tokens = tokenizer.encode(corpus_file.read_text())
+    direct = evaluate_stream(model.eval(), torch.tensor(tokens).numpy(), model.cfg.block_size, max_tokens=600)
+    assert scores["checkpoint"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert scores["export"]["loss"] == pytest.approx(direct["loss"], rel=1e-4), "the fp32 export scores as its checkpoint"
+    assert direct["loss"] < 0.8 * torch.log(torch.tensor(float(model.cfg.vocab_size))).item(), "a trained model beats uniform"
+    assert 0 < direct["accuracy"] < 1 and direct["perplexity"] == pytest.approx(torch.exp(torch.tensor(direct["loss"])).item())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), "--data", str(tmp_path / "missing.txt")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --data '{tmp_path / 'missing.txt'}' does not exist: pass existing files, directories or globs"
+
+
 def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, capsys):
     from launcher.generate import main
 

@@ -1,0 +1,62 @@
+"""Score a model on held-out text from a terminal: loss, perplexity and next-token accuracy.
+
+    python -m launcher.evaluate <export dir | training checkpoint dir | run dir> --data 'held_out/*.txt'
+    python -m launcher.evaluate outputs/runs/<run> --data notes.md --max-tokens 100000 --json scores.json
+
+`--data` takes what `data.path` takes (files, directories, globs; comma separated). The text is
+tokenized with the model's own tokenizer and read whole, in consecutive windows of the model's
+context (`lm.evaluation`). A run directory means its newest export, or else its latest checkpoint,
+as for `launcher.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--data", required=True, help="files, directories or globs of .txt/.md/.jsonl text")
+    parser.add_argument("--text-field", default="text", help="the field read from .jsonl lines")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    args = parser.parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1:
+        parser.error("--max-tokens and --batch-size must be >= 1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import numpy as np
+
+    from launcher.generate import load
+    from lm.config import ConfigError, DataConfig
+    from lm.data import corpus_files, encode_documents, read_documents
+    from lm.evaluation import evaluate_stream
+
+    data = DataConfig(source="files", path=args.data, text_field=args.text_field)
+    try:
+        docs = read_documents(corpus_files(data), data)
+        model, tokenizer, source = load(args.path)
+    except ConfigError as error:  # named after the training setting whose syntax --data shares
+        print(f"error: {str(error).replace('data.path=', '--data ', 1)}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    tokens = encode_documents(tokenizer, docs, np.int64, progress=False)
+    scores = evaluate_stream(model.eval(), tokens, model.cfg.block_size, args.batch_size, args.max_tokens)
+    scores.update(source=str(source), data=args.data, documents=len(docs))
+    print(f"# {source}", file=sys.stderr)
+    documents = f"{len(docs)} document" + ("s" if len(docs) != 1 else "")
+    print(f"{scores['tokens']} tokens of {documents}: loss {scores['loss']:.4f}, "
+          f"perplexity {scores['perplexity']:.2f}, next-token accuracy {scores['accuracy']:.2%}")
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2))
+
+
+if __name__ == "__main__":
+    main()

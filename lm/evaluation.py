@@ -1,0 +1,37 @@
+"""Loss, perplexity and next-token accuracy of a model on a token stream, read whole.
+
+Training evaluates a fixed sample of val windows at every evaluation (`lm.trainer.evaluate`). This
+reads a stream from start to end instead, in consecutive windows of the model's context, so a
+checkpoint or an export can be scored on any held-out text (`python -m launcher.evaluate`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8,
+                    max_tokens: int | None = None) -> dict:
+    """Every target of consecutive windows of seq_len tokens (the last, shorter one included), up to
+    max_tokens targets; `model(x, y)` gives (logits, mean loss) as GPT's forward does."""
+    tokens = torch.from_numpy(np.asarray(tokens[: (max_tokens + 1) if max_tokens else None], dtype=np.int64))
+    targets = len(tokens) - 1
+    if targets < 1:
+        raise ValueError("the text has fewer than 2 tokens: nothing to predict")
+    starts = list(range(0, targets, seq_len))
+    loss_sum, correct = 0.0, 0
+    for first in range(0, len(starts), batch_size):
+        group = starts[first:first + batch_size]
+        for length in sorted({min(seq_len, targets - s) for s in group}):  # the last window may be shorter
+            same = [s for s in group if min(seq_len, targets - s) == length]
+            x = torch.stack([tokens[s:s + length] for s in same])
+            y = torch.stack([tokens[s + 1:s + 1 + length] for s in same])
+            logits, loss = model(x, y)
+            loss_sum += loss.item() * y.numel()
+            correct += (logits.argmax(-1) == y).sum().item()
+    loss = loss_sum / targets
+    return {"tokens": targets, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": correct / targets}
