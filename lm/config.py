@@ -102,7 +102,7 @@ class TrainerConfig:
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 1337
-    precision: str = "fp32"  # fp32, bf16, fp16 (GPUs), or auto: bf16 where every worker's device multiplies bf16 natively
+    precision: str = "fp32"  # fp32, bf16, fp16 (GPUs), or auto: bf16 where every worker multiplies bf16 natively
     stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still follows max_steps
     keep_checkpoints: int = 2
     sample_tokens: int = 160  # length of the sample printed after training

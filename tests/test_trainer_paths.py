@@ -1,6 +1,7 @@
 """Every precision / ZeRO / memory option a user can pick trains and leaves a loadable checkpoint:
-bf16 on ZeRO 0/2/3, fp16 on ZeRO 0/2 (DeepSpeed's fp16 machinery run on CPU tensors), ZeRO-3 with optimizer and parameter offload, activation checkpointing,
-`trainer.precision=auto` decided the same way on every rank, and `trainer.compile`."""
+bf16 on ZeRO 0/2/3, fp16 on ZeRO 0/2 (DeepSpeed's fp16 machinery run on CPU tensors), ZeRO-3 with
+optimizer and parameter offload, activation checkpointing, `trainer.precision=auto` decided the
+same way on every rank, and `trainer.compile`."""
 
 import json
 import math
@@ -67,7 +68,8 @@ def test_every_precision_and_memory_option_trains_and_checkpoints(tiny_train_con
         assert precision == saved_precision == expected, f"{name}: ran in and recorded the precision it resolved to"
         assert started == [expected], f"{name}: the start hook saw the resolved config once (W&B's config)"
         if precision == "fp16":  # logged at every log step: a power of two at most the initial 2^16
-            assert len(scaling) == 4 and all(1 <= s <= 2**16 and math.log2(s).is_integer() and k >= 0 for s, k in scaling), name
+            assert len(scaling) == 4, name
+            assert all(1 <= s <= 2**16 and math.log2(s).is_integer() and k >= 0 for s, k in scaling), name
         else:
             assert scaling == [], f"{name}: only fp16 has a loss scale"
 
