@@ -25,6 +25,7 @@ from launcher.preemption import StopOnSigterm
 from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
+from launcher.wandb_logger import check_credentials as check_wandb_credentials
 from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
                        sequence_length, validate)
 
@@ -267,6 +268,7 @@ def main(dcfg: DictConfig) -> dict:
         cfg = to_train_config(dcfg, check=False)
         source = apply_init_from(cfg, explicit_model_fields(list(HydraConfig.get().overrides.task)))
         check_gpu_request(cfg)
+        check_wandb_credentials(cfg.logging)
         return run(cfg, source)
     except ConfigError as error:
         fail(error)

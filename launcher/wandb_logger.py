@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
-from lm.config import LoggingConfig
+from lm.config import ConfigError, LoggingConfig
+
+
+def check_credentials(cfg: LoggingConfig) -> None:
+    """Online logging without a W&B API key fails inside rank 0, after Ray and the workers have
+    started. Refuse it on the driver instead, looking where W&B looks: WANDB_API_KEY or an identity
+    token file, `wandb login`'s netrc entry for the W&B host, or an api_key in W&B's settings files.
+    Anything that might hold a key passes: only a setup with none is refused."""
+    if cfg.backend != "wandb" or cfg.mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC") or None).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    for settings in (config_dir / "settings", Path(cfg.dir) / "wandb" / "settings", Path("wandb") / "settings"):
+        try:
+            if "api_key" in settings.read_text():
+                return
+        except OSError:
+            continue
+    raise ConfigError(f"logging.mode='online' needs a W&B API key for {host}: set WANDB_API_KEY (on a cluster, "
+                      "in the job's runtime_env env_vars) or run `wandb login`; allowed without one: "
+                      "logging=wandb_offline or logging=none")
 
 
 class WandbLogger:

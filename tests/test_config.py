@@ -194,3 +194,40 @@ def test_each_schedule_warms_up_alike_then_takes_its_shape():
     assert lr_at("constant", 35) == lr_at("constant", 110) == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match=r"optim.schedule='wsd' is invalid: allowed values are cosine, linear, constant"):
         to_train_config(composed("optim.schedule=wsd"))
+
+
+def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    from launcher.wandb_logger import check_credentials
+    from lm.config import LoggingConfig
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no ~/.config/wandb
+    monkeypatch.chdir(tmp_path)
+    online, offline = LoggingConfig(mode="online", dir=str(tmp_path / "w")), LoggingConfig(dir=str(tmp_path / "w"))
+    check_credentials(offline)
+    with pytest.raises(ConfigError, match=r"^logging.mode='online' needs a W&B API key for api.wandb.ai: set WANDB_API_KEY"):
+        check_credentials(online)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    check_credentials(online)
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text("machine wandb.example.com login user password " + "y" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    with pytest.raises(ConfigError, match="for api.wandb.ai"):
+        check_credentials(online)  # a key for another host is not W&B's
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    check_credentials(online)  # `wandb login --host` wrote it
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / ".config" / "wandb").mkdir(parents=True)
+    (tmp_path / ".config" / "wandb" / "settings").write_text("[default]\napi_key = " + "z" * 40 + "\n")
+    check_credentials(online)
+
+    result = subprocess.run([sys.executable, "-m", "launcher.train", "logging=wandb_online", f"run.storage={tmp_path}/runs",
+                             f"data.cache_dir={tmp_path}/cache"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+                            | {"PYTHONPATH": str(REPO), "HOME": str(tmp_path / "empty_home")})
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "config error: logging.mode='online' needs a W&B API key for api.wandb.ai: set WANDB_API_KEY (on a cluster, in "
+        "the job's runtime_env env_vars) or run `wandb login`; allowed without one: logging=wandb_offline or logging=none"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists(), "nothing may be written"
