@@ -268,7 +268,8 @@ def main(dcfg: DictConfig) -> dict:
         cfg = to_train_config(dcfg, check=False)
         source = apply_init_from(cfg, explicit_model_fields(list(HydraConfig.get().overrides.task)))
         check_gpu_request(cfg)
-        check_wandb_credentials(cfg.logging)
+        if not joins_cluster(cfg):  # on a cluster, rank 0's node may hold a key the driver's does not
+            check_wandb_credentials(cfg.logging)
         return run(cfg, source)
     except ConfigError as error:
         fail(error)
