@@ -179,11 +179,10 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
 
     prepared = prepare_data(cfg.data, tokenizer=tokenizer, seq_len=sequence_length(cfg))
     needed = sequence_length(cfg) + 1
-    val_field = "data.val_path" if cfg.data.val_path else "data.val_fraction"
-    for split, field in (("train", "data.path"), ("val", val_field)):
+    val = ("data.val_path", cfg.data.val_path) if cfg.data.val_path else ("data.val_fraction", cfg.data.val_fraction)
+    for split, (field, value) in (("train", ("data.path", cfg.data.path)), ("val", val)):
         tokens = prepared.meta[f"{split}_tokens"]
         if tokens < needed:
-            value = getattr(cfg.data, field.removeprefix("data."))
             raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
                               f"sequence ({needed}); use more text or a smaller data.block_size")
     if tokenizer is None:

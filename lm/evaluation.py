@@ -22,16 +22,17 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8
     targets = len(tokens) - 1
     if targets < 1:
         raise ValueError("the text has fewer than 2 tokens: nothing to predict")
-    starts = list(range(0, targets, seq_len))
+    full = targets // seq_len
+    batches = [range(first, min(first + batch_size, full)) for first in range(0, full, batch_size)]
+    windows = [([i * seq_len for i in batch], seq_len) for batch in batches]
+    if targets % seq_len:
+        windows.append(([full * seq_len], targets % seq_len))  # the last, shorter window
     loss_sum, correct = 0.0, 0
-    for first in range(0, len(starts), batch_size):
-        group = starts[first:first + batch_size]
-        for length in sorted({min(seq_len, targets - s) for s in group}):  # the last window may be shorter
-            same = [s for s in group if min(seq_len, targets - s) == length]
-            x = torch.stack([tokens[s:s + length] for s in same])
-            y = torch.stack([tokens[s + 1:s + 1 + length] for s in same])
-            logits, loss = model(x, y)
-            loss_sum += loss.item() * y.numel()
-            correct += (logits.argmax(-1) == y).sum().item()
+    for starts, length in windows:
+        x = torch.stack([tokens[s:s + length] for s in starts])
+        y = torch.stack([tokens[s + 1:s + 1 + length] for s in starts])
+        logits, loss = model(x, y)
+        loss_sum += loss.item() * y.numel()
+        correct += (logits.argmax(-1) == y).sum().item()
     loss = loss_sum / targets
     return {"tokens": targets, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": correct / targets}
