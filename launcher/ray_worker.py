@@ -39,7 +39,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from lm.checkpoint import find_latest_checkpoint
+    from lm.checkpoint import find_latest_checkpoint, read_trainer_state
     from lm.config import config_from_dict, sequence_length
     from lm.data import prepare_data
     from lm.pretrained import dataset_tokenizer
@@ -57,11 +57,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dataset_dir = str(prepare_data(cfg.data, progress=False, tokenizer=dataset_tokenizer(cfg),
                                        seq_len=sequence_length(cfg)).directory)
 
+    # Every attempt (the first, and each restart after a lost worker or node) continues from the
+    # run's latest complete checkpoint on storage, as rerunning the command would. Not Ray's
+    # `get_checkpoint()`: Ray registers a checkpoint only once every rank has reported it, so a
+    # group that fails just after writing one would otherwise restart from the one before.
+    resume_from = find_latest_checkpoint(os.path.join(cfg.run.storage, cfg.run.name))
+    if resume_from and rank == 0:
+        sys.stdout.write(f"worker group resumes from {resume_from}\n")
+
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":
         from launcher.wandb_logger import WandbLogger
 
-        logger = WandbLogger(cfg.logging, cfg.run.name, loop_config.get("wandb_group"), loop_config["config"])
+        kept = read_trainer_state(resume_from).get("hooks", {}) if resume_from else {}
+        logger = WandbLogger(cfg.logging, cfg.run.name, loop_config.get("wandb_group"), loop_config["config"],
+                             run_id=kept.get("wandb_run_id"))
 
     def log(metrics: dict, step: int) -> None:
         if logger:
@@ -88,13 +98,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
         shutil.rmtree(path, ignore_errors=True)
 
-    # Every attempt (the first, and each restart after a lost worker or node) continues from the
-    # run's latest complete checkpoint on storage, as rerunning the command would. Not Ray's
-    # `get_checkpoint()`: Ray registers a checkpoint only once every rank has reported it, so a
-    # group that fails just after writing one would otherwise restart from the one before.
-    resume_from = find_latest_checkpoint(os.path.join(cfg.run.storage, cfg.run.name))
-    if resume_from and rank == 0:
-        sys.stdout.write(f"worker group resumes from {resume_from}\n")
     stop_file = loop_config.get("stop_file")
 
     def stop_requested() -> bool:
@@ -104,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        stop_requested)
     if logger:
         hooks.started = logger.update_config  # W&B's config then shows what `auto` resolved to
+        hooks.resume_state = lambda: {"wandb_run_id": logger.run_id}
     try:
         train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
     finally:

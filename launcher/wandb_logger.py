@@ -38,16 +38,28 @@ def check_credentials(cfg: LoggingConfig) -> None:
 
 
 class WandbLogger:
-    def __init__(self, cfg: LoggingConfig, run_name: str, group: str | None, config: dict):
+    """One W&B run per training run: a run that resumes from a checkpoint passes the W&B run id
+    saved in it, and its metrics continue that W&B run (offline, another directory with the same
+    id, which `wandb sync` uploads into the one run). Steps the previous attempt logged past the
+    checkpoint are logged again with the same values (resume is exact); W&B keeps the first."""
+
+    def __init__(self, cfg: LoggingConfig, run_name: str, group: str | None, config: dict,
+                 run_id: str | None = None):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(cfg.dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group,
                               name=run_name, dir=cfg.dir, mode=cfg.mode, config=config,
+                              # A new run without an id takes W&B's (or WANDB_RUN_ID's).
+                              id=run_id, resume="allow" if run_id else None,
                               job_type="train", reinit="finish_previous",
                               # Ray already forwards worker stdout; W&B's capture would echo it twice.
                               settings=wandb.Settings(console="off"))
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
 
     @property
     def run_dir(self) -> str:

@@ -3,7 +3,8 @@
 A checkpoint directory holds
     deepspeed/state/...   DeepSpeed's own files: model states and each rank's ZeRO shard
     rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
-    trainer_state.json    step, data position, tokens seen, last metrics (written by rank 0)
+    trainer_state.json    step, data position, tokens seen, last metrics, what the hooks keep (the W&B
+                          run id) (written by rank 0)
     config.json           the resolved config of the run
     tokenizer.json        the tokenizer, so the checkpoint is self-contained
     parts/rank_<r>.json   each rank's manifest: every file of its part and its size
@@ -84,7 +85,7 @@ def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-    return json.loads((path / TRAINER_STATE).read_text())
+    return read_trainer_state(path)
 
 
 def is_complete(path: str | Path) -> bool:
@@ -98,14 +99,18 @@ def is_complete(path: str | Path) -> bool:
             for name, size in listed.items():
                 if (path / name).stat().st_size != size:
                     return False
-        json.loads((path / TRAINER_STATE).read_text())
+        read_trainer_state(path)
     except (OSError, ValueError, KeyError, TypeError):  # missing, or still being copied
         return False
     return True
 
 
+def read_trainer_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
 def checkpoint_step(path: str | Path) -> int:
-    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["step"])
+    return int(read_trainer_state(path)["step"])
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

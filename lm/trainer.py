@@ -48,6 +48,9 @@ class TrainHooks:
     stop_requested: Callable[[], bool] = lambda: False
     # Rank 0 only, once before the first step: the config as it runs (`auto` values resolved).
     started: Callable[[dict], None] = _ignore
+    # Rank 0 only, at each checkpoint: what the hooks want back when the run resumes (the W&B run's
+    # id, so a resumed run continues it), kept under "hooks" in trainer_state.json.
+    resume_state: Callable[[], dict] = dict
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -357,6 +360,8 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         if step % t.ckpt_every == 0 or last or preempted:
             state["metrics"] = metrics
             state["loader"] = loader.state_dict()
+            if rank == 0:  # kept from the checkpoint it resumed from unless the hooks say otherwise
+                state["hooks"] = {**state.get("hooks", {}), **hooks.resume_state()}
             path = hooks.checkpoint_dir(step)
             save_rank_checkpoint(engine, path, rank, state, config_to_dict(cfg), data.tokenizer_path)
             dist.barrier()  # every rank's part is on disk before anyone lists it

@@ -31,14 +31,14 @@ def env() -> dict:
             "PATH": f"{BIN}:{os.environ['PATH']}"}
 
 
-def training_overrides(tmp_path: Path, corpus_file: Path, name: str) -> list[str]:
+def training_overrides(tmp_path: Path, corpus_file: Path, name: str, logging: str = "none") -> list[str]:
     """A run slow enough (~0.1 s/step) to be interrupted between checkpoints, short enough for CI."""
     return ["model=tiny", "model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=64",
             "data=text", f"data.path={corpus_file}", "data.vocab_size=512", f"data.cache_dir={tmp_path}/cache",
             "cluster.num_workers=2", "deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=45",
             "trainer.ckpt_every=15", "trainer.eval_every=30", "trainer.eval_steps=2", "trainer.log_every=10",
-            "trainer.keep_checkpoints=10", "trainer.sample_tokens=0", "logging=none",
-            f"run.storage={tmp_path}/runs", f"run.name={name}"]
+            "trainer.keep_checkpoints=10", "trainer.sample_tokens=0", f"logging={logging}",
+            f"logging.dir={tmp_path}/wandb-{name}", f"run.storage={tmp_path}/runs", f"run.name={name}"]
 
 
 def launch(*overrides, wait=True):
@@ -116,7 +116,7 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
     2. a worker SIGKILLed after step 30's checkpoint: Ray restarts the group, which resumes from 30;
     3. rank 1 dying inside step 45's save: a third failure (max_failures=2), so the run fails.
     The half-written checkpoint never becomes the latest, and rerunning the command ends with the
-    weights of the uninterrupted run."""
+    weights of the uninterrupted run. Each of the four worker groups logs to the same W&B run."""
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -130,7 +130,7 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
         worker_node = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         run_dir = workdir / "runs" / "failures"
-        overrides = training_overrides(workdir, corpus_file, "failures") + [
+        overrides = training_overrides(workdir, corpus_file, "failures", "wandb_offline") + [
             "cluster=multi_node", f"cluster.address={cluster.address}", "cluster.shared_storage=true",
             "cluster.num_workers=2", "cluster.max_failures=2", "cluster.placement_strategy=SPREAD"]
         proc = launch(*overrides, wait=False)
@@ -158,6 +158,16 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
         assert f"resuming run failures from {run_dir}/checkpoint_000030" in out
         assert_same_weights(final_weights(run_dir), reference_weights)
         assert not staged.exists(), "the rerun removed what the failed workers had staged, then the directory"
+
+        # One W&B run: each group's offline directory (offline-run-<time>-<id>) carries the first
+        # group's run id, and the rerun's history continues after the checkpoint it resumed from.
+        # (A group killed by Ray may leave its file empty: W&B had not flushed it.)
+        attempts = sorted((workdir / "wandb-failures" / "wandb").glob("offline-run-*"))
+        assert len(attempts) == 4 and len({d.name.rsplit("-", 1)[1] for d in attempts}) == 1, attempts
+        first, rerun = read_run(attempts[0]), read_run(attempts[-1])
+        assert first["run_id"] == rerun["run_id"] == attempts[0].name.rsplit("-", 1)[1]
+        assert (first["resume"], rerun["resume"]) == (False, True)
+        assert [h["_step"] for h in rerun["history"] if "train_loss" in h] == [40, 45]
     finally:
         cluster.shutdown()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_on_ranks
-from lm.checkpoint import find_latest_checkpoint, load_consolidated_state_dict
+from lm.checkpoint import find_latest_checkpoint, load_consolidated_state_dict, read_trainer_state
 from lm.config import config_to_dict
 
 N = 3
@@ -26,6 +26,8 @@ def run_stages(rank, cfg_dict, dataset_dir, root, run_name, stop_at_step):
         logged = []
         hooks = local_hooks(f"{root}/zero{stage}-{run_name}", rank, keep=3,
                             log=lambda m, s: logged.append((s, m.get("train_loss"))))
+        if stop_at_step:  # what a metrics logger keeps (its run id): the rerun's checkpoints still hold it
+            hooks.resume_state = lambda: {"logger_run_id": f"{run_name}-{stage}"}
         train(cfg, dataset_dir, hooks)
         losses[stage] = {s: loss for s, loss in logged if loss is not None}
     return losses
@@ -49,6 +51,8 @@ def test_stop_at_n_then_rerun_equals_uninterrupted(tiny_train_config, prepared_t
             assert resumed[step] == pytest.approx(loss, abs=1e-6), f"ZeRO-{stage} step {step}"
         a = load_consolidated_state_dict(find_latest_checkpoint(tmp_path / f"zero{stage}-straight"))
         b = load_consolidated_state_dict(find_latest_checkpoint(tmp_path / f"zero{stage}-resumed"))
+        kept = read_trainer_state(find_latest_checkpoint(tmp_path / f"zero{stage}-resumed"))["hooks"]
+        assert kept == {"logger_run_id": f"resumed-{stage}"}
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m: f"ZeRO-{stage} {name}: {m}")

@@ -115,9 +115,11 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     # The checkpoint loads and reproduces the val loss the workers reported.
     assert recompute_val_loss(summary) == pytest.approx(summary["val_loss"], abs=1e-4)
 
-    # W&B offline runs hold the logged metrics; the second continues where the first stopped.
+    # W&B offline runs hold the logged metrics; the second continues the first's W&B run where it stopped.
     run1, run2 = read_run(summary_first["wandb_dir"]), read_run(summary["wandb_dir"])
     assert summary_first["wandb_dir"] != summary["wandb_dir"]
+    assert run2["run_id"] == run1["run_id"] and (run1["resume"], run2["resume"]) == (False, True)
+    assert summary["wandb_dir"].endswith(run1["run_id"])
     steps1 = [h["_step"] for h in run1["history"] if "train_loss" in h]
     steps2 = [h["_step"] for h in run2["history"] if "train_loss" in h]
     assert steps1 == list(range(5, stopped_at + 1, 5)) and steps2 == list(range(stopped_at + 5, 46, 5))
@@ -145,3 +147,19 @@ def test_wandb_config_shows_what_auto_precision_resolved_to(tmp_path):
     logger.update_config({"trainer": {"precision": "bf16", "seed": 1}})  # the trainer's `started` hook
     logger.finish()
     assert read_run(logger.run_dir)["config"]["trainer"] == {"precision": "bf16", "seed": 1}
+
+
+def test_a_logger_given_a_run_id_continues_that_wandb_run(tmp_path):
+    from launcher.wandb_logger import WandbLogger
+    from lm.config import LoggingConfig
+
+    first = WandbLogger(LoggingConfig(dir=str(tmp_path)), "resumed", None, {})
+    first.log({"train_loss": 2.0}, 10)
+    first.finish()
+    second = WandbLogger(LoggingConfig(dir=str(tmp_path)), "resumed", None, {}, run_id=first.run_id)
+    second.log({"train_loss": 1.0}, 20)
+    second.finish()
+    runs = [read_run(logger.run_dir) for logger in (first, second)]
+    assert first.run_dir != second.run_dir and runs[0]["run_id"] == runs[1]["run_id"] == first.run_id
+    assert [r["resume"] for r in runs] == [False, True]
+    assert [h["_step"] for r in runs for h in r["history"]] == [10, 20]
