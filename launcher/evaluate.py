@@ -18,11 +18,25 @@ import sys
 from pathlib import Path
 
 
+# lm.data names the training settings whose values these flags take.
+FLAGS = {"data.path": "--data", "data.text_field": "--text-field"}
+
+
+def flag_message(message: str) -> str:
+    """lm.data's error, naming this command's flag: "data.path='x' does not exist" -> "--data 'x' ..."."""
+    for setting, flag in FLAGS.items():
+        if message.startswith(setting):
+            rest = message[len(setting):]
+            return flag + (" " + rest[1:] if rest.startswith("=") else rest)
+    return message
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path)
-    parser.add_argument("--data", required=True, help="files, directories or globs of .txt/.md/.jsonl text")
-    parser.add_argument("--text-field", default="text", help="the field read from .jsonl lines")
+    parser.add_argument("--data", required=True,
+                        help="files, directories or globs of .txt/.md/.jsonl/.parquet text (or gzipped)")
+    parser.add_argument("--text-field", default="text", help="the field read from .jsonl lines and .parquet rows")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
@@ -41,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         docs = read_documents(corpus_files(data), data)
         model, tokenizer, source = load(args.path)
-    except ConfigError as error:  # named after the training setting whose syntax --data shares
-        print(f"error: {str(error).replace('data.path=', '--data ', 1)}", file=sys.stderr)
+    except ConfigError as error:
+        print(f"error: {flag_message(str(error))}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)

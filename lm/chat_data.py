@@ -1,7 +1,8 @@
-"""Chat fine-tuning data: JSONL conversations -> the server's chat template -> ids + loss mask.
+"""Chat fine-tuning data: conversations -> the server's chat template -> ids + loss mask.
 
-Each line is either `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`
-or `{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
+Each JSONL line or Parquet row is either
+`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` or
+`{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
 rendered exactly as `lm.chat_template` renders a served request, and tokenized in one piece, as
 the server tokenizes a prompt; the loss mask then marks the tokens that start inside an
 assistant's answer (its content and the closing `<|end|>` that ends the reply), so the model
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm.chat_template import END, ROLES, render_message
+from lm.records import read_records
 
 GENERATION_HEADER = "<|assistant|>\n"
 
@@ -52,17 +54,17 @@ def parse_conversation(record) -> list[dict]:
 
 
 def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
-    """(conversations, bad lines, lines read) from JSONL files; blank lines are skipped."""
+    """(conversations, bad lines, lines read) from JSONL files (blank lines skipped) or Parquet files
+    (a row each, with a `messages` column of {role, content} structs, or `prompt` and `completion`).
+    Raises UnreadableFile for a file that cannot be read at all."""
     conversations, bad, total = [], [], 0
     for path in files:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
+        for lineno, record in read_records(path):
             total += 1
             try:
-                conversations.append(parse_conversation(json.loads(line)))
-            except json.JSONDecodeError:
-                bad.append(BadLine(path, lineno, "invalid JSON"))
+                if isinstance(record, json.JSONDecodeError):
+                    raise ValueError("invalid JSON")
+                conversations.append(parse_conversation(record))
             except ValueError as error:
                 bad.append(BadLine(path, lineno, str(error)))
     return conversations, bad, total

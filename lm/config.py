@@ -42,16 +42,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib"
-    source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`; chat: JSONL chats
+    source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`; chat: conversations
     path: Optional[str] = None  # file, directory or glob; several separated by commas
-    text_field: str = "text"  # the field read from .jsonl lines
+    text_field: str = "text"  # the field read from .jsonl lines and the column read from .parquet files
     tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the corpus; char: one id per character
     vocab_size: int = 8192  # BPE only
     block_size: Optional[int] = None  # training sequence length; None: model.block_size
     val_fraction: float = 0.02  # the share of the corpus held out for validation, unless val_path is set
     val_path: Optional[str] = None  # validation files (as path); set: all of path trains, val_fraction is unused
     tokenizer_train_bytes: int = 8_000_000  # BPE is trained on this many bytes of the corpus
-    max_bytes: Optional[int] = None  # cap on corpus bytes read (None: all)
+    max_bytes: Optional[int] = None  # cap on the corpus text read, in UTF-8 bytes (None: all)
     cache_dir: str = "outputs/cache"
     max_bad_fraction: float = 0.01  # chat: skip (and report) bad lines; more than this stops the run
 
@@ -301,9 +301,9 @@ def validate(cfg: TrainConfig) -> None:
         _require(d.vocab_size <= 2**20, "data.vocab_size", d.vocab_size, "must be <= 1048576")
     if d.source == "files":
         _require(bool(d.path), "data.path", d.path,
-                 "data=text needs data.path=<file, directory or glob> of .txt/.jsonl files")
+                 "data=text needs data.path=<file, directory or glob> of .txt/.md/.jsonl/.parquet files")
     if d.source == "chat":
-        _require(bool(d.path), "data.path", d.path, "data=chat needs data.path=<.jsonl file(s) of conversations>")
+        _require(bool(d.path), "data.path", d.path, "data=chat needs data.path=<.jsonl or .parquet file(s) of conversations>")
     _require(d.val_path is None or d.source in ("files", "chat"), "data.val_path", d.val_path,
              "applies to data=text and data=chat; the default corpus is split by data.val_fraction")
     _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")

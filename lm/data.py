@@ -21,10 +21,10 @@ import numpy as np
 
 from lm.chat_data import read_conversations, render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig
+from lm.records import FORMATS, RECORD_FORMATS, UnreadableFile, file_format, parquet_columns, read_records, read_text
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".jsonl", ".md")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
             files.extend(m for m in matches if m.is_file())
         elif os.path.isdir(expanded):
             files.extend(sorted(p for p in Path(expanded).rglob("*")
-                                if p.is_file() and p.suffix in TEXT_SUFFIXES))
+                                if p.is_file() and file_format(p)))
         elif os.path.isfile(expanded):
             files.append(Path(expanded))
         else:
@@ -66,38 +66,51 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
 
 
 def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
-    """One string per document: a whole text file, or each .jsonl line's `data.text_field`."""
+    """One string per document: a whole text file, or each JSONL line's or Parquet row's
+    `data.text_field` (a null one is skipped)."""
     docs: list[str] = []
     budget = data.max_bytes
     for path in files:
-        raw = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".jsonl":
-            for lineno, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[data.text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"data.text_field={data.text_field!r}: {path}:{lineno} is not a "
-                                      f"JSON object with that string field") from None
-                docs.append(str(text))
-        elif raw.strip():
-            docs.append(raw)
+        try:
+            if file_format(path) in RECORD_FORMATS:
+                texts = _record_texts(path, data.text_field)
+            else:
+                texts = [text] if (text := read_text(path)).strip() else []
+        except UnreadableFile as error:
+            raise ConfigError(f"{field}: {error}") from None
+        docs.extend(texts)
         if budget is not None:
-            budget -= len(raw.encode("utf-8"))
+            budget -= sum(len(text.encode("utf-8")) for text in texts)
             if budget <= 0:
                 break
     if not any(d.strip() for d in docs):
         where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
         raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
-                          f"allowed: non-empty {', '.join(TEXT_SUFFIXES)} files")
+                          f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
     return docs
+
+
+def _record_texts(path: Path, text_field: str) -> list[str]:
+    parquet = file_format(path) == ".parquet"
+    if parquet and text_field not in (columns := parquet_columns(path)):
+        raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
+    texts = []
+    for row, record in read_records(path, [text_field] if parquet else None):
+        if not isinstance(record, dict) or text_field not in record:
+            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
+                              "string field")
+        if record[text_field] is not None:
+            texts.append(str(record[text_field]))
+    return texts
 
 
 def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
     """The conversations; bad lines are reported with their line numbers, and too many stop the run.
     Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
-    conversations, bad, total = read_conversations(files)
+    try:
+        conversations, bad, total = read_conversations(files)
+    except UnreadableFile as error:
+        raise ConfigError(f"{field}: {error}") from None
     value = _setting(data, field)
     if bad:
         listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")

@@ -99,6 +99,50 @@ def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
         read_documents(corpus_files(cfg), cfg)
 
 
+def test_parquet_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"document {i}: " + "some words " * (i + 1) for i in range(40)]
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    (plain / "a.txt").write_text(docs[0])
+    (plain / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:20]))
+    (plain / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[20:]))
+    (packed / "a.txt.gz").write_bytes(gzip.compress(docs[0].encode()))
+    (packed / "b.jsonl.gz").write_bytes(gzip.compress((plain / "b.jsonl").read_bytes()))
+    # A Hugging Face dataset's Parquet file: more columns than the text, and a null row (skipped).
+    pq.write_table(pa.table({"id": list(range(21)), "text": docs[20:] + [None]}), packed / "c.parquet",
+                   row_group_size=7)
+    (packed / "notes.bin.gz").write_bytes(gzip.compress(b"not a corpus format"))  # a directory skips it
+    read = {}
+    for corpus in (plain, packed):
+        cfg = DataConfig(source="files", path=str(corpus), tokenizer="char", cache_dir=str(tmp_path / "cache"))
+        assert read_documents(corpus_files(cfg), cfg) == docs
+        read[corpus] = prepare_data(cfg, progress=False)
+    assert read[plain].directory == read[packed].directory, "the same text, so the same token cache"
+
+
+def test_unreadable_parquet_and_gzip_files_and_a_missing_column_are_one_line_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "d.parquet")
+    cfg = DataConfig(source="files", path=str(tmp_path / "d.parquet"))
+    with pytest.raises(ConfigError, match=r"^data.text_field='text': .*d.parquet has no such column; "
+                                          r"its columns: \['content'\]$"):
+        read_documents(corpus_files(cfg), cfg)
+    (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "f.txt.gz").write_bytes(b"not gzip")
+    for name, kind in (("e.parquet", "Parquet"), ("f.txt.gz", "gzip")):
+        cfg = DataConfig(source="files", path=str(tmp_path / name))
+        with pytest.raises(ConfigError, match=rf"^data.path: .*{name}: not a readable {kind} file \(") as error:
+            read_documents(corpus_files(cfg), cfg)
+        assert "\n" not in str(error.value)
+
+
 def test_default_corpus_is_the_python_standard_library():
     files = corpus_files(DataConfig())
     names = {f.name for f in files}

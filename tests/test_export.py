@@ -145,6 +145,11 @@ def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained
         main([str(checkpoint), "--data", str(tmp_path / "missing.txt")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --data '{tmp_path / 'missing.txt'}' does not exist: pass existing files, directories or globs"
+    (tmp_path / "held_out.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--data", str(tmp_path / "held_out.jsonl")])
+    assert capsys.readouterr().err.strip() == (f"error: --text-field 'text': {tmp_path / 'held_out.jsonl'}:1 is not a "
+                                               "JSON object with that string field")
 
 
 def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, capsys):

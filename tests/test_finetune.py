@@ -182,6 +182,28 @@ def test_bad_chat_lines_are_reported_by_line_number(tmp_path, capsys):
         prepare_data(data, progress=False, seq_len=32)
 
 
+def test_chats_in_parquet_read_as_their_jsonl(tmp_path):
+    """A Hugging Face chat dataset's Parquet file: `messages` is a list of {role, content} structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm.data import prepare_data
+
+    pairs = qa_pairs(20)
+    write_chats(tmp_path / "chats.jsonl", pairs)
+    rows = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
+    conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["completion"]}] for r in rows]
+    pq.write_table(pa.table({"messages": conversations, "source": ["made up"] * len(rows)}),
+                   tmp_path / "chats.parquet")
+    prepared = {}
+    for name in ("chats.jsonl", "chats.parquet"):
+        data = DataConfig(name="chat", source="chat", path=str(tmp_path / name), vocab_size=300,
+                          cache_dir=str(tmp_path / "cache"))
+        prepared[name] = prepare_data(data, progress=False, seq_len=32)
+    assert prepared["chats.jsonl"].directory == prepared["chats.parquet"].directory, "the same conversations"
+
+
 def test_val_path_holds_out_its_own_conversations(tmp_path):
     from lm.data import prepare_data
 
