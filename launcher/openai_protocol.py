@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 
 from lm.chat_template import END, ROLES, render_chat
 from lm.engine import SamplingParams
 
 MAX_BODY_BYTES = 1_000_000
+MAX_CHOICES = 16  # `n`: each choice is a sequence in the replica's batch
 
 
 class APIError(Exception):
@@ -62,10 +64,21 @@ def sampling_params(body: dict, context: int, extra_stop: list[str] = ()) -> Sam
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "'n' must be 1", "n")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           stop=stop + list(extra_stop), seed=seed)
+
+
+def choice_count(body: dict) -> int:
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}", "n")
+    return n
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of n samples with seed + i, so that a seeded request is reproducible as a whole and
+    its choices still differ (choice 0 is what the same request with n=1 returns)."""
+    return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
 
 
 def completion_prompt(body: dict) -> str:
@@ -100,12 +113,16 @@ def check_model(body: dict, model_name: str) -> None:
                        "model_not_found")
 
 
-def completion_response(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                        chat: bool) -> dict:
-    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+def completion_response(model: str, choices: list[tuple[str, str, int]], prompt_tokens: int, chat: bool) -> dict:
+    """`choices`: (text, finish_reason, completion tokens) of each."""
+    rendered = []
+    for index, (text, finish_reason, _) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        rendered.append(choice)
+    completion_tokens = sum(tokens for _, _, tokens in choices)
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
+            "created": int(time.time()), "model": model, "choices": rendered,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -129,12 +146,12 @@ def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens
 
 
 def stream_chunk(chunk_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
-                 first: bool = False) -> str:
+                 first: bool = False, index: int = 0) -> str:
     if chat:
         payload = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": payload, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": payload, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
     body = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"

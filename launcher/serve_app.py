@@ -22,9 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, completion_prompt,
-                                      completion_response, parse_body, sampling_params, stream_chunk, usage_chunk,
-                                      wants_stream_usage)
+from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, choice_count, choice_params,
+                                      completion_prompt, completion_response, parse_body, sampling_params,
+                                      stream_chunk, usage_chunk, wants_stream_usage)
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -191,21 +191,24 @@ class OpenAIServer:
                 self.context = (await self.model.info.remote())["context"]
             prompt = chat_prompt(body) if chat else completion_prompt(body)
             params = sampling_params(body, self.context, CHAT_STOP if chat else [])
+            n = choice_count(body)
             usage = bool(body.get("stream")) and wants_stream_usage(body)
-            events = self.model.options(stream=True).generate.remote(prompt, params).__aiter__()
-            first = await events.__anext__()
-            if "error" in first:
-                raise APIError(400, first["error"], first["param"])
+            # One sequence per choice: they decode in the same batch.
+            choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i)).__aiter__()
+                       for i in range(n)]
+            firsts = [await events.__anext__() for events in choices]
+            for first in firsts:
+                if "error" in first:
+                    raise APIError(400, first["error"], first["param"])
         except APIError as error:
             return JSONResponse(error.body(), status_code=error.status)
+        choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
         if body.get("stream"):
-            return StreamingResponse(self._sse(first, events, chat, usage), media_type="text/event-stream")
-        text, last = "", first
-        async for event in self._chain(first, events):
-            text += event.get("delta", "")
-            last = event
-        return completion_response(self.model_name, text, last["finish_reason"], last["prompt_tokens"],
-                                   last["completion_tokens"], chat)
+            return StreamingResponse(self._sse(choices, chat, usage), media_type="text/event-stream")
+        finished = await asyncio.gather(*(self._collect(events) for events in choices))
+        return completion_response(self.model_name, [(text, last["finish_reason"], last["completion_tokens"])
+                                                      for text, last in finished],
+                                   finished[0][1]["prompt_tokens"], chat)
 
     @staticmethod
     async def _chain(first, rest):
@@ -214,19 +217,62 @@ class OpenAIServer:
         async for event in rest:
             yield event
 
-    async def _sse(self, first: dict, events, chat: bool, usage: bool):
+    @staticmethod
+    async def _collect(events) -> tuple:
+        """A choice's whole text and its last event (finish reason, token counts)."""
+        text = ""
+        async for event in events:
+            text += event.get("delta", "")
+            last = event
+        return text, last
+
+    @staticmethod
+    async def _merged(choices):
+        """(index, event) from every choice's events, in the order they arrive."""
+        if len(choices) == 1:
+            async for event in choices[0]:
+                yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, events):
+            try:
+                async for event in events:
+                    await queue.put((index, event))
+                await queue.put((index, None))  # this choice is done
+            except Exception as error:  # a failed decode step: the response fails, as with one choice
+                await queue.put((index, error))
+
+        tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(choices)]
+        try:
+            done = 0
+            while done < len(choices):
+                index, event = await queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event is None:
+                    done += 1
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _sse(self, choices, chat: bool, usage: bool):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        opened = False
-        async for event in self._chain(first, events):
+        opened, prompt_tokens, completion_tokens = set(), 0, 0
+        async for index, event in self._merged(choices):
             if "delta" in event:
-                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, first=not opened)
-                opened = True
+                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, index not in opened, index)
+                opened.add(index)
             else:
-                if chat and not opened:
-                    yield stream_chunk(chunk_id, self.model_name, "", None, chat, first=True)
-                yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat)
-                if usage:
-                    yield usage_chunk(chunk_id, self.model_name, event["prompt_tokens"], event["completion_tokens"], chat)
+                if chat and index not in opened:
+                    yield stream_chunk(chunk_id, self.model_name, "", None, chat, True, index)
+                yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat, index=index)
+                prompt_tokens = event["prompt_tokens"]
+                completion_tokens += event["completion_tokens"]
+        if usage:
+            yield usage_chunk(chunk_id, self.model_name, prompt_tokens, completion_tokens, chat)
         yield "data: [DONE]\n\n"
 
 

@@ -79,6 +79,34 @@ def test_same_seed_same_completion(server, client):
     assert len(texts) == 1
 
 
+def test_n_choices_streaming_and_not_agree_and_choice_0_is_the_single_answer(server, client):
+    _, model = server
+    sampled = dict(model=model, max_tokens=12, temperature=1.0, seed=11)
+    single = client.completions.create(prompt="import ", **sampled)
+    three = client.completions.create(prompt="import ", n=3, **sampled)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert three.choices[0].text == single.choices[0].text, "choice i samples with seed + i"
+    assert len({c.text for c in three.choices}) > 1
+    assert three.usage.prompt_tokens == single.usage.prompt_tokens, "the prompt counts once"
+    assert single.usage.completion_tokens < three.usage.completion_tokens <= 3 * 12
+    streamed = list(client.completions.create(prompt="import ", n=3, stream=True,
+                                              stream_options={"include_usage": True}, **sampled))
+    for choice in three.choices:
+        mine = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == choice.finish_reason
+    assert streamed[-1].usage.completion_tokens == three.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "A loop?"}]
+    full = client.chat.completions.create(messages=messages, n=2, **sampled)
+    chunks = list(client.chat.completions.create(messages=messages, n=2, stream=True,
+                                                 stream_options={"include_usage": True}, **sampled))
+    for choice in full.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == choice.finish_reason
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
 def test_32_concurrent_requests_all_succeed(server, client):
     _, model = server
 
@@ -103,6 +131,9 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "top_p": 0}).encode(), 400, "top_p"),
     ("completions", json.dumps({"prompt": "a", "top_p": 1.5}).encode(), 400, "top_p"),
     ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
+    ("completions", json.dumps({"prompt": "a", "n": 0}).encode(), 400, "n"),
+    ("completions", json.dumps({"prompt": "a", "n": 17}).encode(), 400, "n"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": "2"}).encode(), 400, "n"),
     ("completions", json.dumps({"prompt": "def f():\n    pass\n" * 200, "max_tokens": 4}).encode(), 400, "prompt"),
     ("completions", b'{"prompt": "' + b"a" * 2_000_000 + b'"}', 413, None),
     ("completions", json.dumps({"prompt": "a", "stream": True, "stream_options": 5}).encode(), 400, "stream_options"),
