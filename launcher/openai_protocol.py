@@ -10,10 +10,10 @@ import uuid
 from dataclasses import replace
 
 from lm.chat_template import END, ROLES, render_chat
-from lm.engine import SamplingParams
+from lm.engine import MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 1_000_000
-MAX_CHOICES = 16  # `n`: each choice is a sequence in the replica's batch
+MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
 
 
 class APIError(Exception):
@@ -68,10 +68,11 @@ def sampling_params(body: dict, context: int, extra_stop: list[str] = ()) -> Sam
                           stop=stop + list(extra_stop), seed=seed)
 
 
-def choice_count(body: dict) -> int:
+def choice_count(body: dict, prompts: int = 1) -> int:
     n = _number(body, "n", 1, int)
-    if not 1 <= n <= MAX_CHOICES:
-        raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}", "n")
+    if not 1 <= n <= MAX_CHOICES // prompts:
+        raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES // prompts} (at most {MAX_CHOICES} choices "
+                            f"per request, here {prompts} prompts x n)", "n")
     return n
 
 
@@ -81,15 +82,65 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
 
 
-def completion_prompt(body: dict) -> str:
+def logprobs_count(body: dict, chat: bool) -> int | None:
+    """How many alternatives to report with each token's log-probability, or None for no report:
+    completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`."""
+    if not chat:
+        count = _number(body, "logprobs", None, int)
+        if count is not None and not 0 <= count <= MAX_LOGPROBS:
+            raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        return count
+    wanted = body.get("logprobs") or False
+    if not isinstance(wanted, bool):
+        raise APIError(400, "'logprobs' must be a boolean", "logprobs")
+    top = _number(body, "top_logprobs", None, int)
+    if top is not None and not (wanted and 0 <= top <= MAX_LOGPROBS):
+        raise APIError(400, f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, with 'logprobs': true",
+                       "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def echoes(body: dict) -> bool:
+    """Completions' `echo`: the prompt comes back before the completion (and, with logprobs, scored)."""
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be a boolean", "echo")
+    return echo
+
+
+def logprobs_object(described: list[dict], chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs of a choice (or of a stream chunk) from the replica's described tokens;
+    `offset`: where the first token starts in the choice's text (completions' text_offset)."""
+    if chat:
+        return {"content": [{"token": d["token"], "logprob": d["logprob"], "bytes": list(d["token"].encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in d["top"]]}
+                            for d in described]}
+    offsets = []
+    for d in described:
+        offsets.append(offset)
+        offset += len(d["token"])
+    return {"tokens": [d["token"] for d in described], "token_logprobs": [d["logprob"] for d in described],
+            "top_logprobs": [None if d["top"] is None else dict(d["top"]) for d in described], "text_offset": offsets}
+
+
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """Completions' `prompt`, as OpenAI takes it: a string, a list of token ids, or a list of either
+    (each prompt gets its own `n` choices)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
-    if not isinstance(prompt, str):
-        raise APIError(400, f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
-    return prompt
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        if len(prompt) > MAX_CHOICES:
+            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {MAX_CHOICES} per request", "prompt")
+        return prompt
+    raise APIError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                           for i in value)
 
 
 def chat_prompt(body: dict) -> str:
@@ -113,14 +164,15 @@ def check_model(body: dict, model_name: str) -> None:
                        "model_not_found")
 
 
-def completion_response(model: str, choices: list[tuple[str, str, int]], prompt_tokens: int, chat: bool) -> dict:
-    """`choices`: (text, finish_reason, completion tokens) of each."""
+def completion_response(model: str, choices: list[tuple[str, str, int, dict | None]], prompt_tokens: int,
+                        chat: bool) -> dict:
+    """`choices`: (text, finish_reason, completion tokens, logprobs object or None) of each."""
     rendered = []
-    for index, (text, finish_reason, _) in enumerate(choices):
-        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+    for index, (text, finish_reason, _, logprobs) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         rendered.append(choice)
-    completion_tokens = sum(tokens for _, _, tokens in choices)
+    completion_tokens = sum(choice[2] for choice in choices)
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": rendered,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -146,12 +198,14 @@ def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens
 
 
 def stream_chunk(chunk_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
-                 first: bool = False, index: int = 0) -> str:
+                 first: bool = False, index: int = 0, logprobs: dict | None = None) -> str:
     if chat:
         payload = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
         choice = {"index": index, "delta": payload, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
     else:
-        choice = {"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}
     body = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -23,8 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, choice_count, choice_params,
-                                      completion_prompt, completion_response, parse_body, sampling_params,
-                                      stream_chunk, usage_chunk, wants_stream_usage)
+                                      completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
+                                      parse_body, sampling_params, stream_chunk, usage_chunk, wants_stream_usage)
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -69,7 +70,7 @@ class LanguageModel:
         return self.info_
 
     def _decode_forever(self) -> None:
-        """The decode thread. Each update is (text, finished) taken right after the step, so the loop
+        """The decode thread. Each update is (text, finished, logprobs) taken right after the step, so the loop
         never reads a sequence the next step is changing."""
         while True:
             self.work.clear()  # before looking for work: a submit after the look sets it again
@@ -88,8 +89,10 @@ class LanguageModel:
             self.work.wait()
 
     def _hand_over(self, seqs: list) -> list[int]:
-        """Send these sequences' text so far to the event loop; returns their ids."""
-        self.loop.call_soon_threadsafe(self._deliver, [(seq.id, (seq.text, seq.finished)) for seq in seqs])
+        """Send these sequences' text so far (and how many of their tokens have log-probabilities) to
+        the event loop; returns their ids."""
+        self.loop.call_soon_threadsafe(self._deliver, [(seq.id, (seq.text, seq.finished, len(seq.logprobs)))
+                                                       for seq in seqs])
         return [seq.id for seq in seqs]
 
     def _deliver(self, updates: list) -> None:
@@ -105,9 +108,18 @@ class LanguageModel:
             return self.stream_interval
         return max(self.stream_interval, len(self.queues) / self.stream_events_per_s)
 
-    async def generate(self, prompt: str, params):
+    def _described(self, token: int, logprob) -> dict:
+        """A token's text, its log-probability and its top alternatives' (None for a prompt's first)."""
+        decode = self.engine.tokenizer.decode
+        if logprob is None:
+            return {"token": decode([token]), "logprob": None, "top": None}
+        return {"token": decode([token]), "logprob": logprob.logprob,
+                "top": [(decode([alternative]), value) for alternative, value in logprob.top]}
+
+    async def generate(self, prompt, params, echo: bool = False):
         """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
-        or one {"error", "param"} for a request the engine cannot serve."""
+        or one {"error", "param"} for a request the engine cannot serve. With `echo` the first delta
+        is the prompt; with params.logprobs each delta carries its tokens' "logprobs"."""
         from lm.engine import RequestError
 
         try:
@@ -124,20 +136,30 @@ class LanguageModel:
             self.loop = asyncio.get_running_loop()
             threading.Thread(target=self._decode_forever, name="decode", daemon=True).start()
         self.work.set()
-        sent, last_sent = 0, 0.0
+        sent, last_sent, described = 0, 0.0, 0
         try:
+            if echo:
+                event = {"delta": prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)}
+                if params.logprobs is not None:  # scored in a thread of its own while decoding goes on
+                    scored = await asyncio.to_thread(self.engine.prompt_logprobs, seq.prompt_ids, params.logprobs)
+                    event["logprobs"] = [self._described(t, lp) for t, lp in zip(seq.prompt_ids, scored)]
+                yield event
             while True:
                 update = await queue.get()
                 while not queue.empty():  # text that arrived meanwhile goes out as one delta
                     update = queue.get_nowait()
                 if isinstance(update, Exception):
                     raise update
-                text, finished = update
+                text, finished, scored = update
                 if not finished and sent and time.monotonic() - last_sent < self._interval():
                     continue  # the text so far goes with the next token
                 upto = len(text) if finished else len(text) - _held_back(text, params.stop)
-                if upto > sent:
-                    yield {"delta": text[sent:upto]}
+                if upto > sent or (finished and scored > described):
+                    event = {"delta": text[sent:upto]}
+                    if params.logprobs is not None:
+                        event["logprobs"] = [self._described(lp.token, lp) for lp in seq.logprobs[described:scored]]
+                        described = scored
+                    yield event
                     sent, last_sent = upto, time.monotonic()
                 if finished:
                     yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.prompt_ids),
@@ -189,13 +211,16 @@ class OpenAIServer:
             check_model(body, self.model_name)
             if self.context is None:
                 self.context = (await self.model.info.remote())["context"]
-            prompt = chat_prompt(body) if chat else completion_prompt(body)
-            params = sampling_params(body, self.context, CHAT_STOP if chat else [])
-            n = choice_count(body)
+            prompts = [chat_prompt(body)] if chat else completion_prompts(body)
+            params = replace(sampling_params(body, self.context, CHAT_STOP if chat else []),
+                             logprobs=logprobs_count(body, chat))
+            echo = not chat and echoes(body)
+            n = choice_count(body, len(prompts))
             usage = bool(body.get("stream")) and wants_stream_usage(body)
-            # One sequence per choice: they decode in the same batch.
-            choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i)).__aiter__()
-                       for i in range(n)]
+            # One sequence per choice, n per prompt (choice index = prompt index x n + i), all decoded
+            # in the same batch.
+            choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo)
+                       .__aiter__() for prompt in prompts for i in range(n)]
             firsts = [await events.__anext__() for events in choices]
             for first in firsts:
                 if "error" in first:
@@ -204,11 +229,13 @@ class OpenAIServer:
             return JSONResponse(error.body(), status_code=error.status)
         choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
         if body.get("stream"):
-            return StreamingResponse(self._sse(choices, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(choices, n, chat, usage), media_type="text/event-stream")
         finished = await asyncio.gather(*(self._collect(events) for events in choices))
-        return completion_response(self.model_name, [(text, last["finish_reason"], last["completion_tokens"])
-                                                      for text, last in finished],
-                                   finished[0][1]["prompt_tokens"], chat)
+        return completion_response(
+            self.model_name,
+            [(text, last["finish_reason"], last["completion_tokens"],
+              None if params.logprobs is None else logprobs_object(described, chat)) for text, last, described in finished],
+            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat)  # each prompt counts once
 
     @staticmethod
     async def _chain(first, rest):
@@ -219,12 +246,13 @@ class OpenAIServer:
 
     @staticmethod
     async def _collect(events) -> tuple:
-        """A choice's whole text and its last event (finish reason, token counts)."""
-        text = ""
+        """A choice's whole text, its last event (finish reason, token counts) and its described tokens."""
+        text, described = "", []
         async for event in events:
             text += event.get("delta", "")
+            described += event.get("logprobs", [])
             last = event
-        return text, last
+        return text, last, described
 
     @staticmethod
     async def _merged(choices):
@@ -258,18 +286,25 @@ class OpenAIServer:
             for task in tasks:
                 task.cancel()
 
-    async def _sse(self, choices, chat: bool, usage: bool):
+    async def _sse(self, choices, n: int, chat: bool, usage: bool):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         opened, prompt_tokens, completion_tokens = set(), 0, 0
+        offsets = {}  # completions' text_offset: where each choice's next token starts
         async for index, event in self._merged(choices):
             if "delta" in event:
-                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, index not in opened, index)
+                logprobs = None
+                if "logprobs" in event:
+                    logprobs = logprobs_object(event["logprobs"], chat, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(d["token"]) for d in event["logprobs"])
+                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, index not in opened, index,
+                                   logprobs)
                 opened.add(index)
             else:
                 if chat and index not in opened:
                     yield stream_chunk(chunk_id, self.model_name, "", None, chat, True, index)
                 yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat, index=index)
-                prompt_tokens = event["prompt_tokens"]
+                if index % n == 0:  # each prompt counts once
+                    prompt_tokens += event["prompt_tokens"]
                 completion_tokens += event["completion_tokens"]
         if usage:
             yield usage_chunk(chunk_id, self.model_name, prompt_tokens, completion_tokens, chat)

@@ -32,6 +32,26 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    # Report each sampled token's log-probability and this many most likely alternatives (None: no
+    # report). Log-probabilities are the model's own, before temperature, top-k and top-p.
+    logprobs: Optional[int] = None
+
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at that position, most likely first
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(token, float(logprobs[token]),
+                        list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
 
 
 class RequestError(ValueError):
@@ -51,6 +71,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: Optional[str] = None  # "stop", "length", or "abort" (client gone)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs is set
     slot: Optional[int] = None
     # Incremental detokenization: text is extended from the last few tokens, never re-decoded whole.
     prefix_offset: int = 0
@@ -113,6 +134,8 @@ class Engine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise RequestError("prompt", "must not be empty")
+        if not all(0 <= i < self.vocab_limit for i in prompt_ids):
+            raise RequestError("prompt", f"token ids must be between 0 and {self.vocab_limit - 1}")
         if len(prompt_ids) >= self.context:
             raise RequestError("prompt", f"{len(prompt_ids)} tokens do not fit the context of {self.context} "
                                          "tokens with room for an answer")
@@ -125,6 +148,8 @@ class Engine:
             raise RequestError("top_p", "must be in (0, 1]")
         if params.top_k is not None and params.top_k < 1:
             raise RequestError("top_k", "must be >= 1")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise RequestError("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -172,9 +197,9 @@ class Engine:
             on_prefilled(admitted)
         if batch:
             ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
-            logits = self.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)
-            for seq, token in zip(batch, self._sample(batch, logits[:, :self.vocab_limit])):
-                self._append(seq, token)
+            logits = self.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)[:, :self.vocab_limit]
+            for seq, token, row in zip(batch, self._sample(batch, logits), logits):
+                self._append(seq, token, row)
             for seq in [s for s in batch if s.finished]:
                 self._release(seq)
         return admitted + batch
@@ -193,12 +218,23 @@ class Engine:
             ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in admitted],
                                device=self.device)
             logits = self.model.prefill(ids, [len(s.prompt_ids) for s in admitted], admitted[0].slot,
-                                        self.k_caches, self.v_caches)
-            for seq, token in zip(admitted, self._sample(admitted, logits[:, :self.vocab_limit])):
-                self._append(seq, token)
+                                        self.k_caches, self.v_caches)[:, :self.vocab_limit]
+            for seq, token, row in zip(admitted, self._sample(admitted, logits), logits):
+                self._append(seq, token, row)
             for seq in [s for s in admitted if s.finished]:
                 self._release(seq)
         return admitted
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), from
+        one forward over the prompt outside the cache: what a client asking to `echo` the prompt with
+        logprobs scores (evaluation harnesses score text this way). Reads the model only, so it may
+        run while another thread steps the engine."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        logits, _ = self.model(ids)
+        logits = logits[0, :, :self.vocab_limit]
+        return [None] + [token_logprob(logits[i - 1], prompt_ids[i], top) for i in range(1, len(prompt_ids))]
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Run prompts to completion together (a convenience over submit/step)."""
@@ -216,10 +252,12 @@ class Engine:
         return [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
                 for i, seq in enumerate(batch)]
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         if token == getattr(self.tokenizer, "eot_id", None):
             self._finish(seq, "stop")
             return
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, token, seq.params.logprobs))
         seq.output_ids.append(token)
         before = len(seq.text)
         self._detokenize(seq)

@@ -31,10 +31,12 @@ def file_format(path: Path) -> str:
 
 
 def read_text(path: Path) -> str:
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+            raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
     return raw.decode("utf-8", errors="replace")
 
 

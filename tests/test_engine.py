@@ -101,6 +101,33 @@ def test_stop_strings_cut_the_text():
     assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_logprobs_are_the_models_own_for_sampled_tokens_and_for_the_prompt(variant):
+    """Each output token's log-probability (and its top alternatives) is the model's distribution at
+    that position, before temperature; prompt_logprobs scores the prompt's tokens the same way."""
+    m = model(variant)
+    engine = Engine(m, TOKENIZER, max_batch_size=4)
+    greedy, hot = engine.generate(["hello world", "the quick"], [SamplingParams(max_tokens=8, temperature=0, logprobs=3),
+                                                                 SamplingParams(max_tokens=8, temperature=3.0, seed=1,
+                                                                                logprobs=0)])
+    for seq in (greedy, hot):
+        ids = seq.prompt_ids + seq.output_ids
+        with torch.no_grad():
+            expected = torch.log_softmax(m(torch.tensor([ids]))[0][0, :, :TOKENIZER.vocab_size], dim=-1)
+        assert [lp.token for lp in seq.logprobs] == seq.output_ids
+        for i, lp in enumerate(seq.logprobs):
+            assert lp.logprob == pytest.approx(float(expected[len(seq.prompt_ids) - 1 + i, lp.token]), abs=1e-4)
+        scored = engine.prompt_logprobs(ids, 2)
+        assert scored[0] is None and [lp.token for lp in scored[1:]] == ids[1:]
+        assert [lp.logprob for lp in scored[1:]] == pytest.approx([float(expected[i - 1, ids[i]])
+                                                                   for i in range(1, len(ids))], abs=1e-4)
+    for lp in greedy.logprobs:  # greedy: the sampled token is the most likely one
+        assert len(lp.top) == 3 and lp.top[0] == (lp.token, pytest.approx(lp.logprob))
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    assert all(lp.top == [] for lp in hot.logprobs)
+    assert not engine.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))[0].logprobs
+
+
 def test_top_k_one_and_a_tiny_top_p_are_greedy():
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +143,7 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy():
     ("hello", SamplingParams(temperature=-0.1), "temperature"),
     ("hello", SamplingParams(top_p=0.0), "top_p"),
     ("hello", SamplingParams(top_p=1.5), "top_p"),
+    ("hello", SamplingParams(logprobs=21), "logprobs"),
 ])
 def test_bad_requests_name_their_field_and_are_not_truncated(prompt, params, field):
     engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)

@@ -107,6 +107,58 @@ def test_n_choices_streaming_and_not_agree_and_choice_0_is_the_single_answer(ser
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_a_list_of_prompts_or_token_ids_gets_n_choices_each(server, client, trained):
+    _, model = server
+    tokenizer = trained[2].tokenizer()
+    sampled = dict(model=model, max_tokens=8, temperature=1.0, seed=3)
+    prompts = ["import ", "class A"]
+    alone = [client.completions.create(prompt=p, **sampled) for p in prompts]
+    both = client.completions.create(prompt=prompts, n=2, **sampled)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]  # prompt index x n + choice
+    assert [both.choices[0].text, both.choices[2].text] == [a.choices[0].text for a in alone]
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    as_ids = client.completions.create(prompt=tokenizer.encode("import "), echo=True, **sampled)
+    assert as_ids.choices[0].text == "import " + alone[0].choices[0].text
+    as_id_lists = client.completions.create(prompt=[tokenizer.encode(p) for p in prompts], **sampled)
+    assert [c.text for c in as_id_lists.choices] == [a.choices[0].text for a in alone]
+
+
+def test_logprobs_score_the_completion_and_with_echo_the_prompt(server, client):
+    """What evaluation harnesses ask of a completions server: each token's log-probability and its
+    top alternatives, and with echo=True the prompt scored too (its first token has none)."""
+    _, model = server
+    prompt, greedy = "def main(", dict(model=model, max_tokens=6, temperature=0, logprobs=2)
+    plain = client.completions.create(prompt=prompt, **greedy)
+    lp = plain.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == plain.usage.completion_tokens
+    assert "".join(lp.tokens) == plain.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):  # greedy: the token is the most likely
+        assert len(top) == 2 and value == pytest.approx(max(top.values())) and value <= 0
+
+    echoed = client.completions.create(prompt=prompt, echo=True, **greedy)
+    choice, n_prompt = echoed.choices[0], echoed.usage.prompt_tokens
+    assert choice.text == prompt + plain.choices[0].text
+    assert "".join(choice.logprobs.tokens[:n_prompt]) == prompt
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(v <= 0 for v in choice.logprobs.token_logprobs[1:n_prompt])
+    assert choice.logprobs.token_logprobs[n_prompt:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    streamed = list(client.completions.create(prompt=prompt, echo=True, stream=True, **greedy))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+
+    messages = [{"role": "user", "content": "A loop?"}]
+    chat = dict(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(**chat)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)
+    chunks = list(client.chat.completions.create(stream=True, **chat))
+    assert [c.token for k in chunks if k.choices and k.choices[0].logprobs for c in k.choices[0].logprobs.content] \
+        == [c.token for c in content]
+
+
 def test_32_concurrent_requests_all_succeed(server, client):
     _, model = server
 
@@ -132,7 +184,17 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "top_p": 1.5}).encode(), 400, "top_p"),
     ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
     ("completions", json.dumps({"prompt": "a", "n": 0}).encode(), 400, "n"),
+    ("completions", json.dumps({"prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
+    ("completions", json.dumps({"prompt": "a", "echo": "yes"}).encode(), 400, "echo"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).encode(),
+     400, "top_logprobs"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}).encode(),
+     400, "logprobs"),
     ("completions", json.dumps({"prompt": "a", "n": 17}).encode(), 400, "n"),
+    ("completions", json.dumps({"prompt": ["a", "b"], "n": 9}).encode(), 400, "n"),
+    ("completions", json.dumps({"prompt": [5, 10 ** 9]}).encode(), 400, "prompt"),
+    ("completions", json.dumps({"prompt": ["a", 5]}).encode(), 400, "prompt"),
+    ("completions", json.dumps({"prompt": []}).encode(), 400, "prompt"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": "2"}).encode(), 400, "n"),
     ("completions", json.dumps({"prompt": "def f():\n    pass\n" * 200, "max_tokens": 4}).encode(), 400, "prompt"),
     ("completions", b'{"prompt": "' + b"a" * 2_000_000 + b'"}', 413, None),
