@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from conftest import REPO, free_port
 from lm.export import export_checkpoint
@@ -157,6 +158,33 @@ def test_logprobs_score_the_completion_and_with_echo_the_prompt(server, client):
     chunks = list(client.chat.completions.create(stream=True, **chat))
     assert [c.token for k in chunks if k.choices and k.choices[0].logprobs for c in k.choices[0].logprobs.content] \
         == [c.token for c in content]
+
+
+def test_a_loglikelihood_request_as_lm_evaluation_harness_sends_it_scores_the_continuation(server, trained):
+    """lm-evaluation-harness's local-completions model scores a continuation by sending the token ids
+    of context + continuation with echo, logprobs=1 and max_tokens=1, then summing token_logprobs
+    [len(context):-1] (the last is the generated token). That sum is the model's log-likelihood."""
+    from lm.export import load_export
+
+    url, model = server
+    export = trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"
+    reference, tokenizer, _, _ = load_export(export)
+    pairs = [("def main(", "):\n    return"), ("import os\n", "import sys")]
+    requests = [(tokenizer.encode(c), tokenizer.encode(c + x)) for c, x in pairs]
+    payload = {"model": model, "prompt": [ids for _, ids in requests], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    response = httpx.post(f"{url}/v1/completions", json=payload, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60).json()
+    for choice, (context, ids) in zip(sorted(response["choices"], key=lambda c: c["index"]), requests):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["token_logprobs"]) == len(ids) + 1
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids]))[0][0, :, :tokenizer.vocab_size]  # padded rows never occur
+            expected = torch.log_softmax(logits.float(), dim=-1)
+        likelihood = sum(float(expected[i - 1, ids[i]]) for i in range(len(context), len(ids)))
+        assert sum(logprobs["token_logprobs"][len(context):-1]) == pytest.approx(likelihood, abs=1e-4)
+        greedy = [max(top.values()) for top in logprobs["top_logprobs"][len(context):-1]]
+        assert all(v <= g for v, g in zip(logprobs["token_logprobs"][len(context):-1], greedy))
 
 
 def test_32_concurrent_requests_all_succeed(server, client):
