@@ -143,7 +143,7 @@ def _token_ids(value) -> bool:
                                                            for i in value)
 
 
-def chat_prompt(body: dict) -> str:
+def chat_prompt(body: dict, add_generation_prompt: bool = True) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -151,7 +151,20 @@ def chat_prompt(body: dict) -> str:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise APIError(400, f"messages[{i}] must be an object with role in {list(ROLES)} and string content",
                            "messages")
-    return render_chat(messages)
+    return render_chat(messages, add_generation_prompt)
+
+
+def tokenize_text(body: dict) -> str:
+    """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template."""
+    if "messages" in body:
+        add = body.get("add_generation_prompt", True)
+        if not isinstance(add, bool):
+            raise APIError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
+        return chat_prompt(body, add)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")
+    return prompt
 
 
 CHAT_STOP = [END]

@@ -25,7 +25,8 @@ from ray import serve
 
 from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, choice_count, choice_params,
                                       completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
-                                      parse_body, sampling_params, stream_chunk, usage_chunk, wants_stream_usage)
+                                      parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
+                                      wants_stream_usage)
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -68,6 +69,22 @@ class LanguageModel:
 
     def info(self) -> dict:
         return self.info_
+
+    def tokenizer_info(self) -> dict:
+        """What vLLM's /tokenizer_info tells clients that tokenize on the server (lm-evaluation-harness)."""
+        from lm.chat_template import JINJA_TEMPLATE
+
+        tokenizer = self.engine.tokenizer
+        eot = getattr(tokenizer, "eot_id", None)
+        return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                "model_max_length": self.engine.context, "eos_token": None if eot is None else tokenizer.decode([eot]),
+                "bos_token": None, "pad_token": None, "chat_template": JINJA_TEMPLATE}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids)
 
     def _decode_forever(self) -> None:
         """The decode thread. Each update is (text, finished, logprobs) taken right after the step, so the loop
@@ -177,6 +194,7 @@ class OpenAIServer:
     def __init__(self, model, model_name: str, api_key: str | None):
         self.model, self.model_name, self.api_key = model, model_name, api_key
         self.context: int | None = None
+        self.vocab_size: int | None = None
 
     def _authorize(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -195,6 +213,46 @@ class OpenAIServer:
             return JSONResponse(error.body(), status_code=error.status)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "lmstack"}]}
+
+    # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model looks for: with
+    # them it tokenizes on the server and needs no local copy of the tokenizer.
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        return await self.model.tokenizer_info.remote()
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        try:
+            self._authorize(request)
+            text = tokenize_text(parse_body(await request.body()))
+            tokens = await self.model.tokenize.remote(text)
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        except ValueError as error:  # a character outside a character-level vocabulary
+            return JSONResponse(APIError(400, f"prompt: {error}", "prompt").body(), status_code=400)
+        if self.context is None:
+            self.context = (await self.model.info.remote())["context"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context}
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        try:
+            self._authorize(request)
+            body = parse_body(await request.body())
+            tokens = body.get("tokens")
+            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+                raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+            if self.vocab_size is None:
+                self.vocab_size = (await self.model.tokenizer_info.remote())["vocab_size"]
+            if not all(0 <= t < self.vocab_size for t in tokens):
+                raise APIError(400, f"'tokens' must be between 0 and {self.vocab_size - 1}", "tokens")
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        return {"prompt": await self.model.detokenize.remote(tokens)}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):

@@ -25,3 +25,9 @@ def render_message(role: str, content: str) -> str:
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
     text = "".join(render_message(m["role"], m["content"]) for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
+# The same template in Jinja, as Hugging Face tokenizers carry theirs (`chat_template`): for clients
+# that render prompts themselves (a server's /tokenizer_info, `apply_chat_template`).
+JINJA_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n" + END
+                  + "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

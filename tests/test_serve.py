@@ -187,6 +187,40 @@ def test_a_loglikelihood_request_as_lm_evaluation_harness_sends_it_scores_the_co
         assert all(v <= g for v, g in zip(logprobs["token_logprobs"][len(context):-1], greedy))
 
 
+def test_tokenizer_endpoints_as_lm_evaluation_harness_probes_and_uses_them(server, trained):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize: with them lm-evaluation-harness tokenizes
+    on the server; its chat template renders prompts as the server's own template does."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from lm.chat_template import render_chat
+
+    url, _ = server
+    tokenizer = trained[2].tokenizer()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(f"{url}/tokenizer_info", headers=auth, timeout=30).json()
+    assert "eos_token" in info and info["model_max_length"] > 0 and info["vocab_size"] == tokenizer.vocab_size
+    text = "def main():\n    return 1"
+    tokenized = httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=auth,
+                           timeout=30).json()
+    assert tokenized["tokens"] == tokenizer.encode(text) and tokenized["count"] == len(tokenized["tokens"])
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}, headers=auth,
+                      timeout=30).json() == {"prompt": text}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A loop?"}]
+    for add in (True, False):
+        chat = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_generation_prompt": add}, headers=auth,
+                          timeout=30).json()
+        assert chat["tokens"] == tokenizer.encode(render_chat(messages, add))
+        # Rendered as Hugging Face renders chat templates (trim_blocks, lstrip_blocks).
+        jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(info["chat_template"])
+        assert jinja.render(messages=messages, add_generation_prompt=add) == render_chat(messages, add)
+    assert httpx.get(f"{url}/tokenizer_info", timeout=30).status_code == 401
+    for body, param in (({"tokens": "abc"}, "tokens"), ({"tokens": [10 ** 9]}, "tokens")):
+        response = httpx.post(f"{url}/detokenize", json=body, headers=auth, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+    response = httpx.post(f"{url}/tokenize", json={"prompt": 5}, headers=auth, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
 def test_32_concurrent_requests_all_succeed(server, client):
     _, model = server
 
