@@ -7,7 +7,8 @@ An export directory holds
     tokenizer.json      the run's tokenizer
     export.json         precision, source checkpoint, step, perplexity before/after
     hf/                 the same weights in Hugging Face layout (config.json, model.safetensors,
-                        tokenizer.json) for transformers and vLLM; int8 exports write bf16 there
+                        tokenizer.json, and for BPE tokenizer_config.json with the chat template)
+                        for transformers and vLLM; int8 exports write bf16 there
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from lm.checkpoint import checkpoint_step, load_model
 from lm.config import ConfigError, ModelConfig, config_from_dict
 from lm.data import TokenShardLoader
-from lm.hf_format import hf_config, to_hf_state_dict
+from lm.hf_format import hf_config, hf_tokenizer_config, to_hf_state_dict
 from lm.model import GPT
-from lm.tokenizer import load_tokenizer
+from lm.tokenizer import ByteBPETokenizer, load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "int8")
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "export.json")
@@ -163,6 +164,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         hf["torch_dtype"] = "float32" if precision == "fp32" else "bfloat16"
         (staging / "hf" / "config.json").write_text(json.dumps(hf, indent=2))
         shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")
+        if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
+            (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(staging, out_dir)

@@ -12,6 +12,7 @@ import torch
 
 import lm.export as export_module
 from conftest import REPO
+from lm.chat_template import render_chat
 from lm.export import ExportQualityError, export_checkpoint, load_export
 
 def test_zero0_and_zero3_checkpoints_export_the_same_weights(trained, tmp_path):
@@ -37,10 +38,13 @@ def test_hugging_face_copy_loads_in_transformers_with_equal_logits(trained, tmp_
     export_checkpoint(checkpoints[name], out, "fp32", prepared.tokens("val"))
     ours, tokenizer, cfg, _ = load_export(out)
     theirs = getattr(transformers, hf_class).from_pretrained(out / "hf").eval()
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "hf" / "tokenizer.json"))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
     text = "def walk(self, path):\n    return os.path.join(path, 'x')\n"
     ids = tokenizer.encode(text)
     assert hf_tokenizer(text)["input_ids"] == ids
+    assert hf_tokenizer.eos_token_id == tokenizer.eot_id == theirs.config.eos_token_id
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A loop?"}]
+    assert hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == render_chat(messages)
     with torch.no_grad():
         expected = ours(torch.tensor([ids]))[0]
         got = theirs(torch.tensor([ids])).logits
