@@ -13,6 +13,7 @@ from lm.chat_template import END, ROLES, render_chat
 from lm.engine import MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 1_000_000
+CHAT_STOP = [END]  # a chat reply ends where the template ends a message
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
 
 
@@ -48,14 +49,21 @@ def _number(body: dict, name: str, default, kind=(int, float)):
     return value
 
 
-def sampling_params(body: dict, context: int, extra_stop: list[str] = ()) -> SamplingParams:
-    max_tokens = _number(body, "max_tokens", 16, int)
+def sampling_params(body: dict, context: int, chat: bool = False) -> SamplingParams:
+    """Completions default to 16 tokens, as OpenAI's do; chat replies to as many as the context holds
+    (OpenAI's chat default), with `max_completion_tokens` (its newer name) before `max_tokens`."""
+    length = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, length, None if chat else 16, int)
     temperature = float(_number(body, "temperature", 1.0))
     top_p = float(_number(body, "top_p", 1.0))
     top_k = _number(body, "top_k", None, int)
     seed = _number(body, "seed", None, int)
-    if max_tokens <= 0 or max_tokens >= context:
-        raise APIError(400, f"'max_tokens' must be between 1 and {context - 1} (the context is {context})", "max_tokens")
+    penalties = {name: float(_number(body, name, 0.0)) for name in ("presence_penalty", "frequency_penalty")}
+    if max_tokens is not None and not 0 < max_tokens < context:
+        raise APIError(400, f"'{length}' must be between 1 and {context - 1} (the context is {context})", length)
+    for name, value in penalties.items():
+        if not -2 <= value <= 2:
+            raise APIError(400, f"'{name}' must be between -2 and 2", name)
     if temperature < 0:
         raise APIError(400, "'temperature' must be >= 0", "temperature")
     if not 0 < top_p <= 1:
@@ -65,7 +73,7 @@ def sampling_params(body: dict, context: int, extra_stop: list[str] = ()) -> Sam
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          stop=stop + list(extra_stop), seed=seed)
+                          stop=stop + (CHAT_STOP if chat else []), seed=seed, **penalties)
 
 
 def choice_count(body: dict, prompts: int = 1) -> int:
@@ -165,9 +173,6 @@ def tokenize_text(body: dict) -> str:
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")
     return prompt
-
-
-CHAT_STOP = [END]
 
 
 def check_model(body: dict, model_name: str) -> None:

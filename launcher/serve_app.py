@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from launcher.openai_protocol import (CHAT_STOP, APIError, chat_prompt, check_model, choice_count, choice_params,
+from launcher.openai_protocol import (APIError, chat_prompt, check_model, choice_count, choice_params,
                                       completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
                                       parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
                                       wants_stream_usage)
@@ -270,8 +270,7 @@ class OpenAIServer:
             if self.context is None:
                 self.context = (await self.model.info.remote())["context"]
             prompts = [chat_prompt(body)] if chat else completion_prompts(body)
-            params = replace(sampling_params(body, self.context, CHAT_STOP if chat else []),
-                             logprobs=logprobs_count(body, chat))
+            params = replace(sampling_params(body, self.context, chat), logprobs=logprobs_count(body, chat))
             echo = not chat and echoes(body)
             n = choice_count(body, len(prompts))
             usage = bool(body.get("stream")) and wants_stream_usage(body)

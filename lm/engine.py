@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +26,7 @@ from lm.model import GPT
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: Optional[int] = 16  # None: as many as the context holds after the prompt
     temperature: float = 1.0  # 0: greedy
     top_k: Optional[int] = None
     top_p: float = 1.0
@@ -35,6 +35,9 @@ class SamplingParams:
     # Report each sampled token's log-probability and this many most likely alternatives (None: no
     # report). Log-probabilities are the model's own, before temperature, top-k and top-p.
     logprobs: Optional[int] = None
+    # OpenAI's penalties on tokens already generated: logits -= frequency x count + presence x (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 MAX_LOGPROBS = 20
@@ -105,6 +108,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+    """In place: lower the logits of tokens the sequence has generated, by count and by presence."""
+    if not seq.output_ids:
+        return
+    counts = torch.bincount(torch.tensor(seq.output_ids), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
+    logits -= seq.params.frequency_penalty * counts + seq.params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
 class Engine:
     """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
 
@@ -140,7 +151,7 @@ class Engine:
             raise RequestError("prompt", f"{len(prompt_ids)} tokens do not fit the context of {self.context} "
                                          "tokens with room for an answer")
         room = self.context - len(prompt_ids)
-        if not 1 <= params.max_tokens <= room:
+        if params.max_tokens is not None and not 1 <= params.max_tokens <= room:
             raise RequestError("max_tokens", f"must be between 1 and {room} for this prompt (context {self.context})")
         if params.temperature < 0:
             raise RequestError("temperature", "must be >= 0")
@@ -150,10 +161,15 @@ class Engine:
             raise RequestError("top_k", "must be >= 1")
         if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
             raise RequestError("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(params, name) <= 2:
+                raise RequestError(name, "must be between -2 and 2")
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.context - len(prompt_ids))
         generator = torch.Generator()
         if params.seed is None:
             generator.seed()  # this generator only: torch.seed() reseeds the global RNGs, CUDA's lazily (~1 ms)
@@ -248,6 +264,11 @@ class Engine:
     def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Greedy rows in one argmax; sampled rows each with their own generator (seeded reproducibility)."""
         logits = logits.cpu()
+        penalized = [i for i, seq in enumerate(batch) if seq.params.presence_penalty or seq.params.frequency_penalty]
+        if penalized:
+            logits = logits.clone()  # the caller's logits stay the model's own (logprobs report those)
+            for i in penalized:
+                apply_penalties(logits[i], batch[i])
         greedy = logits.argmax(dim=-1).tolist()
         return [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
                 for i, seq in enumerate(batch)]

@@ -128,6 +128,29 @@ def test_logprobs_are_the_models_own_for_sampled_tokens_and_for_the_prompt(varia
     assert not engine.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))[0].logprobs
 
 
+def test_penalties_lower_the_logits_of_generated_tokens_by_count_and_presence():
+    m = model("gpt2")
+    engine = Engine(m, TOKENIZER, max_batch_size=4)
+    plain = SamplingParams(max_tokens=24, temperature=0)
+    penalized = SamplingParams(max_tokens=24, temperature=0, frequency_penalty=0.7, presence_penalty=0.4)
+    unpenalized, seq = engine.generate(["hello", "hello"], [plain, penalized])  # in one batch
+    ids, out = TOKENIZER.encode("hello"), []  # reference: full forward, penalties applied by hand
+    with torch.no_grad():
+        for _ in range(24):
+            logits = m(torch.tensor([ids + out]))[0][0, -1, :TOKENIZER.vocab_size]
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+            out.append(int((logits - 0.7 * counts - 0.4 * (counts > 0).float()).argmax()))
+    assert seq.output_ids == out and unpenalized.output_ids == greedy_without_cache(m, "hello", 24)
+    assert seq.output_ids != unpenalized.output_ids
+    assert len(set(seq.output_ids)) > len(set(unpenalized.output_ids)), "fewer repeats"
+
+
+def test_max_tokens_none_decodes_until_the_context_is_full():
+    seq = Engine(model("gpt2"), TOKENIZER, max_batch_size=2).generate(["hello"], SamplingParams(max_tokens=None,
+                                                                                               temperature=0))[0]
+    assert seq.finish_reason == "length" and len(seq.prompt_ids) + len(seq.output_ids) == 48
+
+
 def test_top_k_one_and_a_tiny_top_p_are_greedy():
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
     gen = torch.Generator().manual_seed(0)
@@ -144,6 +167,8 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy():
     ("hello", SamplingParams(top_p=0.0), "top_p"),
     ("hello", SamplingParams(top_p=1.5), "top_p"),
     ("hello", SamplingParams(logprobs=21), "logprobs"),
+    ("hello", SamplingParams(frequency_penalty=2.5), "frequency_penalty"),
+    ("hello", SamplingParams(presence_penalty=-3), "presence_penalty"),
 ])
 def test_bad_requests_name_their_field_and_are_not_truncated(prompt, params, field):
     engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)

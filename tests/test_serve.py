@@ -73,6 +73,25 @@ def test_chat_streaming_and_not_agree(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == message.content
 
 
+def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
+    """OpenAI's chat default: no max_tokens means as many as fit; max_completion_tokens (its newer name)
+    limits them. Penalties are accepted and change a greedy reply."""
+    _, model = server
+    messages = [{"role": "user", "content": "Write a long loop."}]
+    free = client.chat.completions.create(model=model, messages=messages, temperature=0)
+    context = (httpx.get(f"{server[0]}/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+               .json()["model_max_length"])
+    assert free.choices[0].finish_reason == "stop" or free.usage.total_tokens == context
+    assert free.usage.completion_tokens > 16 or free.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model=model, messages=messages, temperature=0, max_completion_tokens=5)
+    assert short.usage.completion_tokens <= 5
+    assert free.choices[0].message.content.startswith(short.choices[0].message.content)
+    penalized = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    plain = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0)
+    assert penalized.choices[0].text != plain.choices[0].text
+
+
 def test_same_seed_same_completion(server, client):
     _, model = server
     texts = {client.completions.create(model=model, prompt="import ", max_tokens=16, temperature=1.0, seed=5)
@@ -247,6 +266,10 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
     ("completions", json.dumps({"prompt": "a", "n": 0}).encode(), 400, "n"),
     ("completions", json.dumps({"prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
+    ("completions", json.dumps({"prompt": "a", "presence_penalty": 3}).encode(), 400, "presence_penalty"),
+    ("completions", json.dumps({"prompt": "a", "frequency_penalty": "high"}).encode(), 400, "frequency_penalty"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})
+     .encode(), 400, "max_completion_tokens"),
     ("completions", json.dumps({"prompt": "a", "echo": "yes"}).encode(), 400, "echo"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).encode(),
      400, "top_logprobs"),
