@@ -63,12 +63,16 @@ class LanguageModel:
         self.stream_interval = stream_interval_ms / 1000
         self.stream_events_per_s = stream_events_per_s
         self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
+        self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
 
     def info(self) -> dict:
-        return self.info_
+        """The model's context and precision, and this replica's load: sequences decoding and waiting
+        for a slot, and how many requests were abandoned by their clients mid-decode."""
+        return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                "abandoned": self.abandoned}
 
     def tokenizer_info(self) -> dict:
         """What vLLM's /tokenizer_info tells clients that tokenize on the server (lm-evaluation-harness)."""
@@ -186,6 +190,7 @@ class LanguageModel:
             self.queues.pop(seq.id, None)
             if not seq.finished:  # the client went away: stop decoding for it
                 self.engine.abort(seq)
+                self.abandoned += 1
 
 
 @serve.deployment(max_ongoing_requests=256)

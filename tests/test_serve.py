@@ -3,6 +3,7 @@ and not), 32 concurrent requests, every bad input answered with a 4xx OpenAI err
 field while the server keeps serving, and the API key enforced."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -238,6 +239,26 @@ def test_tokenizer_endpoints_as_lm_evaluation_harness_probes_and_uses_them(serve
         assert response.status_code == 400 and response.json()["error"]["param"] == param
     response = httpx.post(f"{url}/tokenize", json={"prompt": 5}, headers=auth, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_that_disconnects_frees_its_decode_slots(server):
+    """A stream closed after its first chunk (here with n=2, each choice a sequence) is abandoned:
+    the replica stops decoding both at its next step instead of running them to max_tokens."""
+    from ray import serve
+
+    url, model = server
+    replica = serve.get_deployment_handle("LanguageModel", app_name="lm")
+    before = replica.info.remote().result()["abandoned"]
+    body = {"model": model, "prompt": "def main(", "max_tokens": 250, "temperature": 0, "n": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        next(response.iter_lines())  # the first chunk: both choices are decoding
+    for _ in range(100):
+        info = replica.info.remote().result()
+        if info["abandoned"] == before + 2 and info["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert info["abandoned"] == before + 2 and info["running"] == info["waiting"] == 0, info
 
 
 def test_32_concurrent_requests_all_succeed(server, client):
