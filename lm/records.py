@@ -31,13 +31,14 @@ def file_format(path: Path) -> str:
 
 
 def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-            raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
-    return raw.decode("utf-8", errors="replace")
+    """The file's text, in text mode (universal newlines: \r\n and \r read as \n), gunzipped if .gz."""
+    if path.suffix != ".gz":
+        return path.read_text(encoding="utf-8", errors="replace")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, object]]:

@@ -123,6 +123,12 @@ def test_parquet_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
         assert read_documents(corpus_files(cfg), cfg) == docs
         read[corpus] = prepare_data(cfg, progress=False)
     assert read[plain].directory == read[packed].directory, "the same text, so the same token cache"
+    # Text mode, as corpora were always read (and their caches keyed): \r\n and \r are newlines.
+    (tmp_path / "dos").mkdir()
+    (tmp_path / "dos" / "d.txt").write_bytes(b"line one\r\nline two\r")
+    (tmp_path / "dos" / "d.txt.gz").write_bytes(gzip.compress(b"line one\r\nline two\r"))
+    cfg = DataConfig(source="files", path=str(tmp_path / "dos"))
+    assert read_documents(corpus_files(cfg), cfg) == ["line one\nline two\n"] * 2
 
 
 def test_unreadable_parquet_and_gzip_files_and_a_missing_column_are_one_line_errors(tmp_path):
