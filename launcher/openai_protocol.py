@@ -49,6 +49,15 @@ def _number(body: dict, name: str, default, kind=(int, float)):
     return value
 
 
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be a boolean, got {type(value).__name__}", name)
+    return value
+
+
 def sampling_params(body: dict, context: int, chat: bool = False) -> SamplingParams:
     """Completions default to 16 tokens, as OpenAI's do; chat replies to as many as the context holds
     (OpenAI's chat default), with `max_completion_tokens` (its newer name) before `max_tokens`."""
@@ -98,9 +107,7 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
         if count is not None and not 0 <= count <= MAX_LOGPROBS:
             raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}", "logprobs")
         return count
-    wanted = body.get("logprobs") or False
-    if not isinstance(wanted, bool):
-        raise APIError(400, "'logprobs' must be a boolean", "logprobs")
+    wanted = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", None, int)
     if top is not None and not (wanted and 0 <= top <= MAX_LOGPROBS):
         raise APIError(400, f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, with 'logprobs': true",
@@ -110,10 +117,7 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
 
 def echoes(body: dict) -> bool:
     """Completions' `echo`: the prompt comes back before the completion (and, with logprobs, scored)."""
-    echo = body.get("echo") or False
-    if not isinstance(echo, bool):
-        raise APIError(400, "'echo' must be a boolean", "echo")
-    return echo
+    return _flag(body, "echo")
 
 
 def logprobs_object(described: list[dict], chat: bool, offset: int = 0) -> dict:
@@ -165,10 +169,7 @@ def chat_prompt(body: dict, add_generation_prompt: bool = True) -> str:
 def tokenize_text(body: dict) -> str:
     """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template."""
     if "messages" in body:
-        add = body.get("add_generation_prompt", True)
-        if not isinstance(add, bool):
-            raise APIError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
-        return chat_prompt(body, add)
+        return chat_prompt(body, _flag(body, "add_generation_prompt", True))
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")

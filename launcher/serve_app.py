@@ -31,6 +31,12 @@ from launcher.openai_protocol import (APIError, chat_prompt, check_model, choice
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
 
+@api.exception_handler(APIError)
+async def api_error(request: Request, error: APIError) -> JSONResponse:
+    """Every bad request, wherever a route finds it: its status and OpenAI's error object."""
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters to hold back while streaming: a possible start of a stop string,
     or an incomplete UTF-8 character that the byte-level decoder shows as U+FFFD."""
@@ -212,10 +218,7 @@ class OpenAIServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "lmstack"}]}
 
@@ -223,40 +226,31 @@ class OpenAIServer:
     # them it tokenizes on the server and needs no local copy of the tokenizer.
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request):
-        try:
-            self._authorize(request)
-        except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+        self._authorize(request)
         return await self.model.tokenizer_info.remote()
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
+        self._authorize(request)
+        text = tokenize_text(parse_body(await request.body()))
         try:
-            self._authorize(request)
-            text = tokenize_text(parse_body(await request.body()))
             tokens = await self.model.tokenize.remote(text)
-        except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
         except ValueError as error:  # a character outside a character-level vocabulary
-            return JSONResponse(APIError(400, f"prompt: {error}", "prompt").body(), status_code=400)
+            raise APIError(400, f"prompt: {error}", "prompt") from None
         if self.context is None:
             self.context = (await self.model.info.remote())["context"]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context}
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request):
-        try:
-            self._authorize(request)
-            body = parse_body(await request.body())
-            tokens = body.get("tokens")
-            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
-                raise APIError(400, "'tokens' must be a list of token ids", "tokens")
-            if self.vocab_size is None:
-                self.vocab_size = (await self.model.tokenizer_info.remote())["vocab_size"]
-            if not all(0 <= t < self.vocab_size for t in tokens):
-                raise APIError(400, f"'tokens' must be between 0 and {self.vocab_size - 1}", "tokens")
-        except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+        self._authorize(request)
+        tokens = parse_body(await request.body()).get("tokens")
+        if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+            raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+        if self.vocab_size is None:
+            self.vocab_size = (await self.model.tokenizer_info.remote())["vocab_size"]
+        if not all(0 <= t < self.vocab_size for t in tokens):
+            raise APIError(400, f"'tokens' must be between 0 and {self.vocab_size - 1}", "tokens")
         return {"prompt": await self.model.detokenize.remote(tokens)}
 
     @api.post("/v1/completions")
@@ -268,27 +262,24 @@ class OpenAIServer:
         return await self._complete(request, chat=True)
 
     async def _complete(self, request: Request, chat: bool):
-        try:
-            self._authorize(request)
-            body = parse_body(await request.body())
-            check_model(body, self.model_name)
-            if self.context is None:
-                self.context = (await self.model.info.remote())["context"]
-            prompts = [chat_prompt(body)] if chat else completion_prompts(body)
-            params = replace(sampling_params(body, self.context, chat), logprobs=logprobs_count(body, chat))
-            echo = not chat and echoes(body)
-            n = choice_count(body, len(prompts))
-            usage = bool(body.get("stream")) and wants_stream_usage(body)
-            # One sequence per choice, n per prompt (choice index = prompt index x n + i), all decoded
-            # in the same batch.
-            choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo)
-                       .__aiter__() for prompt in prompts for i in range(n)]
-            firsts = [await events.__anext__() for events in choices]
-            for first in firsts:
-                if "error" in first:
-                    raise APIError(400, first["error"], first["param"])
-        except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+        self._authorize(request)
+        body = parse_body(await request.body())
+        check_model(body, self.model_name)
+        if self.context is None:
+            self.context = (await self.model.info.remote())["context"]
+        prompts = [chat_prompt(body)] if chat else completion_prompts(body)
+        params = replace(sampling_params(body, self.context, chat), logprobs=logprobs_count(body, chat))
+        echo = not chat and echoes(body)
+        n = choice_count(body, len(prompts))
+        usage = bool(body.get("stream")) and wants_stream_usage(body)
+        # One sequence per choice, n per prompt (choice index = prompt index x n + i), all decoded
+        # in the same batch.
+        choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo)
+                   .__aiter__() for prompt in prompts for i in range(n)]
+        firsts = [await events.__anext__() for events in choices]
+        for first in firsts:
+            if "error" in first:
+                raise APIError(400, first["error"], first["param"])
         choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
         if body.get("stream"):
             return StreamingResponse(self._sse(choices, n, chat, usage), media_type="text/event-stream")
