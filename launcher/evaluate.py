@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path)
     parser.add_argument("--data", required=True,
-                        help="files, directories or globs of .txt/.md/.jsonl/.parquet text (or gzipped)")
-    parser.add_argument("--text-field", default="text", help="the field read from .jsonl lines and .parquet rows")
+                        help="files, directories or globs of .txt/.md/.jsonl/.parquet/.arrow text")
+    parser.add_argument("--text-field", default="text",
+                        help="the field read from .jsonl lines and .parquet/.arrow rows")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")

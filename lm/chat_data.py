@@ -1,6 +1,6 @@
 """Chat fine-tuning data: conversations -> the server's chat template -> ids + loss mask.
 
-Each JSONL line or Parquet row is either
+Each JSONL line or Parquet/Arrow row is either
 `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` or
 `{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
 rendered exactly as `lm.chat_template` renders a served request, and tokenized in one piece, as
@@ -54,7 +54,7 @@ def parse_conversation(record) -> list[dict]:
 
 
 def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
-    """(conversations, bad lines, lines read) from JSONL files (blank lines skipped) or Parquet files
+    """(conversations, bad lines, lines read) from JSONL files (blank lines skipped) or Parquet/Arrow files
     (a row each, with a `messages` column of {role, content} structs, or `prompt` and `completion`).
     Raises UnreadableFile for a file that cannot be read at all."""
     conversations, bad, total = [], [], 0

@@ -44,7 +44,7 @@ class DataConfig:
     name: str = "stdlib"
     source: str = "stdlib"  # stdlib: the Python standard library's source; files: `path`; chat: conversations
     path: Optional[str] = None  # file, directory or glob; several separated by commas
-    text_field: str = "text"  # the field read from .jsonl lines and the column read from .parquet files
+    text_field: str = "text"  # the field read from .jsonl lines; the column read from .parquet/.arrow
     tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the corpus; char: one id per character
     vocab_size: int = 8192  # BPE only
     block_size: Optional[int] = None  # training sequence length; None: model.block_size
@@ -301,9 +301,10 @@ def validate(cfg: TrainConfig) -> None:
         _require(d.vocab_size <= 2**20, "data.vocab_size", d.vocab_size, "must be <= 1048576")
     if d.source == "files":
         _require(bool(d.path), "data.path", d.path,
-                 "data=text needs data.path=<file, directory or glob> of .txt/.md/.jsonl/.parquet files")
+                 "data=text needs data.path=<file, directory or glob> of .txt/.md/.jsonl/.parquet/.arrow files")
     if d.source == "chat":
-        _require(bool(d.path), "data.path", d.path, "data=chat needs data.path=<.jsonl or .parquet file(s) of conversations>")
+        _require(bool(d.path), "data.path", d.path,
+                 "data=chat needs data.path=<.jsonl, .parquet or .arrow file(s) of conversations>")
     _require(d.val_path is None or d.source in ("files", "chat"), "data.val_path", d.val_path,
              "applies to data=text and data=chat; the default corpus is split by data.val_fraction")
     _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")

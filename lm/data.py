@@ -21,7 +21,8 @@ import numpy as np
 
 from lm.chat_data import read_conversations, render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig
-from lm.records import FORMATS, RECORD_FORMATS, UnreadableFile, file_format, parquet_columns, read_records, read_text
+from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
+                        read_text, table_columns)
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT_VERSION = 1
@@ -91,11 +92,11 @@ def read_documents(files: list[Path], data: DataConfig, field: str = "data.path"
 
 
 def _record_texts(path: Path, text_field: str) -> list[str]:
-    parquet = file_format(path) == ".parquet"
-    if parquet and text_field not in (columns := parquet_columns(path)):
+    table = file_format(path) in TABLE_FORMATS
+    if table and text_field not in (columns := table_columns(path)):
         raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
     texts = []
-    for row, record in read_records(path, [text_field] if parquet else None):
+    for row, record in read_records(path, [text_field] if table else None):
         if not isinstance(record, dict) or text_field not in record:
             raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
                               "string field")

@@ -1,8 +1,9 @@
-"""The files a corpus is read from: plain text, JSON Lines and Parquet, any of the text ones gzipped.
+"""The files a corpus is read from: plain text, JSON Lines, Parquet and Arrow, the text ones also gzipped.
 
-Parquet is what Hugging Face datasets publish and `Dataset.to_parquet` writes; JSON Lines is what
-most tools export. Text and chat data both read their structured files through `read_records`, so
-each format works for both, with the same row numbers in their error messages.
+Parquet is what Hugging Face datasets publish and `Dataset.to_parquet` writes; Arrow is what
+`Dataset.save_to_disk` and the datasets cache hold; JSON Lines is what most tools export. Text and
+chat data both read their structured files through `read_records`, so each format works for both,
+with the same row numbers in their error messages.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 TEXT_FORMATS = (".txt", ".md")
-RECORD_FORMATS = (".jsonl", ".parquet")
+TABLE_FORMATS = (".parquet", ".arrow")
+RECORD_FORMATS = (".jsonl",) + TABLE_FORMATS
 FORMATS = TEXT_FORMATS + RECORD_FORMATS  # and .txt.gz, .md.gz, .jsonl.gz
 
 
@@ -23,10 +25,10 @@ class UnreadableFile(ValueError):
 
 def file_format(path: Path) -> str:
     """The format a file's name says, under a .gz: ".txt", ".jsonl", ... or "" for none of them.
-    Parquet compresses itself, so .parquet.gz is none."""
+    Tables are read in place (memory-mapped, compressed inside), so .parquet.gz is none."""
     if path.suffix == ".gz":
         inner = Path(path.stem).suffix
-        return inner if inner in FORMATS and inner != ".parquet" else ""
+        return inner if inner in FORMATS and inner not in TABLE_FORMATS else ""
     return path.suffix if path.suffix in FORMATS else ""
 
 
@@ -42,11 +44,11 @@ def read_text(path: Path) -> str:
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, object]]:
-    """(row number from 1, record) for each non-blank JSONL line or each Parquet row (a dict of
-    `columns`, or of every column). A JSONL line that is not JSON yields its JSONDecodeError in
+    """(row number from 1, record) for each non-blank JSONL line or each Parquet or Arrow row (a dict
+    of `columns`, or of every column). A JSONL line that is not JSON yields its JSONDecodeError in
     place of a record, so that the caller can report it by number and go on."""
-    if file_format(path) == ".parquet":
-        yield from enumerate(_parquet_rows(path, columns), 1)
+    if file_format(path) in TABLE_FORMATS:
+        yield from enumerate(_table_rows(path, columns), 1)
         return
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
@@ -56,21 +58,49 @@ def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple
                 yield lineno, error
 
 
-def parquet_columns(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
+def table_columns(path: Path) -> list[str]:
+    """The column names of a Parquet or Arrow file."""
     try:
-        return pq.ParquetFile(path).schema_arrow.names
+        if file_format(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).schema_arrow.names
+        return _arrow_reader(path).schema.names
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file it cannot read
-        raise UnreadableFile(f"{path}: not a readable Parquet file ({error})") from None
+        raise UnreadableFile(_unreadable(path, error)) from None
 
 
-def _parquet_rows(path: Path, columns: list[str] | None) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
+def _table_rows(path: Path, columns: list[str] | None) -> Iterator[dict]:
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns)
+        if file_format(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns)
+        else:
+            batches = (b.select(columns) if columns else b for b in _arrow_batches(_arrow_reader(path)))
         for batch in batches:
             yield from batch.to_pylist()
     except Exception as error:
-        raise UnreadableFile(f"{path}: not a readable Parquet file ({error})") from None
+        raise UnreadableFile(_unreadable(path, error)) from None
+
+
+def _arrow_reader(path: Path):
+    """Arrow's stream format (what Hugging Face datasets write), or else its file format."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+
+
+def _arrow_batches(reader) -> Iterator:
+    if hasattr(reader, "read_next_batch"):  # the stream format's reader iterates; the file format's is indexed
+        yield from reader
+    else:
+        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    kind = "Parquet" if file_format(path) == ".parquet" else "Arrow"
+    return f"{path}: not a readable {kind} file ({error})"

@@ -99,7 +99,7 @@ def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
         read_documents(corpus_files(cfg), cfg)
 
 
-def test_parquet_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
+def test_parquet_arrow_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
     import gzip
 
     import pyarrow as pa
@@ -110,12 +110,17 @@ def test_parquet_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
     plain.mkdir(), packed.mkdir()
     (plain / "a.txt").write_text(docs[0])
     (plain / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:20]))
-    (plain / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[20:]))
+    (plain / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[20:30]))
+    (plain / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[30:]))
     (packed / "a.txt.gz").write_bytes(gzip.compress(docs[0].encode()))
     (packed / "b.jsonl.gz").write_bytes(gzip.compress((plain / "b.jsonl").read_bytes()))
     # A Hugging Face dataset's Parquet file: more columns than the text, and a null row (skipped).
-    pq.write_table(pa.table({"id": list(range(21)), "text": docs[20:] + [None]}), packed / "c.parquet",
-                   row_group_size=7)
+    pq.write_table(pa.table({"id": list(range(11)), "text": docs[20:30] + [None]}), packed / "c.parquet",
+                   row_group_size=4)
+    # What Dataset.save_to_disk writes: Arrow's stream format.
+    table = pa.table({"text": docs[30:], "id": list(range(10))})
+    with pa.ipc.new_stream(str(packed / "d.arrow"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
     (packed / "notes.bin.gz").write_bytes(gzip.compress(b"not a corpus format"))  # a directory skips it
     read = {}
     for corpus in (plain, packed):
@@ -123,6 +128,10 @@ def test_parquet_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
         assert read_documents(corpus_files(cfg), cfg) == docs
         read[corpus] = prepare_data(cfg, progress=False)
     assert read[plain].directory == read[packed].directory, "the same text, so the same token cache"
+    with pa.ipc.new_file(str(tmp_path / "e.arrow"), table.schema) as writer:  # Arrow's file format too
+        writer.write_table(table)
+    cfg = DataConfig(source="files", path=str(tmp_path / "e.arrow"))
+    assert read_documents(corpus_files(cfg), cfg) == docs[30:]
     # Text mode, as corpora were always read (and their caches keyed): \r\n and \r are newlines.
     (tmp_path / "dos").mkdir()
     (tmp_path / "dos" / "d.txt").write_bytes(b"line one\r\nline two\r")
@@ -142,7 +151,8 @@ def test_unreadable_parquet_and_gzip_files_and_a_missing_column_are_one_line_err
         read_documents(corpus_files(cfg), cfg)
     (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
     (tmp_path / "f.txt.gz").write_bytes(b"not gzip")
-    for name, kind in (("e.parquet", "Parquet"), ("f.txt.gz", "gzip")):
+    (tmp_path / "g.arrow").write_bytes(b"ARROW1 not really")
+    for name, kind in (("e.parquet", "Parquet"), ("f.txt.gz", "gzip"), ("g.arrow", "Arrow")):
         cfg = DataConfig(source="files", path=str(tmp_path / name))
         with pytest.raises(ConfigError, match=rf"^data.path: .*{name}: not a readable {kind} file \(") as error:
             read_documents(corpus_files(cfg), cfg)

@@ -182,8 +182,8 @@ def test_bad_chat_lines_are_reported_by_line_number(tmp_path, capsys):
         prepare_data(data, progress=False, seq_len=32)
 
 
-def test_chats_in_parquet_read_as_their_jsonl(tmp_path):
-    """A Hugging Face chat dataset's Parquet file: `messages` is a list of {role, content} structs."""
+def test_chats_in_parquet_and_arrow_read_as_their_jsonl(tmp_path):
+    """A Hugging Face chat dataset's Parquet or Arrow file: `messages` is a list of {role, content} structs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -194,14 +194,16 @@ def test_chats_in_parquet_read_as_their_jsonl(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
     conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]},
                                             {"role": "assistant", "content": r["completion"]}] for r in rows]
-    pq.write_table(pa.table({"messages": conversations, "source": ["made up"] * len(rows)}),
-                   tmp_path / "chats.parquet")
+    table = pa.table({"messages": conversations, "source": ["made up"] * len(rows)})
+    pq.write_table(table, tmp_path / "chats.parquet")
+    with pa.ipc.new_stream(str(tmp_path / "chats.arrow"), table.schema) as writer:
+        writer.write_table(table)
     prepared = {}
-    for name in ("chats.jsonl", "chats.parquet"):
+    for name in ("chats.jsonl", "chats.parquet", "chats.arrow"):
         data = DataConfig(name="chat", source="chat", path=str(tmp_path / name), vocab_size=300,
                           cache_dir=str(tmp_path / "cache"))
         prepared[name] = prepare_data(data, progress=False, seq_len=32)
-    assert prepared["chats.jsonl"].directory == prepared["chats.parquet"].directory, "the same conversations"
+    assert len({p.directory for p in prepared.values()}) == 1, "the same conversations, so the same token cache"
 
 
 def test_val_path_holds_out_its_own_conversations(tmp_path):
