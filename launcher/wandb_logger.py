@@ -51,6 +51,7 @@ class WandbLogger:
         Path(cfg.dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group,
                               name=run_name, dir=cfg.dir, mode=cfg.mode, config=config,
+                              tags=list(cfg.tags) or None, notes=cfg.notes,
                               # A new run without an id takes W&B's (or WANDB_RUN_ID's).
                               id=run_id, resume="allow" if run_id else None,
                               job_type="train", reinit="finish_previous",

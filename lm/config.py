@@ -90,6 +90,8 @@ class LoggingConfig:
     entity: Optional[str] = None
     group: Optional[str] = None  # None: multirun jobs share their sweep's group automatically
     dir: str = "outputs/wandb"
+    tags: list[str] = field(default_factory=list)  # W&B run tags, e.g. logging.tags=[baseline,bf16]
+    notes: Optional[str] = None  # W&B run notes
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, wait_for_checkpoint
+from conftest import REPO, composed, wait_for_checkpoint
 from launcher.summary import SUMMARY_KEYS
 from wandb_offline import read_run
 
@@ -139,14 +139,19 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert tree_digest(run_dir) == before
 
 
-def test_wandb_config_shows_what_auto_precision_resolved_to(tmp_path):
+def test_wandb_config_shows_what_auto_precision_resolved_to_and_the_tags_and_notes(tmp_path):
     from launcher.wandb_logger import WandbLogger
-    from lm.config import LoggingConfig
 
-    logger = WandbLogger(LoggingConfig(dir=str(tmp_path)), "auto", None, {"trainer": {"precision": "auto", "seed": 1}})
+    from launcher.schema import to_train_config
+
+    logging = to_train_config(composed("logging.tags=[baseline,bf16]", "logging.notes=first try",
+                                       f"logging.dir={tmp_path}")).logging
+    logger = WandbLogger(logging, "auto", None, {"trainer": {"precision": "auto", "seed": 1}})
     logger.update_config({"trainer": {"precision": "bf16", "seed": 1}})  # the trainer's `started` hook
     logger.finish()
-    assert read_run(logger.run_dir)["config"]["trainer"] == {"precision": "bf16", "seed": 1}
+    run = read_run(logger.run_dir)
+    assert run["config"]["trainer"] == {"precision": "bf16", "seed": 1}
+    assert (run["tags"], run["notes"]) == (["baseline", "bf16"], "first try")
 
 
 def test_a_logger_given_a_run_id_continues_that_wandb_run(tmp_path):

@@ -40,11 +40,11 @@ def _payloads(data: bytes):
 
 def read_run(run_dir: str | Path) -> dict:
     """{'history': [{key: value, ...} per log call], 'config': {...}, 'group': str, 'run_id': str,
-    'resume': bool (the run continues one of that id)}"""
+    'resume': bool (the run continues one of that id), 'tags': [str], 'notes': str}"""
     from wandb.proto import wandb_internal_pb2
 
     path = next(Path(run_dir).glob("run-*.wandb"))
-    history, config, group, run_id, resume = [], {}, None, None, False
+    history, config, group, run_id, resume, tags, notes = [], {}, None, None, False, [], ""
     for payload in _payloads(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -55,9 +55,11 @@ def read_run(run_dir: str | Path) -> dict:
         elif kind == "run":
             group = record.run.run_group or group
             run_id, resume = record.run.run_id, bool(record.run.resume)
+            tags, notes = list(record.run.tags), record.run.notes
             for item in record.run.config.update:
                 config[item.key] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:
                 config[item.key] = json.loads(item.value_json)
-    return {"history": history, "config": config, "group": group, "run_id": run_id, "resume": resume}
+    return {"history": history, "config": config, "group": group, "run_id": run_id, "resume": resume, "tags": tags,
+            "notes": notes}
