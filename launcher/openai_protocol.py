@@ -159,11 +159,22 @@ def chat_prompt(body: dict, add_generation_prompt: bool = True) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise APIError(400, f"messages[{i}] must be an object with role in {list(ROLES)} and string content",
-                           "messages")
-    return render_chat(messages, add_generation_prompt)
+    return render_chat([_chat_message(i, m) for i, m in enumerate(messages)], add_generation_prompt)
+
+
+def _chat_message(i: int, message) -> dict:
+    """One message as the template takes it. OpenAI's newer forms are accepted: content as a list of
+    text parts ([{"type": "text", "text": ...}], joined), and the "developer" role (its name for system)."""
+    role = message.get("role") if isinstance(message, dict) else None
+    role = "system" if role == "developer" else role
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        content = "".join(part["text"] for part in content)
+    if role not in ROLES or not isinstance(content, str):
+        raise APIError(400, f"messages[{i}] must be an object with role in {list(ROLES)} (or developer) and string "
+                            "content (or a list of text parts)", "messages")
+    return {"role": role, "content": content}
 
 
 def tokenize_text(body: dict) -> str:

@@ -219,8 +219,16 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "lmstack"}]}
+        return {"object": "list", "data": [self._model_object()]}
+
+    @api.get("/v1/models/{model}")
+    async def retrieve_model(self, model: str, request: Request):
+        self._authorize(request)
+        check_model({"model": model}, self.model_name)
+        return self._model_object()
+
+    def _model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lmstack"}
 
     # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model looks for: with
     # them it tokenizes on the server and needs no local copy of the tokenizer.

@@ -93,6 +93,20 @@ def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, clien
     assert penalized.choices[0].text != plain.choices[0].text
 
 
+def test_openai_newer_request_forms_content_parts_developer_role_and_model_retrieval(server, client):
+    _, model = server
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A loop?"}]
+    newer = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "A loop?"}]}]
+    answers = [client.chat.completions.create(model=model, messages=m, max_tokens=8, temperature=0) for m in (plain, newer)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(Exception) as error:
+        client.models.retrieve("nope")
+    assert getattr(error.value, "status_code", None) == 404
+
+
 def test_same_seed_same_completion(server, client):
     _, model = server
     texts = {client.completions.create(model=model, prompt="import ", max_tokens=16, temperature=1.0, seed=5)
@@ -307,6 +321,8 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "stream": True, "stream_options": 5}).encode(), 400, "stream_options"),
     ("chat/completions", json.dumps({"messages": []}).encode(), 400, "messages"),
     ("chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "messages"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "x"}}]}]}).encode(), 400, "messages"),
 ]
 
 
