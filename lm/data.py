@@ -1,7 +1,7 @@
 """Corpus -> tokenizer + memory-mapped train/val token files -> rank-sharded, resumable batches.
 
 The token cache is built once, on the driver, under a key of (corpus content, tokenizer settings),
-so reruns and sweeps reuse it. It is written to a temporary directory and renamed into place, so
+so reruns and sweeps reuse it. A text corpus is streamed through the build, never held in memory. It is written to a temporary directory and renamed into place, so
 a crash never leaves a half cache that looks complete, and an existing cache is never modified.
 """
 
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
+from array import array
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -66,43 +69,53 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
-    """One string per document: a whole text file, or each JSONL line's or Parquet row's
-    `data.text_field` (a null one is skipped)."""
-    docs: list[str] = []
+def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> Iterator[str]:
+    """One string per document, in order: a whole text file, or each JSONL line's or Parquet/Arrow
+    row's `data.text_field` (a null one is skipped). Files are read one at a time, and records one
+    at a time, so a corpus never has to fit in memory. `data.max_bytes` stops after the file that
+    reaches it."""
     budget = data.max_bytes
     for path in files:
         try:
-            if file_format(path) in RECORD_FORMATS:
-                texts = _record_texts(path, data.text_field)
-            else:
-                texts = [text] if (text := read_text(path)).strip() else []
+            texts = _record_texts(path, data.text_field) if file_format(path) in RECORD_FORMATS else _file_text(path)
+            for text in texts:
+                yield text
+                if budget is not None:
+                    budget -= len(text.encode("utf-8"))
         except UnreadableFile as error:
             raise ConfigError(f"{field}: {error}") from None
-        docs.extend(texts)
-        if budget is not None:
-            budget -= sum(len(text.encode("utf-8")) for text in texts)
-            if budget <= 0:
-                break
+        if budget is not None and budget <= 0:
+            return
+
+
+def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
+    """`iter_documents`, in memory; an empty corpus is a config error."""
+    docs = list(iter_documents(files, data, field))
     if not any(d.strip() for d in docs):
-        where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
-        raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
-                          f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
+        _empty_corpus(files, data, field)
     return docs
 
 
-def _record_texts(path: Path, text_field: str) -> list[str]:
+def _empty_corpus(files: list[Path], data: DataConfig, field: str):
+    where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
+    raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
+                      f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
+
+
+def _file_text(path: Path) -> list[str]:
+    return [text] if (text := read_text(path)).strip() else []
+
+
+def _record_texts(path: Path, text_field: str) -> Iterator[str]:
     table = file_format(path) in TABLE_FORMATS
     if table and text_field not in (columns := table_columns(path)):
         raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
-    texts = []
     for row, record in read_records(path, [text_field] if table else None):
         if not isinstance(record, dict) or text_field not in record:
             raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
                               "string field")
         if record[text_field] is not None:
-            texts.append(str(record[text_field]))
-    return texts
+            yield str(record[text_field])
 
 
 def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
@@ -126,7 +139,7 @@ def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") ->
     return conversations
 
 
-def cache_key(docs: list[str], data: DataConfig, tokenizer: Tokenizer | None = None,
+def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None = None,
               packed_seq_len: int | None = None, val_docs: list[str] | None = None) -> str:
     """Hash of everything that changes the token files: the text (and the validation text when it has
     files of its own) and the tokenizer settings."""
@@ -146,7 +159,7 @@ def cache_key(docs: list[str], data: DataConfig, tokenizer: Tokenizer | None = N
         settings.pop("val_fraction")
         settings["val_documents"] = len(val_docs)
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for doc in [*docs, *(val_docs or [])]:
+    for doc in itertools.chain(docs, val_docs or []):
         encoded = doc.encode("utf-8")
         h.update(len(encoded).to_bytes(8, "little"))
         h.update(encoded)
@@ -184,6 +197,101 @@ class PreparedData:
         return np.memmap(self.directory / f"{split}_mask.bin", dtype=np.uint8, mode="r")
 
 
+class _CorpusIndex:
+    """What the streamed passes over a text corpus need of each document: its md5 (the order
+    `_shuffled` puts documents in) and its length. Some 24 bytes a document, never the text."""
+
+    def __init__(self, files: list[Path], data: DataConfig):
+        self.files, self.data = files, data
+        self.digests = bytearray()
+        self.lengths = array("q")  # characters, as `_tokenizer_sample` counts them
+        self.has_text = False
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def documents(self) -> Iterator[str]:
+        return iter_documents(self.files, self.data)
+
+    def scan(self) -> Iterator[str]:
+        """The documents, each one's digest and length recorded on the way (the first pass)."""
+        for doc in self.documents():
+            self.digests += hashlib.md5(doc.encode("utf-8")).digest()
+            self.lengths.append(len(doc))
+            self.has_text = self.has_text or bool(doc.strip())
+            yield doc
+
+    def sample(self, max_chars: int, val_docs: list[str] | None) -> Iterator[str]:
+        """`_tokenizer_sample(_shuffled(docs + val_docs), max_chars)`, reading only the documents it takes."""
+        val_docs = val_docs or []
+        digests = bytes(self.digests) + b"".join(hashlib.md5(v.encode("utf-8")).digest() for v in val_docs)
+        lengths = np.concatenate([np.frombuffer(self.lengths, dtype=np.int64),
+                                  np.array([len(v) for v in val_docs], dtype=np.int64)])
+        order = _digest_order(digests)
+        taken = order[:int(np.searchsorted(np.cumsum(lengths[order]), max_chars)) + 1]
+        wanted = {int(i) for i in taken if i < len(self)}
+        found = {}
+        for i, doc in enumerate(self.documents()):
+            if len(found) == len(wanted):
+                break
+            if i in wanted:
+                found[i] = doc
+        for i in taken:
+            yield found[i] if i < len(self) else val_docs[i - len(self)]
+
+    def write_shuffled(self, stream: "TokenStream", path: Path) -> int:
+        """The documents' tokens in `_shuffled`'s order, to `path`; returns how many were written."""
+        with open(path, "wb") as out:
+            for i in _digest_order(bytes(self.digests)):
+                stream.tokens[stream.offsets[i]:stream.offsets[i + 1]].tofile(out)
+        return int(stream.offsets[-1])
+
+
+def _digest_order(digests: bytes) -> np.ndarray:
+    """Indices sorted by 16-byte digest, ties in their given order (as `sorted` orders them)."""
+    words = np.frombuffer(digests, dtype=">u8").reshape(-1, 2)
+    return np.lexsort((words[:, 1], words[:, 0]))
+
+
+@dataclass
+class TokenStream:
+    tokens: np.ndarray  # every document's ids, one after another
+    offsets: np.ndarray  # document i is tokens[offsets[i]:offsets[i + 1]]
+
+
+def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype, path: Path,
+                    progress: bool) -> TokenStream:
+    """`encode_documents`, streamed to a file: a batch of documents at a time."""
+    from tqdm import tqdm
+
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    done = 0
+    with open(path, "wb") as out, tqdm(total=count, desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
+        while batch := list(itertools.islice(docs, 256)):
+            if done + len(batch) > count:
+                break
+            for ids in tokenizer.encode_batch(batch):
+                if tokenizer.eot_id is not None:
+                    ids = ids + [tokenizer.eot_id]
+                np.asarray(ids, dtype=dtype).tofile(out)
+                offsets[done + 1] = offsets[done] + len(ids)
+                done += 1
+            bar.update(len(batch))
+    if done != count or next(docs, None) is not None:
+        raise RuntimeError(f"the corpus changed while it was read: {count} documents, then {done} or more")
+    tokens = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype=dtype)
+    return TokenStream(tokens, offsets)
+
+
+def _move_tail(source: Path, tail: Path, count: int, dtype) -> None:
+    """Move the last `count` tokens of `source` into their own file."""
+    tokens = np.memmap(source, dtype=dtype, mode="r")
+    np.array(tokens[len(tokens) - count:]).tofile(tail)
+    size = (len(tokens) - count) * np.dtype(dtype).itemsize
+    del tokens
+    os.truncate(source, size)
+
+
 def _shuffled(docs: list[str]) -> list[str]:
     """A fixed, content-based order so the val split samples documents from the whole corpus."""
     return sorted(docs, key=lambda d: hashlib.md5(d.encode("utf-8")).digest())
@@ -205,53 +313,91 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     `seq_len`: the training sequence length, which chat data is packed to (see `_encode_chats`)."""
     files = corpus_files(data)
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
-    chats = read_chats(files, data) if data.source == "chat" else None
-    if chats and not seq_len:
-        raise ValueError("chat data is packed to the training sequence length: pass seq_len")
-    val_chats = read_chats(val_files, data, "data.val_path") if chats and val_files else None
-    docs = [render_with_answer_spans(c)[0] for c in chats] if chats else read_documents(files, data)
-    val_docs = None
-    if val_files:
-        val_docs = ([render_with_answer_spans(c)[0] for c in val_chats] if chats
-                    else read_documents(val_files, data, "data.val_path"))
-    key = cache_key(docs, data, tokenizer, seq_len if chats else None, val_docs)
-    final = Path(data.cache_dir) / key
-    if (final / "meta.json").exists():
-        return PreparedData.load(final)
+    if data.source == "chat":
+        return _prepare_chats(files, val_files, data, tokenizer, seq_len)
+    return _prepare_text(files, val_files, data, tokenizer, progress)
 
-    docs = _shuffled(docs)
-    staging = Path(data.cache_dir) / f".{key}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+
+def _prepare_text(files: list[Path], val_files: list[Path] | None, data: DataConfig, tokenizer: Tokenizer | None,
+                  progress: bool) -> PreparedData:
+    """Text, streamed: the corpus is read again for each pass (its key, the tokenizer's sample, its
+    tokens) and is never in memory whole; validation files of their own are (they are small)."""
+    val_docs = read_documents(val_files, data, "data.val_path") if val_files else None
+    corpus = _CorpusIndex(files, data)
+    key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
+    if not corpus.has_text:
+        _empty_corpus(files, data, "data.path")
+
+    def write(staging: Path) -> dict:
+        nonlocal tokenizer
         if tokenizer is None:  # trained on the validation text too, as when val_fraction splits the corpus
-            sample = docs if val_docs is None else _shuffled([*docs, *val_docs])
+            tokenizer = train_tokenizer(data.tokenizer, corpus.sample(data.tokenizer_train_bytes, val_docs),
+                                        data.vocab_size)
+        tokenizer.save(staging / "tokenizer.json")
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                "tokenizer": data.tokenizer, "documents": len(corpus), "key": key}
+        in_file_order = tokenize_stream(tokenizer, corpus.documents(), len(corpus), dtype, staging / "stream.bin",
+                                        progress)
+        total = corpus.write_shuffled(in_file_order, staging / "train.bin")
+        (staging / "stream.bin").unlink()
+        if val_docs is not None:  # validation from its own files; all of data.path trains
+            val_ids = encode_documents(tokenizer, _shuffled(val_docs), dtype, progress)
+            val_ids.tofile(staging / "val.bin")
+            meta.update(train_tokens=total, val_tokens=int(len(val_ids)), val_documents=len(val_docs))
+        else:  # the shuffled stream's last val_fraction of tokens validates
+            n_val = max(int(total * data.val_fraction), 1)
+            _move_tail(staging / "train.bin", staging / "val.bin", n_val, dtype)
+            meta.update(train_tokens=total - n_val, val_tokens=n_val)
+        return meta
+
+    return _cached(Path(data.cache_dir), key, write)
+
+
+def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataConfig, tokenizer: Tokenizer | None,
+                   seq_len: int | None) -> PreparedData:
+    """Conversations, in memory (fine-tuning sets are small): rendered, packed to seq_len rows."""
+    if not seq_len:
+        raise ValueError("chat data is packed to the training sequence length: pass seq_len")
+    chats = read_chats(files, data)
+    val_chats = read_chats(val_files, data, "data.val_path") if val_files else None
+    docs = [render_with_answer_spans(c)[0] for c in chats]
+    val_docs = [render_with_answer_spans(c)[0] for c in val_chats] if val_chats else None
+    key = cache_key(docs, data, tokenizer, seq_len, val_docs)
+
+    def write(staging: Path) -> dict:
+        nonlocal tokenizer
+        if tokenizer is None:
+            sample = _shuffled(docs if val_docs is None else [*docs, *val_docs])
             tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(sample, data.tokenizer_train_bytes),
                                         data.vocab_size)
         tokenizer.save(staging / "tokenizer.json")
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
         meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
                 "tokenizer": data.tokenizer, "documents": len(docs), "key": key}
-        if chats:
-            parts = {"train": chats, "val": val_chats} if val_chats else chat_splits(chats, data.val_fraction)
-            splits = _encode_chats(tokenizer, parts, dtype, seq_len)
-            for split, (ids, mask) in splits.items():
-                ids.tofile(staging / f"{split}.bin")
-                mask.tofile(staging / f"{split}_mask.bin")
-                meta[f"{split}_tokens"] = int(len(ids))
-                meta[f"{split}_answer_tokens"] = int(mask.sum())
-            meta["loss_mask"] = True
-        elif val_docs is not None:  # validation from its own files
-            train_ids, val_ids = (encode_documents(tokenizer, d, dtype, progress) for d in (docs, _shuffled(val_docs)))
-            train_ids.tofile(staging / "train.bin")
-            val_ids.tofile(staging / "val.bin")
-            meta.update(train_tokens=int(len(train_ids)), val_tokens=int(len(val_ids)), val_documents=len(val_docs))
-        else:
-            ids = encode_documents(tokenizer, docs, dtype, progress)
-            n_val = max(int(len(ids) * data.val_fraction), 1)
-            ids[:-n_val].tofile(staging / "train.bin")
-            ids[-n_val:].tofile(staging / "val.bin")
-            meta.update(train_tokens=int(len(ids) - n_val), val_tokens=int(n_val))
+        parts = {"train": chats, "val": val_chats} if val_chats else chat_splits(chats, data.val_fraction)
+        for split, (ids, mask) in _encode_chats(tokenizer, parts, dtype, seq_len).items():
+            ids.tofile(staging / f"{split}.bin")
+            mask.tofile(staging / f"{split}_mask.bin")
+            meta[f"{split}_tokens"] = int(len(ids))
+            meta[f"{split}_answer_tokens"] = int(mask.sum())
+        meta["loss_mask"] = True
+        return meta
+
+    return _cached(Path(data.cache_dir), key, write)
+
+
+def _cached(cache_dir: Path, key: str, write: Callable[[Path], dict]) -> PreparedData:
+    """The cache under `key`, or else `write` fills a staging directory (returning meta.json's
+    content), which is renamed into place once complete: a crash leaves no half cache."""
+    final = cache_dir / key
+    if (final / "meta.json").exists():
+        return PreparedData.load(final)
+    staging = cache_dir / f".{key}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        meta = write(staging)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks complete
         try:
             os.replace(staging, final)

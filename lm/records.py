@@ -40,7 +40,24 @@ def read_text(path: Path) -> str:
         with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
             return f.read()
     except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-        raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
+        raise UnreadableFile(_bad_gzip(path, error)) from None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The file's lines in text mode, read as they are needed (a JSONL file need not fit in memory)."""
+    if path.suffix != ".gz":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from f
+        return
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            yield from f
+    except (OSError, EOFError) as error:
+        raise UnreadableFile(_bad_gzip(path, error)) from None
+
+
+def _bad_gzip(path: Path, error: Exception) -> str:
+    return f"{path}: not a readable gzip file ({error})"
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, object]]:
@@ -50,7 +67,7 @@ def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple
     if file_format(path) in TABLE_FORMATS:
         yield from enumerate(_table_rows(path, columns), 1)
         return
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(_text_lines(path), 1):  # a line at a time: a file need not fit in memory
         if line.strip():
             try:
                 yield lineno, json.loads(line)

@@ -1,6 +1,7 @@
 """Data: the token cache is keyed, reused and never half-written; the loader shards disjointly,
 is deterministic from the seed and resumes at an exact position."""
 
+import hashlib
 import json
 import os
 
@@ -66,6 +67,49 @@ def test_cache_is_reused_and_keyed_by_tokenizer_settings(tmp_path, corpus_file):
     assert first.tokenizer().vocab_size == first.meta["vocab_size"]
 
 
+def corpus_with_duplicates(root) -> list[str]:
+    """A small corpus over three files and two formats, with repeated and empty documents."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "héllo", "日本", "\n", "  "]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(60)] + ["dup", "dup", ""]
+    root.mkdir()
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:30]))
+    (root / "b.txt").write_text("a whole file is one document\n")
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[30:]))
+    return docs[:30] + ["a whole file is one document\n"] + docs[30:]
+
+
+def test_the_streamed_cache_holds_every_documents_tokens_in_content_order_split_at_val_fraction(tmp_path):
+    """The cache is built without the corpus in memory (a pass for its key, one for the tokenizer's
+    sample, one for its tokens), and holds what the in-memory definition says: each document's ids
+    and end-of-text, documents ordered by their md5, the last val_fraction of tokens validating."""
+    docs = corpus_with_duplicates(tmp_path / "corpus")
+    cfg = DataConfig(source="files", path=str(tmp_path / "corpus"), vocab_size=300, val_fraction=0.1,
+                     cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, progress=False)
+    tokenizer = prepared.tokenizer()
+    ordered = sorted(docs, key=lambda d: hashlib.md5(d.encode()).digest())
+    expected = [i for d in ordered for i in tokenizer.encode(d) + [tokenizer.eot_id]]
+    n_val = max(int(len(expected) * 0.1), 1)
+    assert prepared.tokens("train").tolist() == expected[:-n_val]
+    assert prepared.tokens("val").tolist() == expected[-n_val:]
+    assert prepared.meta["documents"] == len(docs) and not (prepared.directory / "stream.bin").exists()
+
+
+def test_the_tokenizer_sample_is_the_first_documents_in_content_order_train_and_validation_alike(tmp_path):
+    from lm.data import _CorpusIndex, _shuffled, _tokenizer_sample, iter_documents
+
+    docs = corpus_with_duplicates(tmp_path / "corpus")
+    val_docs = ["held out one", "dup", "held out two"]
+    cfg = DataConfig(source="files", path=str(tmp_path / "corpus"))
+    corpus = _CorpusIndex(corpus_files(cfg), cfg)
+    assert list(corpus.scan()) == list(iter_documents(corpus_files(cfg), cfg)) == docs
+    for max_chars in (0, 1, 50, 500, 10 ** 9):
+        for val in (None, val_docs):
+            assert list(corpus.sample(max_chars, val)) == \
+                list(_tokenizer_sample(_shuffled(docs + (val or [])), max_chars)), (max_chars, val)
+
+
 def test_crash_while_building_leaves_no_cache_and_keeps_existing_ones(tmp_path, corpus_file, monkeypatch):
     good = DataConfig(source="files", path=str(corpus_file), vocab_size=300, cache_dir=str(tmp_path))
     existing = prepare_data(good, progress=False)
@@ -74,7 +118,7 @@ def test_crash_while_building_leaves_no_cache_and_keeps_existing_ones(tmp_path, 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_module, "encode_documents", crash)
+    monkeypatch.setattr(data_module, "tokenize_stream", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(DataConfig(**{**good.__dict__, "vocab_size": 330}), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [existing.directory.name]
