@@ -67,6 +67,9 @@ def main() -> None:
     metrics = train(cfg, args.dataset_dir, local_hooks(run_dir, rank, cfg.trainer.keep_checkpoints))
     if rank == 0:
         print(json.dumps(metrics, indent=2))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # train() ends with a barrier; the group goes before the interpreter does
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def _rank_entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> Non
     result = fn(rank, *args)
     with open(os.path.join(out_dir, f"rank_{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    if torch.distributed.is_initialized():
+        # Leave together and tear the group down before the interpreter does: a gloo group destroyed at
+        # exit while its peer is still leaving can abort the process ("terminate called without an
+        # active exception"), failing a test whose ranks had all finished.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_on_ranks(fn, world: int, *args, tmp_path: Path) -> list:

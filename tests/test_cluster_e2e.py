@@ -161,13 +161,16 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
 
         # One W&B run: each group's offline directory (offline-run-<time>-<id>) carries the first
         # group's run id, and the rerun's history continues after the checkpoint it resumed from.
-        # (A group killed by Ray may leave its file empty: W&B had not flushed it.)
+        # (A group whose rank 0 was killed, with its node or by SIGKILL, may leave its file empty:
+        # W&B had not flushed it. The rerun ends normally.)
         attempts = sorted((workdir / "wandb-failures" / "wandb").glob("offline-run-*"))
-        assert len(attempts) == 4 and len({d.name.rsplit("-", 1)[1] for d in attempts}) == 1, attempts
-        first, rerun = read_run(attempts[0]), read_run(attempts[-1])
-        assert first["run_id"] == rerun["run_id"] == attempts[0].name.rsplit("-", 1)[1]
-        assert (first["resume"], rerun["resume"]) == (False, True)
-        assert [h["_step"] for h in rerun["history"] if "train_loss" in h] == [40, 45]
+        ids = {d.name.rsplit("-", 1)[1] for d in attempts}
+        assert len(attempts) == 4 and len(ids) == 1, attempts
+        runs = [read_run(d) for d in attempts]
+        assert all(r["run_id"] in (None, *ids) for r in runs) and runs[-1]["run_id"] in ids
+        assert runs[0]["run_id"] is None or not runs[0]["resume"], "the first group started the W&B run"
+        assert all(r["resume"] for r in runs[1:] if r["run_id"]), "every later group resumed it"
+        assert [h["_step"] for h in runs[-1]["history"] if "train_loss" in h] == [40, 45]
     finally:
         cluster.shutdown()
 
