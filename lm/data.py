@@ -267,7 +267,7 @@ def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype
     offsets = np.zeros(count + 1, dtype=np.int64)
     done = 0
     with open(path, "wb") as out, tqdm(total=count, desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
-        while batch := list(itertools.islice(docs, 256)):
+        for batch in _batches(docs, max_docs=256, max_chars=16_000_000):
             if done + len(batch) > count:
                 break
             for ids in tokenizer.encode_batch(batch):
@@ -281,6 +281,20 @@ def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype
         raise RuntimeError(f"the corpus changed while it was read: {count} documents, then {done} or more")
     tokens = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype=dtype)
     return TokenStream(tokens, offsets)
+
+
+def _batches(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """Documents in batches of at most max_docs, or fewer once they hold max_chars (a corpus of large
+    files does not gather hundreds of them in memory at once)."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _move_tail(source: Path, tail: Path, count: int, dtype) -> None:

@@ -94,6 +94,10 @@ def test_the_streamed_cache_holds_every_documents_tokens_in_content_order_split_
     assert prepared.tokens("train").tolist() == expected[:-n_val]
     assert prepared.tokens("val").tolist() == expected[-n_val:]
     assert prepared.meta["documents"] == len(docs) and not (prepared.directory / "stream.bin").exists()
+    from lm.data import _batches  # tokenized a batch at a time: 256 documents, or fewer large ones
+
+    assert list(_batches(iter(["aaaa", "bb", "c", "dddddd", "e"]), max_docs=3, max_chars=5)) == \
+        [["aaaa", "bb"], ["c", "dddddd"], ["e"]]
 
 
 def test_the_tokenizer_sample_is_the_first_documents_in_content_order_train_and_validation_alike(tmp_path):
