@@ -207,11 +207,19 @@ def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return latest
 
 
+def wandb_outcome(run_dir: Path, mode: str) -> str:
+    """Where the W&B run is, and for an offline one the command that uploads it: every directory of
+    its id, since each start of a resumed run writes one (`wandb sync` sends them in order, as one run)."""
+    if mode != "offline":
+        return f"{run_dir}  ({mode})"
+    parts = run_dir.parent / f"offline-run-*-{run_dir.name.rsplit('-', 1)[-1]}"
+    return f"{run_dir}  (offline; `wandb sync {parts}` uploads it)"
+
+
 def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
     print(f"\ncheckpoint: {summary['checkpoint']}\nsummary:    {summary_path}", flush=True)
     if summary["wandb_dir"]:
-        print(f"W&B run:    {summary['wandb_dir']}  ({cfg.logging.mode}; `wandb sync {summary['wandb_dir']}` "
-              "uploads it)", flush=True)
+        print(f"W&B run:    {wandb_outcome(Path(summary['wandb_dir']), cfg.logging.mode)}", flush=True)
     shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
              "mfu": ".1%"}
     print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None)

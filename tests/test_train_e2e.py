@@ -5,6 +5,7 @@ checkpoint loads and reproduces the reported val loss, and W&B holds the metrics
 (Multirun sweeps run through `ray job submit` in test_cluster_e2e.py: the same entry point, with the
 table, sweep_summary.json and the shared W&B group checked there.)"""
 
+import glob
 import hashlib
 import json
 import math
@@ -120,6 +121,8 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert summary_first["wandb_dir"] != summary["wandb_dir"]
     assert run2["run_id"] == run1["run_id"] and (run1["resume"], run2["resume"]) == (False, True)
     assert summary["wandb_dir"].endswith(run1["run_id"])
+    upload = re.search(r"`wandb sync (\S+)` uploads it", second.stdout).group(1)  # both parts, as one run
+    assert sorted(glob.glob(upload)) == sorted([summary_first["wandb_dir"], summary["wandb_dir"]])
     steps1 = [h["_step"] for h in run1["history"] if "train_loss" in h]
     steps2 = [h["_step"] for h in run2["history"] if "train_loss" in h]
     assert steps1 == list(range(5, stopped_at + 1, 5)) and steps2 == list(range(stopped_at + 5, 46, 5))
