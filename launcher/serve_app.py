@@ -11,6 +11,7 @@ step and torch's kernels release the GIL), and the loop never waits for a step.
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation
 # through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
+import hmac
 import os
 import threading
 import time
@@ -208,7 +209,9 @@ class OpenAIServer:
         self.vocab_size: int | None = None
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        # Compared in constant time, so response timing does not reveal how much of a guess was right.
+        if self.api_key and not hmac.compare_digest(sent, f"Bearer {self.api_key}".encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
                            "authentication_error")
 
