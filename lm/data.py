@@ -1,8 +1,9 @@
 """Corpus -> tokenizer + memory-mapped train/val token files -> rank-sharded, resumable batches.
 
 The token cache is built once, on the driver, under a key of (corpus content, tokenizer settings),
-so reruns and sweeps reuse it. A text corpus is streamed through the build, never held in memory. It is written to a temporary directory and renamed into place, so
-a crash never leaves a half cache that looks complete, and an existing cache is never modified.
+so reruns and sweeps reuse it. A text corpus is streamed through the build, never held in memory.
+The cache is written to a temporary directory and renamed into place, so a crash never leaves a half
+cache that looks complete, and an existing cache is never modified.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import json
 import os
 import shutil
 import sys
-from array import array
 import sysconfig
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def read_documents(files: list[Path], data: DataConfig, field: str = "data.path"
     return docs
 
 
-def _empty_corpus(files: list[Path], data: DataConfig, field: str):
+def _empty_corpus(files: list[Path], data: DataConfig, field: str) -> NoReturn:
     where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
     raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
                       f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
@@ -267,12 +268,10 @@ def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype
     offsets = np.zeros(count + 1, dtype=np.int64)
     done = 0
     with open(path, "wb") as out, tqdm(total=count, desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
-        for batch in _batches(docs, max_docs=256, max_chars=16_000_000):
+        for batch in _batches(docs):
             if done + len(batch) > count:
                 break
-            for ids in tokenizer.encode_batch(batch):
-                if tokenizer.eot_id is not None:
-                    ids = ids + [tokenizer.eot_id]
+            for ids in _document_ids(tokenizer, batch):
                 np.asarray(ids, dtype=dtype).tofile(out)
                 offsets[done + 1] = offsets[done] + len(ids)
                 done += 1
@@ -283,7 +282,13 @@ def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype
     return TokenStream(tokens, offsets)
 
 
-def _batches(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+def _document_ids(tokenizer: Tokenizer, batch: list[str]) -> Iterator[list[int]]:
+    """Each document's ids, then end-of-text where the tokenizer has one."""
+    for ids in tokenizer.encode_batch(batch):
+        yield ids + [tokenizer.eot_id] if tokenizer.eot_id is not None else ids
+
+
+def _batches(docs: Iterable[str], max_docs: int = 256, max_chars: int = 16_000_000) -> Iterator[list[str]]:
     """Documents in batches of at most max_docs, or fewer once they hold max_chars (a corpus of large
     files does not gather hundreds of them in memory at once)."""
     batch, chars = [], 0
@@ -347,10 +352,7 @@ def _prepare_text(files: list[Path], val_files: list[Path] | None, data: DataCon
         if tokenizer is None:  # trained on the validation text too, as when val_fraction splits the corpus
             tokenizer = train_tokenizer(data.tokenizer, corpus.sample(data.tokenizer_train_bytes, val_docs),
                                         data.vocab_size)
-        tokenizer.save(staging / "tokenizer.json")
-        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-                "tokenizer": data.tokenizer, "documents": len(corpus), "key": key}
+        dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
         in_file_order = tokenize_stream(tokenizer, corpus.documents(), len(corpus), dtype, staging / "stream.bin",
                                         progress)
         total = corpus.write_shuffled(in_file_order, staging / "train.bin")
@@ -385,10 +387,7 @@ def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataCo
             sample = _shuffled(docs if val_docs is None else [*docs, *val_docs])
             tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(sample, data.tokenizer_train_bytes),
                                         data.vocab_size)
-        tokenizer.save(staging / "tokenizer.json")
-        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-                "tokenizer": data.tokenizer, "documents": len(docs), "key": key}
+        dtype, meta = _cache_header(staging, tokenizer, data, len(docs), key)
         parts = {"train": chats, "val": val_chats} if val_chats else chat_splits(chats, data.val_fraction)
         for split, (ids, mask) in _encode_chats(tokenizer, parts, dtype, seq_len).items():
             ids.tofile(staging / f"{split}.bin")
@@ -399,6 +398,14 @@ def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataCo
         return meta
 
     return _cached(Path(data.cache_dir), key, write)
+
+
+def _cache_header(staging: Path, tokenizer: Tokenizer, data: DataConfig, documents: int, key: str) -> tuple:
+    """Save the tokenizer; return the token files' dtype and the start of meta.json."""
+    tokenizer.save(staging / "tokenizer.json")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    return dtype, {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                   "tokenizer": data.tokenizer, "documents": documents, "key": key}
 
 
 def _cached(cache_dir: Path, key: str, write: Callable[[Path], dict]) -> PreparedData:
@@ -460,14 +467,10 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype, progress: boo
     from tqdm import tqdm
 
     chunks = []
-    batch = 256
     with tqdm(total=len(docs), desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
-        for start in range(0, len(docs), batch):
-            for ids in tokenizer.encode_batch(docs[start:start + batch]):
-                if tokenizer.eot_id is not None:
-                    ids = ids + [tokenizer.eot_id]
-                chunks.append(np.asarray(ids, dtype=dtype))
-            bar.update(min(batch, len(docs) - start))
+        for batch in _batches(docs):
+            chunks.extend(np.asarray(ids, dtype=dtype) for ids in _document_ids(tokenizer, batch))
+            bar.update(len(batch))
     return np.concatenate(chunks)
 
 

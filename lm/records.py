@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -34,30 +35,29 @@ def file_format(path: Path) -> str:
 
 def read_text(path: Path) -> str:
     """The file's text, in text mode (universal newlines: \r\n and \r read as \n), gunzipped if .gz."""
-    if path.suffix != ".gz":
-        return path.read_text(encoding="utf-8", errors="replace")
-    try:
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-        raise UnreadableFile(_bad_gzip(path, error)) from None
+    with _opened_text(path) as f:
+        return f.read()
 
 
 def _text_lines(path: Path) -> Iterator[str]:
     """The file's lines in text mode, read as they are needed (a JSONL file need not fit in memory)."""
-    if path.suffix != ".gz":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield from f
-        return
+    with _opened_text(path) as f:
+        yield from f
+
+
+@contextmanager
+def _opened_text(path: Path):
+    """The file open in text mode, gunzipped if .gz; a bad gzip stream, met wherever it is read, is
+    UnreadableFile."""
+    gzipped = path.suffix == ".gz"
     try:
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            yield from f
-    except (OSError, EOFError) as error:
-        raise UnreadableFile(_bad_gzip(path, error)) from None
-
-
-def _bad_gzip(path: Path, error: Exception) -> str:
-    return f"{path}: not a readable gzip file ({error})"
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") if gzipped else \
+                open(path, encoding="utf-8", errors="replace") as f:
+            yield f
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        if not gzipped:
+            raise
+        raise UnreadableFile(f"{path}: not a readable gzip file ({error})") from None
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, object]]:
