@@ -34,7 +34,8 @@ CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment
 _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
                   "cluster.include_dashboard",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
-                  "trainer.log_every", "trainer.compile", "data.cache_dir"}
+                  "trainer.log_every", "trainer.compile", "trainer.profile_at", "trainer.profile_steps",
+                  "data.cache_dir"}
 # Settings added after run names were first derived: at these values they leave the name as it was,
 # so a run started before the setting existed still resumes under the same command.
 _NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None, "optim.schedule": "cosine"}
@@ -220,6 +221,14 @@ def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
     print(f"\ncheckpoint: {summary['checkpoint']}\nsummary:    {summary_path}", flush=True)
     if summary["wandb_dir"]:
         print(f"W&B run:    {wandb_outcome(Path(summary['wandb_dir']), cfg.logging.mode)}", flush=True)
+    t = cfg.trainer
+    if t.profile_at:
+        from lm.profiling import trace_dir  # imports torch: only when asked
+
+        profile = trace_dir(Path(cfg.run.storage) / cfg.run.name, t.profile_at, t.profile_steps)
+        if profile.is_dir():
+            print(f"profile:    {profile}  (rank<r>.pt.trace.json: https://ui.perfetto.dev; rank<r>.ops.txt)",
+                  flush=True)
     shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
              "mfu": ".1%"}
     print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None)

@@ -74,5 +74,18 @@ class WandbLogger:
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def log_profile(self, trace: Path) -> None:
+        """A profiler trace (and its operator table) as an artifact of type `profile`: W&B's UI shows a
+        `trace.pt.trace.json` in it in a trace viewer. One artifact per run; a version per window."""
+        import wandb
+
+        artifact = wandb.Artifact(f"profile-{self.run.id}", type="profile",
+                                  description=f"torch.profiler trace of {trace.parent.name}, {trace.stem.split('.')[0]}")
+        artifact.add_file(str(trace), name="trace.pt.trace.json")
+        table = trace.with_name(trace.name.replace(".pt.trace.json", ".ops.txt"))
+        if table.exists():
+            artifact.add_file(str(table), name="ops.txt")
+        self.run.log_artifact(artifact, aliases=[trace.parent.name])
+
     def finish(self) -> None:
         self.run.finish()

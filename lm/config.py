@@ -110,6 +110,9 @@ class TrainerConfig:
     sample_tokens: int = 160  # length of the sample printed after training
     init_from: Optional[str] = None  # fine-tune: our export directory or a local Hugging Face GPT-2/Llama dir
     compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile): pays on GPUs, costs start-up
+    # torch.profiler traces of steps profile_at .. profile_at+profile_steps-1, every rank, in <run>/profile
+    profile_at: Optional[int] = None
+    profile_steps: int = 3
 
 
 @dataclass
@@ -283,6 +286,12 @@ def validate(cfg: TrainConfig) -> None:
     if t.stop_at_step is not None:
         _require(1 <= t.stop_at_step <= t.max_steps, "trainer.stop_at_step", t.stop_at_step,
                  f"must be between 1 and trainer.max_steps={t.max_steps}, or null")
+    _require(t.profile_steps >= 1, "trainer.profile_steps", t.profile_steps, "must be an integer >= 1")
+    if t.profile_at is not None:
+        last = t.max_steps - t.profile_steps + 1
+        _require(2 <= t.profile_at <= last, "trainer.profile_at", t.profile_at,
+                 f"must be between 2 (step 1 warms the profiler up) and trainer.max_steps - trainer.profile_steps "
+                 f"+ 1 = {last}, or null (no profile)")
 
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     if o.min_lr is not None:

@@ -15,6 +15,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,6 +29,7 @@ from lm.data import PreparedData, TokenShardLoader
 from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
 from lm.host_memory import keep_freed_memory
 from lm.mfu import PeakFlops, cpu_has_bf16, mfu, native_bf16, peak_flops
+from lm.profiling import StepProfiler
 from lm.model import GPT, flops_per_token
 
 
@@ -51,6 +53,10 @@ class TrainHooks:
     # Rank 0 only, at each checkpoint: what the hooks want back when the run resumes (the W&B run's
     # id, so a resumed run continues it), kept under "hooks" in trainer_state.json.
     resume_state: Callable[[], dict] = dict
+    # The run's directory, which every rank can write: trainer.profile_at's traces go under it
+    # (None: no profile). `profiled` hears of each rank's own trace once written.
+    run_dir: Optional[str] = None
+    profiled: Callable[[Path], None] = _ignore
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -306,6 +312,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     metrics = dict(state["metrics"])
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
+    profiler = StepProfiler(t.profile_at, t.profile_steps, hooks.run_dir, rank, device, hooks.profiled)
 
     while state["step"] < stop:
         step = state["step"]
@@ -314,6 +321,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
             group["lr"] = lr
         step, last = step + 1, step + 1 == stop
         log_now = step % t.log_every == 0 or last
+        profiler.step_begins(step)
         grad_norm = None
         for micro in range(t.grad_accum):
             x, y = (b.to(device) for b in loader.next_batch())
@@ -369,9 +377,11 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
             dist.barrier()  # and listed before anyone calls it a checkpoint
             hooks.commit_checkpoint(step, path, dict(metrics))
         window_start += time.perf_counter() - paused  # eval and checkpoints are not training time
+        profiler.step_ends(step)
         if preempted:
             metrics["stopped_early"] = True
             break
 
+    profiler.close()
     dist.barrier()
     return metrics

@@ -96,13 +96,19 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert summary_first["steps"] == stopped_at
     assert Path(summary_first["checkpoint"]).name == f"checkpoint_{stopped_at:06d}"
 
-    # The same command again continues where the first stopped; Ray's dashboard does not change training.
-    second = launch(tmp_path, *base, "cluster.include_dashboard=false")
+    # The same command again continues where the first stopped; Ray's dashboard does not change training,
+    # nor does profiling its last two steps.
+    second = launch(tmp_path, *base, "cluster.include_dashboard=false", "trainer.profile_at=44",
+                    "trainer.profile_steps=2")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "View the dashboard at" in first.stdout + first.stderr
     assert "View the dashboard at" not in second.stdout + second.stderr
     assert f"resuming run e2e from {run_dir}/checkpoint_{stopped_at:06d}" in second.stdout
     assert "sample:" in second.stdout and "checkpoint: " in second.stdout
+    profile = run_dir / "profile" / "steps_44-45"
+    assert f"profile:    {profile}" in second.stdout
+    assert sorted(p.name for p in profile.iterdir()) == ["rank0.ops.txt", "rank0.pt.trace.json",
+                                                         "rank1.ops.txt", "rank1.pt.trace.json"]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
@@ -133,6 +139,9 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     last_loss = [h["train_loss"] for h in run2["history"] if "train_loss" in h][-1]
     assert last_loss < first_loss - 0.3, (first_loss, last_loss)
     assert run2["config"]["model"]["n_embd"] == 256
+    assert run1["artifacts"] == [] and run2["artifacts"] == [
+        {"name": f"profile-{run1['run_id']}", "type": "profile", "aliases": ["latest", "steps_44-45"],
+         "files": ["ops.txt", "trace.pt.trace.json"]}], "rank 0's trace, for W&B's trace viewer"
 
     # A contradicting override on the existing run fails before Ray and touches no checkpoint.
     before = tree_digest(run_dir)

@@ -40,11 +40,12 @@ def _payloads(data: bytes):
 
 def read_run(run_dir: str | Path) -> dict:
     """{'history': [{key: value, ...} per log call], 'config': {...}, 'group': str, 'run_id': str,
-    'resume': bool (the run continues one of that id), 'tags': [str], 'notes': str}"""
+    'resume': bool (the run continues one of that id), 'tags': [str], 'notes': str,
+    'artifacts': [{'name', 'type', 'aliases', 'files'}]}"""
     from wandb.proto import wandb_internal_pb2
 
     path = next(Path(run_dir).glob("run-*.wandb"))
-    history, config, group, run_id, resume, tags, notes = [], {}, None, None, False, [], ""
+    history, config, group, run_id, resume, tags, notes, artifacts = [], {}, None, None, False, [], "", []
     for payload in _payloads(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -58,8 +59,12 @@ def read_run(run_dir: str | Path) -> dict:
             tags, notes = list(record.run.tags), record.run.notes
             for item in record.run.config.update:
                 config[item.key] = json.loads(item.value_json)
+        elif kind == "artifact":
+            a = record.artifact
+            artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                              "files": sorted(entry.path for entry in a.manifest.contents)})
         elif kind == "config":
             for item in record.config.update:
                 config[item.key] = json.loads(item.value_json)
     return {"history": history, "config": config, "group": group, "run_id": run_id, "resume": resume, "tags": tags,
-            "notes": notes}
+            "notes": notes, "artifacts": artifacts}
