@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 
-# lm.data names the training settings whose values these flags take.
+# lm.corpus names the training settings whose values these flags take.
 FLAGS = {"data.path": "--data", "data.text_field": "--text-field"}
 
 
 def flag_message(message: str) -> str:
-    """lm.data's error, naming this command's flag: "data.path='x' does not exist" -> "--data 'x' ..."."""
+    """lm.corpus's error, naming this command's flag: "data.path='x' does not exist" -> "--data 'x' ..."."""
     for setting, flag in FLAGS.items():
         if message.startswith(setting):
             rest = message[len(setting):]
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from launcher.generate import load
     from lm.config import ConfigError, DataConfig
-    from lm.data import corpus_files, encode_documents, read_documents
+    from lm.corpus import corpus_files, read_documents
+    from lm.data import encode_documents
     from lm.evaluation import evaluate_stream
 
     data = DataConfig(source="files", path=args.data, text_field=args.text_field)

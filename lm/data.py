@@ -1,4 +1,5 @@
-"""Corpus -> tokenizer + memory-mapped train/val token files -> rank-sharded, resumable batches.
+"""Documents (lm.corpus) -> tokenizer + memory-mapped train/val token files (lm.shard_loader
+batches them).
 
 The token cache is built once, on the driver, under a key of (corpus content, tokenizer settings),
 so reruns and sweeps reuse it. A text corpus is streamed through the build, never held in memory.
@@ -8,136 +9,24 @@ cache that looks complete, and an existing cache is never modified.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import sys
-import sysconfig
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NoReturn
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from lm.chat_data import read_conversations, render_with_answer_spans, tokenize_conversation
-from lm.config import ConfigError, DataConfig
-from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
-                        read_text, table_columns)
+from lm.chat_data import render_with_answer_spans, tokenize_conversation
+from lm.config import DataConfig
+from lm.corpus import corpus_files, empty_corpus, iter_documents, read_chats, read_documents
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpus: which files, and their text.
-
-
-def stdlib_files() -> list[Path]:
-    """The Python standard library's own source: real code and prose on every machine with Python."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-
-
-def _setting(data: DataConfig, field: str):
-    """The value of a dotted data setting, e.g. "data.val_path"."""
-    return getattr(data, field.removeprefix("data."))
-
-
-def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
-    """Resolve `data.path` (or `data.val_path`: files, directories, globs; comma separated), or the
-    stdlib default."""
-    if data.source == "stdlib" and field == "data.path":
-        return stdlib_files()
-    files: list[Path] = []
-    for item in (p.strip() for p in str(_setting(data, field)).split(",") if p.strip()):
-        expanded = os.path.expanduser(item)
-        if any(ch in expanded for ch in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
-            if not matches:
-                raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
-            files.extend(m for m in matches if m.is_file())
-        elif os.path.isdir(expanded):
-            files.extend(sorted(p for p in Path(expanded).rglob("*")
-                                if p.is_file() and file_format(p)))
-        elif os.path.isfile(expanded):
-            files.append(Path(expanded))
-        else:
-            raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
-    return files
-
-
-def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> Iterator[str]:
-    """One string per document, in order: a whole text file, or each JSONL line's or Parquet/Arrow
-    row's `data.text_field` (a null one is skipped). Files are read one at a time, and records one
-    at a time, so a corpus never has to fit in memory. `data.max_bytes` stops after the file that
-    reaches it."""
-    budget = data.max_bytes
-    for path in files:
-        try:
-            texts = _record_texts(path, data.text_field) if file_format(path) in RECORD_FORMATS else _file_text(path)
-            for text in texts:
-                yield text
-                if budget is not None:
-                    budget -= len(text.encode("utf-8"))
-        except UnreadableFile as error:
-            raise ConfigError(f"{field}: {error}") from None
-        if budget is not None and budget <= 0:
-            return
-
-
-def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
-    """`iter_documents`, in memory; an empty corpus is a config error."""
-    docs = list(iter_documents(files, data, field))
-    if not any(d.strip() for d in docs):
-        _empty_corpus(files, data, field)
-    return docs
-
-
-def _empty_corpus(files: list[Path], data: DataConfig, field: str) -> NoReturn:
-    where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
-    raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
-                      f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
-
-
-def _file_text(path: Path) -> list[str]:
-    return [text] if (text := read_text(path)).strip() else []
-
-
-def _record_texts(path: Path, text_field: str) -> Iterator[str]:
-    table = file_format(path) in TABLE_FORMATS
-    if table and text_field not in (columns := table_columns(path)):
-        raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
-    for row, record in read_records(path, [text_field] if table else None):
-        if not isinstance(record, dict) or text_field not in record:
-            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
-                              "string field")
-        if record[text_field] is not None:
-            yield str(record[text_field])
-
-
-def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
-    """The conversations; bad lines are reported with their line numbers, and too many stop the run.
-    Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
-    try:
-        conversations, bad, total = read_conversations(files)
-    except UnreadableFile as error:
-        raise ConfigError(f"{field}: {error}") from None
-    value = _setting(data, field)
-    if bad:
-        listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        if len(bad) > data.max_bad_fraction * total:
-            raise ConfigError(f"{field}={value!r}: {len(bad)} of {total} lines are bad, more than "
-                              f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
-        print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
-    needed = 1 if data.val_path else 2
-    if len(conversations) < needed:
-        raise ConfigError(f"{field}={value!r}: {len(conversations)} usable conversations; data=chat needs at least "
-                          + ("1" if needed == 1 else "2 (one for validation)"))
-    return conversations
 
 
 def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None = None,
@@ -165,10 +54,6 @@ def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None
         h.update(len(encoded).to_bytes(8, "little"))
         h.update(encoded)
     return h.hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache: tokenizer.json, train.bin, val.bin, meta.json.
 
 
 @dataclass
@@ -345,7 +230,7 @@ def _prepare_text(files: list[Path], val_files: list[Path] | None, data: DataCon
     corpus = _CorpusIndex(files, data)
     key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
     if not corpus.has_text:
-        _empty_corpus(files, data, "data.path")
+        empty_corpus(files, data, "data.path")
 
     def write(staging: Path) -> dict:
         nonlocal tokenizer
@@ -472,58 +357,3 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype, progress: boo
             chunks.extend(np.asarray(ids, dtype=dtype) for ids in _document_ids(tokenizer, batch))
             bar.update(len(batch))
     return np.concatenate(chunks)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loader.
-
-
-class TokenShardLoader:
-    """Batches of (input, target) windows, disjoint across ranks, deterministic from the seed.
-
-    The token stream is cut into non-overlapping windows of seq_len+1 tokens; each epoch visits
-    them in a permutation drawn from (seed, epoch). A global batch takes the next
-    micro_batch x world_size windows, and rank r takes its own contiguous slice of them. The
-    whole state is one integer, `position` (windows consumed globally), so resume is exact.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, seed: int, loss_mask: np.ndarray | None = None):
-        self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
-        self.loss_mask = loss_mask  # targets where it is 0 become -100 (ignored by the loss)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_windows = (len(tokens) - 1) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(f"{len(tokens)} tokens are too few for one window of {seq_len}+1 tokens")
-        self.position = 0
-        self._epoch, self._order = -1, None
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-    def _window(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, self.num_windows)
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._epoch = epoch
-        return int(self._order[offset])
-
-    def window_indices(self) -> list[int]:
-        """The windows this rank takes for the next micro batch (without consuming them)."""
-        start = self.position + self.rank * self.micro_batch
-        return [self._window(start + i) for i in range(self.micro_batch)]
-
-    def next_batch(self):
-        import torch
-
-        windows = [slice(w * self.seq_len, w * self.seq_len + self.seq_len + 1) for w in self.window_indices()]
-        self.position += self.micro_batch * self.world_size
-        batch = torch.from_numpy(np.stack([self.tokens[w] for w in windows]).astype(np.int64))
-        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        if self.loss_mask is not None:
-            keep = torch.from_numpy(np.stack([self.loss_mask[w][1:] for w in windows]).astype(bool))
-            y = y.masked_fill(~keep, -100)
-        return x, y

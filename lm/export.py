@@ -25,7 +25,7 @@ import torch
 
 from lm.checkpoint import checkpoint_step, load_model
 from lm.config import ConfigError, ModelConfig, config_from_dict
-from lm.data import TokenShardLoader
+from lm.shard_loader import TokenShardLoader
 from lm.hf_format import hf_config, hf_tokenizer_config, to_hf_state_dict
 from lm.model import GPT
 from lm.tokenizer import ByteBPETokenizer, load_tokenizer

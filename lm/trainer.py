@@ -25,11 +25,12 @@ import torch.distributed as dist
 from lm.checkpoint import load_config, load_rank_checkpoint, save_rank_checkpoint, write_part_manifest
 from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
                        tokens_per_step)
-from lm.data import PreparedData, TokenShardLoader
+from lm.data import PreparedData
 from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
 from lm.host_memory import keep_freed_memory
 from lm.mfu import PeakFlops, cpu_has_bf16, mfu, native_bf16, peak_flops
 from lm.profiling import StepProfiler
+from lm.shard_loader import TokenShardLoader
 from lm.model import GPT, flops_per_token
 
 

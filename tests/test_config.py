@@ -107,7 +107,7 @@ def test_checking_a_command_line_does_not_import_torch():
 def test_the_driver_imports_no_torch_before_ray_starts():
     """The token cache, the resume check and the run's summary import no torch, so the driver's ~1 s
     of importing it overlaps Ray's start (`init_local_ray`) instead of coming before it."""
-    assert heavy_modules_imported_by("import launcher.train, launcher.summary, lm.checkpoint, lm.data",
+    assert heavy_modules_imported_by("import launcher.train, launcher.summary, lm.checkpoint, lm.data, lm.corpus",
                                      ("torch",)) == []
 
 

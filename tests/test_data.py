@@ -10,7 +10,9 @@ import pytest
 
 import lm.data as data_module
 from lm.config import ConfigError, DataConfig
-from lm.data import TokenShardLoader, corpus_files, prepare_data, read_documents
+from lm.corpus import corpus_files, read_documents
+from lm.data import prepare_data
+from lm.shard_loader import TokenShardLoader
 
 
 def loader(rank=0, world=1, seed=0, micro=3, tokens=np.arange(1001, dtype=np.uint16)):
@@ -101,7 +103,8 @@ def test_the_streamed_cache_holds_every_documents_tokens_in_content_order_split_
 
 
 def test_the_tokenizer_sample_is_the_first_documents_in_content_order_train_and_validation_alike(tmp_path):
-    from lm.data import _CorpusIndex, _shuffled, _tokenizer_sample, iter_documents
+    from lm.corpus import iter_documents
+    from lm.data import _CorpusIndex, _shuffled, _tokenizer_sample
 
     docs = corpus_with_duplicates(tmp_path / "corpus")
     val_docs = ["held out one", "dup", "held out two"]

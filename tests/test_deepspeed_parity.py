@@ -7,7 +7,8 @@ import torch
 from conftest import run_on_ranks
 from lm.checkpoint import load_consolidated_state_dict
 from lm.config import config_to_dict, sequence_length
-from lm.data import PreparedData, TokenShardLoader
+from lm.data import PreparedData
+from lm.shard_loader import TokenShardLoader
 from lm.model import GPT
 from lm.trainer import build_optimizer, learning_rate, seed_everything
 

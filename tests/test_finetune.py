@@ -139,7 +139,7 @@ def write_chats(path, pairs, extra_lines=()) -> None:
 
 def test_prompt_tokens_carry_no_loss(prepared_tiny):
     from lm.chat_data import tokenize_conversation
-    from lm.data import TokenShardLoader
+    from lm.shard_loader import TokenShardLoader
     from lm.model import GPT
 
     tokenizer = prepared_tiny[0].tokenizer()
@@ -247,7 +247,8 @@ def finetune_runs(rank, runs, cfg_dict, dataset_dir, root):
 
 def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf_dirs, tiny_train_config, tmp_path):
     from lm.config import config_to_dict
-    from lm.data import TokenShardLoader, prepare_data
+    from lm.data import prepare_data
+    from lm.shard_loader import TokenShardLoader
     from lm.pretrained import inspect_pretrained
 
     root, models = hf_dirs

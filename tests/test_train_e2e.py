@@ -63,7 +63,8 @@ def recompute_val_loss(summary: dict) -> float:
     """Evaluate the exported weights on the same val windows the trainer used (2 ranks' shards)."""
     from lm.checkpoint import load_model
     from lm.config import config_from_dict, sequence_length
-    from lm.data import PreparedData, TokenShardLoader
+    from lm.data import PreparedData
+    from lm.shard_loader import TokenShardLoader
 
     model, _, _ = load_model(summary["checkpoint"])
     cfg = config_from_dict(summary["config"])

@@ -1,0 +1,123 @@
+"""Which documents a data config names, and their text: files, directories and globs in every
+format lm.records reads, or the embedded default (the Python standard library's own source).
+
+Documents are read one file and one record at a time, so a corpus never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator, NoReturn
+
+from lm.chat_data import read_conversations
+from lm.config import ConfigError, DataConfig
+from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
+                        read_text, table_columns)
+
+
+def stdlib_files() -> list[Path]:
+    """The Python standard library's own source: real code and prose on every machine with Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def _setting(data: DataConfig, field: str):
+    """The value of a dotted data setting, e.g. "data.val_path"."""
+    return getattr(data, field.removeprefix("data."))
+
+
+def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
+    """Resolve `data.path` (or `data.val_path`: files, directories, globs; comma separated), or the
+    stdlib default."""
+    if data.source == "stdlib" and field == "data.path":
+        return stdlib_files()
+    files: list[Path] = []
+    for item in (p.strip() for p in str(_setting(data, field)).split(",") if p.strip()):
+        expanded = os.path.expanduser(item)
+        if any(ch in expanded for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
+            if not matches:
+                raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
+            files.extend(m for m in matches if m.is_file())
+        elif os.path.isdir(expanded):
+            files.extend(sorted(p for p in Path(expanded).rglob("*")
+                                if p.is_file() and file_format(p)))
+        elif os.path.isfile(expanded):
+            files.append(Path(expanded))
+        else:
+            raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
+    return files
+
+
+def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> Iterator[str]:
+    """One string per document, in order: a whole text file, or each JSONL line's or Parquet/Arrow
+    row's `data.text_field` (a null one is skipped). Files are read one at a time, and records one
+    at a time, so a corpus never has to fit in memory. `data.max_bytes` stops after the file that
+    reaches it."""
+    budget = data.max_bytes
+    for path in files:
+        try:
+            texts = _record_texts(path, data.text_field) if file_format(path) in RECORD_FORMATS else _file_text(path)
+            for text in texts:
+                yield text
+                if budget is not None:
+                    budget -= len(text.encode("utf-8"))
+        except UnreadableFile as error:
+            raise ConfigError(f"{field}: {error}") from None
+        if budget is not None and budget <= 0:
+            return
+
+
+def read_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> list[str]:
+    """`iter_documents`, in memory; an empty corpus is a config error."""
+    docs = list(iter_documents(files, data, field))
+    if not any(d.strip() for d in docs):
+        empty_corpus(files, data, field)
+    return docs
+
+
+def empty_corpus(files: list[Path], data: DataConfig, field: str) -> NoReturn:
+    where = "the Python standard library" if data.source == "stdlib" else repr(_setting(data, field))
+    raise ConfigError(f"{field}={where}: the corpus is empty ({len(files)} files, no text); "
+                      f"allowed: non-empty {', '.join(FORMATS)} files (the text ones also gzipped)")
+
+
+def _file_text(path: Path) -> list[str]:
+    return [text] if (text := read_text(path)).strip() else []
+
+
+def _record_texts(path: Path, text_field: str) -> Iterator[str]:
+    table = file_format(path) in TABLE_FORMATS
+    if table and text_field not in (columns := table_columns(path)):
+        raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
+    for row, record in read_records(path, [text_field] if table else None):
+        if not isinstance(record, dict) or text_field not in record:
+            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
+                              "string field")
+        if record[text_field] is not None:
+            yield str(record[text_field])
+
+
+def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
+    """The conversations; bad lines are reported with their line numbers, and too many stop the run.
+    Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
+    try:
+        conversations, bad, total = read_conversations(files)
+    except UnreadableFile as error:
+        raise ConfigError(f"{field}: {error}") from None
+    value = _setting(data, field)
+    if bad:
+        listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if len(bad) > data.max_bad_fraction * total:
+            raise ConfigError(f"{field}={value!r}: {len(bad)} of {total} lines are bad, more than "
+                              f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
+        print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
+    needed = 1 if data.val_path else 2
+    if len(conversations) < needed:
+        raise ConfigError(f"{field}={value!r}: {len(conversations)} usable conversations; data=chat needs at least "
+                          + ("1" if needed == 1 else "2 (one for validation)"))
+    return conversations
