@@ -1,11 +1,6 @@
-"""The Ray Serve application: an OpenAI-compatible ingress in front of a model deployment that
-wraps lm.engine. Separate from training; `serve run cluster/serve.yaml` or `make serve` start it.
-
-Each model replica runs one decode thread over its engine; requests submit sequences and read
-their text from per-request queues, so concurrent requests share batched decode steps and new ones
-join between steps. The thread steps back to back while there is work and hands each step's text to
-the event loop, which streams it out meanwhile: decoding never waits for the loop (the compiled
-step and torch's kernels release the GIL), and the loop never waits for a step.
+"""The Ray Serve application: an OpenAI-compatible ingress in front of the model deployment
+(launcher.serve_model, which wraps lm.engine). Separate from training; `serve run cluster/serve.yaml`
+or `make serve` start it.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation
@@ -13,9 +8,6 @@ step and torch's kernels release the GIL), and the loop never waits for a step.
 import asyncio
 import hmac
 import os
-import threading
-import time
-import traceback
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +20,7 @@ from launcher.openai_protocol import (APIError, chat_prompt, check_model, choice
                                       completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
                                       parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
                                       wants_stream_usage)
+from launcher.serve_model import LanguageModel
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -36,168 +29,6 @@ api = FastAPI(title="lmstack OpenAI-compatible API")
 async def api_error(request: Request, error: APIError) -> JSONResponse:
     """Every bad request, wherever a route finds it: its status and OpenAI's error object."""
     return JSONResponse(error.body(), status_code=error.status)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters to hold back while streaming: a possible start of a stop string,
-    or an incomplete UTF-8 character that the byte-level decoder shows as U+FFFD."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
-        hold += 1
-    return hold
-
-
-@serve.deployment(max_ongoing_requests=256)
-class LanguageModel:
-    def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
-                 stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False):
-        import torch
-
-        from lm.engine import Engine
-        from lm.export import load_export
-
-        torch.set_num_threads(threads)
-        model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
-        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile)
-        # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
-        # CPU than decoding. Tokens that arrive within the interval go out together, and with many
-        # streams each one's interval grows so that together they send about stream_events_per_s.
-        self.stream_interval = stream_interval_ms / 1000
-        self.stream_events_per_s = stream_events_per_s
-        self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
-        self.abandoned = 0
-        self.queues: dict[int, asyncio.Queue] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
-
-    def info(self) -> dict:
-        """The model's context and precision, and this replica's load: sequences decoding and waiting
-        for a slot, and how many requests were abandoned by their clients mid-decode."""
-        return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "abandoned": self.abandoned}
-
-    def tokenizer_info(self) -> dict:
-        """What vLLM's /tokenizer_info tells clients that tokenize on the server (lm-evaluation-harness)."""
-        from lm.chat_template import JINJA_TEMPLATE
-
-        tokenizer = self.engine.tokenizer
-        eot = getattr(tokenizer, "eot_id", None)
-        return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
-                "model_max_length": self.engine.context, "eos_token": None if eot is None else tokenizer.decode([eot]),
-                "bos_token": None, "pad_token": None, "chat_template": JINJA_TEMPLATE}
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenizer.encode(text)
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(ids)
-
-    def _decode_forever(self) -> None:
-        """The decode thread. Each update is (text, finished, logprobs) taken right after the step, so the loop
-        never reads a sequence the next step is changing."""
-        while True:
-            self.work.clear()  # before looking for work: a submit after the look sets it again
-            while self.engine.has_work:
-                prefilled: set[int] = set()
-                try:
-                    # New requests' first tokens go out before the running batch's decode step.
-                    advanced = self.engine.step(on_prefilled=lambda seqs: prefilled.update(self._hand_over(seqs)))
-                    self._hand_over([seq for seq in advanced if seq.id not in prefilled])
-                except Exception as error:  # a failed step fails the requests in flight, not the replica
-                    traceback.print_exc()
-                    ids = [seq.id for seq in (*self.engine.waiting, *self.engine.running)]
-                    self.engine.cancel_all()
-                    self.loop.call_soon_threadsafe(self._deliver, [(i, RuntimeError(f"decoding failed: {error}"))
-                                                                   for i in ids])
-            self.work.wait()
-
-    def _hand_over(self, seqs: list) -> list[int]:
-        """Send these sequences' text so far (and how many of their tokens have log-probabilities) to
-        the event loop; returns their ids."""
-        self.loop.call_soon_threadsafe(self._deliver, [(seq.id, (seq.text, seq.finished, len(seq.logprobs)))
-                                                       for seq in seqs])
-        return [seq.id for seq in seqs]
-
-    def _deliver(self, updates: list) -> None:
-        for seq_id, update in updates:
-            queue = self.queues.get(seq_id)  # gone if its client disconnected
-            if queue is not None:
-                queue.put_nowait(update)
-
-    def _interval(self) -> float:
-        """Seconds between a stream's chunks: stream_interval_ms, or longer when this replica's
-        streams together would send more than stream_events_per_s chunks (0: no such cap)."""
-        if not self.stream_events_per_s:
-            return self.stream_interval
-        return max(self.stream_interval, len(self.queues) / self.stream_events_per_s)
-
-    def _described(self, token: int, logprob) -> dict:
-        """A token's text, its log-probability and its top alternatives' (None for a prompt's first)."""
-        decode = self.engine.tokenizer.decode
-        if logprob is None:
-            return {"token": decode([token]), "logprob": None, "top": None}
-        return {"token": decode([token]), "logprob": logprob.logprob,
-                "top": [(decode([alternative]), value) for alternative, value in logprob.top]}
-
-    async def generate(self, prompt, params, echo: bool = False):
-        """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
-        or one {"error", "param"} for a request the engine cannot serve. With `echo` the first delta
-        is the prompt; with params.logprobs each delta carries its tokens' "logprobs"."""
-        from lm.engine import RequestError
-
-        try:
-            seq = self.engine.submit(prompt, params)
-        except RequestError as error:
-            yield {"error": str(error), "param": error.field}
-            return
-        except ValueError as error:  # e.g. a character outside a character-level vocabulary
-            yield {"error": f"prompt: {error}", "param": "prompt"}
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        self.queues[seq.id] = queue
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-            threading.Thread(target=self._decode_forever, name="decode", daemon=True).start()
-        self.work.set()
-        sent, last_sent, described = 0, 0.0, 0
-        try:
-            if echo:
-                event = {"delta": prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)}
-                if params.logprobs is not None:  # scored in a thread of its own while decoding goes on
-                    scored = await asyncio.to_thread(self.engine.prompt_logprobs, seq.prompt_ids, params.logprobs)
-                    event["logprobs"] = [self._described(t, lp) for t, lp in zip(seq.prompt_ids, scored)]
-                yield event
-            while True:
-                update = await queue.get()
-                while not queue.empty():  # text that arrived meanwhile goes out as one delta
-                    update = queue.get_nowait()
-                if isinstance(update, Exception):
-                    raise update
-                text, finished, scored = update
-                if not finished and sent and time.monotonic() - last_sent < self._interval():
-                    continue  # the text so far goes with the next token
-                upto = len(text) if finished else len(text) - _held_back(text, params.stop)
-                if upto > sent or (finished and scored > described):
-                    event = {"delta": text[sent:upto]}
-                    if params.logprobs is not None:
-                        event["logprobs"] = [self._described(lp.token, lp) for lp in seq.logprobs[described:scored]]
-                        described = scored
-                    yield event
-                    sent, last_sent = upto, time.monotonic()
-                if finished:
-                    yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.prompt_ids),
-                           "completion_tokens": len(seq.output_ids)}
-                    return
-        finally:
-            self.queues.pop(seq.id, None)
-            if not seq.finished:  # the client went away: stop decoding for it
-                self.engine.abort(seq)
-                self.abandoned += 1
 
 
 @serve.deployment(max_ongoing_requests=256)

@@ -352,7 +352,7 @@ def test_api_key_is_enforced(server):
 def test_each_streams_interval_grows_so_a_replica_keeps_to_its_chunk_budget(streams, events_per_s, expected_ms):
     from types import SimpleNamespace
 
-    from launcher.serve_app import LanguageModel
+    from launcher.serve_model import LanguageModel
 
     replica = SimpleNamespace(stream_interval=0.040, stream_events_per_s=events_per_s,
                               queues={i: None for i in range(streams)})
@@ -377,7 +377,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
 
     import torch
 
-    from launcher.serve_app import LanguageModel
+    from launcher.serve_model import LanguageModel
     from lm.config import ModelConfig
     from lm.engine import Engine, SamplingParams
     from lm.model import GPT
