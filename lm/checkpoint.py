@@ -2,6 +2,8 @@
 
 A checkpoint directory holds
     deepspeed/state/...   DeepSpeed's own files: model states and each rank's ZeRO shard
+    deepspeed/state_universal/...  the same state in DeepSpeed's universal format, added by the first
+                          resume on another number of ranks (it loads on any number)
     rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
     trainer_state.json    step, data position, tokens seen, last metrics, what the hooks keep (the W&B
                           run id) (written by rank 0)
@@ -17,6 +19,7 @@ checks checkpoints before it starts Ray, and importing torch there (~1 s) would 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
+UNIVERSAL_TAG = "state_universal"  # DeepSpeed's universal form of `state`, written on a resume that needs it
 TRAINER_STATE = "trainer_state.json"
 PARTS_DIR = "parts"
 
@@ -70,13 +74,61 @@ def write_part_manifest(path: str | Path, rank: int) -> None:
     partial.rename(path / PARTS_DIR / f"rank_{rank}.json")
 
 
-def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
-    """Restore weights, optimizer state and this rank's RNG; return the trainer state."""
+def needs_resharding(path: str | Path, world: int) -> bool:
+    """Resuming on `world` ranks a checkpoint that another number of ranks wrote, whose optimizer state
+    DeepSpeed partitioned by rank (ZeRO 1-3, and its bf16 optimizer at any stage): DeepSpeed loads
+    such a state only on the same number of ranks, or from its universal format."""
+    if load_config(path).cluster.num_workers == world:
+        return False
+    return any((Path(path) / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt"))
+
+
+def write_universal_checkpoint(path: str | Path) -> Path:
+    """The checkpoint's DeepSpeed state in DeepSpeed's universal format (`ds_to_universal`: every
+    parameter's fp32 weights and optimizer moments whole, unpartitioned), beside the original,
+    which is left as it was. Written once, atomically; later calls find it."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_dir = Path(path) / DEEPSPEED_DIR
+    final = ds_dir / UNIVERSAL_TAG
+    if final.is_dir():
+        return final
+    staging = ds_dir / f".{UNIVERSAL_TAG}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    # inject_missing_state: the version record Megatron-DeepSpeed writes and our checkpoints do not.
+    args = argparse.Namespace(input_folder=str(ds_dir / DEEPSPEED_TAG), output_folder=str(staging),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines are diagnostics, not output
+            ds_to_universal(args)
+        (ds_dir / "latest_universal").unlink(missing_ok=True)  # it names the staging directory
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def load_rank_checkpoint(engine, path: str | Path, rank: int, universal: bool = False) -> dict:
+    """Restore weights, optimizer state and this rank's RNG; return the trainer state. `universal`:
+    from the universal form (`needs_resharding`; the engine was made with load_universal); rank 0
+    writes it while the others wait."""
     import torch
+    import torch.distributed as dist
 
     path = Path(path)
-    load_path, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+    tag = DEEPSPEED_TAG
+    if universal:
+        if rank == 0:
+            write_universal_checkpoint(path)
+        dist.barrier()
+        tag = UNIVERSAL_TAG
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
+    load_path, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=tag,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    if universal:
+        _repair_universal_load(engine.optimizer, hyperparameters)
     if load_path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DEEPSPEED_DIR}")
     rng_file = path / "rng" / f"rank_{rank}.pt"
@@ -86,6 +138,23 @@ def load_rank_checkpoint(engine, path: str | Path, rank: int) -> dict:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
     return read_trainer_state(path)
+
+
+def _repair_universal_load(optimizer, hyperparameters: list[dict]) -> None:
+    """Undo two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong (found by resuming on another
+    number of ranks and comparing with the uninterrupted run):
+    - it gives every parameter group the first group's hyperparameters, so biases and norms get the
+      matrices' weight decay: each group gets back its own, which the optimizer was built with;
+    - it gives every group's state one shared step tensor, which torch's Adam then advances once per
+      group each step (the wrong bias correction): each state gets its own copy."""
+    import torch
+
+    for group, kept in zip(optimizer.param_groups, hyperparameters):
+        group.update(kept)
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO's wrapper holds torch's optimizer
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def is_complete(path: str | Path) -> bool:

@@ -347,8 +347,7 @@ def config_from_dict(data: dict, cls: type = TrainConfig) -> Any:
 
 # Settings a run cannot change between invocations: its checkpoints hold tensors of these shapes
 # and a data order that depends on them.
-_RESUME_FIXED = ("model", "data.tokenizer", "data.vocab_size", "deepspeed.zero_stage", "cluster.num_workers",
-                 "trainer.seed")
+_RESUME_FIXED = ("model", "data.tokenizer", "data.vocab_size", "deepspeed.zero_stage", "trainer.seed")
 
 
 def resume_conflict(saved: TrainConfig, current: TrainConfig) -> Optional[str]:

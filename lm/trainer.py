@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lm.checkpoint import load_config, load_rank_checkpoint, save_rank_checkpoint, write_part_manifest
+from lm.checkpoint import (load_config, load_rank_checkpoint, needs_resharding, save_rank_checkpoint,
+                           write_part_manifest)
 from lm.config import (OptimConfig, TrainConfig, config_to_dict, min_learning_rate, sequence_length,
                        tokens_per_step)
 from lm.data import PreparedData
@@ -290,8 +291,13 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         if t.init_from and not hooks.resume_from:
             load_pretrained(model, t.init_from)
     fpt = flops_per_token(cfg.model, seq, model.num_params(numel=_numel))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                           config=deepspeed_config(cfg))
+    ds_config = deepspeed_config(cfg)
+    # A run resumed on another number of ranks: its partitioned optimizer state is resharded through
+    # DeepSpeed's universal checkpoint format.
+    reshard = bool(hooks.resume_from) and needs_resharding(hooks.resume_from, world)
+    if reshard:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config)
     skip_redundant_engine_work(engine, cfg.deepspeed.zero_stage, world)
     if t.compile:
         # In place (nn.Module.compile): the module keeps its parameter names, so checkpoints and exports
@@ -304,7 +310,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metrics": {}}
     if hooks.resume_from:
-        state = load_rank_checkpoint(engine, hooks.resume_from, rank)
+        state = load_rank_checkpoint(engine, hooks.resume_from, rank, universal=reshard)
         loader.load_state_dict(state["loader"])
 
     peak: PeakFlops = peak_flops(device, t.precision)
