@@ -26,8 +26,8 @@ from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials
-from lm.config import (ConfigError, TrainConfig, config_to_dict, padded_vocab_size, resume_conflict,
-                       sequence_length, validate)
+from lm.config import (ConfigError, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
+                       resume_conflict, sequence_length, validate)
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
@@ -200,11 +200,19 @@ def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
-        conflict = resume_conflict(load_config(latest), cfg)
+        saved = load_config(latest)
+        conflict = resume_conflict(saved, cfg)
         if conflict:
             raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
                               "choose another run.name to start a new run)")
         print(f"resuming run {cfg.run.name} from {latest}", flush=True)
+        if saved.cluster.num_workers != cfg.cluster.num_workers:
+            print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: ZeRO's "
+                  "partitioned state is resharded (DeepSpeed's universal checkpoint, written once beside it); "
+                  f"{global_batch_size(saved)} -> {global_batch_size(cfg)} sequences per step"
+                  + ("" if global_batch_size(saved) == global_batch_size(cfg) else
+                     " (trainer.micro_batch_size or trainer.grad_accum keep it, and the run's course with it)"),
+                  flush=True)
     return latest
 
 

@@ -152,6 +152,23 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert tree_digest(run_dir) == before
 
 
+def test_a_run_two_workers_started_continues_on_one(tmp_path, corpus_file):
+    """`run.name=<run> cluster.num_workers=1` continues a 2-worker ZeRO-3 run through Ray: its state is
+    resharded, and with the global batch kept it trains on as it would have (the trainer-level test,
+    test_elastic_resume.py, holds the losses to the uninterrupted run's)."""
+    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=elastic", "trainer.max_steps=30", "deepspeed=zero3",
+                                                    "logging=none", "trainer.sample_tokens=0"]
+    first = launch(tmp_path, *base, "trainer.stop_at_step=15")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "written by 2 workers, resumed on 1: ZeRO's partitioned state is resharded" in second.stdout
+    assert "8 -> 8 sequences per step" in second.stdout
+    summary = json.loads((tmp_path / "runs" / "elastic" / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["config"]["cluster"]["num_workers"] == 1
+    assert (tmp_path / "runs" / "elastic" / "checkpoint_000015" / "deepspeed" / "state_universal").is_dir()
+
+
 def test_wandb_config_shows_what_auto_precision_resolved_to_and_the_tags_and_notes(tmp_path):
     from launcher.wandb_logger import WandbLogger
 
