@@ -40,7 +40,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from lm.checkpoint import find_latest_checkpoint, read_trainer_state
+    from lm.checkpoint import find_latest_checkpoint, load_config, read_trainer_state
     from lm.config import config_from_dict, sequence_length
     from lm.data import prepare_data
     from lm.pretrained import dataset_tokenizer
@@ -50,6 +50,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # An elastic group (cluster.min_workers) may run with fewer workers than num_workers; its
+    # checkpoints record the count it ran with, which a later group reshards from if it differs.
+    cfg.cluster.num_workers = context.get_world_size()
     node = ray.get_runtime_context().get_node_id()
     sys.stdout.write(f"worker rank {rank}/{context.get_world_size()} on node {node}\n")
     dataset_dir = loop_config["dataset_dir"]
@@ -64,7 +67,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # group that fails just after writing one would otherwise restart from the one before.
     resume_from = find_latest_checkpoint(os.path.join(cfg.run.storage, cfg.run.name))
     if resume_from and rank == 0:
-        sys.stdout.write(f"worker group resumes from {resume_from}\n")
+        written_by = load_config(resume_from).cluster.num_workers
+        resharded = f" (written by {written_by} workers: resharded)" if written_by != cfg.cluster.num_workers else ""
+        sys.stdout.write(f"worker group resumes from {resume_from}{resharded}\n")
 
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":

@@ -31,8 +31,8 @@ from lm.config import (ConfigError, TrainConfig, config_to_dict, global_batch_si
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
-_NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.placement_strategy",
-                  "cluster.include_dashboard",
+_NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.min_workers",
+                  "cluster.placement_strategy", "cluster.include_dashboard",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
                   "trainer.log_every", "trainer.compile", "trainer.profile_at", "trainer.profile_steps",
                   "data.cache_dir"}
@@ -105,6 +105,11 @@ def start_ray(cfg: TrainConfig) -> None:
                                                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **WORKER_ENV}})
 
 
+def worker_count(c) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: a fixed count, or (min, max) for an elastic worker group."""
+    return (c.min_workers, c.num_workers) if c.min_workers and c.min_workers < c.num_workers else c.num_workers
+
+
 FIT_IMPORTS = ("ray.train.torch", "launcher.lean_trainer", "launcher.ray_worker")  # what fit() imports
 
 
@@ -120,7 +125,7 @@ def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
         train_loop_per_worker, local_ray=not joins_cluster(cfg),
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
                            "wandb_group": sweep_group(), "stop_file": stop_file},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+        scaling_config=ScalingConfig(num_workers=worker_count(c), use_gpu=c.use_gpu,
                                      resources_per_worker=resources, placement_strategy=c.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
                              failure_config=FailureConfig(max_failures=c.max_failures),

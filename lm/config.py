@@ -76,6 +76,10 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"
     max_failures: int = 0
+    # Elastic: after a lost worker or node, the group restarts with as few as min_workers workers
+    # rather than waiting for num_workers (None: always num_workers), from the latest checkpoint,
+    # resharded; it grows back when resources return. Each worker keeps its micro batch.
+    min_workers: Optional[int] = None
     multi_node: bool = False  # workers may land on several nodes: run.storage must be shared
     shared_storage: Optional[bool] = None  # is run.storage reachable from every node? None: detect
     include_dashboard: bool = True  # Ray's dashboard on 127.0.0.1:8265, for a Ray the launcher starts itself
@@ -273,6 +277,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(c.num_workers >= 1, "cluster.num_workers", c.num_workers, "must be an integer >= 1")
     _require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", c.cpus_per_worker,
              "must be an integer >= 1")
+    if c.min_workers is not None:
+        _require(1 <= c.min_workers <= c.num_workers, "cluster.min_workers", c.min_workers,
+                 f"must be between 1 and cluster.num_workers={c.num_workers}, or null (a fixed worker count)")
     _require(c.max_failures >= -1, "cluster.max_failures", c.max_failures,
              "must be >= 0, or -1 for unlimited retries")
 

@@ -175,6 +175,44 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
         cluster.shutdown()
 
 
+def test_an_elastic_run_goes_on_with_the_workers_left_when_a_node_is_lost(workdir, corpus_file, monkeypatch):
+    """cluster.min_workers=1: a 2-worker run loses the node of one of its workers. Rather than wait for
+    a replacement, Ray Train restarts the group with the one worker the head has room for; it resumes
+    from the latest checkpoint, resharded to one rank, and finishes the run there."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")  # every worker's placement line
+    # Right after the loss, Train's view of the cluster may still count the lost node's CPU: it then
+    # tries 2 workers first, and gives up on them after this long (Ray's default: 60 s).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        worker_node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run_dir = workdir / "runs" / "elastic"
+        overrides = training_overrides(workdir, corpus_file, "elastic") + [
+            "cluster=multi_node", f"cluster.address={cluster.address}", "cluster.shared_storage=true",
+            "cluster.num_workers=2", "cluster.min_workers=1", "cluster.max_failures=3"]
+        proc = launch(*overrides, wait=False)
+        wait_for_checkpoint(run_dir, 15, proc)
+        cluster.remove_node(worker_node)
+        code, out = finish(proc)
+    finally:
+        cluster.shutdown()
+
+    assert code == 0, out[-3000:]
+    placed = re.findall(r"worker rank (\d/\d) on node", out)
+    assert sorted(placed[:2]) == ["0/2", "1/2"] and placed[2:] == ["0/1"], \
+        "2 workers, then the one there was room for"
+    resumed = re.findall(r"worker group resumes from \S+/(checkpoint_\d+) \(written by 2 workers: resharded\)", out)
+    assert resumed and resumed[-1] >= "checkpoint_000015"
+    final = find_latest_checkpoint(run_dir)
+    assert final.name == "checkpoint_000045" and json.loads((final / "config.json").read_text())["cluster"]["num_workers"] == 1
+    assert (run_dir / resumed[-1] / "deepspeed" / "state_universal").is_dir()
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """`make cluster-up` on free ports; `make cluster-down` afterwards."""

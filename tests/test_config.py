@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["trainer.precision=fp8"], "trainer.precision='fp8' is invalid: allowed values are fp32, bf16, fp16, auto"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: fp16 needs GPU workers (cluster.use_gpu=true)"),
     (["trainer.stop_at_step=500"], "trainer.stop_at_step=500 is invalid: must be between 1 and trainer.max_steps"),
+    (["cluster.min_workers=3"], "cluster.min_workers=3 is invalid: must be between 1 and cluster.num_workers=2"),
     (["trainer.profile_at=1"], "trainer.profile_at=1 is invalid: must be between 2 (step 1 warms the profiler up)"),
     (["trainer.profile_at=219"], "trainer.profile_at=219 is invalid: must be between 2 (step 1 warms the profiler up) "
                                  "and trainer.max_steps - trainer.profile_steps + 1 = 218"),
@@ -147,6 +148,7 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.stop_at_step=5"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.profile_at=5", "trainer.profile_steps=2"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "cluster.min_workers=1"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "logging=none"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "cluster.include_dashboard=false"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
