@@ -38,7 +38,8 @@ _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "
                   "data.cache_dir"}
 # Settings added after run names were first derived: at these values they leave the name as it was,
 # so a run started before the setting existed still resumes under the same command.
-_NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None, "optim.schedule": "cosine"}
+_NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None, "optim.schedule": "cosine",
+                      "data.weights": None}
 
 
 def derive_run_name(cfg: TrainConfig) -> str:
@@ -191,6 +192,10 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
         if tokens < needed:
             raise ConfigError(f"{field}={value!r}: the {split} split has {tokens} tokens, fewer than one "
                               f"sequence ({needed}); use more text or a smaller data.block_size")
+    for source in prepared.meta.get("sources", []):  # a mixture's: each is sampled on its own
+        if source["train_tokens"] < needed:
+            raise ConfigError(f"data.path={cfg.data.path!r}: its source {source['path']!r} has {source['train_tokens']} "
+                              f"training tokens, fewer than one sequence ({needed}); drop it or add text")
     if tokenizer is None:
         cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
     elif prepared.meta["vocab_size"] > cfg.model.vocab_size:

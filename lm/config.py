@@ -51,7 +51,10 @@ class DataConfig:
     val_fraction: float = 0.02  # the share of the corpus held out for validation, unless val_path is set
     val_path: Optional[str] = None  # validation files (as path); set: all of path trains, val_fraction is unused
     tokenizer_train_bytes: int = 8_000_000  # BPE is trained on this many bytes of the corpus
-    max_bytes: Optional[int] = None  # cap on the corpus text read, in UTF-8 bytes (None: all)
+    max_bytes: Optional[int] = None  # cap on the corpus text read, in UTF-8 bytes (None: all; a mixture: per source)
+    # A mixture: one weight per comma-separated item of `path` (each a file, directory or glob: a
+    # source), its share of the training windows; each source keeps its own val split. None: one corpus.
+    weights: Optional[list[float]] = None
     cache_dir: str = "outputs/cache"
     max_bad_fraction: float = 0.01  # chat: skip (and report) bad lines; more than this stops the run
 
@@ -191,6 +194,11 @@ class ServeAppConfig:
 # Derived values: computed once, here.
 
 
+def path_items(path: Optional[str]) -> list[str]:
+    """The comma-separated items of data.path (or data.val_path): a file, directory or glob each."""
+    return [item.strip() for item in str(path or "").split(",") if item.strip()]
+
+
 def sequence_length(cfg: TrainConfig) -> int:
     return cfg.data.block_size or cfg.model.block_size
 
@@ -323,6 +331,11 @@ def validate(cfg: TrainConfig) -> None:
     if d.source == "chat":
         _require(bool(d.path), "data.path", d.path,
                  "data=chat needs data.path=<.jsonl, .parquet or .arrow file(s) of conversations>")
+    if d.weights is not None:
+        _require(d.source == "files", "data.weights", d.weights, "applies to data=text (a mixture of data.path's items)")
+        sources = len(path_items(d.path))
+        _require(len(d.weights) == sources and all(w > 0 for w in d.weights), "data.weights", d.weights,
+                 f"must be {sources} weights > 0, one per comma-separated item of data.path")
     _require(d.val_path is None or d.source in ("files", "chat"), "data.val_path", d.val_path,
              "applies to data=text and data=chat; the default corpus is split by data.val_fraction")
     _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from lm.chat_data import read_conversations
-from lm.config import ConfigError, DataConfig
+from lm.config import ConfigError, DataConfig, path_items
 from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
                         read_text, table_columns)
 
@@ -35,22 +35,23 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
     stdlib default."""
     if data.source == "stdlib" and field == "data.path":
         return stdlib_files()
-    files: list[Path] = []
-    for item in (p.strip() for p in str(_setting(data, field)).split(",") if p.strip()):
-        expanded = os.path.expanduser(item)
-        if any(ch in expanded for ch in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
-            if not matches:
-                raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
-            files.extend(m for m in matches if m.is_file())
-        elif os.path.isdir(expanded):
-            files.extend(sorted(p for p in Path(expanded).rglob("*")
-                                if p.is_file() and file_format(p)))
-        elif os.path.isfile(expanded):
-            files.append(Path(expanded))
-        else:
-            raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
-    return files
+    return [f for item in path_items(_setting(data, field)) for f in item_files(item, field)]
+
+
+def item_files(item: str, field: str = "data.path") -> list[Path]:
+    """The files one item of data.path names: a file, a directory (its files of known formats,
+    recursively) or a glob."""
+    expanded = os.path.expanduser(item)
+    if any(ch in expanded for ch in "*?["):
+        matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
+        if not matches:
+            raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
+        return [m for m in matches if m.is_file()]
+    if os.path.isdir(expanded):
+        return sorted(p for p in Path(expanded).rglob("*") if p.is_file() and file_format(p))
+    if os.path.isfile(expanded):
+        return [Path(expanded)]
+    raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
 
 
 def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> Iterator[str]:

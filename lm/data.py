@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
-from lm.config import DataConfig
-from lm.corpus import corpus_files, empty_corpus, iter_documents, read_chats, read_documents
+from lm.config import ConfigError, DataConfig, path_items
+from lm.corpus import corpus_files, empty_corpus, item_files, iter_documents, read_chats, read_documents
+from lm.records import FORMATS
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT_VERSION = 1
@@ -76,6 +77,19 @@ class PreparedData:
     def tokens(self, split: str) -> np.memmap:
         return np.memmap(self.directory / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
+    def train_mixture(self, weights: list[float] | None) -> list[tuple[int, int, float]] | None:
+        """The train split's sources as TokenShardLoader's mixture, [(first token, end token, weight)];
+        None without weights (one corpus)."""
+        if not weights:
+            return None
+        sources = self.meta.get("sources", [])
+        if len(sources) != len(weights):
+            raise ValueError(f"data.weights has {len(weights)} weights but the token cache {self.directory} "
+                             f"holds {len(sources)} sources")
+        ends = np.cumsum([source["train_tokens"] for source in sources])
+        return [(int(end - source["train_tokens"]), int(end), float(weight))
+                for source, end, weight in zip(sources, ends, weights)]
+
     def loss_mask(self, split: str) -> np.memmap | None:
         """Chat data: 1 where a token is a target the loss counts (an answer token), else 0."""
         if not self.meta.get("loss_mask"):
@@ -87,25 +101,29 @@ class _CorpusIndex:
     """What the streamed passes over a text corpus need of each document: its md5 (the order
     `_shuffled` puts documents in) and its length. Some 24 bytes a document, never the text."""
 
-    def __init__(self, files: list[Path], data: DataConfig):
-        self.files, self.data = files, data
+    def __init__(self, sources: list[list[Path]], data: DataConfig):
+        self.sources, self.data = sources, data  # one source, or a mixture's (data.weights)
         self.digests = bytearray()
         self.lengths = array("q")  # characters, as `_tokenizer_sample` counts them
+        self.ends: list[int] = []  # where each source's documents end
         self.has_text = False
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def documents(self) -> Iterator[str]:
-        return iter_documents(self.files, self.data)
+        return itertools.chain.from_iterable(iter_documents(files, self.data) for files in self.sources)
 
     def scan(self) -> Iterator[str]:
         """The documents, each one's digest and length recorded on the way (the first pass)."""
-        for doc in self.documents():
-            self.digests += hashlib.md5(doc.encode("utf-8")).digest()
-            self.lengths.append(len(doc))
-            self.has_text = self.has_text or bool(doc.strip())
-            yield doc
+        self.ends = []
+        for files in self.sources:
+            for doc in iter_documents(files, self.data):
+                self.digests += hashlib.md5(doc.encode("utf-8")).digest()
+                self.lengths.append(len(doc))
+                self.has_text = self.has_text or bool(doc.strip())
+                yield doc
+            self.ends.append(len(self))
 
     def sample(self, max_chars: int, val_docs: list[str] | None) -> Iterator[str]:
         """`_tokenizer_sample(_shuffled(docs + val_docs), max_chars)`, reading only the documents it takes."""
@@ -124,6 +142,26 @@ class _CorpusIndex:
                 found[i] = doc
         for i in taken:
             yield found[i] if i < len(self) else val_docs[i - len(self)]
+
+    def write_mixture(self, stream: "TokenStream", train: Path, val: Path, val_fraction: float) -> list[tuple]:
+        """Each source's documents in content order, one source after another: the first part of each
+        to `train`, its last val_fraction of tokens (0: none) to `val`. Returns (train, val) tokens by source."""
+        split, start = [], 0
+        with open(train, "wb") as train_out, open(val, "wb") as val_out:
+            for end in self.ends:
+                order = start + _digest_order(bytes(self.digests[16 * start:16 * end]))
+                total = int(sum(stream.offsets[i + 1] - stream.offsets[i] for i in order))
+                n_val = max(int(total * val_fraction), 1) if val_fraction else 0
+                written = 0
+                for i in order:
+                    tokens = stream.tokens[stream.offsets[i]:stream.offsets[i + 1]]
+                    cut = max(min(total - n_val - written, len(tokens)), 0)
+                    tokens[:cut].tofile(train_out)
+                    tokens[cut:].tofile(val_out)
+                    written += len(tokens)
+                split.append((total - n_val, n_val))
+                start = end
+        return split
 
     def write_shuffled(self, stream: "TokenStream", path: Path) -> int:
         """The documents' tokens in `_shuffled`'s order, to `path`; returns how many were written."""
@@ -215,22 +253,30 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     """Return the token cache for this corpus and tokenizer, building it if it does not exist.
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
     `seq_len`: the training sequence length, which chat data is packed to (see `_encode_chats`)."""
-    files = corpus_files(data)
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
     if data.source == "chat":
-        return _prepare_chats(files, val_files, data, tokenizer, seq_len)
-    return _prepare_text(files, val_files, data, tokenizer, progress)
+        return _prepare_chats(corpus_files(data), val_files, data, tokenizer, seq_len)
+    sources = [item_files(item) for item in path_items(data.path)] if data.weights else [corpus_files(data)]
+    return _prepare_text(sources, val_files, data, tokenizer, progress)
 
 
-def _prepare_text(files: list[Path], val_files: list[Path] | None, data: DataConfig, tokenizer: Tokenizer | None,
-                  progress: bool) -> PreparedData:
+def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data: DataConfig,
+                  tokenizer: Tokenizer | None, progress: bool) -> PreparedData:
     """Text, streamed: the corpus is read again for each pass (its key, the tokenizer's sample, its
-    tokens) and is never in memory whole; validation files of their own are (they are small)."""
+    tokens) and is never in memory whole; validation files of their own are (they are small). A
+    mixture (data.weights) keeps its sources apart: one after another in train.bin, and in val.bin
+    each one's held-out tail; the weights are the loader's, so changing them reuses the cache."""
     val_docs = read_documents(val_files, data, "data.val_path") if val_files else None
-    corpus = _CorpusIndex(files, data)
+    corpus = _CorpusIndex(sources, data)
     key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
     if not corpus.has_text:
-        empty_corpus(files, data, "data.path")
+        empty_corpus([f for files in sources for f in files], data, "data.path")
+    if data.weights:  # the same documents split into other sources are another cache
+        key = hashlib.sha256(f"{key} sources {corpus.ends}".encode()).hexdigest()[:20]
+        for item, start, end in zip(path_items(data.path), [0, *corpus.ends], corpus.ends):
+            if start == end:
+                raise ConfigError(f"data.path={data.path!r}: its source {item!r} holds no documents; allowed: "
+                                  f"{', '.join(FORMATS)} files (the text ones also gzipped)")
 
     def write(staging: Path) -> dict:
         nonlocal tokenizer
@@ -240,12 +286,22 @@ def _prepare_text(files: list[Path], val_files: list[Path] | None, data: DataCon
         dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
         in_file_order = tokenize_stream(tokenizer, corpus.documents(), len(corpus), dtype, staging / "stream.bin",
                                         progress)
-        total = corpus.write_shuffled(in_file_order, staging / "train.bin")
+        if data.weights:  # each source's held-out tail goes to val.bin as it is written
+            split = corpus.write_mixture(in_file_order, staging / "train.bin", staging / "val.bin",
+                                         0 if val_docs is not None else data.val_fraction)
+            meta["sources"] = [{"path": item, "documents": end - start, "train_tokens": n_train, "val_tokens": n_val}
+                               for item, start, end, (n_train, n_val)
+                               in zip(path_items(data.path), [0, *corpus.ends], corpus.ends, split)]
+            total = sum(n_train for n_train, _ in split)
+        else:
+            total = corpus.write_shuffled(in_file_order, staging / "train.bin")
         (staging / "stream.bin").unlink()
         if val_docs is not None:  # validation from its own files; all of data.path trains
             val_ids = encode_documents(tokenizer, _shuffled(val_docs), dtype, progress)
             val_ids.tofile(staging / "val.bin")
             meta.update(train_tokens=total, val_tokens=int(len(val_ids)), val_documents=len(val_docs))
+        elif data.weights:
+            meta.update(train_tokens=total, val_tokens=sum(source["val_tokens"] for source in meta["sources"]))
         else:  # the shuffled stream's last val_fraction of tokens validates
             n_val = max(int(total * data.val_fraction), 1)
             _move_tail(staging / "train.bin", staging / "val.bin", n_val, dtype)

@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     clip_here = trainer_clips_gradients(cfg)
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
     loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed,
-                              loss_mask=data.loss_mask("train"))
+                              loss_mask=data.loss_mask("train"), mixture=data.train_mixture(cfg.data.weights))
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metrics": {}}
     if hooks.resume_from:

@@ -64,6 +64,9 @@ BAD_INPUTS = [
     (["trainer.precision=fp8"], "trainer.precision='fp8' is invalid: allowed values are fp32, bf16, fp16, auto"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid: fp16 needs GPU workers (cluster.use_gpu=true)"),
     (["trainer.stop_at_step=500"], "trainer.stop_at_step=500 is invalid: must be between 1 and trainer.max_steps"),
+    (["data=text", f"data.path='{REPO}/README.md,{REPO}/cluster'", "data.weights=[1]"],
+     "data.weights=[1.0] is invalid: must be 2 weights > 0, one per comma-separated item of data.path"),
+    (["data.weights=[1]"], "data.weights=[1.0] is invalid: applies to data=text"),
     (["cluster.min_workers=3"], "cluster.min_workers=3 is invalid: must be between 1 and cluster.num_workers=2"),
     (["trainer.profile_at=1"], "trainer.profile_at=1 is invalid: must be between 2 (step 1 warms the profiler up)"),
     (["trainer.profile_at=219"], "trainer.profile_at=219 is invalid: must be between 2 (step 1 warms the profiler up) "

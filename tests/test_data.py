@@ -109,7 +109,7 @@ def test_the_tokenizer_sample_is_the_first_documents_in_content_order_train_and_
     docs = corpus_with_duplicates(tmp_path / "corpus")
     val_docs = ["held out one", "dup", "held out two"]
     cfg = DataConfig(source="files", path=str(tmp_path / "corpus"))
-    corpus = _CorpusIndex(corpus_files(cfg), cfg)
+    corpus = _CorpusIndex([corpus_files(cfg)], cfg)
     assert list(corpus.scan()) == list(iter_documents(corpus_files(cfg), cfg)) == docs
     for max_chars in (0, 1, 50, 500, 10 ** 9):
         for val in (None, val_docs):
@@ -236,3 +236,69 @@ def test_val_path_gives_validation_its_own_files_and_training_all_of_path(tmp_pa
     (tmp_path / "empty.txt").write_text("  ")
     with pytest.raises(ConfigError, match=r"^data.val_path='.*empty.txt': the corpus is empty"):
         prepare_data(DataConfig(**{**split.__dict__, "val_path": str(tmp_path / "empty.txt")}), progress=False)
+
+
+def mixture_corpus(tmp_path):
+    """Two sources told apart by their letters: a directory of 'a' documents, a JSONL file of 'b' ones."""
+    (tmp_path / "a").mkdir()
+    for i in range(6):
+        (tmp_path / "a" / f"{i}.txt").write_text(f"aaa{'a' * i} " * (20 + i))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"bb{'b' * i} " * (10 + i)}) + "\n" for i in range(4)))
+    return f"{tmp_path / 'a'},{tmp_path / 'b.jsonl'}"
+
+
+def test_a_mixture_cache_keeps_each_source_apart_with_its_own_val_tail_and_serves_any_weights(tmp_path):
+    path = mixture_corpus(tmp_path)
+    cfg = DataConfig(source="files", path=path, tokenizer="char", val_fraction=0.1, weights=[3.0, 1.0],
+                     cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, progress=False)
+    tokenizer = prepared.tokenizer()
+    sources = prepared.meta["sources"]
+    assert [(s["path"], s["documents"]) for s in sources] == [(str(tmp_path / "a"), 6), (str(tmp_path / "b.jsonl"), 4)]
+    train, val = (tokenizer.decode(prepared.tokens(s).tolist()) for s in ("train", "val"))
+    a_train, b_train = sources[0]["train_tokens"], sources[1]["train_tokens"]
+    assert set(train[:a_train]) <= {"a", " "} and set(train[a_train:]) <= {"b", " "}, "source 0, then source 1"
+    a_val = sources[0]["val_tokens"]
+    assert set(val[:a_val]) <= {"a", " "} and set(val[a_val:]) <= {"b", " "}, "each source's own val tail"
+    for s in sources:
+        assert s["val_tokens"] == max(int((s["train_tokens"] + s["val_tokens"]) * 0.1), 1)
+    assert prepared.meta["train_tokens"] == a_train + b_train == len(prepared.tokens("train"))
+    assert prepared.train_mixture([3.0, 1.0]) == [(0, a_train, 3.0), (a_train, a_train + b_train, 1.0)]
+
+    other_weights = prepare_data(DataConfig(**{**cfg.__dict__, "weights": [1.0, 1.0]}), progress=False)
+    assert other_weights.directory == prepared.directory, "weights are the loader's: the cache is reused"
+    one_corpus = prepare_data(DataConfig(**{**cfg.__dict__, "weights": None}), progress=False)
+    assert one_corpus.directory != prepared.directory and "sources" not in one_corpus.meta
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "x.py").write_text("print(1)\n")  # not a corpus format: the source is empty
+    with pytest.raises(ConfigError, match=r"its source '.*code' holds no documents; allowed: .txt"):
+        prepare_data(DataConfig(**{**cfg.__dict__, "path": f"{path},{tmp_path / 'code'}", "weights": [1, 1, 1]}),
+                     progress=False)
+
+
+def test_a_mixture_loader_draws_each_source_by_weight_disjointly_and_resumes_exactly():
+    tokens = np.concatenate([np.zeros(10_001, dtype=np.uint16), np.ones(2_001, dtype=np.uint16)])
+    mixture = [(0, 10_001, 3.0), (10_001, 12_002, 1.0)]
+
+    def mixed(rank=0, world=1):
+        return TokenShardLoader(tokens, seq_len=10, micro_batch=8, rank=rank, world_size=world, seed=3,
+                                mixture=mixture)
+
+    ranks = [mixed(r, 2) for r in range(2)]
+    starts = []
+    for _ in range(1024 // 16):  # one block of the mixture: exactly its shares
+        for ld in ranks:
+            starts.extend(ld.window_starts())
+            ld.next_batch()
+    assert sum(s < 10_001 for s in starts) == 768 and sum(s >= 10_001 for s in starts) == 256
+    source_1 = [s for s in starts if s >= 10_001]
+    assert len(set(source_1)) == 200 and (10_001 + 199 * 10) in source_1, \
+        "the small source's 200 windows are all visited before any repeats"
+    x, y = ranks[0].next_batch()
+    assert set(x.flatten().tolist()) <= {0, 1} and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+    assert all(len(set(row.tolist())) == 1 for row in x), "no window straddles two sources"
+
+    resumed = mixed(0, 2)
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert resumed.window_starts() == ranks[0].window_starts()

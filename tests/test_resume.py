@@ -80,3 +80,37 @@ def test_a_stop_request_on_one_rank_checkpoints_every_rank_at_that_log_step(tiny
                            tmp_path=tmp_path)
     assert results == [(6, True), (6, True)]  # the third log step is step 6
     assert find_latest_checkpoint(tmp_path / "stopped").name == "checkpoint_000006"
+
+
+def run_mixture(rank, cfg_dict, dataset_dir, root, runs):
+    from lm.config import config_from_dict
+    from lm.standalone import local_hooks
+    from lm.trainer import train
+
+    losses = {}
+    for name, stop_at_step in runs:
+        cfg = config_from_dict(cfg_dict)
+        cfg.trainer.stop_at_step = stop_at_step
+        logged = {}
+        train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=3,
+                                            log=lambda m, s: logged.update({s: m["train_loss"]} if "train_loss" in m else {})))
+        losses[name] = logged
+    return losses
+
+
+def test_a_data_mixture_resumes_exactly(tiny_train_config, tmp_path, corpus_file):
+    from lm.config import padded_vocab_size
+    from lm.data import prepare_data
+
+    cfg = tiny_train_config(max_steps=2 * N, ckpt_every=100, eval_every=100)
+    cfg.data.path, cfg.data.weights = f"{corpus_file},{corpus_file}", [3.0, 1.0]  # two sources (the same text)
+    prepared = prepare_data(cfg.data, progress=False)
+    assert len(prepared.meta["sources"]) == 2
+    cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
+    args = (config_to_dict(cfg), str(prepared.directory), str(tmp_path))
+    first = run_on_ranks(run_mixture, 2, *args, [("straight", None), ("resumed", N)], tmp_path=tmp_path)[0]
+    second = run_on_ranks(run_mixture, 2, *args, [("resumed", None)], tmp_path=tmp_path)[0]
+    resumed = {**first["resumed"], **second["resumed"]}
+    assert sorted(resumed) == sorted(first["straight"]) == list(range(1, 2 * N + 1))
+    for step, loss in first["straight"].items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-6), step
