@@ -196,6 +196,10 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
         if source["train_tokens"] < needed:
             raise ConfigError(f"data.path={cfg.data.path!r}: its source {source['path']!r} has {source['train_tokens']} "
                               f"training tokens, fewer than one sequence ({needed}); drop it or add text")
+        if not cfg.data.val_path and source["val_tokens"] < needed:
+            raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: the validation tail of source "
+                              f"{source['path']!r} has {source['val_tokens']} tokens, fewer than one sequence "
+                              f"({needed}); raise it, add text, or give data.val_path")
     if tokenizer is None:
         cfg.model.vocab_size = padded_vocab_size(prepared.meta["vocab_size"])
     elif prepared.meta["vocab_size"] > cfg.model.vocab_size:

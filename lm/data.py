@@ -77,18 +77,23 @@ class PreparedData:
     def tokens(self, split: str) -> np.memmap:
         return np.memmap(self.directory / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
-    def train_mixture(self, weights: list[float] | None) -> list[tuple[int, int, float]] | None:
-        """The train split's sources as TokenShardLoader's mixture, [(first token, end token, weight)];
-        None without weights (one corpus)."""
-        if not weights:
-            return None
+    def mixture(self, split: str, weights: list[float] | None) -> list[tuple[int, int, float]] | None:
+        """A split's sources as TokenShardLoader's mixture, [(first token, end token, weight)]; None without
+        weights (one corpus), or for validation from files of its own (data.val_path)."""
         sources = self.meta.get("sources", [])
+        if not weights or (split == "val" and not any(source["val_tokens"] for source in sources)):
+            return None
         if len(sources) != len(weights):
             raise ValueError(f"data.weights has {len(weights)} weights but the token cache {self.directory} "
                              f"holds {len(sources)} sources")
-        ends = np.cumsum([source["train_tokens"] for source in sources])
-        return [(int(end - source["train_tokens"]), int(end), float(weight))
+        ends = np.cumsum([source[f"{split}_tokens"] for source in sources])
+        return [(int(end - source[f"{split}_tokens"]), int(end), float(weight))
                 for source, end, weight in zip(sources, ends, weights)]
+
+    def source_names(self) -> list[str]:
+        """Short, distinct names of a mixture's sources (for per-source metrics): each item's last part."""
+        names = [Path(source["path"].rstrip("/")).name or source["path"] for source in self.meta.get("sources", [])]
+        return [name if names.count(name) == 1 else f"{i}-{name}" for i, name in enumerate(names)]
 
     def loss_mask(self, split: str) -> np.memmap | None:
         """Chat data: 1 where a token is a target the loss counts (an answer token), else 0."""

@@ -89,15 +89,22 @@ class TokenShardLoader:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
-    def _window_start(self, global_index: int) -> int:
-        """The first token of the global_index-th window."""
+    def _window(self, global_index: int) -> tuple[int, int]:
+        """The source of the global_index-th window, and its first token."""
         source, k = self.mixture[global_index] if self.mixture else (0, global_index)
-        return self.starts[source] + self.sources[source][k] * self.seq_len
+        return source, self.starts[source] + self.sources[source][k] * self.seq_len
+
+    def _next_windows(self) -> list[tuple[int, int]]:
+        start = self.position + self.rank * self.micro_batch
+        return [self._window(start + i) for i in range(self.micro_batch)]
 
     def window_starts(self) -> list[int]:
         """The windows this rank takes for the next micro batch (without consuming them)."""
-        start = self.position + self.rank * self.micro_batch
-        return [self._window_start(start + i) for i in range(self.micro_batch)]
+        return [start for _, start in self._next_windows()]
+
+    def window_sources(self) -> list[int]:
+        """The sources of those windows (all 0 without a mixture)."""
+        return [source for source, _ in self._next_windows()]
 
     def next_batch(self):
         import torch

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lm.checkpoint import (load_config, load_rank_checkpoint, needs_resharding, save_rank_checkpoint,
                            write_part_manifest)
@@ -205,24 +206,37 @@ def _memory_mb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(engine, data: PreparedData, cfg: TrainConfig, rank: int, world: int, device) -> dict:
-    """Loss, perplexity and next-token accuracy on the same val windows at every evaluation."""
+    """Loss, perplexity and next-token accuracy on the same val windows at every evaluation. A data
+    mixture's val windows are drawn by its weights from each source's own val split, and each source's
+    loss is reported too (`val_loss/<source>`)."""
+    mixture = data.mixture("val", cfg.data.weights)
     loader = TokenShardLoader(data.tokens("val"), sequence_length(cfg), cfg.trainer.micro_batch_size,
-                              rank, world, seed=cfg.trainer.seed + 1, loss_mask=data.loss_mask("val"))
+                              rank, world, seed=cfg.trainer.seed + 1, loss_mask=data.loss_mask("val"), mixture=mixture)
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss x targets, correct predictions, targets
+    by_source = torch.zeros(len(mixture or []), 2, dtype=torch.float64)  # loss x targets, targets
     for _ in range(cfg.trainer.eval_steps):
+        sources = loader.window_sources()
         x, y = (t.to(device) for t in loader.next_batch())
         logits, loss = engine(x, y)
         counted = y != -100  # chat data: the answer tokens only
         n = counted.sum().item()
         sums += torch.tensor([loss.item() * n, ((logits.argmax(-1) == y) & counted).sum().item(), n],
                              dtype=torch.float64)
+        if mixture:
+            row_losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(1).double().cpu()
+            rows = counted.sum(1).double().cpu()
+            for row, source in enumerate(sources):
+                by_source[source] += torch.stack([row_losses[row], rows[row]])
     engine.train()
     loss_sum, correct, count = _all_reduce_sum(sums, device).tolist()
     count = max(count, 1.0)
     val_loss = loss_sum / count
-    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 80.0)),
-            "val_accuracy": correct / count}
+    metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 80.0)), "val_accuracy": correct / count}
+    if mixture:
+        for name, (source_loss, targets) in zip(data.source_names(), _all_reduce_sum(by_source, device).tolist()):
+            metrics[f"val_loss/{name}"] = source_loss / max(targets, 1.0)
+    return metrics
 
 
 def load_pretrained(model: GPT, init_from: str) -> None:
@@ -306,7 +320,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     clip_here = trainer_clips_gradients(cfg)
     seed_everything(t.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
     loader = TokenShardLoader(data.tokens("train"), seq, t.micro_batch_size, rank, world, t.seed,
-                              loss_mask=data.loss_mask("train"), mixture=data.train_mixture(cfg.data.weights))
+                              loss_mask=data.loss_mask("train"), mixture=data.mixture("train", cfg.data.weights))
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metrics": {}}
     if hooks.resume_from:
@@ -371,7 +385,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
         if step % t.eval_every == 0 or last:
             metrics.update(evaluate(engine, data, cfg, rank, world, device))
             if rank == 0:
-                hooks.log({k: metrics[k] for k in ("val_loss", "val_perplexity", "val_accuracy")}, step)
+                hooks.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step)
         if step % t.ckpt_every == 0 or last or preempted:
             state["metrics"] = metrics
             state["loader"] = loader.state_dict()

@@ -123,6 +123,21 @@ def test_empty_corpus_is_rejected_by_name(tmp_path):
     assert "the corpus is empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_mixture_source_too_small_for_a_training_or_validation_window_is_rejected_by_name(tmp_path):
+    (tmp_path / "big.txt").write_text("the quick brown fox jumps over the lazy dog " * 400)
+    (tmp_path / "small.txt").write_text("a short note " * 30)
+    path = f"{tmp_path}/big.txt,{tmp_path}/small.txt"
+    result = run_launcher(tmp_path, "data=text", f"data.path='{path}'", "data.weights=[1,1]", "data.tokenizer=char")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("config error")]  # after the build's progress
+    assert result.returncode == 2 and errors == [
+        f"config error: data.val_fraction=0.1: the validation tail of source '{tmp_path}/small.txt' has 39 tokens, "
+        "fewer than one sequence (257); raise it, add text, or give data.val_path"], result.stderr
+    result = run_launcher(tmp_path, "data=text", f"data.path='{path}'", "data.weights=[1,1]", "data.tokenizer=char",
+                          "data.val_fraction=0.5")
+    assert f"config error: data.path='{path}': its source '{tmp_path}/small.txt' has 195 training tokens, fewer " \
+        "than one sequence (257); drop it or add text" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.activation=relu"], "model.activation='relu' is invalid: allowed values are gelu_tanh, gelu"),
     (["model=llama-small", "model.activation=gelu"],

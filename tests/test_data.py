@@ -263,7 +263,9 @@ def test_a_mixture_cache_keeps_each_source_apart_with_its_own_val_tail_and_serve
     for s in sources:
         assert s["val_tokens"] == max(int((s["train_tokens"] + s["val_tokens"]) * 0.1), 1)
     assert prepared.meta["train_tokens"] == a_train + b_train == len(prepared.tokens("train"))
-    assert prepared.train_mixture([3.0, 1.0]) == [(0, a_train, 3.0), (a_train, a_train + b_train, 1.0)]
+    assert prepared.mixture("train", [3.0, 1.0]) == [(0, a_train, 3.0), (a_train, a_train + b_train, 1.0)]
+    assert prepared.mixture("val", [3.0, 1.0]) == [(0, a_val, 3.0), (a_val, len(prepared.tokens("val")), 1.0)]
+    assert prepared.source_names() == ["a", "b.jsonl"]
 
     other_weights = prepare_data(DataConfig(**{**cfg.__dict__, "weights": [1.0, 1.0]}), progress=False)
     assert other_weights.directory == prepared.directory, "weights are the loader's: the cache is reused"

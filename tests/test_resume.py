@@ -92,9 +92,10 @@ def run_mixture(rank, cfg_dict, dataset_dir, root, runs):
         cfg = config_from_dict(cfg_dict)
         cfg.trainer.stop_at_step = stop_at_step
         logged = {}
-        train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=3,
-                                            log=lambda m, s: logged.update({s: m["train_loss"]} if "train_loss" in m else {})))
+        final = train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=3,
+                                                    log=lambda m, s: logged.update({s: m["train_loss"]} if "train_loss" in m else {})))
         losses[name] = logged
+        losses[f"{name}-val"] = {k: v for k, v in final.items() if k.startswith("val_loss")}
     return losses
 
 
@@ -114,3 +115,8 @@ def test_a_data_mixture_resumes_exactly(tiny_train_config, tmp_path, corpus_file
     assert sorted(resumed) == sorted(first["straight"]) == list(range(1, 2 * N + 1))
     for step, loss in first["straight"].items():
         assert resumed[step] == pytest.approx(loss, abs=1e-6), step
+    val = first["straight-val"]
+    assert sorted(val) == ["val_loss", "val_loss/0-corpus.txt", "val_loss/1-corpus.txt"], "each source's own val loss"
+    assert min(val["val_loss/0-corpus.txt"], val["val_loss/1-corpus.txt"]) <= val["val_loss"] <= \
+        max(val["val_loss/0-corpus.txt"], val["val_loss/1-corpus.txt"]), "the mixture's: between its sources'"
+    assert second["resumed-val"] == pytest.approx(val, abs=1e-6)
