@@ -221,8 +221,8 @@ def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
                               "choose another run.name to start a new run)")
         print(f"resuming run {cfg.run.name} from {latest}", flush=True)
         if saved.cluster.num_workers != cfg.cluster.num_workers:
-            print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: ZeRO's "
-                  "partitioned state is resharded (DeepSpeed's universal checkpoint, written once beside it); "
+            print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: state that "
+                  "ZeRO partitioned by rank is resharded (DeepSpeed's universal checkpoint, written once beside it); "
                   f"{global_batch_size(saved)} -> {global_batch_size(cfg)} sequences per step"
                   + ("" if global_batch_size(saved) == global_batch_size(cfg) else
                      " (trainer.micro_batch_size or trainer.grad_accum keep it, and the run's course with it)"),

@@ -31,9 +31,9 @@ from lm.data import PreparedData
 from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
 from lm.host_memory import keep_freed_memory
 from lm.mfu import PeakFlops, cpu_has_bf16, mfu, native_bf16, peak_flops
+from lm.model import GPT, flops_per_token
 from lm.profiling import StepProfiler
 from lm.shard_loader import TokenShardLoader
-from lm.model import GPT, flops_per_token
 
 
 def _ignore(*args) -> None:

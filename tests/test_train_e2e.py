@@ -162,7 +162,7 @@ def test_a_run_two_workers_started_continues_on_one(tmp_path, corpus_file):
     assert first.returncode == 0, first.stderr[-3000:]
     second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "written by 2 workers, resumed on 1: ZeRO's partitioned state is resharded" in second.stdout
+    assert "written by 2 workers, resumed on 1: state that ZeRO partitioned by rank is resharded" in second.stdout
     assert "8 -> 8 sequences per step" in second.stdout
     summary = json.loads((tmp_path / "runs" / "elastic" / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["config"]["cluster"]["num_workers"] == 1
