@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lm.chat_template import END, ROLES, render_message
 from lm.records import read_records
@@ -53,21 +54,28 @@ def parse_conversation(record) -> list[dict]:
     raise ValueError('needs "messages", or "prompt" and "completion"')
 
 
-def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
-    """(conversations, bad lines, lines read) from JSONL files (blank lines skipped) or Parquet/Arrow files
-    (a row each, with a `messages` column of {role, content} structs, or `prompt` and `completion`).
-    Raises UnreadableFile for a file that cannot be read at all."""
-    conversations, bad, total = [], [], 0
+def iter_conversations(files: list[Path], bad: list[BadLine]) -> Iterator[list[dict]]:
+    """Each good conversation, in order, from JSONL files (blank lines skipped) or Parquet/Arrow files (a
+    row each, with a `messages` column of {role, content} structs, or `prompt` and `completion`); each
+    bad line goes to `bad` instead. Read a record at a time. Raises UnreadableFile for a file that
+    cannot be read at all."""
     for path in files:
         for lineno, record in read_records(path):
-            total += 1
             try:
                 if isinstance(record, json.JSONDecodeError):
                     raise ValueError("invalid JSON")
-                conversations.append(parse_conversation(record))
+                conversation = parse_conversation(record)
             except ValueError as error:
                 bad.append(BadLine(path, lineno, str(error)))
-    return conversations, bad, total
+                continue
+            yield conversation
+
+
+def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
+    """(conversations, bad lines, lines read): `iter_conversations` in memory."""
+    bad: list[BadLine] = []
+    conversations = list(iter_conversations(files, bad))
+    return conversations, bad, len(conversations) + len(bad)
 
 
 def render_with_answer_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

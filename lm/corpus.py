@@ -13,7 +13,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, NoReturn
 
-from lm.chat_data import read_conversations
+from lm.chat_data import BadLine, iter_conversations
 from lm.config import ConfigError, DataConfig, path_items
 from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
                         read_text, table_columns)
@@ -104,13 +104,25 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
 
 
 def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
-    """The conversations; bad lines are reported with their line numbers, and too many stop the run.
-    Without `data.val_path`, validation takes some of them, so at least 2 are needed."""
+    """The conversations, in memory (validation files of their own); checked as `check_chats`."""
+    bad: list[BadLine] = []
+    conversations = list(chat_conversations(files, bad, field))
+    check_chats(len(conversations), bad, data, field)
+    return conversations
+
+
+def chat_conversations(files: list[Path], bad: list[BadLine], field: str = "data.path") -> Iterator[list[dict]]:
+    """`iter_conversations`, a file that cannot be read at all being a config error naming `field`."""
     try:
-        conversations, bad, total = read_conversations(files)
+        yield from iter_conversations(files, bad)
     except UnreadableFile as error:
         raise ConfigError(f"{field}: {error}") from None
-    value = _setting(data, field)
+
+
+def check_chats(count: int, bad: list[BadLine], data: DataConfig, field: str = "data.path") -> None:
+    """Bad lines are reported with their line numbers, and too many stop the run. Without
+    `data.val_path`, validation takes some of the `count` conversations, so at least 2 are needed."""
+    value, total = _setting(data, field), count + len(bad)
     if bad:
         listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         if len(bad) > data.max_bad_fraction * total:
@@ -118,7 +130,6 @@ def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") ->
                               f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
         print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
     needed = 1 if data.val_path else 2
-    if len(conversations) < needed:
-        raise ConfigError(f"{field}={value!r}: {len(conversations)} usable conversations; data=chat needs at least "
+    if count < needed:
+        raise ConfigError(f"{field}={value!r}: {count} usable conversations; data=chat needs at least "
                           + ("1" if needed == 1 else "2 (one for validation)"))
-    return conversations

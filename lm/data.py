@@ -9,6 +9,7 @@ cache that looks complete, and an existing cache is never modified.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -23,7 +24,8 @@ import numpy as np
 
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig, path_items
-from lm.corpus import corpus_files, empty_corpus, item_files, iter_documents, read_chats, read_documents
+from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, item_files, iter_documents,
+                       read_chats, read_documents)
 from lm.records import FORMATS
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -106,8 +108,8 @@ class _CorpusIndex:
     """What the streamed passes over a text corpus need of each document: its md5 (the order
     `_shuffled` puts documents in) and its length. Some 24 bytes a document, never the text."""
 
-    def __init__(self, sources: list[list[Path]], data: DataConfig):
-        self.sources, self.data = sources, data  # one source, or a mixture's (data.weights)
+    def __init__(self, sources: list[Callable[[], Iterable[str]]]):
+        self.sources = sources  # each reads its documents afresh: one source, or a mixture's (data.weights)
         self.digests = bytearray()
         self.lengths = array("q")  # characters, as `_tokenizer_sample` counts them
         self.ends: list[int] = []  # where each source's documents end
@@ -117,13 +119,13 @@ class _CorpusIndex:
         return len(self.lengths)
 
     def documents(self) -> Iterator[str]:
-        return itertools.chain.from_iterable(iter_documents(files, self.data) for files in self.sources)
+        return itertools.chain.from_iterable(read() for read in self.sources)
 
     def scan(self) -> Iterator[str]:
         """The documents, each one's digest and length recorded on the way (the first pass)."""
         self.ends = []
-        for files in self.sources:
-            for doc in iter_documents(files, self.data):
+        for read in self.sources:
+            for doc in read():
                 self.digests += hashlib.md5(doc.encode("utf-8")).digest()
                 self.lengths.append(len(doc))
                 self.has_text = self.has_text or bool(doc.strip())
@@ -186,6 +188,7 @@ def _digest_order(digests: bytes) -> np.ndarray:
 class TokenStream:
     tokens: np.ndarray  # every document's ids, one after another
     offsets: np.ndarray  # document i is tokens[offsets[i]:offsets[i + 1]]
+    mask: np.ndarray | None = None  # chat data: 1 where a token is an answer token
 
 
 def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype, path: Path,
@@ -257,7 +260,7 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
                  seq_len: int | None = None) -> PreparedData:
     """Return the token cache for this corpus and tokenizer, building it if it does not exist.
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
-    `seq_len`: the training sequence length, which chat data is packed to (see `_encode_chats`)."""
+    `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`)."""
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
     if data.source == "chat":
         return _prepare_chats(corpus_files(data), val_files, data, tokenizer, seq_len)
@@ -272,7 +275,7 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
     mixture (data.weights) keeps its sources apart: one after another in train.bin, and in val.bin
     each one's held-out tail; the weights are the loader's, so changing them reuses the cache."""
     val_docs = read_documents(val_files, data, "data.val_path") if val_files else None
-    corpus = _CorpusIndex(sources, data)
+    corpus = _CorpusIndex([functools.partial(iter_documents, files, data) for files in sources])
     key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
     if not corpus.has_text:
         empty_corpus([f for files in sources for f in files], data, "data.path")
@@ -316,34 +319,121 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
     return _cached(Path(data.cache_dir), key, write)
 
 
+class _ChatFiles:
+    """The good conversations of chat files, read afresh on each pass; `bad` holds the last pass's bad lines."""
+
+    def __init__(self, files: list[Path]):
+        self.files, self.bad = files, []
+
+    def conversations(self) -> Iterator[list[dict]]:
+        self.bad = []
+        return chat_conversations(self.files, self.bad)
+
+    def rendered(self) -> Iterator[str]:
+        return (render_with_answer_spans(c)[0] for c in self.conversations())
+
+
 def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataConfig, tokenizer: Tokenizer | None,
                    seq_len: int | None) -> PreparedData:
-    """Conversations, in memory (fine-tuning sets are small): rendered, packed to seq_len rows."""
+    """Conversations, streamed as text is: a pass for the key (and the bad lines), one for the tokenizer's
+    sample, one for the ids and loss mask in file order; then each split is packed into rows of seq_len
+    (`_pack_chats`), in content order. Validation files of their own are read whole (they are small)."""
     if not seq_len:
         raise ValueError("chat data is packed to the training sequence length: pass seq_len")
-    chats = read_chats(files, data)
     val_chats = read_chats(val_files, data, "data.val_path") if val_files else None
-    docs = [render_with_answer_spans(c)[0] for c in chats]
     val_docs = [render_with_answer_spans(c)[0] for c in val_chats] if val_chats else None
-    key = cache_key(docs, data, tokenizer, seq_len, val_docs)
+    chats = _ChatFiles(files)
+    corpus = _CorpusIndex([chats.rendered])
+    key = cache_key(corpus.scan(), data, tokenizer, seq_len, val_docs)
+    check_chats(len(corpus), chats.bad, data)
 
     def write(staging: Path) -> dict:
         nonlocal tokenizer
         if tokenizer is None:
-            sample = _shuffled(docs if val_docs is None else [*docs, *val_docs])
-            tokenizer = train_tokenizer(data.tokenizer, _tokenizer_sample(sample, data.tokenizer_train_bytes),
+            tokenizer = train_tokenizer(data.tokenizer, corpus.sample(data.tokenizer_train_bytes, val_docs),
                                         data.vocab_size)
-        dtype, meta = _cache_header(staging, tokenizer, data, len(docs), key)
-        parts = {"train": chats, "val": val_chats} if val_chats else chat_splits(chats, data.val_fraction)
-        for split, (ids, mask) in _encode_chats(tokenizer, parts, dtype, seq_len).items():
-            ids.tofile(staging / f"{split}.bin")
-            mask.tofile(staging / f"{split}_mask.bin")
-            meta[f"{split}_tokens"] = int(len(ids))
-            meta[f"{split}_answer_tokens"] = int(mask.sum())
+        dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
+        stream = _tokenize_chats(tokenizer, chats.conversations(), len(corpus), dtype, staging / "stream")
+        if val_chats:  # all of data.path trains, in file order; validation is the val files'
+            val_stream = _tokenize_chats(tokenizer, iter(val_chats), len(val_chats), dtype, staging / "val_stream")
+            parts = {"train": (stream, np.arange(len(corpus))), "val": (val_stream, np.arange(len(val_chats)))}
+        else:  # whole conversations, the same ones on every build (content order)
+            order = _digest_order(bytes(corpus.digests))
+            n_val = chat_val_count(len(corpus), data.val_fraction)
+            parts = {"train": (stream, order[:-n_val]), "val": (stream, order[-n_val:])}
+        pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+        for split, (source, order) in parts.items():
+            meta[f"{split}_tokens"], meta[f"{split}_answer_tokens"] = _pack_chats(
+                source, order, seq_len, pad, staging / f"{split}.bin", staging / f"{split}_mask.bin")
+        for name in ("stream", "val_stream"):
+            for suffix in (".bin", "_mask.bin"):
+                (staging / f"{name}{suffix}").unlink(missing_ok=True)
         meta["loss_mask"] = True
         return meta
 
     return _cached(Path(data.cache_dir), key, write)
+
+
+def chat_val_count(conversations: int, val_fraction: float) -> int:
+    """How many whole conversations validate (the last ones in content order): at least one, and one
+    fewer than all."""
+    return min(max(round(conversations * val_fraction), 1), conversations - 1)
+
+
+def chat_splits(chats: list[list[dict]], val_fraction: float) -> dict[str, list[list[dict]]]:
+    """{"train": ..., "val": ...}: the conversations each split of a data=chat cache holds, in memory."""
+    ordered = sorted(chats, key=lambda c: hashlib.md5(render_with_answer_spans(c)[0].encode("utf-8")).digest())
+    n_val = chat_val_count(len(chats), val_fraction)
+    return {"train": ordered[:-n_val], "val": ordered[-n_val:]}
+
+
+def _tokenize_chats(tokenizer: Tokenizer, conversations: Iterator[list[dict]], count: int, dtype,
+                    path: Path) -> TokenStream:
+    """Each conversation's ids (to <path>.bin) and answer mask (to <path>_mask.bin, 1 byte a token), one
+    after another; the stream's `mask` holds the latter."""
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    done = 0
+    with open(f"{path}.bin", "wb") as ids_out, open(f"{path}_mask.bin", "wb") as mask_out:
+        for messages in conversations:
+            if done == count:
+                break
+            ids, mask = tokenize_conversation(tokenizer, messages)
+            np.asarray(ids, dtype=dtype).tofile(ids_out)
+            np.asarray(mask, dtype=np.uint8).tofile(mask_out)
+            offsets[done + 1] = offsets[done] + len(ids)
+            done += 1
+    if done != count or next(conversations, None) is not None:
+        raise RuntimeError(f"the corpus changed while it was read: {count} conversations, then {done} or more")
+    return TokenStream(np.memmap(f"{path}.bin", dtype=dtype, mode="r"), offsets,
+                       np.memmap(f"{path}_mask.bin", dtype=np.uint8, mode="r"))
+
+
+def _pack_chats(stream: TokenStream, order: np.ndarray, seq_len: int, pad: int, ids_path: Path,
+                mask_path: Path) -> tuple[int, int]:
+    """The conversations `order` names packed into rows of seq_len tokens (the loader's windows) so that
+    no conversation straddles two rows unless it is longer than one: an answer is always trained with
+    its question in view. End-of-text closes each conversation and pads rows; it carries no loss.
+    Returns (tokens, answer tokens) written."""
+    written = answers = 0
+    with open(ids_path, "wb") as ids_out, open(mask_path, "wb") as mask_out:
+        def put(ids: np.ndarray, mask: np.ndarray) -> None:
+            nonlocal written
+            ids.astype(stream.tokens.dtype, copy=False).tofile(ids_out)
+            mask.astype(np.uint8, copy=False).tofile(mask_out)
+            written += len(ids)
+
+        for i in order:
+            ids, mask = stream.tokens[stream.offsets[i]:stream.offsets[i + 1]], stream.mask[stream.offsets[i]:stream.offsets[i + 1]]
+            room = seq_len - written % seq_len
+            if room < len(ids) + 1 <= seq_len:  # it fits in a row, but not in this one's rest: a fresh row
+                put(np.full(room, pad), np.zeros(room))
+            put(ids, mask)
+            put(np.full(1, pad), np.zeros(1))  # end-of-text
+            answers += int(mask.sum())
+        rows = -(-written // seq_len)
+        fill = rows * seq_len + 1 - written  # complete the last row, and its last target
+        put(np.full(fill, pad), np.zeros(fill))
+    return written, answers
 
 
 def _cache_header(staging: Path, tokenizer: Tokenizer, data: DataConfig, documents: int, key: str) -> tuple:
@@ -374,38 +464,6 @@ def _cached(cache_dir: Path, key: str, write: Callable[[Path], dict]) -> Prepare
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return PreparedData.load(final)
-
-
-def chat_splits(chats: list[list[dict]], val_fraction: float) -> dict[str, list[list[dict]]]:
-    """{"train": ..., "val": ...}: whole conversations, the same ones on every build (content order)."""
-    ordered = sorted(chats, key=lambda c: hashlib.md5(render_with_answer_spans(c)[0].encode("utf-8")).digest())
-    n_val = min(max(round(len(chats) * val_fraction), 1), len(chats) - 1)
-    return {"train": ordered[:-n_val], "val": ordered[-n_val:]}
-
-
-def _encode_chats(tokenizer: Tokenizer, splits: dict[str, list[list[dict]]], dtype, seq_len: int) -> dict:
-    """{split: (ids, answer mask)}: each split's conversations packed into rows of seq_len
-    tokens (the loader's windows) so that no conversation straddles two rows unless it is longer
-    than one: an answer is always trained with its question in view. Rows are padded with
-    end-of-text, which carries no loss."""
-    pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
-    encoded = {}
-    for split, part in splits.items():
-        ids, mask = [], []
-        for messages in part:
-            conv_ids, conv_mask = tokenize_conversation(tokenizer, messages)
-            conv_ids, conv_mask = conv_ids + [pad], conv_mask + [False]  # end-of-text closes it
-            room = seq_len - len(ids) % seq_len
-            if len(conv_ids) > room and len(conv_ids) <= seq_len:  # start it on a fresh row
-                ids += [pad] * room
-                mask += [False] * room
-            ids += conv_ids
-            mask += conv_mask
-        rows = -(-len(ids) // seq_len)
-        ids += [pad] * (rows * seq_len + 1 - len(ids))  # complete the last row, and its last target
-        mask += [False] * (len(ids) - len(mask))
-        encoded[split] = (np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8))
-    return encoded
 
 
 def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype, progress: bool) -> np.ndarray:

@@ -109,7 +109,7 @@ def test_the_tokenizer_sample_is_the_first_documents_in_content_order_train_and_
     docs = corpus_with_duplicates(tmp_path / "corpus")
     val_docs = ["held out one", "dup", "held out two"]
     cfg = DataConfig(source="files", path=str(tmp_path / "corpus"))
-    corpus = _CorpusIndex([corpus_files(cfg)], cfg)
+    corpus = _CorpusIndex([lambda: iter_documents(corpus_files(cfg), cfg)])
     assert list(corpus.scan()) == list(iter_documents(corpus_files(cfg), cfg)) == docs
     for max_chars in (0, 1, 50, 500, 10 ** 9):
         for val in (None, val_docs):
@@ -304,3 +304,42 @@ def test_a_mixture_loader_draws_each_source_by_weight_disjointly_and_resumes_exa
     resumed = mixed(0, 2)
     resumed.load_state_dict(ranks[0].state_dict())
     assert resumed.window_starts() == ranks[0].window_starts()
+
+
+def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_order(tmp_path):
+    """data=chat is built as text is, a pass at a time without the conversations in memory, and holds
+    what the in-memory definition says: the last conversations in content order validate, and each
+    split's conversations are packed into rows of seq_len, none straddling two unless longer than one."""
+    from lm.chat_data import read_conversations, tokenize_conversation
+    from lm.data import chat_splits
+
+    lines = [json.dumps({"prompt": "q" * (i % 7 + 1), "completion": "a" * (i % 11 + 1)}) for i in range(40)]
+    lines[5] = "{not json"
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="chat", path=str(tmp_path / "chats.jsonl"), tokenizer="char", val_fraction=0.1,
+                     max_bad_fraction=0.05, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, progress=False, seq_len=16)
+    tokenizer = prepared.tokenizer()
+
+    def packed(conversations, seq_len=16):
+        pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+        ids, mask = [], []
+        for messages in conversations:
+            conv_ids, conv_mask = tokenize_conversation(tokenizer, messages)
+            conv_ids, conv_mask = conv_ids + [pad], conv_mask + [False]
+            room = seq_len - len(ids) % seq_len
+            if room < len(conv_ids) <= seq_len:
+                ids, mask = ids + [pad] * room, mask + [False] * room
+            ids, mask = ids + conv_ids, mask + conv_mask
+        fill = -(-len(ids) // seq_len) * seq_len + 1 - len(ids)
+        return ids + [pad] * fill, mask + [False] * fill
+
+    conversations, bad, _ = read_conversations([tmp_path / "chats.jsonl"])
+    assert len(bad) == 1 and prepared.meta["documents"] == len(conversations) == 39
+    for split, part in chat_splits(conversations, 0.1).items():
+        ids, mask = packed(part)
+        assert prepared.tokens(split).tolist() == ids, split
+        assert prepared.loss_mask(split).tolist() == [int(m) for m in mask], split
+        assert prepared.meta[f"{split}_answer_tokens"] == sum(mask)
+    assert sorted(p.name for p in prepared.directory.iterdir()) == [
+        "meta.json", "tokenizer.json", "train.bin", "train_mask.bin", "val.bin", "val_mask.bin"]
