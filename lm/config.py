@@ -332,7 +332,8 @@ def validate(cfg: TrainConfig) -> None:
         _require(bool(d.path), "data.path", d.path,
                  "data=chat needs data.path=<.jsonl, .parquet or .arrow file(s) of conversations>")
     if d.weights is not None:
-        _require(d.source == "files", "data.weights", d.weights, "applies to data=text (a mixture of data.path's items)")
+        _require(d.source in ("files", "chat"), "data.weights", d.weights,
+                 "applies to data=text and data=chat (a mixture of data.path's items)")
         sources = len(path_items(d.path))
         _require(len(d.weights) == sources and all(w > 0 for w in d.weights), "data.weights", d.weights,
                  f"must be {sources} weights > 0, one per comma-separated item of data.path")

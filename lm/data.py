@@ -150,13 +150,24 @@ class _CorpusIndex:
         for i in taken:
             yield found[i] if i < len(self) else val_docs[i - len(self)]
 
+    def source_ranges(self) -> list[tuple[int, int]]:
+        """Each source's documents: [first, end) indices (after `scan`)."""
+        return list(zip([0, *self.ends], self.ends))
+
+    def source_sizes(self) -> list[int]:
+        return [end - start for start, end in self.source_ranges()]
+
+    def content_order(self, start: int, end: int) -> np.ndarray:
+        """Documents start..end-1 in `_shuffled`'s order (by md5; ties in file order)."""
+        return start + _digest_order(bytes(self.digests[16 * start:16 * end]))
+
     def write_mixture(self, stream: "TokenStream", train: Path, val: Path, val_fraction: float) -> list[tuple]:
         """Each source's documents in content order, one source after another: the first part of each
         to `train`, its last val_fraction of tokens (0: none) to `val`. Returns (train, val) tokens by source."""
-        split, start = [], 0
+        split = []
         with open(train, "wb") as train_out, open(val, "wb") as val_out:
-            for end in self.ends:
-                order = start + _digest_order(bytes(self.digests[16 * start:16 * end]))
+            for start, end in self.source_ranges():
+                order = self.content_order(start, end)
                 total = int(sum(stream.offsets[i + 1] - stream.offsets[i] for i in order))
                 n_val = max(int(total * val_fraction), 1) if val_fraction else 0
                 written = 0
@@ -167,7 +178,6 @@ class _CorpusIndex:
                     tokens[cut:].tofile(val_out)
                     written += len(tokens)
                 split.append((total - n_val, n_val))
-                start = end
         return split
 
     def write_shuffled(self, stream: "TokenStream", path: Path) -> int:
@@ -262,9 +272,9 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
     `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`)."""
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
-    if data.source == "chat":
-        return _prepare_chats(corpus_files(data), val_files, data, tokenizer, seq_len)
     sources = [item_files(item) for item in path_items(data.path)] if data.weights else [corpus_files(data)]
+    if data.source == "chat":
+        return _prepare_chats(sources, val_files, data, tokenizer, seq_len)
     return _prepare_text(sources, val_files, data, tokenizer, progress)
 
 
@@ -279,10 +289,10 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
     key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
     if not corpus.has_text:
         empty_corpus([f for files in sources for f in files], data, "data.path")
-    if data.weights:  # the same documents split into other sources are another cache
-        key = hashlib.sha256(f"{key} sources {corpus.ends}".encode()).hexdigest()[:20]
-        for item, start, end in zip(path_items(data.path), [0, *corpus.ends], corpus.ends):
-            if start == end:
+    if data.weights:
+        key = _mixture_key(key, corpus.ends)
+        for item, count in zip(path_items(data.path), corpus.source_sizes()):
+            if not count:
                 raise ConfigError(f"data.path={data.path!r}: its source {item!r} holds no documents; allowed: "
                                   f"{', '.join(FORMATS)} files (the text ones also gzipped)")
 
@@ -297,9 +307,9 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
         if data.weights:  # each source's held-out tail goes to val.bin as it is written
             split = corpus.write_mixture(in_file_order, staging / "train.bin", staging / "val.bin",
                                          0 if val_docs is not None else data.val_fraction)
-            meta["sources"] = [{"path": item, "documents": end - start, "train_tokens": n_train, "val_tokens": n_val}
-                               for item, start, end, (n_train, n_val)
-                               in zip(path_items(data.path), [0, *corpus.ends], corpus.ends, split)]
+            meta["sources"] = [{"path": item, "documents": count, "train_tokens": n_train, "val_tokens": n_val}
+                               for item, count, (n_train, n_val)
+                               in zip(path_items(data.path), corpus.source_sizes(), split)]
             total = sum(n_train for n_train, _ in split)
         else:
             total = corpus.write_shuffled(in_file_order, staging / "train.bin")
@@ -333,19 +343,28 @@ class _ChatFiles:
         return (render_with_answer_spans(c)[0] for c in self.conversations())
 
 
-def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataConfig, tokenizer: Tokenizer | None,
-                   seq_len: int | None) -> PreparedData:
+def _prepare_chats(sources: list[list[Path]], val_files: list[Path] | None, data: DataConfig,
+                   tokenizer: Tokenizer | None, seq_len: int | None) -> PreparedData:
     """Conversations, streamed as text is: a pass for the key (and the bad lines), one for the tokenizer's
     sample, one for the ids and loss mask in file order; then each split is packed into rows of seq_len
-    (`_pack_chats`), in content order. Validation files of their own are read whole (they are small)."""
+    (`_pack_chats`), in content order. Validation files of their own are read whole (they are small).
+    A mixture (data.weights) packs each source's splits on their own, one source after another."""
     if not seq_len:
         raise ValueError("chat data is packed to the training sequence length: pass seq_len")
     val_chats = read_chats(val_files, data, "data.val_path") if val_files else None
     val_docs = [render_with_answer_spans(c)[0] for c in val_chats] if val_chats else None
-    chats = _ChatFiles(files)
-    corpus = _CorpusIndex([chats.rendered])
+    chats = [_ChatFiles(files) for files in sources]
+    corpus = _CorpusIndex([source.rendered for source in chats])
     key = cache_key(corpus.scan(), data, tokenizer, seq_len, val_docs)
-    check_chats(len(corpus), chats.bad, data)
+    check_chats(len(corpus), [line for source in chats for line in source.bad], data)
+    if data.weights:
+        key = _mixture_key(key, corpus.ends)
+        needed = 1 if val_chats else 2
+        for item, count in zip(path_items(data.path), corpus.source_sizes()):
+            if count < needed:
+                raise ConfigError(f"data.path={data.path!r}: its source {item!r} holds {count} usable conversations; "
+                                  f"a mixture's source needs at least {needed}"
+                                  + ("" if val_chats else " (one for validation)"))
 
     def write(staging: Path) -> dict:
         nonlocal tokenizer
@@ -353,18 +372,30 @@ def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataCo
             tokenizer = train_tokenizer(data.tokenizer, corpus.sample(data.tokenizer_train_bytes, val_docs),
                                         data.vocab_size)
         dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
-        stream = _tokenize_chats(tokenizer, chats.conversations(), len(corpus), dtype, staging / "stream")
+        conversations = itertools.chain.from_iterable(source.conversations() for source in chats)
+        stream = _tokenize_chats(tokenizer, conversations, len(corpus), dtype, staging / "stream")
         if val_chats:  # all of data.path trains, in file order; validation is the val files'
             val_stream = _tokenize_chats(tokenizer, iter(val_chats), len(val_chats), dtype, staging / "val_stream")
-            parts = {"train": (stream, np.arange(len(corpus))), "val": (val_stream, np.arange(len(val_chats)))}
-        else:  # whole conversations, the same ones on every build (content order)
-            order = _digest_order(bytes(corpus.digests))
-            n_val = chat_val_count(len(corpus), data.val_fraction)
-            parts = {"train": (stream, order[:-n_val]), "val": (stream, order[-n_val:])}
+            parts = {"train": [(stream, np.arange(start, end)) for start, end in corpus.source_ranges()],
+                     "val": [(val_stream, np.arange(len(val_chats)))]}
+        else:  # whole conversations, the same ones on every build (content order), each source's own
+            orders = [corpus.content_order(start, end) for start, end in corpus.source_ranges()]
+            n_vals = [chat_val_count(len(order), data.val_fraction) for order in orders]
+            parts = {"train": [(stream, order[:-n]) for order, n in zip(orders, n_vals)],
+                     "val": [(stream, order[-n:]) for order, n in zip(orders, n_vals)]}
         pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
-        for split, (source, order) in parts.items():
-            meta[f"{split}_tokens"], meta[f"{split}_answer_tokens"] = _pack_chats(
-                source, order, seq_len, pad, staging / f"{split}.bin", staging / f"{split}_mask.bin")
+        packed = {}
+        for split, pieces in parts.items():
+            with open(staging / f"{split}.bin", "wb") as ids_out, open(staging / f"{split}_mask.bin", "wb") as mask_out:
+                packed[split] = [_pack_chats(source, order, seq_len, pad, ids_out, mask_out)
+                                 for source, order in pieces]
+            meta[f"{split}_tokens"] = sum(tokens for tokens, _ in packed[split])
+            meta[f"{split}_answer_tokens"] = sum(answers for _, answers in packed[split])
+        if data.weights:
+            val_tokens = [tokens for tokens, _ in packed["val"]] if not val_chats else [0] * len(chats)
+            meta["sources"] = [{"path": item, "documents": count, "train_tokens": tokens, "val_tokens": n_val}
+                               for item, count, (tokens, _), n_val
+                               in zip(path_items(data.path), corpus.source_sizes(), packed["train"], val_tokens)]
         for name in ("stream", "val_stream"):
             for suffix in (".bin", "_mask.bin"):
                 (staging / f"{name}{suffix}").unlink(missing_ok=True)
@@ -372,6 +403,11 @@ def _prepare_chats(files: list[Path], val_files: list[Path] | None, data: DataCo
         return meta
 
     return _cached(Path(data.cache_dir), key, write)
+
+
+def _mixture_key(key: str, ends: list[int]) -> str:
+    """A mixture's cache key: the same documents split into other sources are another cache."""
+    return hashlib.sha256(f"{key} sources {ends}".encode()).hexdigest()[:20]
 
 
 def chat_val_count(conversations: int, val_fraction: float) -> int:
@@ -408,31 +444,31 @@ def _tokenize_chats(tokenizer: Tokenizer, conversations: Iterator[list[dict]], c
                        np.memmap(f"{path}_mask.bin", dtype=np.uint8, mode="r"))
 
 
-def _pack_chats(stream: TokenStream, order: np.ndarray, seq_len: int, pad: int, ids_path: Path,
-                mask_path: Path) -> tuple[int, int]:
+def _pack_chats(stream: TokenStream, order: np.ndarray, seq_len: int, pad: int, ids_out, mask_out) -> tuple[int, int]:
     """The conversations `order` names packed into rows of seq_len tokens (the loader's windows) so that
     no conversation straddles two rows unless it is longer than one: an answer is always trained with
     its question in view. End-of-text closes each conversation and pads rows; it carries no loss.
-    Returns (tokens, answer tokens) written."""
+    Appends to the open files; returns (tokens, answer tokens) written."""
     written = answers = 0
-    with open(ids_path, "wb") as ids_out, open(mask_path, "wb") as mask_out:
-        def put(ids: np.ndarray, mask: np.ndarray) -> None:
-            nonlocal written
-            ids.astype(stream.tokens.dtype, copy=False).tofile(ids_out)
-            mask.astype(np.uint8, copy=False).tofile(mask_out)
-            written += len(ids)
 
-        for i in order:
-            ids, mask = stream.tokens[stream.offsets[i]:stream.offsets[i + 1]], stream.mask[stream.offsets[i]:stream.offsets[i + 1]]
-            room = seq_len - written % seq_len
-            if room < len(ids) + 1 <= seq_len:  # it fits in a row, but not in this one's rest: a fresh row
-                put(np.full(room, pad), np.zeros(room))
-            put(ids, mask)
-            put(np.full(1, pad), np.zeros(1))  # end-of-text
-            answers += int(mask.sum())
-        rows = -(-written // seq_len)
-        fill = rows * seq_len + 1 - written  # complete the last row, and its last target
-        put(np.full(fill, pad), np.zeros(fill))
+    def put(ids: np.ndarray, mask: np.ndarray) -> None:
+        nonlocal written
+        ids.astype(stream.tokens.dtype, copy=False).tofile(ids_out)
+        mask.astype(np.uint8, copy=False).tofile(mask_out)
+        written += len(ids)
+
+    for i in order:
+        first, end = stream.offsets[i], stream.offsets[i + 1]
+        ids, mask = stream.tokens[first:end], stream.mask[first:end]
+        room = seq_len - written % seq_len
+        if room < len(ids) + 1 <= seq_len:  # it fits in a row, but not in this one's rest: a fresh row
+            put(np.full(room, pad), np.zeros(room))
+        put(ids, mask)
+        put(np.full(1, pad), np.zeros(1))  # end-of-text
+        answers += int(mask.sum())
+    rows = -(-written // seq_len)
+    fill = rows * seq_len + 1 - written  # complete the last row, and its last target
+    put(np.full(fill, pad), np.zeros(fill))
     return written, answers
 
 

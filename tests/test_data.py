@@ -306,11 +306,28 @@ def test_a_mixture_loader_draws_each_source_by_weight_disjointly_and_resumes_exa
     assert resumed.window_starts() == ranks[0].window_starts()
 
 
+def packed_chats(tokenizer, conversations, seq_len):
+    """The definition of a packed chat split: (ids, answer mask) as lists."""
+    from lm.chat_data import tokenize_conversation
+
+    pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+    ids, mask = [], []
+    for messages in conversations:
+        conv_ids, conv_mask = tokenize_conversation(tokenizer, messages)
+        conv_ids, conv_mask = conv_ids + [pad], conv_mask + [False]
+        room = seq_len - len(ids) % seq_len
+        if room < len(conv_ids) <= seq_len:
+            ids, mask = ids + [pad] * room, mask + [False] * room
+        ids, mask = ids + conv_ids, mask + conv_mask
+    fill = -(-len(ids) // seq_len) * seq_len + 1 - len(ids)
+    return ids + [pad] * fill, mask + [False] * fill
+
+
 def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_order(tmp_path):
     """data=chat is built as text is, a pass at a time without the conversations in memory, and holds
     what the in-memory definition says: the last conversations in content order validate, and each
     split's conversations are packed into rows of seq_len, none straddling two unless longer than one."""
-    from lm.chat_data import read_conversations, tokenize_conversation
+    from lm.chat_data import read_conversations
     from lm.data import chat_splits
 
     lines = [json.dumps({"prompt": "q" * (i % 7 + 1), "completion": "a" * (i % 11 + 1)}) for i in range(40)]
@@ -319,27 +336,42 @@ def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_orde
     cfg = DataConfig(source="chat", path=str(tmp_path / "chats.jsonl"), tokenizer="char", val_fraction=0.1,
                      max_bad_fraction=0.05, cache_dir=str(tmp_path / "cache"))
     prepared = prepare_data(cfg, progress=False, seq_len=16)
-    tokenizer = prepared.tokenizer()
-
-    def packed(conversations, seq_len=16):
-        pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
-        ids, mask = [], []
-        for messages in conversations:
-            conv_ids, conv_mask = tokenize_conversation(tokenizer, messages)
-            conv_ids, conv_mask = conv_ids + [pad], conv_mask + [False]
-            room = seq_len - len(ids) % seq_len
-            if room < len(conv_ids) <= seq_len:
-                ids, mask = ids + [pad] * room, mask + [False] * room
-            ids, mask = ids + conv_ids, mask + conv_mask
-        fill = -(-len(ids) // seq_len) * seq_len + 1 - len(ids)
-        return ids + [pad] * fill, mask + [False] * fill
-
     conversations, bad, _ = read_conversations([tmp_path / "chats.jsonl"])
     assert len(bad) == 1 and prepared.meta["documents"] == len(conversations) == 39
     for split, part in chat_splits(conversations, 0.1).items():
-        ids, mask = packed(part)
+        ids, mask = packed_chats(prepared.tokenizer(), part, seq_len=16)
         assert prepared.tokens(split).tolist() == ids, split
         assert prepared.loss_mask(split).tolist() == [int(m) for m in mask], split
         assert prepared.meta[f"{split}_answer_tokens"] == sum(mask)
     assert sorted(p.name for p in prepared.directory.iterdir()) == [
         "meta.json", "tokenizer.json", "train.bin", "train_mask.bin", "val.bin", "val_mask.bin"]
+
+
+def test_a_chat_mixture_packs_each_sources_splits_on_their_own(tmp_path):
+    from lm.chat_data import read_conversations
+    from lm.data import chat_splits
+
+    for name, letter, count in (("x.jsonl", "x", 12), ("y.jsonl", "y", 30)):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": letter * (i % 5 + 1), "completion": letter * (i % 9 + 2)})
+                                             + "\n" for i in range(count)))
+    cfg = DataConfig(source="chat", path=f"{tmp_path / 'x.jsonl'},{tmp_path / 'y.jsonl'}", tokenizer="char",
+                     val_fraction=0.2, weights=[1.0, 1.0], cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, progress=False, seq_len=16)
+    sources = prepared.meta["sources"]
+    assert [s["documents"] for s in sources] == [12, 30]
+    expected = {"train": ([], []), "val": ([], [])}
+    for name, source in zip(("x.jsonl", "y.jsonl"), sources):
+        for split, part in chat_splits(read_conversations([tmp_path / name])[0], 0.2).items():
+            ids, mask = packed_chats(prepared.tokenizer(), part, seq_len=16)
+            assert source[f"{split}_tokens"] == len(ids)
+            expected[split][0].extend(ids)
+            expected[split][1].extend(mask)
+    for split, (ids, mask) in expected.items():
+        assert prepared.tokens(split).tolist() == ids and prepared.loss_mask(split).tolist() == [int(m) for m in mask]
+    windows = prepared.mixture("train", [1.0, 1.0])
+    assert [(end - start - 1) % 16 for start, end, _ in windows] == [0, 0], "each source is whole rows"
+    with pytest.raises(ConfigError, match=r"its source '.*z.jsonl' holds 1 usable conversations; a mixture's source "
+                                          r"needs at least 2 \(one for validation\)"):
+        (tmp_path / "z.jsonl").write_text(json.dumps({"prompt": "z", "completion": "zz"}) + "\n")
+        prepare_data(DataConfig(**{**cfg.__dict__, "path": f"{cfg.path},{tmp_path / 'z.jsonl'}", "weights": [1, 1, 1]}),
+                     progress=False, seq_len=16)
