@@ -105,8 +105,9 @@ class PreparedData:
 
 
 class _CorpusIndex:
-    """What the streamed passes over a text corpus need of each document: its md5 (the order
-    `_shuffled` puts documents in) and its length. Some 24 bytes a document, never the text."""
+    """What the streamed passes over a corpus (text documents, or conversations rendered as text) need of
+    each document: its md5 (the order `_shuffled` puts documents in) and its length. Some 24 bytes a
+    document, never the text."""
 
     def __init__(self, sources: list[Callable[[], Iterable[str]]]):
         self.sources = sources  # each reads its documents afresh: one source, or a mixture's (data.weights)
@@ -168,7 +169,7 @@ class _CorpusIndex:
         with open(train, "wb") as train_out, open(val, "wb") as val_out:
             for start, end in self.source_ranges():
                 order = self.content_order(start, end)
-                total = int(sum(stream.offsets[i + 1] - stream.offsets[i] for i in order))
+                total = int(stream.offsets[end] - stream.offsets[start])  # the source's documents, in file order
                 n_val = max(int(total * val_fraction), 1) if val_fraction else 0
                 written = 0
                 for i in order:
@@ -183,7 +184,7 @@ class _CorpusIndex:
     def write_shuffled(self, stream: "TokenStream", path: Path) -> int:
         """The documents' tokens in `_shuffled`'s order, to `path`; returns how many were written."""
         with open(path, "wb") as out:
-            for i in _digest_order(bytes(self.digests)):
+            for i in self.content_order(0, len(self)):
                 stream.tokens[stream.offsets[i]:stream.offsets[i + 1]].tofile(out)
         return int(stream.offsets[-1])
 
