@@ -79,7 +79,6 @@ class TokenShardLoader:
                 raise ValueError(f"{end - start} tokens are too few for one window of {seq_len}+1 tokens"
                                  + (f" (source {i} of the mixture)" if mixture else ""))
             self.sources.append(_Permutations(count, seed, (i,) if mixture else ()))
-        self.num_windows = sum(source.count for source in self.sources)
         self.mixture = _Mixture([weight for _, _, weight in mixture], seed) if mixture else None
         self.position = 0
 
