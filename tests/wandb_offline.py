@@ -61,7 +61,7 @@ def read_run(run_dir: str | Path) -> dict:
                 config[item.key] = json.loads(item.value_json)
         elif kind == "artifact":
             a = record.artifact
-            artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+            artifacts.append({"name": a.name, "type": a.type, "aliases": sorted(a.aliases),  # a set to W&B
                               "files": sorted(entry.path for entry in a.manifest.contents)})
         elif kind == "config":
             for item in record.config.update:
