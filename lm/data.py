@@ -162,7 +162,7 @@ class _CorpusIndex:
         """Documents start..end-1 in `_shuffled`'s order (by md5; ties in file order)."""
         return start + _digest_order(bytes(self.digests[16 * start:16 * end]))
 
-    def write_mixture(self, stream: "TokenStream", train: Path, val: Path, val_fraction: float) -> list[tuple]:
+    def write_splits(self, stream: "TokenStream", train: Path, val: Path, val_fraction: float) -> list[tuple]:
         """Each source's documents in content order, one source after another: the first part of each
         to `train`, its last val_fraction of tokens (0: none) to `val`. Returns (train, val) tokens by source."""
         split = []
@@ -180,13 +180,6 @@ class _CorpusIndex:
                     written += len(tokens)
                 split.append((total - n_val, n_val))
         return split
-
-    def write_shuffled(self, stream: "TokenStream", path: Path) -> int:
-        """The documents' tokens in `_shuffled`'s order, to `path`; returns how many were written."""
-        with open(path, "wb") as out:
-            for i in self.content_order(0, len(self)):
-                stream.tokens[stream.offsets[i]:stream.offsets[i + 1]].tofile(out)
-        return int(stream.offsets[-1])
 
 
 def _digest_order(digests: bytes) -> np.ndarray:
@@ -244,15 +237,6 @@ def _batches(docs: Iterable[str], max_docs: int = 256, max_chars: int = 16_000_0
         yield batch
 
 
-def _move_tail(source: Path, tail: Path, count: int, dtype) -> None:
-    """Move the last `count` tokens of `source` into their own file."""
-    tokens = np.memmap(source, dtype=dtype, mode="r")
-    np.array(tokens[len(tokens) - count:]).tofile(tail)
-    size = (len(tokens) - count) * np.dtype(dtype).itemsize
-    del tokens
-    os.truncate(source, size)
-
-
 def _shuffled(docs: list[str]) -> list[str]:
     """A fixed, content-based order so the val split samples documents from the whole corpus."""
     return sorted(docs, key=lambda d: hashlib.md5(d.encode("utf-8")).digest())
@@ -305,26 +289,22 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
         dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
         in_file_order = tokenize_stream(tokenizer, corpus.documents(), len(corpus), dtype, staging / "stream.bin",
                                         progress)
-        if data.weights:  # each source's held-out tail goes to val.bin as it is written
-            split = corpus.write_mixture(in_file_order, staging / "train.bin", staging / "val.bin",
-                                         0 if val_docs is not None else data.val_fraction)
+        # Each source's (the corpus's) last val_fraction of tokens in content order validates, unless
+        # validation has files of its own.
+        split = corpus.write_splits(in_file_order, staging / "train.bin", staging / "val.bin",
+                                    0 if val_docs is not None else data.val_fraction)
+        (staging / "stream.bin").unlink()
+        if data.weights:
             meta["sources"] = [{"path": item, "documents": count, "train_tokens": n_train, "val_tokens": n_val}
                                for item, count, (n_train, n_val)
                                in zip(path_items(data.path), corpus.source_sizes(), split)]
-            total = sum(n_train for n_train, _ in split)
-        else:
-            total = corpus.write_shuffled(in_file_order, staging / "train.bin")
-        (staging / "stream.bin").unlink()
-        if val_docs is not None:  # validation from its own files; all of data.path trains
+        total = sum(n_train for n_train, _ in split)
+        if val_docs is not None:  # all of data.path trains
             val_ids = encode_documents(tokenizer, _shuffled(val_docs), dtype, progress)
             val_ids.tofile(staging / "val.bin")
             meta.update(train_tokens=total, val_tokens=int(len(val_ids)), val_documents=len(val_docs))
-        elif data.weights:
-            meta.update(train_tokens=total, val_tokens=sum(source["val_tokens"] for source in meta["sources"]))
-        else:  # the shuffled stream's last val_fraction of tokens validates
-            n_val = max(int(total * data.val_fraction), 1)
-            _move_tail(staging / "train.bin", staging / "val.bin", n_val, dtype)
-            meta.update(train_tokens=total - n_val, val_tokens=n_val)
+        else:
+            meta.update(train_tokens=total, val_tokens=sum(n_val for _, n_val in split))
         return meta
 
     return _cached(Path(data.cache_dir), key, write)
