@@ -71,13 +71,6 @@ def iter_conversations(files: list[Path], bad: list[BadLine]) -> Iterator[list[d
             yield conversation
 
 
-def read_conversations(files: list[Path]) -> tuple[list[list[dict]], list[BadLine], int]:
-    """(conversations, bad lines, lines read): `iter_conversations` in memory."""
-    bad: list[BadLine] = []
-    conversations = list(iter_conversations(files, bad))
-    return conversations, bad, len(conversations) + len(bad)
-
-
 def render_with_answer_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character spans the model is trained to produce."""
     text, spans = "", []

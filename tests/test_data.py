@@ -327,7 +327,7 @@ def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_orde
     """data=chat is built as text is, a pass at a time without the conversations in memory, and holds
     what the in-memory definition says: the last conversations in content order validate, and each
     split's conversations are packed into rows of seq_len, none straddling two unless longer than one."""
-    from lm.chat_data import read_conversations
+    from lm.chat_data import iter_conversations
     from lm.data import chat_splits
 
     lines = [json.dumps({"prompt": "q" * (i % 7 + 1), "completion": "a" * (i % 11 + 1)}) for i in range(40)]
@@ -336,7 +336,8 @@ def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_orde
     cfg = DataConfig(source="chat", path=str(tmp_path / "chats.jsonl"), tokenizer="char", val_fraction=0.1,
                      max_bad_fraction=0.05, cache_dir=str(tmp_path / "cache"))
     prepared = prepare_data(cfg, progress=False, seq_len=16)
-    conversations, bad, _ = read_conversations([tmp_path / "chats.jsonl"])
+    bad = []
+    conversations = list(iter_conversations([tmp_path / "chats.jsonl"], bad))
     assert len(bad) == 1 and prepared.meta["documents"] == len(conversations) == 39
     for split, part in chat_splits(conversations, 0.1).items():
         ids, mask = packed_chats(prepared.tokenizer(), part, seq_len=16)
@@ -348,7 +349,7 @@ def test_the_streamed_chat_cache_packs_each_splits_conversations_in_content_orde
 
 
 def test_a_chat_mixture_packs_each_sources_splits_on_their_own(tmp_path):
-    from lm.chat_data import read_conversations
+    from lm.chat_data import iter_conversations
     from lm.data import chat_splits
 
     for name, letter, count in (("x.jsonl", "x", 12), ("y.jsonl", "y", 30)):
@@ -361,7 +362,7 @@ def test_a_chat_mixture_packs_each_sources_splits_on_their_own(tmp_path):
     assert [s["documents"] for s in sources] == [12, 30]
     expected = {"train": ([], []), "val": ([], [])}
     for name, source in zip(("x.jsonl", "y.jsonl"), sources):
-        for split, part in chat_splits(read_conversations([tmp_path / name])[0], 0.2).items():
+        for split, part in chat_splits(list(iter_conversations([tmp_path / name], [])), 0.2).items():
             ids, mask = packed_chats(prepared.tokenizer(), part, seq_len=16)
             assert source[f"{split}_tokens"] == len(ids)
             expected[split][0].extend(ids)

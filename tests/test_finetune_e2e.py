@@ -47,7 +47,7 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     from launcher.export import export_run
     from launcher.serve_app import build
     from lm.config import ExportAppConfig, ExportConfig, RunConfig
-    from lm.chat_data import read_conversations
+    from lm.chat_data import iter_conversations
     from lm.data import chat_splits
     from lm.export import export_checkpoint, load_export
 
@@ -71,7 +71,7 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     export_dir = export_run(ExportAppConfig(run=RunConfig(name="qa", storage=str(storage)),
                                             export=ExportConfig(precision="int8")))
     model, tokenizer, _, _ = load_export(export_dir)
-    conversations, _, _ = read_conversations([tmp_path / "qa.jsonl"])
+    conversations = list(iter_conversations([tmp_path / "qa.jsonl"], []))
     trained_on = chat_splits(conversations, 0.05)["train"]  # 38 of 40; the other 2 are the val split
     train_pairs = [(c[0]["content"], c[1]["content"]) for c in trained_on]
     assert len(train_pairs) == 38
