@@ -13,7 +13,6 @@ import re
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 
 # Fault injection for the tests of checkpoint atomicity: "<step>:<rank>:<file>" makes that rank exit
@@ -109,18 +108,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def stop_requested() -> bool:
         return bool(stop_file) and os.path.exists(stop_file)
 
-    def profiled(trace: Path) -> None:
-        if rank == 0:
-            sys.stdout.write(f"profile of {trace.parent.name.replace('_', ' ')} written to {trace.parent}\n")
-            if logger:
-                logger.log_profile(trace)
-
     hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, str(resume_from) if resume_from else None,
-                       stop_requested, run_dir=os.path.join(cfg.run.storage, cfg.run.name),
-                       profiled=profiled)
+                       stop_requested, run_dir=os.path.join(cfg.run.storage, cfg.run.name))
     if logger:
         hooks.started = logger.update_config  # W&B's config then shows what `auto` resolved to
         hooks.resume_state = lambda: {"wandb_run_id": logger.run_id}
+        hooks.profiled = logger.log_profile  # rank 0's own trace, as the logger runs on rank 0 only
     try:
         train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
     finally:

@@ -9,6 +9,7 @@ window's steps are `ProfilerStep#1` to `#n`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,4 +65,7 @@ class StepProfiler:
         sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
         (self.out_dir / f"rank{self.rank}.ops.txt").write_text(table + "\n")
+        if self.rank == 0:  # not print(): Ray Train tees print() into its logger, which shows it twice
+            sys.stdout.write(f"profile of {self.out_dir.name.replace('_', ' ')} written to {self.out_dir}\n")
+            sys.stdout.flush()
         self.on_saved(trace)

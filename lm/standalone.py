@@ -36,14 +36,10 @@ def local_hooks(run_dir: str | Path, rank: int, keep: int, log=None):
         for old in complete[:-keep]:
             remove_checkpoint(old)
 
-    def profiled(trace: Path) -> None:
-        if rank == 0:
-            print(f"profile of {trace.parent.name.replace('_', ' ')} written to {trace.parent}", flush=True)
-
     latest = find_latest_checkpoint(run_dir)
     return TrainHooks(log=log or _print_metrics, checkpoint_dir=checkpoint_dir,
                       commit_checkpoint=commit_checkpoint, resume_from=str(latest) if latest else None,
-                      run_dir=str(run_dir), profiled=profiled)
+                      run_dir=str(run_dir))
 
 
 def format_metrics(metrics: dict, step: int) -> str:
