@@ -6,7 +6,7 @@
 `--data` takes what `data.path` takes (files, directories, globs; comma separated). The text is
 tokenized with the model's own tokenizer and read whole, in consecutive windows of the model's
 context (`lm.evaluation`). A run directory means its newest export, or else its latest checkpoint,
-as for `launcher.generate`.
+and any of them may be a URI (`s3://bucket/runs/<run>`), as for `launcher.generate`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def flag_message(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path)
+    parser.add_argument("path", help="an export, a training checkpoint or a run directory; a path or a URI")
     parser.add_argument("--data", required=True,
                         help="files, directories or globs of .txt/.md/.jsonl/.parquet/.arrow text")
     parser.add_argument("--text-field", default="text",

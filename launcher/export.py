@@ -8,39 +8,43 @@ Any ZeRO stage and number of ranks; the perplexity check uses the run's own vali
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.run_dir import RunDir, is_uri
 from launcher.schema import absolute, fail
 from lm.config import ConfigError, ExportAppConfig, RunConfig, sequence_length
 
 ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
 
 
-def resolve_run_dir(run: RunConfig) -> Path:
-    """The named run, or the most recently trained one under run.storage."""
-    storage = Path(absolute(run.storage))
+def resolve_run_dir(run: RunConfig) -> RunDir:
+    """The named run, or the most recently trained one under run.storage (a path or a URI)."""
+    storage = absolute(run.storage)
     if run.name:
-        run_dir = storage / run.name
-        if not run_dir.is_dir():
-            raise ConfigError(f"run.name={run.name!r} has no run directory under run.storage={str(storage)!r}")
+        run_dir = RunDir(storage, run.name)
+        if not run_dir.exists():
+            raise ConfigError(f"run.name={run.name!r} has no run directory under run.storage={storage!r}")
         return run_dir
-    runs = [p for p in storage.glob("*") if p.is_dir()] if storage.is_dir() else []
-    if not runs:
-        raise ConfigError(f"run.name=null: there are no runs under run.storage={str(storage)!r}; train one first")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    runs = [RunDir(storage, name) for name in RunDir(storage, "").listdir()]
+    if is_uri(storage):  # an object store's "directories" have no times: the newest summary's run
+        trained = [(r.mtime("summary.json"), r) for r in runs if r.exists("summary.json")]
+    else:
+        trained = [(os.stat(r.path).st_mtime, r) for r in runs if os.path.isdir(r.path)]
+    if not trained:
+        raise ConfigError(f"run.name=null: there are no runs under run.storage={storage!r}; train one first")
+    return max(trained, key=lambda pair: pair[0])[1]
 
 
-def export_run(cfg: ExportAppConfig) -> Path:
+def export_run(cfg: ExportAppConfig) -> str:
     if not torch_has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from lm.checkpoint import checkpoint_step, find_latest_checkpoint, is_complete, load_config
-    from lm.data import prepare_data
-    from lm.export import PRECISIONS, ExportQualityError, export_checkpoint
-    from lm.tokenizer import load_tokenizer
+    from lm.checkpoint import is_complete
+    from lm.export import PRECISIONS
 
     e = cfg.export
     if e.precision not in PRECISIONS:
@@ -48,9 +52,25 @@ def export_run(cfg: ExportAppConfig) -> Path:
     if e.max_ppl_increase < 0:
         raise ConfigError(f"export.max_ppl_increase={e.max_ppl_increase} is invalid: must be >= 0")
     run_dir = resolve_run_dir(cfg.run)
-    checkpoint = Path(e.checkpoint) if e.checkpoint else find_latest_checkpoint(run_dir)
-    if checkpoint is None or not is_complete(checkpoint):
-        raise ConfigError(f"export.checkpoint={str(checkpoint or run_dir)!r}: no complete training checkpoint there")
+    with tempfile.TemporaryDirectory(prefix="lmstack-export-") as scratch:  # used for an object store only
+        if e.checkpoint:
+            checkpoint = Path(e.checkpoint)
+        else:
+            latest = run_dir.latest_checkpoint()
+            checkpoint = run_dir.local_copy(latest, Path(scratch) / "checkpoint") if latest else None
+        if checkpoint is None or not is_complete(checkpoint):
+            raise ConfigError(f"export.checkpoint={str(checkpoint or run_dir.where())!r}: no complete training "
+                              "checkpoint there")
+        return _export(cfg, run_dir, checkpoint, Path(scratch) / "export")
+
+
+def _export(cfg: ExportAppConfig, run_dir: RunDir, checkpoint: Path, scratch: Path) -> str:
+    from lm.checkpoint import checkpoint_step, load_config
+    from lm.data import prepare_data
+    from lm.export import EXPORT_FILES, ExportQualityError, export_checkpoint
+    from lm.tokenizer import load_tokenizer
+
+    e = cfg.export
     try:
         train_cfg = load_config(checkpoint)
         step = checkpoint_step(checkpoint)
@@ -60,7 +80,8 @@ def export_run(cfg: ExportAppConfig) -> Path:
     given = load_tokenizer(checkpoint / "tokenizer.json") if train_cfg.trainer.init_from else None
     val_tokens = prepare_data(train_cfg.data, progress=False, tokenizer=given,
                               seq_len=sequence_length(train_cfg)).tokens("val")
-    out_dir = run_dir / "exports" / f"{e.precision}-step{step:06d}"
+    name = f"exports/{e.precision}-step{step:06d}"
+    out_dir = scratch if run_dir.remote else Path(run_dir.path) / name
     try:
         report = export_checkpoint(checkpoint, out_dir, e.precision, val_tokens, e.max_ppl_increase, e.force,
                                    e.eval_batches)
@@ -68,9 +89,11 @@ def export_run(cfg: ExportAppConfig) -> Path:
         raise ConfigError(str(error)) from None
     except (RuntimeError, KeyError, OSError, ValueError) as error:
         raise ConfigError(f"export.checkpoint={str(checkpoint)!r} is corrupt: {type(error).__name__}: {error}") from None
-    print(f"export: {out_dir}\nprecision={e.precision} val_perplexity {report['val_perplexity_fp32']:.3f} (fp32) -> "
+    if run_dir.remote:  # written here, then uploaded with the file that marks it complete last
+        run_dir.upload(out_dir, name, last=EXPORT_FILES[-1:])
+    print(f"export: {run_dir.where(name)}\nprecision={e.precision} val_perplexity {report['val_perplexity_fp32']:.3f} (fp32) -> "
           f"{report['val_perplexity']:.3f} ({report['ppl_increase']:+.2%})", flush=True)
-    return out_dir
+    return run_dir.where(name)
 
 
 def torch_has_cuda() -> bool:

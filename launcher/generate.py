@@ -3,7 +3,8 @@
     python -m launcher.generate <export dir | training checkpoint dir> --prompt "def main(" --max-tokens 64
     python -m launcher.generate outputs/runs/<run> --num-samples 3 --temperature 0.8 --top-k 50 --seed 1
 
-A run directory means its newest export, or else its latest checkpoint.
+A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
+an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
-def load(path: Path):
+def load(path: str | Path):
+    """(model, tokenizer, what was loaded) from an export, a checkpoint or a run directory (or URI)."""
+    from launcher.run_dir import is_uri
+
+    if is_uri(str(path)):
+        with tempfile.TemporaryDirectory(prefix="lmstack-load-") as scratch:
+            local, chosen = download_model_dir(str(path), scratch)
+            model, tokenizer, _ = load(local)
+            return model, tokenizer, chosen
+    path = Path(path)
     from lm.checkpoint import find_latest_checkpoint, is_complete, load_model
     from lm.export import is_complete_export, load_export
 
@@ -30,9 +41,22 @@ def load(path: Path):
     return model, tokenizer, path
 
 
+def download_model_dir(location: str, scratch: str) -> tuple[Path, str]:
+    """A run's newest export or latest checkpoint, or an export or checkpoint itself, in an object
+    store: a local copy, and the location it came from."""
+    from launcher.run_dir import RunDir, local_directory
+
+    storage, _, name = location.rstrip("/").rpartition("/")
+    run = RunDir(storage, name)
+    exports = run.exports()
+    latest = None if exports else run.latest_checkpoint()
+    chosen = max(exports)[1] if exports else run.where(latest) if latest else location
+    return local_directory(chosen, scratch), chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path)
+    parser.add_argument("path", help="an export, a training checkpoint or a run directory; a path or a URI")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1)

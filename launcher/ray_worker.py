@@ -39,7 +39,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from lm.checkpoint import find_latest_checkpoint, load_config, read_trainer_state
+    from launcher.preemption import STOP_FILE
+    from launcher.run_dir import RunDir
+    from lm.checkpoint import load_config, read_trainer_state
     from lm.config import config_from_dict, sequence_length
     from lm.data import prepare_data
     from lm.pretrained import dataset_tokenizer
@@ -64,11 +66,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # run's latest complete checkpoint on storage, as rerunning the command would. Not Ray's
     # `get_checkpoint()`: Ray registers a checkpoint only once every rank has reported it, so a
     # group that fails just after writing one would otherwise restart from the one before.
-    resume_from = find_latest_checkpoint(os.path.join(cfg.run.storage, cfg.run.name))
+    run_dir = RunDir(cfg.run.storage, cfg.run.name)
+    staging = staging_root(cfg.run.name)
+    latest = run_dir.latest_checkpoint()
+    resume_from = restore_copy(run_dir, latest, os.path.join(staging, "restore"), cfg.cluster.num_workers) if latest else None
     if resume_from and rank == 0:
         written_by = load_config(resume_from).cluster.num_workers
         resharded = f" (written by {written_by} workers: resharded)" if written_by != cfg.cluster.num_workers else ""
-        sys.stdout.write(f"worker group resumes from {resume_from}{resharded}\n")
+        sys.stdout.write(f"worker group resumes from {run_dir.where(latest)}{resharded}\n")
 
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":
@@ -87,7 +92,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # A worker killed mid-save (preemption, a lost node, OOM) leaves its staged part behind; the next
     # attempt's same rank on this node removes it before training, so failures do not fill the disk.
-    staging = staging_root(cfg.run.name)
     os.makedirs(staging, exist_ok=True)
     for stale in glob.glob(os.path.join(staging, f"ckpt_*_rank{rank}_*")):
         shutil.rmtree(stale, ignore_errors=True)
@@ -103,13 +107,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
         shutil.rmtree(path, ignore_errors=True)
 
-    stop_file = loop_config.get("stop_file")
+    def stop_requested() -> bool:  # asked at log steps only
+        return run_dir.exists(STOP_FILE)
 
-    def stop_requested() -> bool:
-        return bool(stop_file) and os.path.exists(stop_file)
-
+    # Profiles are written to the run directory, or beside the staged parts and uploaded after.
+    local_run_dir = os.path.join(staging, f"run_rank{rank}") if run_dir.remote else run_dir.path
     hooks = TrainHooks(log, checkpoint_dir, commit_checkpoint, str(resume_from) if resume_from else None,
-                       stop_requested, run_dir=os.path.join(cfg.run.storage, cfg.run.name))
+                       stop_requested, run_dir=local_run_dir)
     if logger:
         hooks.started = logger.update_config  # W&B's config then shows what `auto` resolved to
         hooks.resume_state = lambda: {"wandb_run_id": logger.run_id}
@@ -119,7 +123,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if logger:
             logger.finish()
+    if run_dir.remote and os.path.isdir(local_run_dir):
+        run_dir.upload(local_run_dir, "")  # this rank's profile traces
+        shutil.rmtree(local_run_dir, ignore_errors=True)
+    # Train ends with a barrier: every rank has loaded what it resumed from and committed its parts.
+    if context.get_local_rank() == 0:
+        shutil.rmtree(os.path.join(staging, "restore"), ignore_errors=True)
     try:
-        os.rmdir(staging)  # once empty: every rank has committed its parts (train ends with a barrier)
+        os.rmdir(staging)  # once empty
     except OSError:
         pass
+
+
+def restore_copy(run_dir, checkpoint: str, cache: str, world: int):
+    """The checkpoint to resume from as local files: the one in storage on a filesystem; in an object
+    store, one download per node, which is also where DeepSpeed's universal form goes when the
+    worker count changed (each node converts its own copy: ranks of other nodes cannot see it)."""
+    from launcher.run_dir import node_lock
+    from lm.checkpoint import needs_resharding, write_universal_checkpoint
+
+    local = run_dir.local_copy(checkpoint, cache)
+    if run_dir.remote and needs_resharding(local, world):
+        with node_lock(local.with_name(local.name + ".lock")):
+            write_universal_checkpoint(local)
+    return local

@@ -10,7 +10,6 @@ import hmac
 import os
 import uuid
 from dataclasses import replace
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -206,14 +205,17 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
 
-def newest_export(run_dir: Path) -> Path:
-    from lm.export import is_complete_export
+def newest_export(storage: str, run_name: str | None) -> str:
+    """The newest export of the named run, or the newest of any run, under run.storage (a path or a URI)."""
+    from launcher.run_dir import RunDir
 
-    exports = [p for p in (run_dir / "exports").glob("*") if p.is_dir() and is_complete_export(p)]
+    names = [run_name] if run_name else RunDir(storage, "").listdir()
+    exports = [e for name in names for e in RunDir(storage, name).exports()]
     if not exports:
-        raise FileNotFoundError(f"no export under {run_dir / 'exports'}: run `python -m launcher.export "
-                                f"run.name={run_dir.name}` first")
-    return max(exports, key=lambda p: p.stat().st_mtime)
+        where = RunDir(storage, run_name).where("exports") if run_name else storage
+        raise FileNotFoundError(f"no export under {where}: train, then run `python -m launcher.export "
+                                f"run.name={run_name or '<run>'}`")
+    return max(exports)[1]
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
@@ -230,18 +232,13 @@ def build(args: dict):
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
-    storage = Path(os.path.abspath(args.get("storage") or "outputs/runs"))
+    from launcher.schema import absolute
+
     if args.get("export_dir"):
-        export_dir = Path(os.path.abspath(args["export_dir"]))
+        export_dir = absolute(args["export_dir"])
     else:
-        run_name = args.get("run_name")
-        if not run_name:
-            runs = [p for p in storage.glob("*") if (p / "exports").is_dir()]
-            if not runs:
-                raise FileNotFoundError(f"no exported run under {storage}: train, then `python -m launcher.export`")
-            run_name = max(runs, key=lambda p: p.stat().st_mtime).name
-        export_dir = newest_export(storage / run_name)
-    model_name = export_dir.parent.parent.name
+        export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
+    model_name = export_dir.rstrip("/").split("/")[-3]  # <storage>/<run>/exports/<export>
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)

@@ -36,13 +36,18 @@ def _held_back(text: str, stops: list[str]) -> int:
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False):
+        import tempfile
+
         import torch
 
+        from launcher.run_dir import local_directory
         from lm.engine import Engine
         from lm.export import load_export
 
         torch.set_num_threads(threads)
-        model, tokenizer, cfg, precision = load_export(export_dir, device="cuda" if use_gpu else "cpu")
+        # An export in an object store is downloaded once per node (the replicas there share it).
+        local = local_directory(export_dir, f"{tempfile.gettempdir()}/lmstack-exports")
+        model, tokenizer, cfg, precision = load_export(local, device="cuda" if use_gpu else "cpu")
         self.engine = Engine(model, tokenizer, max_batch_size, compile=compile)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many

@@ -1,19 +1,17 @@
-"""Where runs live: local paths for one machine, a filesystem every node mounts for a cluster."""
+"""Where runs live: local paths for one machine; for a cluster, a filesystem every node mounts or an
+object store (`launcher/run_dir.py`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from launcher.run_dir import is_uri, open_storage
 from lm.config import ConfigError, TrainConfig
 
 # Filesystem types whose contents every node of a cluster can see.
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
                        "9p", "virtiofs", "wekafs", "panfs", "orangefs", "ocfs2", "gfs2"}
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str | None:
@@ -44,8 +42,8 @@ def check_run_storage(cfg: TrainConfig) -> None:
     """Refuse storage that some workers could not reach, before anything is started."""
     storage = cfg.run.storage
     if is_uri(storage):
-        raise ConfigError(f"run.storage={storage!r} is invalid: object-store URIs are not supported yet; "
-                          "allowed: a filesystem path (on a cluster, one every node mounts, e.g. NFS/EFS/FSx)")
+        check_object_store(storage)
+        return
     if not cfg.cluster.multi_node:
         return
     shared = cfg.cluster.shared_storage
@@ -56,3 +54,18 @@ def check_run_storage(cfg: TrainConfig) -> None:
                           "cluster.multi_node=true puts workers on several nodes: allowed: a path on a "
                           "filesystem every node mounts (NFS, EFS, FSx, Lustre, ...), or "
                           "cluster.shared_storage=true if this path is shared")
+
+
+def check_object_store(storage: str) -> None:
+    """The URI names a filesystem pyarrow knows, and it answers (credentials, endpoint, bucket)."""
+    try:
+        fs, path = open_storage(storage)
+        fs.get_file_info(path)
+        bucket = path.split("/", 1)[0]
+        if type(fs).__name__ in ("S3FileSystem", "GcsFileSystem") and fs.get_file_info(bucket).type.name == "NotFound":
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+    except Exception as error:  # pyarrow raises ValueError, OSError and its own errors
+        message = " ".join(str(error).split())[:300]
+        raise ConfigError(f"run.storage={storage!r} cannot be used: {type(error).__name__}: {message}; allowed: a "
+                          "filesystem path, or a URI pyarrow reaches with this machine's credentials (s3://bucket/"
+                          "path, gs://bucket/path; AWS_ENDPOINT_URL for an S3-compatible store)") from None

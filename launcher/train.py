@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from launcher.preemption import StopOnSigterm
 from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
+from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials
 from lm.config import (ConfigError, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
@@ -114,7 +115,7 @@ def worker_count(c) -> int | tuple[int, int]:
 FIT_IMPORTS = ("ray.train.torch", "launcher.lean_trainer", "launcher.ray_worker")  # what fit() imports
 
 
-def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
+def fit(cfg: TrainConfig, dataset_dir: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from launcher.lean_trainer import LeanTorchTrainer
@@ -125,7 +126,7 @@ def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
     trainer = LeanTorchTrainer(
         train_loop_per_worker, local_ray=not joins_cluster(cfg),
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
-                           "wandb_group": sweep_group(), "stop_file": stop_file},
+                           "wandb_group": sweep_group()},
         scaling_config=ScalingConfig(num_workers=worker_count(c), use_gpu=c.use_gpu,
                                      resources_per_worker=resources, placement_strategy=c.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
@@ -135,8 +136,10 @@ def fit(cfg: TrainConfig, dataset_dir: str, stop_file: str) -> dict:
     return trainer.fit().metrics or {}
 
 
-def sample_text(checkpoint: Path, num_tokens: int, seed: int) -> str:
+def sample_text(run_dir: RunDir, checkpoint: str, num_tokens: int, seed: int) -> str:
     """A sample from the trained model, started where a new document starts."""
+    import tempfile
+
     import torch
 
     if not torch.cuda.is_available():
@@ -144,7 +147,8 @@ def sample_text(checkpoint: Path, num_tokens: int, seed: int) -> str:
     from lm.checkpoint import load_model
     from lm.tokenizer import document_start
 
-    model, tokenizer, _ = load_model(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="lmstack-sample-") as cache:  # used only for an object store
+        model, tokenizer, _ = load_model(run_dir.local_copy(checkpoint, cache))
     prompt = document_start(tokenizer)
     out = model.generate(torch.tensor([prompt]), num_tokens, temperature=0.8, top_k=50,
                          generator=torch.Generator().manual_seed(seed))
@@ -208,18 +212,16 @@ def prepare_dataset(cfg: TrainConfig, tokenizer=None):
     return prepared
 
 
-def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: RunDir) -> str | None:
     """The run's latest checkpoint, after checking this config can continue it."""
-    from lm.checkpoint import find_latest_checkpoint, load_config
-
-    latest = find_latest_checkpoint(run_dir)
+    latest = run_dir.latest_checkpoint()
     if latest is not None:
-        saved = load_config(latest)
+        saved = run_dir.config(latest)
         conflict = resume_conflict(saved, cfg)
         if conflict:
-            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
+            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir.where()}; "
                               "choose another run.name to start a new run)")
-        print(f"resuming run {cfg.run.name} from {latest}", flush=True)
+        print(f"resuming run {cfg.run.name} from {run_dir.where(latest)}", flush=True)
         if saved.cluster.num_workers != cfg.cluster.num_workers:
             print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: state that "
                   "ZeRO partitioned by rank is resharded (DeepSpeed's universal checkpoint, written once beside it); "
@@ -239,7 +241,7 @@ def wandb_outcome(run_dir: Path, mode: str) -> str:
     return f"{run_dir}  (offline; `wandb sync {parts}` uploads it)"
 
 
-def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
+def print_outcome(cfg: TrainConfig, run_dir: RunDir, final: str, summary: dict, summary_path: str) -> None:
     print(f"\ncheckpoint: {summary['checkpoint']}\nsummary:    {summary_path}", flush=True)
     if summary["wandb_dir"]:
         print(f"W&B run:    {wandb_outcome(Path(summary['wandb_dir']), cfg.logging.mode)}", flush=True)
@@ -247,16 +249,16 @@ def print_outcome(cfg: TrainConfig, summary: dict, summary_path: Path) -> None:
     if t.profile_at:
         from lm.profiling import trace_dir  # imports torch: only when asked
 
-        profile = trace_dir(Path(cfg.run.storage) / cfg.run.name, t.profile_at, t.profile_steps)
-        if profile.is_dir():
-            print(f"profile:    {profile}  (rank<r>.pt.trace.json: https://ui.perfetto.dev; rank<r>.ops.txt)",
-                  flush=True)
+        profile = trace_dir("", t.profile_at, t.profile_steps).as_posix()
+        if run_dir.exists(profile):
+            print(f"profile:    {run_dir.where(profile)}  (rank<r>.pt.trace.json: https://ui.perfetto.dev; "
+                  "rank<r>.ops.txt)", flush=True)
     shown = {"val_loss": ".4f", "val_perplexity": ".2f", "val_accuracy": ".3f", "tokens_per_second": ".0f",
              "mfu": ".1%"}
     print(" ".join(f"{k}={summary[k]:{f}}" for k, f in shown.items() if summary.get(k) is not None)
           + (f" precision={summary['precision']}" if summary.get("precision") else ""), flush=True)
     if cfg.trainer.sample_tokens:
-        sample = sample_text(Path(summary["checkpoint"]), cfg.trainer.sample_tokens, cfg.trainer.seed)
+        sample = sample_text(run_dir, final, cfg.trainer.sample_tokens, cfg.trainer.seed)
         print(f"sample:\n{'-' * 60}\n{sample}\n{'-' * 60}", flush=True)
 
 
@@ -264,7 +266,6 @@ def run(cfg: TrainConfig, source=None) -> dict:
     """Everything after validation: data, Ray, summary, sample. Returns the summary.
     `source`: the pretrained model a fine-tune starts from (`apply_init_from`)."""
     from launcher.summary import build_summary, previous_wandb_dir, write_summary
-    from lm.checkpoint import checkpoint_step, find_latest_checkpoint
 
     started = time.time()
     cfg.run.storage = absolute(cfg.run.storage)
@@ -272,26 +273,26 @@ def run(cfg: TrainConfig, source=None) -> dict:
     cfg.logging.dir = absolute(cfg.logging.dir)
     check_run_storage(cfg)
     cfg.run.name = cfg.run.name or derive_run_name(cfg)
-    run_dir = Path(cfg.run.storage) / cfg.run.name
+    run_dir = RunDir(cfg.run.storage, cfg.run.name)
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
     latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
-    print(f"run {cfg.run.name}: {run_dir}", flush=True)
+    print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
 
     start_ray(cfg)
     stop = StopOnSigterm(run_dir)
     stop.install()
-    metrics = fit(cfg, str(prepared.directory), str(stop.path))
+    metrics = fit(cfg, str(prepared.directory))
 
-    final = find_latest_checkpoint(run_dir)
+    final = run_dir.latest_checkpoint()
     if stop.requested:
         stop.clear()
-        print(f"stopped by SIGTERM at step {checkpoint_step(final)} of {cfg.trainer.max_steps}; "
+        print(f"stopped by SIGTERM at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
               "rerun the same command to continue", flush=True)
     wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
-    summary = build_summary(final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
+    summary = build_summary(run_dir, final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
                             config_to_dict(cfg))
-    print_outcome(cfg, summary, write_summary(run_dir, summary))
+    print_outcome(cfg, run_dir, final, summary, write_summary(run_dir, summary))
     return summary
 
 

@@ -161,14 +161,26 @@ def is_complete(path: str | Path) -> bool:
     """A checkpoint counts once every rank's manifest is in it and every file each one lists is
     there at its full size (see `write_part_manifest`)."""
     path = Path(path)
+
+    def size_of(name: str) -> int | None:
+        try:
+            return (path / name).stat().st_size
+        except OSError:
+            return None
+
+    return manifest_complete(lambda name: (path / name).read_text(), size_of)
+
+
+def manifest_complete(read_text, size_of) -> bool:
+    """`is_complete` for a checkpoint read through `read_text(relative name) -> str` and
+    `size_of(relative name) -> int | None` (None: missing): a directory, or one in an object store."""
     try:
-        world = json.loads((path / "config.json").read_text())["cluster"]["num_workers"]
+        world = json.loads(read_text("config.json"))["cluster"]["num_workers"]
         for rank in range(world):
-            listed = json.loads((path / PARTS_DIR / f"rank_{rank}.json").read_text())
-            for name, size in listed.items():
-                if (path / name).stat().st_size != size:
-                    return False
-        read_trainer_state(path)
+            listed = json.loads(read_text(f"{PARTS_DIR}/rank_{rank}.json"))
+            if any(size_of(name) != size for name, size in listed.items()):
+                return False
+        json.loads(read_text(TRAINER_STATE))
     except (OSError, ValueError, KeyError, TypeError):  # missing, or still being copied
         return False
     return True

@@ -27,6 +27,31 @@ def compile_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) on loopback; pyarrow, and so Ray Train and every process
+    started from here, reach it through the standard AWS variables."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="test",
+                      AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_server, request) -> str:
+    """`s3://<a new bucket>/runs` on the local server."""
+    import boto3
+
+    bucket = "test-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/runs"
+
+
+@pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """~400 KB of real Python source from the standard library, as one user text file."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -93,12 +93,6 @@ def test_multi_node_refuses_node_local_storage(tmp_path):
     check_run_storage(single)  # one machine: any local path
 
 
-def test_object_store_uris_are_refused_with_the_alternative():
-    cfg = to_train_config(composed("run.storage=s3://bucket/runs"))
-    with pytest.raises(ConfigError, match="run.storage='s3://bucket/runs' is invalid: object-store URIs"):
-        check_run_storage(cfg)
-
-
 def test_filesystem_type_comes_from_the_longest_mount_point(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("/dev/vda / ext4 rw 0 0\nserver:/export /mnt/shared nfs4 rw 0 0\n")

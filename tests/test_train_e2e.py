@@ -152,21 +152,47 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     assert tree_digest(run_dir) == before
 
 
-def test_a_run_two_workers_started_continues_on_one(tmp_path, corpus_file):
-    """`run.name=<run> cluster.num_workers=1` continues a 2-worker ZeRO-3 run through Ray: its state is
-    resharded, and with the global batch kept it trains on as it would have (the trainer-level test,
-    test_elastic_resume.py, holds the losses to the uninterrupted run's)."""
-    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=elastic", "trainer.max_steps=30", "deepspeed=zero3",
-                                                    "logging=none", "trainer.sample_tokens=0"]
-    first = launch(tmp_path, *base, "trainer.stop_at_step=15")
+def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_exports_there(
+        tmp_path, corpus_file, s3_storage):
+    """run.storage=s3://... (a local S3 server): Ray Train uploads the checkpoints; a rerun with
+    `run.name=<run> cluster.num_workers=1` downloads the latest, reshards its 2-worker ZeRO-3 state and
+    continues (the trainer-level test, test_elastic_resume.py, holds the losses to the uninterrupted
+    run's); the summary, the sample's checkpoint and an export are read from and written to the bucket,
+    and nothing is written to a local run directory."""
+    from launcher.export import export_run
+    from launcher.run_dir import RunDir, local_directory
+    from launcher.serve_app import newest_export
+    from lm.config import ExportAppConfig, ExportConfig, RunConfig
+    from lm.export import load_export
+
+    base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith("run.storage=")] + [
+        f"run.storage={s3_storage}", "run.name=elastic", "trainer.max_steps=30", "deepspeed=zero3", "logging=none"]
+    first = launch(tmp_path, *base, "trainer.stop_at_step=15", "trainer.sample_tokens=0")
     assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = RunDir(s3_storage, "elastic")
+    assert run_dir.latest_checkpoint() == "checkpoint_000015"
     second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming run elastic from {s3_storage}/elastic/checkpoint_000015" in second.stdout
     assert "written by 2 workers, resumed on 1: state that ZeRO partitioned by rank is resharded" in second.stdout
     assert "8 -> 8 sequences per step" in second.stdout
-    summary = json.loads((tmp_path / "runs" / "elastic" / "summary.json").read_text())
+    assert "sample:" in second.stdout, "from a downloaded copy of the final checkpoint"
+    summary = json.loads(run_dir.read_text("summary.json"))
     assert summary["steps"] == 30 and summary["config"]["cluster"]["num_workers"] == 1
-    assert (tmp_path / "runs" / "elastic" / "checkpoint_000015" / "deepspeed" / "state_universal").is_dir()
+    assert summary["checkpoint"] == f"{s3_storage}/elastic/checkpoint_000030"
+    assert f"summary:    {s3_storage}/elastic/summary.json" in second.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs"], "no local run directory"
+
+    location = export_run(ExportAppConfig(run=RunConfig(name="elastic", storage=s3_storage),
+                                          export=ExportConfig(precision="fp32")))
+    assert location == f"{s3_storage}/elastic/exports/fp32-step000030"
+    assert newest_export(s3_storage, None) == location == newest_export(s3_storage, "elastic")
+    model, _, cfg, precision = load_export(local_directory(location, tmp_path / "serve-cache"))  # as a replica does
+    assert precision == "fp32" and cfg.n_embd == 256
+    from launcher.generate import load
+
+    assert load(f"{s3_storage}/elastic")[2] == location, "a run's URI means its newest export"
+    assert load(f"{s3_storage}/elastic/checkpoint_000030")[2] == f"{s3_storage}/elastic/checkpoint_000030"
 
 
 def test_wandb_config_shows_what_auto_precision_resolved_to_and_the_tags_and_notes(tmp_path):

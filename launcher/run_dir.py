@@ -1,0 +1,200 @@
+"""A run's directory, `<run.storage>/<run.name>`, on a filesystem path or in an object store.
+
+`run.storage` may be a path (every node of a multi-node run must mount it) or a URI that
+`pyarrow.fs` resolves, as Ray Train's own `storage_path` does: `s3://bucket/runs` (credentials and
+endpoint from the usual AWS variables, `AWS_ENDPOINT_URL` for S3-compatible stores), `gs://`,
+`abfs://`, `hdfs://`. Ray Train uploads the checkpoints there; the driver, the workers, export and
+serve read the run through this class. In an object store, what must be read as files (a
+checkpoint to resume from, an export to serve) is downloaded to a node-local copy first, once per
+node, and what the launcher writes (summary, exports, profiles) is uploaded, each file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from lm.checkpoint import TRAINER_STATE, manifest_complete
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def open_storage(storage: str):
+    """(pyarrow filesystem, path on it) for run.storage."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(storage):
+        return pafs.LocalFileSystem(), os.path.abspath(storage)
+    fs, path = pafs.FileSystem.from_uri(storage)
+    return fs, path.rstrip("/")
+
+
+class RunDir:
+    def __init__(self, storage: str, name: str):
+        self.storage, self.name = storage, name
+        self.fs, base = open_storage(storage)
+        self.path = f"{base}/{name}" if name else base  # "": the storage itself, whose runs listdir() lists
+        self.remote = is_uri(storage) and type(self.fs).__name__ != "LocalFileSystem"
+        self.location = "/".join(filter(None, (storage.rstrip("/"), name))) if is_uri(storage) else self.path
+
+    def _path(self, rel: str = "") -> str:
+        return f"{self.path}/{rel}" if rel else self.path
+
+    def where(self, rel: str = "") -> str:
+        """`rel`'s path or URI, as a user would pass it to a tool."""
+        return f"{self.location}/{rel}" if rel else self.location
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> str:
+        """Whole or not at all: a local file is written beside and renamed; an object store shows an
+        object only once its upload is complete."""
+        target = self._path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        staging = target if self.remote else f"{target}.tmp"
+        with self.fs.open_output_stream(staging) as f:
+            f.write(text.encode())
+        if staging != target:
+            self.fs.move(staging, target)
+        return self.where(rel)
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._path(rel))
+
+    def mtime(self, rel: str) -> float | None:
+        info = self.fs.get_file_info(self._path(rel))
+        return info.mtime.timestamp() if info.mtime else None
+
+    def listdir(self, rel: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self._path(rel), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Every file under `rel` and its size, by path relative to `rel` (one listing)."""
+        import pyarrow.fs as pafs
+
+        root = self._path(rel)
+        infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    # Checkpoints
+    def is_complete(self, checkpoint: str) -> bool:
+        sizes = self.sizes(checkpoint)
+        if TRAINER_STATE not in sizes:
+            return False
+        return manifest_complete(lambda name: self.read_text(f"{checkpoint}/{name}"), sizes.get)
+
+    def latest_checkpoint(self) -> str | None:
+        """The name of the complete checkpoint with the highest step, or None."""
+        steps = {name: int(m.group(1)) for name in self.listdir() if (m := CHECKPOINT_PATTERN.match(name))}
+        for name in sorted(steps, key=steps.get, reverse=True):
+            if self.is_complete(name):
+                return name
+        return None
+
+    def trainer_state(self, checkpoint: str) -> dict:
+        return json.loads(self.read_text(f"{checkpoint}/{TRAINER_STATE}"))
+
+    def config(self, checkpoint: str):
+        from lm.config import config_from_dict
+
+        return config_from_dict(json.loads(self.read_text(f"{checkpoint}/config.json")))
+
+    def local_copy(self, rel: str, cache: str | Path) -> Path:
+        """A local directory with `rel`'s files: the directory itself on a filesystem; in an object
+        store, a copy under `cache` that the processes of one node share (the first downloads it,
+        the others wait for it, and a later call reuses it while the source lists the same files)."""
+        if not self.remote:
+            return Path(self._path(rel))
+        return download(self.fs, self._path(rel), self.sizes(rel), Path(cache) / rel.replace("/", "_"))
+
+    def exports(self) -> list[tuple[float, str]]:
+        """(time written, location) of each complete export of the run (`launcher.export`)."""
+        from lm.export import EXPORT_FILES
+
+        found = []
+        for name in self.listdir("exports"):
+            if all(self.exists(f"exports/{name}/{f}") for f in EXPORT_FILES):  # the last one is uploaded last
+                found.append((self.mtime(f"exports/{name}/{EXPORT_FILES[-1]}") or 0.0, self.where(f"exports/{name}")))
+        return found
+
+    def upload(self, local: str | Path, rel: str, last: tuple[str, ...] = ()) -> str:
+        """Copy a local directory's files under `rel`; the names in `last` go after the others, so a
+        reader that checks for them never sees a partial upload."""
+        import pyarrow.fs as pafs
+
+        local = Path(local)
+        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.relative_to(local).as_posix() in last)
+        target = self._path(rel)
+        for path in files:
+            name = path.relative_to(local).as_posix()
+            self.fs.create_dir(f"{target}/{name}".rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(path), f"{target}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        return self.where(rel)
+
+
+def local_directory(location: str, cache: str | Path) -> Path:
+    """A directory given as a path, or as a URI whose files are downloaded under `cache` once per node."""
+    if not is_uri(location):
+        return Path(location)
+    fs, path = open_storage(location)
+    if type(fs).__name__ == "LocalFileSystem":
+        return Path(path)
+    return download(fs, path, RunDir(location, "").sizes(""), Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", location))
+
+
+@contextlib.contextmanager
+def node_lock(path: Path):
+    """One process of this node at a time (the ranks of one node share a download)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+DOWNLOADED = ".lmstack-downloaded.json"
+
+
+def download(fs, source: str, sizes: dict[str, int], dest: Path) -> Path:
+    """`source`'s files (listed with their sizes) into `dest`, whole: written beside, then renamed."""
+    import pyarrow.fs as pafs
+
+    record = json.dumps(sizes, sort_keys=True)
+    with node_lock(dest.with_name(dest.name + ".lock")):
+        marker = dest / DOWNLOADED
+        if marker.is_file() and marker.read_text() == record:
+            return dest
+        partial = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
+        try:
+            pafs.copy_files(source, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            (partial / DOWNLOADED).write_text(record)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(partial, dest)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return dest

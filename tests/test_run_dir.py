@@ -1,0 +1,115 @@
+"""A run's directory in an object store (a local S3 server) reads as one on a filesystem does:
+the same checkpoints count, files are written whole, and downloads are shared and reused."""
+
+import json
+import threading
+
+import pytest
+
+from conftest import composed
+from launcher.run_dir import RunDir
+from launcher.schema import to_train_config
+from launcher.storage import check_run_storage
+from lm.config import ConfigError
+from test_checkpoint import fake_checkpoint
+
+
+@pytest.fixture(params=["path", "s3"])
+def storage(request, tmp_path):
+    return request.getfixturevalue("s3_storage") if request.param == "s3" else str(tmp_path / "runs")
+
+
+def put_checkpoint(run_dir: RunDir, local_root, step: int, **damage):
+    name = f"checkpoint_{step:06d}"
+    path = fake_checkpoint(local_root / name, step, **damage)
+    run_dir.upload(path, name)
+    return name
+
+
+def test_files_are_written_read_listed_and_deleted(storage):
+    run_dir = RunDir(storage, "run")
+    assert not run_dir.exists() and run_dir.listdir() == [] and run_dir.latest_checkpoint() is None
+    where = run_dir.write_text("summary.json", json.dumps({"steps": 3}))
+    assert where == f"{storage}/run/summary.json"
+    assert json.loads(run_dir.read_text("summary.json")) == {"steps": 3}
+    assert run_dir.listdir() == ["summary.json"], "no staging file left beside it"
+    assert run_dir.mtime("summary.json") > 0
+    run_dir.delete("summary.json")
+    run_dir.delete("summary.json")  # already gone: nothing to do
+    assert not run_dir.exists("summary.json")
+
+
+def test_the_latest_complete_checkpoint_counts(storage, tmp_path):
+    run_dir = RunDir(storage, "run")
+    put_checkpoint(run_dir, tmp_path / "a", 10)
+    put_checkpoint(run_dir, tmp_path / "a", 20)
+    put_checkpoint(run_dir, tmp_path / "a", 30, ranks=(0,))  # rank 1's part never arrived
+    assert run_dir.latest_checkpoint() == "checkpoint_000020"
+    assert run_dir.trainer_state("checkpoint_000020")["step"] == 20
+    assert run_dir.config("checkpoint_000020").cluster.num_workers == 2
+
+
+def test_a_short_file_in_the_store_does_not_count(s3_storage, tmp_path):
+    run_dir = RunDir(s3_storage, "run")
+    put_checkpoint(run_dir, tmp_path, 10)
+    newer = fake_checkpoint(tmp_path / "newer", 20)
+    (newer / "deepspeed" / "shard_1.pt").write_bytes(b"x" * 40)  # listed at 100 bytes
+    run_dir.upload(newer, "checkpoint_000020")
+    assert not run_dir.is_complete("checkpoint_000020")
+    assert run_dir.latest_checkpoint() == "checkpoint_000010"
+
+
+def test_a_download_is_shared_by_a_nodes_processes_and_reused_until_the_source_changes(s3_storage, tmp_path):
+    run_dir = RunDir(s3_storage, "run")
+    name = put_checkpoint(run_dir, tmp_path / "src", 10)
+    cache = tmp_path / "cache"
+    copies = []
+    threads = [threading.Thread(target=lambda: copies.append(run_dir.local_copy(name, cache))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(copies)) == 1
+    copy = copies[0]
+    assert (copy / "deepspeed" / "shard_1.pt").read_bytes() == b"x" * 100
+    assert sorted(p.name for p in cache.iterdir()) == [name, name + ".lock"], "no partial download left"
+    (copy / "marker").write_text("kept")
+    assert run_dir.local_copy(name, cache) == copy and (copy / "marker").exists(), "reused"
+    run_dir.write_text(f"{name}/trainer_state.json", json.dumps({"step": 10, "more": 1}))
+    assert not (run_dir.local_copy(name, cache) / "marker").exists(), "the source changed: downloaded again"
+
+
+def test_on_a_filesystem_the_local_copy_is_the_directory_itself(tmp_path):
+    run_dir = RunDir(str(tmp_path / "runs"), "run")
+    name = put_checkpoint(run_dir, tmp_path / "src", 10)
+    assert run_dir.local_copy(name, tmp_path / "cache") == tmp_path / "runs" / "run" / name
+    assert not (tmp_path / "cache").exists()
+
+
+def test_uploads_put_the_named_files_last(s3_storage, tmp_path):
+    import pyarrow.fs as pafs
+
+    src = tmp_path / "export"
+    src.mkdir()
+    for name in ("export.json", "model.safetensors", "a.txt"):
+        (src / name).write_text(name)
+    run_dir = RunDir(s3_storage, "run")
+    order = []
+    original = pafs.copy_files
+    pafs.copy_files = lambda source, dest, **kw: (order.append(dest.rsplit("/", 1)[1]), original(source, dest, **kw))
+    try:
+        run_dir.upload(src, "exports/fp32", last=("export.json",))
+    finally:
+        pafs.copy_files = original
+    assert order[-1] == "export.json" and sorted(order) == ["a.txt", "export.json", "model.safetensors"]
+    assert run_dir.read_text("exports/fp32/model.safetensors") == "model.safetensors"
+
+
+def test_storage_that_cannot_be_used_is_refused_in_one_line(s3_storage):
+    check_run_storage(to_train_config(composed(f"run.storage={s3_storage}")))
+    missing = s3_storage.replace("s3://test-", "s3://missing-")
+    for storage, reason in ((missing, "bucket 'missing-.*' does not exist"), ("nosuch://x/runs", "nosuch")):
+        cfg = to_train_config(composed(f"run.storage={storage}"))
+        with pytest.raises(ConfigError, match=f"run.storage='{storage}' cannot be used: .*{reason}.*allowed: a "
+                                              "filesystem path, or a URI"):
+            check_run_storage(cfg)
