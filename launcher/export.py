@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.run_dir import RunDir, is_uri
 from launcher.schema import absolute, fail
+from launcher.storage import check_object_store
 from lm.config import ConfigError, ExportAppConfig, RunConfig, sequence_length
 
 ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
@@ -25,6 +26,8 @@ ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
 def resolve_run_dir(run: RunConfig) -> RunDir:
     """The named run, or the most recently trained one under run.storage (a path or a URI)."""
     storage = absolute(run.storage)
+    if is_uri(storage):
+        check_object_store(storage)
     if run.name:
         run_dir = RunDir(storage, run.name)
         if not run_dir.exists():

@@ -13,7 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.ray_env import WORKER_ENV, configure_local_ray, stop_autoscaler_monitor
+from launcher.run_dir import is_uri
 from launcher.schema import fail
+from launcher.storage import check_object_store
 from lm.config import ConfigError, ServeAppConfig
 
 ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
@@ -31,6 +33,9 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError(f"serve.stream_events_per_s={s.stream_events_per_s} is invalid: must be >= 0 (0: no cap)")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
+    for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
+        if location and is_uri(location):
+            check_object_store(location, field)
     return {"export_dir": s.export_dir, "run_name": cfg.run.name, "storage": cfg.run.storage,
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,

@@ -56,7 +56,7 @@ def check_run_storage(cfg: TrainConfig) -> None:
                           "cluster.shared_storage=true if this path is shared")
 
 
-def check_object_store(storage: str) -> None:
+def check_object_store(storage: str, field: str = "run.storage") -> None:
     """The URI names a filesystem pyarrow knows, and it answers (credentials, endpoint, bucket)."""
     try:
         fs, path = open_storage(storage)
@@ -66,6 +66,6 @@ def check_object_store(storage: str) -> None:
             raise FileNotFoundError(f"bucket {bucket!r} does not exist")
     except Exception as error:  # pyarrow raises ValueError, OSError and its own errors
         message = " ".join(str(error).split())[:300]
-        raise ConfigError(f"run.storage={storage!r} cannot be used: {type(error).__name__}: {message}; allowed: a "
+        raise ConfigError(f"{field}={storage!r} cannot be used: {type(error).__name__}: {message}; allowed: a "
                           "filesystem path, or a URI pyarrow reaches with this machine's credentials (s3://bucket/"
                           "path, gs://bucket/path; AWS_ENDPOINT_URL for an S3-compatible store)") from None

@@ -2,6 +2,7 @@
 the same checkpoints count, files are written whole, and downloads are shared and reused."""
 
 import json
+import os
 import threading
 
 import pytest
@@ -113,3 +114,18 @@ def test_storage_that_cannot_be_used_is_refused_in_one_line(s3_storage):
         with pytest.raises(ConfigError, match=f"run.storage='{storage}' cannot be used: .*{reason}.*allowed: a "
                                               "filesystem path, or a URI"):
             check_run_storage(cfg)
+
+
+def test_export_and_serve_refuse_a_missing_bucket_in_one_line(s3_storage, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    missing = s3_storage.replace("s3://test-", "s3://missing-")
+    for module, field in (("launcher.export", "run.storage"), ("launcher.serve", "serve.export_dir")):
+        override = f"{field}={missing}/x" if field == "serve.export_dir" else f"run.storage={missing}"
+        result = subprocess.run([sys.executable, "-m", module, override, "run.name=x"], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith(f"config error: {field}='{missing}")
