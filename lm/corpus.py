@@ -15,6 +15,7 @@ from typing import Iterator, NoReturn
 
 from lm.chat_data import BadLine, iter_conversations
 from lm.config import ConfigError, DataConfig, path_items
+from lm.remote_files import is_uri, mirror
 from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
                         read_text, table_columns)
 
@@ -35,12 +36,19 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
     stdlib default."""
     if data.source == "stdlib" and field == "data.path":
         return stdlib_files()
-    return [f for item in path_items(_setting(data, field)) for f in item_files(item, field)]
+    return [f for item in path_items(_setting(data, field)) for f in item_files(item, field, downloads_dir(data))]
 
 
-def item_files(item: str, field: str = "data.path") -> list[Path]:
+def downloads_dir(data: DataConfig) -> Path:
+    """Where corpus files named by URI are mirrored (lm.remote_files)."""
+    return Path(data.cache_dir) / "downloads"
+
+
+def item_files(item: str, field: str = "data.path", downloads: Path | None = None) -> list[Path]:
     """The files one item of data.path names: a file, a directory (its files of known formats,
-    recursively) or a glob."""
+    recursively) or a glob; a URI's are mirrored under `downloads` first."""
+    if is_uri(item):
+        return mirror(item, downloads or Path("downloads"), field, known=lambda path: bool(file_format(Path(path))))
     expanded = os.path.expanduser(item)
     if any(ch in expanded for ch in "*?["):
         matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]

@@ -24,8 +24,8 @@ import numpy as np
 
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig, path_items
-from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, item_files, iter_documents,
-                       read_chats, read_documents)
+from lm.corpus import (chat_conversations, check_chats, corpus_files, downloads_dir, empty_corpus, item_files,
+                       iter_documents, read_chats, read_documents)
 from lm.records import FORMATS
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -257,7 +257,8 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
     `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`)."""
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
-    sources = [item_files(item) for item in path_items(data.path)] if data.weights else [corpus_files(data)]
+    sources = ([item_files(item, downloads=downloads_dir(data)) for item in path_items(data.path)] if data.weights
+               else [corpus_files(data)])
     if data.source == "chat":
         return _prepare_chats(sources, val_files, data, tokenizer, seq_len)
     return _prepare_text(sources, val_files, data, tokenizer, progress)

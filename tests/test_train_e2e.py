@@ -154,7 +154,7 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
 
 def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_exports_there(
         tmp_path, corpus_file, s3_storage):
-    """run.storage=s3://... (a local S3 server): Ray Train uploads the checkpoints; a rerun with
+    """run.storage=s3://... and data.path=s3://... (a local S3 server): Ray Train uploads the checkpoints; a rerun with
     `run.name=<run> cluster.num_workers=1` downloads the latest, reshards its 2-worker ZeRO-3 state and
     continues (the trainer-level test, test_elastic_resume.py, holds the losses to the uninterrupted
     run's); the summary, the sample's checkpoint and an export are read from and written to the bucket,
@@ -165,8 +165,14 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
     from lm.config import ExportAppConfig, ExportConfig, RunConfig
     from lm.export import load_export
 
-    base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith("run.storage=")] + [
-        f"run.storage={s3_storage}", "run.name=elastic", "trainer.max_steps=30", "deepspeed=zero3", "logging=none"]
+    import pyarrow.fs as pafs
+
+    bucket = s3_storage.split("/")[2]  # the corpus too is read from the bucket
+    pafs.copy_files(str(corpus_file), f"{bucket}/data/corpus.txt",
+                    destination_filesystem=pafs.FileSystem.from_uri(s3_storage)[0])
+    base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith(("run.storage=", "data.path="))] + [
+        f"run.storage={s3_storage}", f"data.path=s3://{bucket}/data/", "run.name=elastic", "trainer.max_steps=30",
+        "deepspeed=zero3", "logging=none"]
     first = launch(tmp_path, *base, "trainer.stop_at_step=15", "trainer.sample_tokens=0")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = RunDir(s3_storage, "elastic")

@@ -1,0 +1,84 @@
+"""Corpus files in an object store (`data.path=s3://bucket/corpus/`): a local mirror of them.
+
+An item of `data.path` may be a URI that `pyarrow.fs` resolves (s3://, gs://, abfs://, hdfs://):
+a file, a "directory" (every file under the prefix) or a glob in its last parts. Its files are
+downloaded once into `<data.cache_dir>/downloads/`, each written beside and renamed, and fetched
+again only when the store lists another size or modification time; the corpus is then read from
+the mirror as local files are (so the token cache's key, which hashes the content, is the same as
+for the same files on disk). Every node that builds the cache mirrors what it reads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+
+from lm.config import ConfigError
+
+GLOB_CHARS = "*?["
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda path: True) -> list[Path]:
+    """The local copies of the files one URI item names (`known(path)`: a directory's files of known
+    formats), in the item's order."""
+    import pyarrow.fs as pafs
+
+    scheme = item.split("://", 1)[0] + "://"
+    try:
+        glob_at = min((item.index(c) for c in GLOB_CHARS if c in item), default=None)
+        base = item if glob_at is None else item[:glob_at].rsplit("/", 1)[0]
+        fs, root = _resolve(base)
+        info = fs.get_file_info(root)
+        if glob_at is None and info.type == pafs.FileType.File:
+            files = [info]
+        elif info.type == pafs.FileType.Directory:
+            listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = sorted((i for i in listing if i.type == pafs.FileType.File), key=lambda i: i.path)
+            if glob_at is None:
+                files = [i for i in files if known(i.path)]
+            else:
+                pattern = root + item[len(base):]
+                files = [i for i in files if fnmatch.fnmatchcase(i.path, pattern)]
+        else:
+            files = []
+    except ConfigError:
+        raise
+    except Exception as error:  # pyarrow: unknown scheme, credentials, endpoint
+        raise ConfigError(f"{field}={item!r} cannot be read: {type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:300]}") from None
+    if not files:
+        what = "matches no files" if glob_at is not None else "does not exist"
+        raise ConfigError(f"{field}={item!r} {what}: pass existing files, directories or globs")
+    return [_download(fs, info, downloads / re.sub(r"[^A-Za-z0-9_.-]", "_", scheme) / info.path) for info in files]
+
+
+def _download(fs, info, local: Path) -> Path:
+    """One file, fetched unless the copy was made from the same size and modification time."""
+    import pyarrow.fs as pafs
+
+    stamp = json.dumps({"size": info.size, "mtime": info.mtime.timestamp() if info.mtime else None})
+    record = local.with_name(f".{local.name}.source")
+    if local.is_file() and record.is_file() and record.read_text() == stamp:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
+    try:
+        pafs.copy_files(info.path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(partial, local)
+    finally:
+        partial.unlink(missing_ok=True)
+    record.write_text(stamp)
+    return local
