@@ -48,9 +48,14 @@ def inspect_pretrained(init_from: str) -> PretrainedSource:
     """What `init_from` holds (reads config files only: cheap, before any worker starts)."""
     path = Path(init_from).expanduser()
     if not path.is_dir():
-        hint = (" (it looks like a Hugging Face hub id: this stack never downloads; save the model with "
-                "save_pretrained or `huggingface-cli download --local-dir` and pass that directory)"
-                if not path.exists() and not init_from.startswith((".", "/", "~")) else "")
+        if "://" in init_from:
+            hint = (" (a URI: copy it to a directory every node sees first, e.g. `aws s3 sync <uri> <dir>`, "
+                    "and pass that directory)")
+        elif not path.exists() and not init_from.startswith((".", "/", "~")):
+            hint = (" (it looks like a Hugging Face hub id: this stack never downloads; save the model with "
+                    "save_pretrained or `huggingface-cli download --local-dir` and pass that directory)")
+        else:
+            hint = ""
         raise ConfigError(f"{FIELD}={init_from!r} is not a local directory{hint}; allowed: a directory written by "
                           "launcher.export, or a Hugging Face GPT-2/Llama directory")
     path = path.resolve()

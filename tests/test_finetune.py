@@ -91,6 +91,8 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
             inspect_pretrained(hub_id)
     with pytest.raises(ConfigError, match="trainer.init_from=.*no config.json"):
         inspect_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"trainer.init_from='s3://b/m' is not a local directory \(a URI: copy it"):
+        inspect_pretrained("s3://b/m")
     root, _ = hf_dirs
     config = json.loads((root / "llama" / "config.json").read_text())
     gqa = tmp_path / "gqa"
