@@ -94,7 +94,8 @@ def _export(cfg: ExportAppConfig, run_dir: RunDir, checkpoint: Path, scratch: Pa
         raise ConfigError(f"export.checkpoint={str(checkpoint)!r} is corrupt: {type(error).__name__}: {error}") from None
     if run_dir.remote:  # written here, then uploaded with the file that marks it complete last
         run_dir.upload(out_dir, name, last=EXPORT_FILES[-1:])
-    print(f"export: {run_dir.where(name)}\nprecision={e.precision} val_perplexity {report['val_perplexity_fp32']:.3f} (fp32) -> "
+    print(f"export: {run_dir.where(name)}\nprecision={e.precision} val_perplexity "
+          f"{report['val_perplexity_fp32']:.3f} (fp32) -> "
           f"{report['val_perplexity']:.3f} ({report['ppl_increase']:+.2%})", flush=True)
     return run_dir.where(name)
 

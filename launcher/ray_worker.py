@@ -69,7 +69,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_dir = RunDir(cfg.run.storage, cfg.run.name)
     staging = staging_root(cfg.run.name)
     latest = run_dir.latest_checkpoint()
-    resume_from = restore_copy(run_dir, latest, os.path.join(staging, "restore"), cfg.cluster.num_workers) if latest else None
+    resume_from = None
+    if latest:
+        resume_from = restore_copy(run_dir, latest, os.path.join(staging, "restore"), cfg.cluster.num_workers)
     if resume_from and rank == 0:
         written_by = load_config(resume_from).cluster.num_workers
         resharded = f" (written by {written_by} workers: resharded)" if written_by != cfg.cluster.num_workers else ""

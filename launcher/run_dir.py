@@ -144,7 +144,8 @@ class RunDir:
         import pyarrow.fs as pafs
 
         local = Path(local)
-        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.relative_to(local).as_posix() in last)
+        files = sorted((p for p in local.rglob("*") if p.is_file()),
+                       key=lambda p: p.relative_to(local).as_posix() in last)
         target = self._path(rel)
         for path in files:
             name = path.relative_to(local).as_posix()

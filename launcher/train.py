@@ -33,6 +33,7 @@ from lm.config import (ConfigError, TrainConfig, config_to_dict, global_batch_si
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
 _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "cluster.min_workers",
+                  "cluster.resize_interval_s",
                   "cluster.placement_strategy", "cluster.include_dashboard",
                   "trainer.stop_at_step", "trainer.keep_checkpoints", "trainer.sample_tokens",
                   "trainer.log_every", "trainer.compile", "trainer.profile_at", "trainer.profile_steps",
@@ -128,7 +129,8 @@ def fit(cfg: TrainConfig, dataset_dir: str) -> dict:
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
                            "wandb_group": sweep_group()},
         scaling_config=ScalingConfig(num_workers=worker_count(c), use_gpu=c.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=c.placement_strategy),
+                                     resources_per_worker=resources, placement_strategy=c.placement_strategy,
+                                     elastic_resize_monitor_interval_s=c.resize_interval_s),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),

@@ -83,6 +83,7 @@ class ClusterConfig:
     # rather than waiting for num_workers (None: always num_workers), from the latest checkpoint,
     # resharded; it grows back when resources return. Each worker keeps its micro batch.
     min_workers: Optional[int] = None
+    resize_interval_s: float = 60.0  # elastic: how often a running group checks for room to grow (Ray's default)
     multi_node: bool = False  # workers may land on several nodes: run.storage must be shared
     shared_storage: Optional[bool] = None  # is run.storage reachable from every node? None: detect
     include_dashboard: bool = True  # Ray's dashboard on 127.0.0.1:8265, for a Ray the launcher starts itself
@@ -288,6 +289,7 @@ def validate(cfg: TrainConfig) -> None:
     if c.min_workers is not None:
         _require(1 <= c.min_workers <= c.num_workers, "cluster.min_workers", c.min_workers,
                  f"must be between 1 and cluster.num_workers={c.num_workers}, or null (a fixed worker count)")
+    _require(c.resize_interval_s > 0, "cluster.resize_interval_s", c.resize_interval_s, "must be > 0 (seconds)")
     _require(c.max_failures >= -1, "cluster.max_failures", c.max_failures,
              "must be >= 0, or -1 for unlimited retries")
 

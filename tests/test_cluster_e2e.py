@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -175,10 +176,29 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
         cluster.shutdown()
 
 
-def test_an_elastic_run_goes_on_with_the_workers_left_when_a_node_is_lost(workdir, corpus_file, monkeypatch):
+def checkpoint_written_by(run_dir: Path, workers: int, after: int, proc, timeout: float = 240) -> int:
+    """The step of the first complete checkpoint after step `after` that `workers` workers wrote."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in sorted(run_dir.glob("checkpoint_0*")):
+            step = int(path.name.split("_")[1])
+            if step > after and is_complete(path) and \
+                    json.loads((path / "config.json").read_text())["cluster"]["num_workers"] == workers:
+                return step
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended first: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"no checkpoint by {workers} workers after step {after}: {proc.communicate()[0][-3000:]}")
+
+
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back_when_it_returns(workdir, corpus_file,
+                                                                                  monkeypatch):
     """cluster.min_workers=1: a 2-worker run loses the node of one of its workers. Rather than wait for
     a replacement, Ray Train restarts the group with the one worker the head has room for; it resumes
-    from the latest checkpoint, resharded to one rank, and finishes the run there."""
+    from the latest checkpoint, resharded to one rank. When a node joins again, the group grows back
+    to 2 workers at its next resize check (cluster.resize_interval_s), resharded again, and a SIGTERM
+    then ends the run cleanly."""
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -194,23 +214,31 @@ def test_an_elastic_run_goes_on_with_the_workers_left_when_a_node_is_lost(workdi
         run_dir = workdir / "runs" / "elastic"
         overrides = training_overrides(workdir, corpus_file, "elastic") + [
             "cluster=multi_node", f"cluster.address={cluster.address}", "cluster.shared_storage=true",
-            "cluster.num_workers=2", "cluster.min_workers=1", "cluster.max_failures=3"]
+            "cluster.num_workers=2", "cluster.min_workers=1", "cluster.max_failures=3",
+            "cluster.resize_interval_s=2", "trainer.max_steps=3000"]  # ended by SIGTERM
         proc = launch(*overrides, wait=False)
         wait_for_checkpoint(run_dir, 15, proc)
         cluster.remove_node(worker_node)
+        shrunk = checkpoint_written_by(run_dir, 1, 15, proc)
+        cluster.add_node(num_cpus=1)
+        grown = checkpoint_written_by(run_dir, 2, shrunk, proc)
+        proc.send_signal(signal.SIGTERM)
         code, out = finish(proc)
     finally:
         cluster.shutdown()
 
     assert code == 0, out[-3000:]
     placed = re.findall(r"worker rank (\d/\d) on node", out)
-    assert sorted(placed[:2]) == ["0/2", "1/2"] and placed[2:] == ["0/1"], \
-        "2 workers, then the one there was room for"
-    resumed = re.findall(r"worker group resumes from \S+/(checkpoint_\d+) \(written by 2 workers: resharded\)", out)
-    assert resumed and resumed[-1] >= "checkpoint_000015"
+    assert sorted(placed[:2]) == ["0/2", "1/2"] and placed[2] == "0/1" and sorted(placed[-2:]) == ["0/2", "1/2"], \
+        f"2 workers, then the one there was room for, then 2 again: {placed}"
+    resumed = re.findall(r"worker group resumes from \S+/checkpoint_(\d+) \(written by (\d) workers: resharded\)", out)
+    assert [by for _, by in resumed][-2:] == ["2", "1"], resumed
+    assert 15 <= int(resumed[-2][0]) < shrunk <= int(resumed[-1][0]) < grown
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+) of 3000", out).group(1))
     final = find_latest_checkpoint(run_dir)
-    assert final.name == "checkpoint_000045" and json.loads((final / "config.json").read_text())["cluster"]["num_workers"] == 1
-    assert (run_dir / resumed[-1] / "deepspeed" / "state_universal").is_dir()
+    assert final.name == f"checkpoint_{stopped:06d}" and stopped >= grown
+    assert json.loads((final / "config.json").read_text())["cluster"]["num_workers"] == 2
+    assert (run_dir / f"checkpoint_{int(resumed[-1][0]):06d}" / "deepspeed" / "state_universal").is_dir()
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ BAD_INPUTS = [
      "data.weights=[1.0] is invalid: must be 2 weights > 0, one per comma-separated item of data.path"),
     (["data.weights=[1]"], "data.weights=[1.0] is invalid: applies to data=text"),
     (["cluster.min_workers=3"], "cluster.min_workers=3 is invalid: must be between 1 and cluster.num_workers=2"),
+    (["cluster.resize_interval_s=0"], "cluster.resize_interval_s=0.0 is invalid: must be > 0 (seconds)"),
     (["trainer.profile_at=1"], "trainer.profile_at=1 is invalid: must be between 2 (step 1 warms the profiler up)"),
     (["trainer.profile_at=219"], "trainer.profile_at=219 is invalid: must be between 2 (step 1 warms the profiler up) "
                                  "and trainer.max_steps - trainer.profile_steps + 1 = 218"),
@@ -167,6 +168,7 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.stop_at_step=5"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "trainer.profile_at=5", "trainer.profile_steps=2"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "cluster.min_workers=1"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "cluster.resize_interval_s=5"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "logging=none"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "cluster.include_dashboard=false"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
