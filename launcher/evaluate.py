@@ -3,18 +3,21 @@
     python -m launcher.evaluate <export dir | training checkpoint dir | run dir> --data 'held_out/*.txt'
     python -m launcher.evaluate outputs/runs/<run> --data notes.md --max-tokens 100000 --json scores.json
 
-`--data` takes what `data.path` takes (files, directories, globs; comma separated). The text is
-tokenized with the model's own tokenizer and read whole, in consecutive windows of the model's
-context (`lm.evaluation`). A run directory means its newest export, or else its latest checkpoint,
+`--data` takes what `data.path` takes (files, directories, globs, URIs; comma separated). The text
+is tokenized with the model's own tokenizer, a batch of documents at a time, into a temporary file
+(up to --max-tokens), which is then read in consecutive windows of the model's context
+(`lm.evaluation`). A run directory means its newest export, or else its latest checkpoint,
 and any of them may be a URI (`s3://bucket/runs/<run>`), as for `launcher.generate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -49,25 +52,35 @@ def main(argv: list[str] | None = None) -> None:
 
     from launcher.generate import load
     from lm.config import ConfigError, DataConfig
-    from lm.corpus import corpus_files, read_documents
-    from lm.data import encode_documents
+    from lm.corpus import corpus_files, empty_corpus, iter_documents
+    from lm.data import write_tokens
     from lm.evaluation import evaluate_stream
 
     data = DataConfig(source="files", path=args.data, text_field=args.text_field)
-    try:
-        docs = read_documents(corpus_files(data), data)
-        model, tokenizer, source = load(args.path)
-    except ConfigError as error:
-        print(f"error: {flag_message(str(error))}", file=sys.stderr)
-        sys.exit(2)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    tokens = encode_documents(tokenizer, docs, np.int64, progress=False)
-    scores = evaluate_stream(model.eval(), tokens, model.cfg.block_size, args.batch_size, args.max_tokens)
-    scores.update(source=str(source), data=args.data, documents=len(docs))
+    with tempfile.TemporaryDirectory(prefix="lmstack-evaluate-") as scratch:
+        tokens_file = Path(scratch) / "tokens.bin"
+        try:
+            files = corpus_files(data)
+            seen_text = []
+            docs = (seen_text.append(True) or doc if doc.strip() else doc for doc in iter_documents(files, data))
+            first = list(itertools.islice(docs, 1))  # a file that cannot be read fails before the model loads
+            model, tokenizer, source = load(args.path)
+            count, _ = write_tokens(tokenizer, itertools.chain(first, docs), tokens_file, np.int32,
+                                    args.max_tokens + 1 if args.max_tokens else None)
+            if not seen_text:
+                empty_corpus(files, data, "data.path")
+        except ConfigError as error:
+            print(f"error: {flag_message(str(error))}", file=sys.stderr)
+            sys.exit(2)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        tokens = np.memmap(tokens_file, dtype=np.int32, mode="r")
+        scores = evaluate_stream(model.eval(), tokens, model.cfg.block_size, args.batch_size, args.max_tokens)
+        del tokens
+    scores.update(source=str(source), data=args.data, documents=count)
     print(f"# {source}", file=sys.stderr)
-    documents = f"{len(docs)} document" + ("s" if len(docs) != 1 else "")
+    documents = f"{count} document" + ("s" if count != 1 else "")
     print(f"{scores['tokens']} tokens of {documents}: loss {scores['loss']:.4f}, "
           f"perplexity {scores['perplexity']:.2f}, next-token accuracy {scores['accuracy']:.2%}")
     if args.json:

@@ -217,6 +217,21 @@ def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype
     return TokenStream(tokens, offsets)
 
 
+def write_tokens(tokenizer: Tokenizer, docs: Iterable[str], path: Path, dtype,
+                 max_tokens: int | None = None) -> tuple[int, int]:
+    """Each document's ids (then end-of-text) appended to a file, tokenized a batch of documents at a
+    time, up to the document that reaches max_tokens: (documents, tokens) written."""
+    documents = tokens = 0
+    with open(path, "wb") as out:
+        for batch in _batches(docs):
+            for ids in _document_ids(tokenizer, batch):
+                np.asarray(ids, dtype=dtype).tofile(out)
+                documents, tokens = documents + 1, tokens + len(ids)
+                if max_tokens is not None and tokens >= max_tokens:
+                    return documents, tokens
+    return documents, tokens
+
+
 def _document_ids(tokenizer: Tokenizer, batch: list[str]) -> Iterator[list[int]]:
     """Each document's ids, then end-of-text where the tokenizer has one."""
     for ids in tokenizer.encode_batch(batch):

@@ -154,6 +154,11 @@ def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained
         main([str(checkpoint), "--data", str(tmp_path / "held_out.jsonl")])
     assert capsys.readouterr().err.strip() == (f"error: --text-field 'text': {tmp_path / 'held_out.jsonl'}:1 is not a "
                                                "JSON object with that string field")
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n')
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--data", str(tmp_path / "blank.jsonl")])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: --data '{tmp_path / 'blank.jsonl'}': the corpus is empty (1 files, no text)")
 
 
 def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, capsys):
