@@ -122,6 +122,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         hooks.profiled = logger.log_profile  # rank 0's own trace, as the logger runs on rank 0 only
     try:
         train(cfg, dataset_dir, hooks, device=ray.train.torch.get_device())
+        if logger and cfg.logging.log_model:  # train ends with a barrier: every rank's part is in storage
+            final = run_dir.latest_checkpoint()
+            state = run_dir.trainer_state(final)
+            logger.log_model(run_dir.where(final), state["step"],
+                             {k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))})
     finally:
         if logger:
             logger.finish()

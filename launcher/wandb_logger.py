@@ -87,5 +87,18 @@ class WandbLogger:
             artifact.add_file(str(table), name="ops.txt")
         self.run.log_artifact(artifact, aliases=[trace.parent.name])
 
+    def log_model(self, location: str, step: int, metrics: dict) -> None:
+        """The checkpoint at `location` (a path or a URI) as a `model` artifact that refers to it where
+        it is, as W&B's reference artifacts do for buckets: W&B records each file's checksum, and a
+        later version of the same files is not a new one. Aliases: `latest` and `step_<N>`."""
+        import re
+
+        import wandb
+
+        name = "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.run.name or self.run.id)
+        artifact = wandb.Artifact(name, type="model", metadata={"step": step, **metrics})
+        artifact.add_reference(location if "://" in location else Path(location).resolve().as_uri())
+        self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
+
     def finish(self) -> None:
         self.run.finish()

@@ -100,6 +100,7 @@ class LoggingConfig:
     dir: str = "outputs/wandb"
     tags: list[str] = field(default_factory=list)  # W&B run tags, e.g. logging.tags=[baseline,bf16]
     notes: Optional[str] = None  # W&B run notes
+    log_model: bool = False  # the final checkpoint as a W&B model artifact, by reference to its storage
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     # The same command again continues where the first stopped; Ray's dashboard does not change training,
     # nor does profiling its last two steps.
     second = launch(tmp_path, *base, "cluster.include_dashboard=false", "trainer.profile_at=44",
-                    "trainer.profile_steps=2")
+                    "trainer.profile_steps=2", "logging.log_model=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "View the dashboard at" in first.stdout + first.stderr
     assert "View the dashboard at" not in second.stdout + second.stderr
@@ -140,9 +140,15 @@ def test_sigterm_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, 
     last_loss = [h["train_loss"] for h in run2["history"] if "train_loss" in h][-1]
     assert last_loss < first_loss - 0.3, (first_loss, last_loss)
     assert run2["config"]["model"]["n_embd"] == 256
-    assert run1["artifacts"] == [] and run2["artifacts"] == [
-        {"name": f"profile-{run1['run_id']}", "type": "profile", "aliases": ["latest", "steps_44-45"],
-         "files": ["ops.txt", "trace.pt.trace.json"]}], "rank 0's trace, for W&B's trace viewer"
+    assert run1["artifacts"] == [] and run2["artifacts"][0] == {
+        "name": f"profile-{run1['run_id']}", "type": "profile", "aliases": ["latest", "steps_44-45"],
+        "files": ["ops.txt", "trace.pt.trace.json"]}, "rank 0's trace, for W&B's trace viewer"
+    model = run2["artifacts"][1]  # logging.log_model: the final checkpoint, by reference
+    assert (model["name"], model["type"], model["aliases"]) == ("model-e2e", "model", ["latest", "step_45"])
+    listed = {p.relative_to(run_dir / "checkpoint_000045").as_posix()
+              for p in (run_dir / "checkpoint_000045").rglob("*") if p.is_file()}
+    assert set(model["files"]) == listed and "trainer_state.json" in listed
+    assert len(run2["artifacts"]) == 2
 
     # A contradicting override on the existing run fails before Ray and touches no checkpoint.
     before = tree_digest(run_dir)
@@ -177,7 +183,8 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = RunDir(s3_storage, "elastic")
     assert run_dir.latest_checkpoint() == "checkpoint_000015"
-    second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8")
+    second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8", "logging=wandb_offline",
+                    "logging.log_model=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming run elastic from {s3_storage}/elastic/checkpoint_000015" in second.stdout
     assert "written by 2 workers, resumed on 1: state that ZeRO partitioned by rank is resharded" in second.stdout
@@ -187,7 +194,10 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
     assert summary["steps"] == 30 and summary["config"]["cluster"]["num_workers"] == 1
     assert summary["checkpoint"] == f"{s3_storage}/elastic/checkpoint_000030"
     assert f"summary:    {s3_storage}/elastic/summary.json" in second.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs"], "no local run directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "wandb"], "no local run directory"
+    model = read_run(summary["wandb_dir"])["artifacts"][0]  # logging.log_model: a reference into the bucket
+    assert (model["name"], model["type"], model["aliases"]) == ("model-elastic", "model", ["latest", "step_30"])
+    assert set(model["files"]) == set(run_dir.sizes("checkpoint_000030")) and "trainer_state.json" in model["files"]
 
     location = export_run(ExportAppConfig(run=RunConfig(name="elastic", storage=s3_storage),
                                           export=ExportConfig(precision="fp32")))
