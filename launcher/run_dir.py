@@ -16,11 +16,10 @@ import fcntl
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from lm.checkpoint import TRAINER_STATE, manifest_complete
+from lm.staging import staged_directory
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
 
@@ -189,13 +188,7 @@ def download(fs, source: str, sizes: dict[str, int], dest: Path) -> Path:
         marker = dest / DOWNLOADED
         if marker.is_file() and marker.read_text() == record:
             return dest
-        partial = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
-        try:
+        with staged_directory(dest) as partial:
             pafs.copy_files(source, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             (partial / DOWNLOADED).write_text(record)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(partial, dest)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
     return dest

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lm.config import TrainConfig, config_from_dict
+from lm.staging import staged_directory
 
 if TYPE_CHECKING:
     import torch
@@ -93,20 +94,14 @@ def write_universal_checkpoint(path: str | Path) -> Path:
     final = ds_dir / UNIVERSAL_TAG
     if final.is_dir():
         return final
-    staging = ds_dir / f".{UNIVERSAL_TAG}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    # inject_missing_state: the version record Megatron-DeepSpeed writes and our checkpoints do not.
-    args = argparse.Namespace(input_folder=str(ds_dir / DEEPSPEED_TAG), output_folder=str(staging),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
-    try:
+    with staged_directory(final) as staging:
+        # inject_missing_state: the version record Megatron-DeepSpeed writes and our checkpoints do not.
+        args = argparse.Namespace(input_folder=str(ds_dir / DEEPSPEED_TAG), output_folder=str(staging),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines are diagnostics, not output
             ds_to_universal(args)
         (ds_dir / "latest_universal").unlink(missing_ok=True)  # it names the staging directory
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lm.config import ConfigError, ModelConfig, config_from_dict
 from lm.shard_loader import TokenShardLoader
 from lm.hf_format import hf_config, hf_tokenizer_config, to_hf_state_dict
 from lm.model import GPT
+from lm.staging import staged_directory
 from lm.tokenizer import ByteBPETokenizer, load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -149,10 +149,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
             f"more than export.max_ppl_increase={max_ppl_increase:.2%}; nothing was written "
             "(export.force=true writes it anyway)")
 
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "hf").mkdir(parents=True)
-    try:
+    with staged_directory(out_dir) as staging:
+        (staging / "hf").mkdir()
         save_file(stored, str(staging / "model.safetensors"), metadata={"precision": precision})
         config = {"model": dataclasses.asdict(cfg), "precision": precision}
         (staging / "config.json").write_text(json.dumps(config, indent=2))
@@ -167,11 +165,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 
