@@ -19,14 +19,10 @@ import re
 from pathlib import Path
 
 from lm.checkpoint import TRAINER_STATE, manifest_complete
+from lm.remote_files import is_uri
 from lm.staging import staged_directory
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
 
 def open_storage(storage: str):
     """(pyarrow filesystem, path on it) for run.storage."""
@@ -88,13 +84,17 @@ class RunDir:
         selector = pafs.FileSelector(self._path(rel), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 
-    def sizes(self, rel: str) -> dict[str, int]:
-        """Every file under `rel` and its size, by path relative to `rel` (one listing)."""
+    def listing(self, rel: str) -> dict[str, tuple[int, float | None]]:
+        """Every file under `rel`, by path relative to `rel`: (size, modification time) (one listing)."""
         import pyarrow.fs as pafs
 
         root = self._path(rel)
         infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+        return {i.path[len(root) + 1:]: (i.size, i.mtime.timestamp() if i.mtime else None)
+                for i in infos if i.type == pafs.FileType.File}
+
+    def sizes(self, rel: str) -> dict[str, int]:
+        return {name: size for name, (size, _) in self.listing(rel).items()}
 
     # Checkpoints
     def is_complete(self, checkpoint: str) -> bool:
@@ -122,10 +122,11 @@ class RunDir:
     def local_copy(self, rel: str, cache: str | Path) -> Path:
         """A local directory with `rel`'s files: the directory itself on a filesystem; in an object
         store, a copy under `cache` that the processes of one node share (the first downloads it,
-        the others wait for it, and a later call reuses it while the source lists the same files)."""
+        the others wait for it, and a later call reuses it while the source lists the same files, sizes
+        and times)."""
         if not self.remote:
             return Path(self._path(rel))
-        return download(self.fs, self._path(rel), self.sizes(rel), Path(cache) / rel.replace("/", "_"))
+        return download(self.fs, self._path(rel), self.listing(rel), Path(cache) / rel.replace("/", "_"))
 
     def exports(self) -> list[tuple[float, str]]:
         """(time written, location) of each complete export of the run (`launcher.export`)."""
@@ -161,7 +162,8 @@ def local_directory(location: str, cache: str | Path) -> Path:
     fs, path = open_storage(location)
     if type(fs).__name__ == "LocalFileSystem":
         return Path(path)
-    return download(fs, path, RunDir(location, "").sizes(""), Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", location))
+    return download(fs, path, RunDir(location, "").listing(""),
+                    Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", location))
 
 
 @contextlib.contextmanager
@@ -179,11 +181,12 @@ def node_lock(path: Path):
 DOWNLOADED = ".lmstack-downloaded.json"
 
 
-def download(fs, source: str, sizes: dict[str, int], dest: Path) -> Path:
-    """`source`'s files (listed with their sizes) into `dest`, whole: written beside, then renamed."""
+def download(fs, source: str, listing: dict, dest: Path) -> Path:
+    """`source`'s files (as `RunDir.listing` lists them) into `dest`, whole: written beside, then
+    renamed; the listing is kept with the copy, which is reused while it is the same."""
     import pyarrow.fs as pafs
 
-    record = json.dumps(sizes, sort_keys=True)
+    record = json.dumps(listing, sort_keys=True)
     with node_lock(dest.with_name(dest.name + ".lock")):
         marker = dest / DOWNLOADED
         if marker.is_file() and marker.read_text() == record:

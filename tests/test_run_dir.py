@@ -4,6 +4,7 @@ the same checkpoints count, files are written whole, and downloads are shared an
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -78,6 +79,10 @@ def test_a_download_is_shared_by_a_nodes_processes_and_reused_until_the_source_c
     assert run_dir.local_copy(name, cache) == copy and (copy / "marker").exists(), "reused"
     run_dir.write_text(f"{name}/trainer_state.json", json.dumps({"step": 10, "more": 1}))
     assert not (run_dir.local_copy(name, cache) / "marker").exists(), "the source changed: downloaded again"
+    (copy / "marker").write_text("kept")
+    time.sleep(1.1)  # the store keeps times to the second
+    run_dir.write_text(f"{name}/trainer_state.json", json.dumps({"step": 10, "more": 2}))  # the same size
+    assert not (run_dir.local_copy(name, cache) / "marker").exists(), "rewritten: downloaded again"
 
 
 def test_on_a_filesystem_the_local_copy_is_the_directory_itself(tmp_path):
