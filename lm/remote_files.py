@@ -25,12 +25,6 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def _resolve(uri: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri)
-
-
 def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda path: True) -> list[Path]:
     """The local copies of the files one URI item names (`known(path)`: a directory's files of known
     formats), in the item's order."""
@@ -40,7 +34,7 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
     try:
         glob_at = min((item.index(c) for c in GLOB_CHARS if c in item), default=None)
         base = item if glob_at is None else item[:glob_at].rsplit("/", 1)[0]
-        fs, root = _resolve(base)
+        fs, root = pafs.FileSystem.from_uri(base)
         info = fs.get_file_info(root)
         if glob_at is None and info.type == pafs.FileType.File:
             files = [info]
@@ -50,12 +44,10 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
             if glob_at is None:
                 files = [i for i in files if known(i.path)]
             else:
-                pattern = root + item[len(base):]
-                files = [i for i in files if fnmatch.fnmatchcase(i.path, pattern)]
+                pattern = (root + item[len(base):]).split("/")
+                files = [i for i in files if _glob_match(i.path.split("/"), pattern)]
         else:
             files = []
-    except ConfigError:
-        raise
     except Exception as error:  # pyarrow: unknown scheme, credentials, endpoint
         raise ConfigError(f"{field}={item!r} cannot be read: {type(error).__name__}: "
                           f"{' '.join(str(error).split())[:300]}") from None
@@ -63,6 +55,16 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
         what = "matches no files" if glob_at is not None else "does not exist"
         raise ConfigError(f"{field}={item!r} {what}: pass existing files, directories or globs")
     return [_download(fs, info, downloads / re.sub(r"[^A-Za-z0-9_.-]", "_", scheme) / info.path) for info in files]
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """A path's parts against a glob's, as `glob.glob(recursive=True)` matches: `*`, `?` and `[...]`
+    within one part, `**` any number of parts."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 def _download(fs, info, local: Path) -> Path:

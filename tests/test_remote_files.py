@@ -43,6 +43,9 @@ def test_a_corpus_in_a_bucket_builds_the_cache_the_same_files_on_disk_build(corp
     assert [p.name for p in mirrored] == ["a.txt", "b.jsonl"], "a prefix's files of known formats"
     assert all(str(p).startswith(str(tmp_path / "cache" / "downloads")) for p in mirrored)
     assert [p.name for p in corpus_files(data(f"{uri}/notes/*.jsonl", tmp_path))] == ["b.jsonl"]
+    assert [p.name for p in corpus_files(data(f"{uri}/**/*.jsonl", tmp_path))] == ["b.jsonl"], "as glob.glob"
+    with pytest.raises(ConfigError, match="matches no files"):
+        corpus_files(data(f"{uri}/*.jsonl", tmp_path))  # `*` stays within a directory, as on disk
     assert [p.name for p in corpus_files(data(f"{uri}/a.txt,{uri}/notes", tmp_path))] == ["a.txt", "b.jsonl"]
     mixture = prepare_data(data(f"{uri}/a.txt,{uri}/notes", tmp_path, weights=[1, 1]), progress=False)
     assert [s["path"] for s in mixture.meta["sources"]] == [f"{uri}/a.txt", f"{uri}/notes"]
