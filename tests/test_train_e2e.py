@@ -203,12 +203,47 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
                                           export=ExportConfig(precision="fp32")))
     assert location == f"{s3_storage}/elastic/exports/fp32-step000030"
     assert newest_export(s3_storage, None) == location == newest_export(s3_storage, "elastic")
-    model, _, cfg, precision = load_export(local_directory(location, tmp_path / "serve-cache"))  # as a replica does
+    model, _, cfg, precision = load_export(local_directory(location, tmp_path / "serve-cache"))
     assert precision == "fp32" and cfg.n_embd == 256
+    serve_from_the_bucket(s3_storage, "elastic", location)
     from launcher.generate import load
 
     assert load(f"{s3_storage}/elastic")[2] == location, "a run's URI means its newest export"
     assert load(f"{s3_storage}/elastic/checkpoint_000030")[2] == f"{s3_storage}/elastic/checkpoint_000030"
+
+
+def serve_from_the_bucket(storage: str, run_name: str, location: str) -> None:
+    """Ray Serve over HTTP with run.storage in the bucket: the replica downloads the newest export."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
+    from conftest import free_port
+    from launcher.serve_app import build
+
+    copy = Path(tempfile.gettempdir()) / "lmstack-exports" / re.sub(r"[^A-Za-z0-9_.-]", "_", location)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"storage": storage}), name="lm", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = client.completions.create(model=run_name, prompt="def ", max_tokens=4, temperature=0)
+        assert reply.model == run_name and reply.usage.completion_tokens >= 1
+        info = serve.get_deployment_handle("LanguageModel", app_name="lm").info.remote().result()
+        assert info["export_dir"] == location
+        assert (copy / "model.safetensors").is_file(), "the replica's copy"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.with_name(copy.name + ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            copy.parent.rmdir()
 
 
 def test_wandb_config_shows_what_auto_precision_resolved_to_and_the_tags_and_notes(tmp_path):
