@@ -10,6 +10,7 @@ import hmac
 import os
 import uuid
 from dataclasses import replace
+from pathlib import PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -238,7 +239,7 @@ def build(args: dict):
         export_dir = absolute(args["export_dir"])
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
-    model_name = export_dir.rstrip("/").split("/")[-3]  # <storage>/<run>/exports/<export>
+    model_name = PurePosixPath(export_dir).parent.parent.name  # <storage>/<run>/exports/<export>
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)
