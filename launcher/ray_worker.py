@@ -146,8 +146,8 @@ def restore_copy(run_dir, checkpoint: str, cache: str, world: int):
     """The checkpoint to resume from as local files: the one in storage on a filesystem; in an object
     store, one download per node, which is also where DeepSpeed's universal form goes when the
     worker count changed (each node converts its own copy: ranks of other nodes cannot see it)."""
-    from launcher.run_dir import node_lock
     from lm.checkpoint import needs_resharding, write_universal_checkpoint
+    from lm.staging import node_lock
 
     local = run_dir.local_copy(checkpoint, cache)
     if run_dir.remote and needs_resharding(local, world):

@@ -12,7 +12,6 @@ node, and what the launcher writes (summary, exports, profiles) is uploaded, eac
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from lm.checkpoint import TRAINER_STATE, manifest_complete
 from lm.remote_files import is_uri
-from lm.staging import staged_directory
+from lm.staging import node_lock, staged_directory
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
 
@@ -164,18 +163,6 @@ def local_directory(location: str, cache: str | Path) -> Path:
         return Path(path)
     return download(fs, path, RunDir(location, "").listing(""),
                     Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", location))
-
-
-@contextlib.contextmanager
-def node_lock(path: Path):
-    """One process of this node at a time (the ranks of one node share a download)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 DOWNLOADED = ".lmstack-downloaded.json"

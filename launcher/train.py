@@ -175,11 +175,13 @@ def apply_init_from(cfg: TrainConfig, explicit_model: set[str]):
     """Fine-tuning: the architecture comes from trainer.init_from; then the whole config is validated.
     Returns the pretrained source, or None when training from scratch."""
     from lm.pretrained import apply_pretrained_architecture, inspect_pretrained
+    from lm.remote_files import is_uri
 
     source = None
     if cfg.trainer.init_from:
         source = inspect_pretrained(cfg.trainer.init_from)
-        cfg.trainer.init_from = str(source.path)
+        if not is_uri(cfg.trainer.init_from):  # a URI stays one: each node mirrors it for itself
+            cfg.trainer.init_from = str(source.path)
         cfg.model = apply_pretrained_architecture(cfg.model, source, explicit_model)
     validate(cfg)
     return source

@@ -1,20 +1,23 @@
 """Weights to start a fine-tune from: a directory written by our export, or a local Hugging Face
 directory of a GPT-2 or Llama model (config.json + model.safetensors or pytorch_model.bin).
 
-The directory decides the architecture and the tokenizer; `trainer.init_from` never reaches the
-network, so a hub id (`gpt2`, `meta-llama/Llama-3.2-1B`) is refused with a pointer to a local copy.
+The directory decides the architecture and the tokenizer. It may be in an object store (a URI): its
+files are then mirrored on each machine that reads them. Nothing is fetched from a model hub: a hub
+id (`gpt2`, `meta-llama/Llama-3.2-1B`) is refused with a pointer to a local copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from lm.hf_format import UnsupportedModelError, from_hf_state_dict, model_config_from_hf
+from lm.remote_files import is_uri, mirror_directory
 from lm.tokenizer import Tokenizer, hf_directory_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # imported where weights load: checking a command line must not pay torch's import
@@ -44,14 +47,20 @@ def _hf_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def pretrained_cache() -> Path:
+    """Where a `trainer.init_from` URI's files are mirrored on each machine."""
+    return Path(os.environ.get("LMSTACK_PRETRAINED_CACHE", "~/.cache/lmstack/pretrained")).expanduser()
+
+
 def inspect_pretrained(init_from: str) -> PretrainedSource:
-    """What `init_from` holds (reads config files only: cheap, before any worker starts)."""
-    path = Path(init_from).expanduser()
+    """What `init_from` holds (reads config files only: cheap, before any worker starts). A URI
+    (`s3://bucket/runs/<run>/exports/<export>`) is mirrored first, on every machine that reads it."""
+    if is_uri(init_from):
+        path = mirror_directory(init_from, pretrained_cache(), FIELD)
+    else:
+        path = Path(init_from).expanduser()
     if not path.is_dir():
-        if "://" in init_from:
-            hint = (" (a URI: copy it to a directory every node sees first, e.g. `aws s3 sync <uri> <dir>`, "
-                    "and pass that directory)")
-        elif not path.exists() and not init_from.startswith((".", "/", "~")):
+        if not path.exists() and not init_from.startswith((".", "/", "~")):
             hint = (" (it looks like a Hugging Face hub id: this stack never downloads; save the model with "
                     "save_pretrained or `huggingface-cli download --local-dir` and pass that directory)")
         else:

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from lm.config import ConfigError
+from lm.staging import node_lock
 
 GLOB_CHARS = "*?["
 
@@ -30,7 +31,6 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
     formats), in the item's order."""
     import pyarrow.fs as pafs
 
-    scheme = item.split("://", 1)[0] + "://"
     try:
         glob_at = min((item.index(c) for c in GLOB_CHARS if c in item), default=None)
         base = item if glob_at is None else item[:glob_at].rsplit("/", 1)[0]
@@ -54,7 +54,7 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
     if not files:
         what = "matches no files" if glob_at is not None else "does not exist"
         raise ConfigError(f"{field}={item!r} {what}: pass existing files, directories or globs")
-    return [_download(fs, info, downloads / re.sub(r"[^A-Za-z0-9_.-]", "_", scheme) / info.path) for info in files]
+    return [_download(fs, info, _local_root(item, downloads) / info.path) for info in files]
 
 
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
@@ -67,20 +67,35 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
+def mirror_directory(uri: str, downloads: Path, field: str) -> Path:
+    """The local copy of every file under a URI prefix (a model directory), as a directory."""
+    import pyarrow.fs as pafs
+
+    mirror(uri, downloads, field)
+    _, root = pafs.FileSystem.from_uri(uri)
+    return _local_root(uri, downloads) / root.rstrip("/")
+
+
+def _local_root(uri: str, downloads: Path) -> Path:
+    return downloads / re.sub(r"[^A-Za-z0-9_.-]", "_", uri.split("://", 1)[0] + "://")
+
+
 def _download(fs, info, local: Path) -> Path:
-    """One file, fetched unless the copy was made from the same size and modification time."""
+    """One file, fetched unless the copy was made from the same size and modification time; one
+    process of the machine at a time (a node's ranks may ask for the same file together)."""
     import pyarrow.fs as pafs
 
     stamp = json.dumps({"size": info.size, "mtime": info.mtime.timestamp() if info.mtime else None})
     record = local.with_name(f".{local.name}.source")
-    if local.is_file() and record.is_file() and record.read_text() == stamp:
-        return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
-    try:
-        pafs.copy_files(info.path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(partial, local)
-    finally:
-        partial.unlink(missing_ok=True)
-    record.write_text(stamp)
+    with node_lock(local.with_name(f".{local.name}.lock")):
+        if local.is_file() and record.is_file() and record.read_text() == stamp:
+            return local
+        partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
+        try:
+            pafs.copy_files(info.path, str(partial), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
+        record.write_text(stamp)
     return local

@@ -26,6 +26,25 @@ def compile_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pretrained_cache(tmp_path_factory) -> Path:
+    """trainer.init_from URIs are mirrored into this session's own cache, never the user's."""
+    path = tmp_path_factory.mktemp("pretrained-cache")
+    os.environ["LMSTACK_PRETRAINED_CACHE"] = str(path)
+    return path
+
+
+def upload_directory(local: Path, uri: str) -> str:
+    """Every file of a local directory under a URI prefix."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    for path in local.rglob("*"):
+        if path.is_file():
+            pafs.copy_files(str(path), f"{root}/{path.relative_to(local).as_posix()}", destination_filesystem=fs)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto) on loopback; pyarrow, and so Ray Train and every process

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_on_ranks
+from conftest import REPO, run_on_ranks, upload_directory
 from lm.config import ConfigError, DataConfig, ModelConfig
 
 HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied")
@@ -70,17 +70,22 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     assert source.tokenizer().encode("return x") == prepared_tiny[0].tokenizer().encode("return x")
 
 
-def test_our_export_round_trips_through_init_from(trained, tmp_path):
+def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage):
     from lm.export import export_checkpoint, load_export
+    from lm.pretrained import inspect_pretrained
 
     root, checkpoints, prepared = trained
     export_checkpoint(checkpoints["llama-zero2"], tmp_path / "export", "fp32", prepared.tokens("val"))
     exported, tokenizer, cfg, _ = load_export(tmp_path / "export")
-    ours, source = our_model(str(tmp_path / "export"))
-    assert source.kind == "export" and source.model == cfg
-    ids = torch.tensor([tokenizer.encode("import os\nprint(os.getcwd())\n")])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids)[0], exported(ids)[0], rtol=0, atol=0)
+    in_bucket = upload_directory(tmp_path / "export", f"{s3_storage}/run/exports/fp32-step000010")
+    for init_from in (str(tmp_path / "export"), in_bucket):  # a path, or a URI mirrored first
+        ours, source = our_model(init_from)
+        assert source.kind == "export" and source.model == cfg
+        ids = torch.tensor([tokenizer.encode("import os\nprint(os.getcwd())\n")])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids)[0], exported(ids)[0], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=f"^trainer.init_from='{s3_storage}/nothing' does not exist"):
+        inspect_pretrained(f"{s3_storage}/nothing")
 
 
 def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
@@ -91,8 +96,6 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
             inspect_pretrained(hub_id)
     with pytest.raises(ConfigError, match="trainer.init_from=.*no config.json"):
         inspect_pretrained(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"trainer.init_from='s3://b/m' is not a local directory \(a URI: copy it"):
-        inspect_pretrained("s3://b/m")
     root, _ = hf_dirs
     config = json.loads((root / "llama" / "config.json").read_text())
     gqa = tmp_path / "gqa"
@@ -247,7 +250,8 @@ def finetune_runs(rank, runs, cfg_dict, dataset_dir, root):
     return losses
 
 
-def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf_dirs, tiny_train_config, tmp_path):
+def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf_dirs, tiny_train_config, tmp_path,
+                                                                                s3_storage):
     from lm.config import config_to_dict
     from lm.data import prepare_data
     from lm.shard_loader import TokenShardLoader
@@ -262,8 +266,9 @@ def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf
     cfg.trainer.init_from = str(root / "gpt2")
     prepared = prepare_data(cfg.data, progress=False, tokenizer=inspect_pretrained(cfg.trainer.init_from).tokenizer(),
                             seq_len=64)
-    runs = {"gpt2-zero2": (str(root / "gpt2"), 2), "gpt2-zero3": (str(root / "gpt2"), 3),
-            "llama-zero3": (str(root / "llama-untied"), 3)}
+    # The Llama model from a bucket: both ranks mirror it (one downloads, the other waits for it).
+    llama = upload_directory(root / "llama-untied", f"{s3_storage}/hf/llama-untied")
+    runs = {"gpt2-zero2": (str(root / "gpt2"), 2), "gpt2-zero3": (str(root / "gpt2"), 3), "llama-zero3": (llama, 3)}
     losses = run_on_ranks(finetune_runs, 2, runs, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
                           tmp_path=tmp_path)[0]
     for name, (init_from, _) in runs.items():

@@ -64,7 +64,7 @@ def test_files_are_downloaded_again_only_when_the_store_lists_another_size_or_ti
         f.write(b"changed\n")
     corpus_files(data(uri, tmp_path))
     assert len(fetched) == 3 and first[0].read_text() == "changed\n"
-    assert sorted(p.name for p in first[0].parent.iterdir()) == [".a.txt.source", "a.txt", "notes"]
+    assert sorted(p.name for p in first[0].parent.iterdir()) == [".a.txt.lock", ".a.txt.source", "a.txt", "notes"]
 
 
 def test_bad_uris_are_one_line_errors_naming_the_field(corpus, tmp_path):
