@@ -1,4 +1,5 @@
-"""Corpus files in an object store (`data.path=s3://bucket/corpus/`): a local mirror of them.
+"""Files in an object store, read through a local mirror: corpus files (`data.path=s3://...`) and a
+pretrained model's directory (`trainer.init_from=s3://...`, `mirror_directory`).
 
 An item of `data.path` may be a URI that `pyarrow.fs` resolves (s3://, gs://, abfs://, hdfs://):
 a file, a "directory" (every file under the prefix) or a glob in its last parts. Its files are
