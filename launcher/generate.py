@@ -45,9 +45,11 @@ def download_model_dir(location: str, scratch: str) -> tuple[Path, str]:
     """A run's newest export or latest checkpoint, or an export or checkpoint itself, in an object
     store: a local copy, and the location it came from."""
     from launcher.run_dir import RunDir, local_directory
+    from lm.remote_files import split_query
 
-    storage, _, name = location.rstrip("/").rpartition("/")
-    run = RunDir(storage, name)
+    bare, query = split_query(location)
+    storage, _, name = bare.rstrip("/").rpartition("/")
+    run = RunDir(storage + query, name)
     exports = run.exports()
     latest = None if exports else run.latest_checkpoint()
     chosen = max(exports)[1] if exports else run.where(latest) if latest else location

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from lm.checkpoint import TRAINER_STATE, manifest_complete
-from lm.remote_files import is_uri
+from lm.remote_files import is_uri, split_query
 from lm.staging import node_lock, staged_directory
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
@@ -39,14 +39,15 @@ class RunDir:
         self.fs, base = open_storage(storage)
         self.path = f"{base}/{name}" if name else base  # "": the storage itself, whose runs listdir() lists
         self.remote = is_uri(storage) and type(self.fs).__name__ != "LocalFileSystem"
-        self.location = "/".join(filter(None, (storage.rstrip("/"), name))) if is_uri(storage) else self.path
+        bare, self.query = split_query(storage) if is_uri(storage) else (storage, "")
+        self.location = "/".join(filter(None, (bare.rstrip("/"), name))) if is_uri(storage) else self.path
 
     def _path(self, rel: str = "") -> str:
         return f"{self.path}/{rel}" if rel else self.path
 
     def where(self, rel: str = "") -> str:
-        """`rel`'s path or URI, as a user would pass it to a tool."""
-        return f"{self.location}/{rel}" if rel else self.location
+        """`rel`'s path or URI (with the storage URI's query, if any), as a user would pass it to a tool."""
+        return (f"{self.location}/{rel}" if rel else self.location) + self.query
 
     def exists(self, rel: str = "") -> bool:
         import pyarrow.fs as pafs
@@ -162,7 +163,7 @@ def local_directory(location: str, cache: str | Path) -> Path:
     if type(fs).__name__ == "LocalFileSystem":
         return Path(path)
     return download(fs, path, RunDir(location, "").listing(""),
-                    Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", location))
+                    Path(cache) / re.sub(r"[^A-Za-z0-9_.-]", "_", split_query(location)[0]))
 
 
 DOWNLOADED = ".lmstack-downloaded.json"

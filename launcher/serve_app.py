@@ -234,12 +234,13 @@ def build(args: dict):
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
+    from lm.remote_files import split_query
 
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
-    model_name = PurePosixPath(export_dir).parent.parent.name  # <storage>/<run>/exports/<export>
+    model_name = PurePosixPath(split_query(export_dir)[0]).parent.parent.name  # <storage>/<run>/exports/<export>
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)

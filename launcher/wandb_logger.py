@@ -97,7 +97,8 @@ class WandbLogger:
 
         name = "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.run.name or self.run.id)
         artifact = wandb.Artifact(name, type="model", metadata={"step": step, **metrics})
-        artifact.add_reference(location if "://" in location else Path(location).resolve().as_uri())
+        uri = location.partition("?")[0] if "://" in location else Path(location).resolve().as_uri()  # no pyarrow query
+        artifact.add_reference(uri)
         self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
 
     def finish(self) -> None:

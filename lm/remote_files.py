@@ -27,15 +27,23 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def split_query(uri: str) -> tuple[str, str]:
+    """(the URI without its query, "?<query>" or ""): pyarrow reads options such as
+    `?endpoint_override=host:9000&scheme=http` there, and paths go before it."""
+    bare, mark, query = uri.partition("?")
+    return bare, mark + query
+
+
 def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda path: True) -> list[Path]:
     """The local copies of the files one URI item names (`known(path)`: a directory's files of known
     formats), in the item's order."""
     import pyarrow.fs as pafs
 
+    bare, query = split_query(item)
     try:
-        glob_at = min((item.index(c) for c in GLOB_CHARS if c in item), default=None)
-        base = item if glob_at is None else item[:glob_at].rsplit("/", 1)[0]
-        fs, root = pafs.FileSystem.from_uri(base)
+        glob_at = min((bare.index(c) for c in GLOB_CHARS if c in bare), default=None)
+        base = bare if glob_at is None else bare[:glob_at].rsplit("/", 1)[0]
+        fs, root = pafs.FileSystem.from_uri(base + query)
         info = fs.get_file_info(root)
         if glob_at is None and info.type == pafs.FileType.File:
             files = [info]
@@ -45,7 +53,7 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
             if glob_at is None:
                 files = [i for i in files if known(i.path)]
             else:
-                pattern = (root + item[len(base):]).split("/")
+                pattern = (root + bare[len(base):]).split("/")
                 files = [i for i in files if _glob_match(i.path.split("/"), pattern)]
         else:
             files = []

@@ -134,3 +134,27 @@ def test_export_and_serve_refuse_a_missing_bucket_in_one_line(s3_storage, tmp_pa
                                 capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(f"config error: {field}='{missing}")
+
+
+def test_a_storage_uri_with_pyarrow_options_keeps_them_in_every_location(s3_storage, s3_server, tmp_path, monkeypatch):
+    """`s3://bucket/runs?endpoint_override=host:port&scheme=http` (MinIO, as Ray Train takes it): the
+    paths go before the query, which every location handed on keeps."""
+    from launcher.generate import download_model_dir
+    from launcher.run_dir import local_directory
+    from lm.remote_files import mirror
+
+    host_port = s3_server.removeprefix("http://")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from the query alone
+    storage = f"{s3_storage}?endpoint_override={host_port}&scheme=http"
+    check_run_storage(to_train_config(composed(f"run.storage='{storage}'")))  # quoted for Hydra: it holds '='
+    run_dir = RunDir(storage, "run")
+    query = f"?endpoint_override={host_port}&scheme=http"
+    assert run_dir.write_text("summary.json", "{}") == f"{s3_storage}/run/summary.json{query}"
+    name = put_checkpoint(run_dir, tmp_path / "src", 10)
+    assert run_dir.latest_checkpoint() == name
+    location = run_dir.where(name)
+    copy = local_directory(location, tmp_path / "cache")
+    assert (copy / "trainer_state.json").is_file() and "endpoint_override" not in copy.name
+    assert download_model_dir(run_dir.where(), str(tmp_path / "load"))[1] == location, "a run: its latest checkpoint"
+    files = mirror(f"{s3_storage}/run/{name}/rng/*.pt?endpoint_override={host_port}&scheme=http", tmp_path / "dl")
+    assert sorted(p.name for p in files) == ["rank_0.pt", "rank_1.pt"], "a glob before the query"
