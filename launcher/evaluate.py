@@ -61,12 +61,19 @@ def main(argv: list[str] | None = None) -> None:
         tokens_file = Path(scratch) / "tokens.bin"
         try:
             files = corpus_files(data)
-            seen_text = []
-            docs = (seen_text.append(True) or doc if doc.strip() else doc for doc in iter_documents(files, data))
+            seen_text = False
+
+            def documents():
+                nonlocal seen_text
+                for doc in iter_documents(files, data):
+                    seen_text = seen_text or bool(doc.strip())
+                    yield doc
+
+            docs = documents()
             first = list(itertools.islice(docs, 1))  # a file that cannot be read fails before the model loads
             model, tokenizer, source = load(args.path)
-            count, _ = write_tokens(tokenizer, itertools.chain(first, docs), tokens_file, np.int32,
-                                    args.max_tokens + 1 if args.max_tokens else None)
+            count = len(write_tokens(tokenizer, itertools.chain(first, docs), tokens_file, np.int32,
+                                     args.max_tokens + 1 if args.max_tokens else None))
             if not seen_text:
                 empty_corpus(files, data, "data.path")
         except ConfigError as error:

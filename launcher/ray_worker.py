@@ -109,8 +109,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
         shutil.rmtree(path, ignore_errors=True)
 
-    def stop_requested() -> bool:  # asked at log steps only
-        return run_dir.exists(STOP_FILE)
+    def stop_requested() -> bool:  # asked at log steps; the ranks sum their answers, so rank 0's is enough
+        return rank == 0 and run_dir.exists(STOP_FILE)
 
     # Profiles are written to the run directory, or beside the staged parts and uploaded after.
     local_run_dir = os.path.join(staging, f"run_rank{rank}") if run_dir.remote else run_dir.path

@@ -35,7 +35,6 @@ def open_storage(storage: str):
 
 class RunDir:
     def __init__(self, storage: str, name: str):
-        self.storage, self.name = storage, name
         self.fs, base = open_storage(storage)
         self.path = f"{base}/{name}" if name else base  # "": the storage itself, whose runs listdir() lists
         self.remote = is_uri(storage) and type(self.fs).__name__ != "LocalFileSystem"
@@ -132,11 +131,10 @@ class RunDir:
         """(time written, location) of each complete export of the run (`launcher.export`)."""
         from lm.export import EXPORT_FILES
 
-        found = []
-        for name in self.listdir("exports"):
-            if all(self.exists(f"exports/{name}/{f}") for f in EXPORT_FILES):  # the last one is uploaded last
-                found.append((self.mtime(f"exports/{name}/{EXPORT_FILES[-1]}") or 0.0, self.where(f"exports/{name}")))
-        return found
+        files = self.listing("exports")  # one listing, not a request per file
+        names = {path.split("/", 1)[0] for path in files}
+        return [(files[f"{name}/{EXPORT_FILES[-1]}"][1] or 0.0, self.where(f"exports/{name}"))  # uploaded last
+                for name in sorted(names) if all(f"{name}/{f}" in files for f in EXPORT_FILES)]
 
     def upload(self, local: str | Path, rel: str, last: tuple[str, ...] = ()) -> str:
         """Copy a local directory's files under `rel`; the names in `last` go after the others, so a

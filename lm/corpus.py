@@ -36,19 +36,20 @@ def corpus_files(data: DataConfig, field: str = "data.path") -> list[Path]:
     stdlib default."""
     if data.source == "stdlib" and field == "data.path":
         return stdlib_files()
-    return [f for item in path_items(_setting(data, field)) for f in item_files(item, field, downloads_dir(data))]
+    return [f for files in source_files(data, field) for f in files]
 
 
-def downloads_dir(data: DataConfig) -> Path:
-    """Where corpus files named by URI are mirrored (lm.remote_files)."""
-    return Path(data.cache_dir) / "downloads"
+def source_files(data: DataConfig, field: str = "data.path") -> list[list[Path]]:
+    """The files of each comma-separated item of `data.path` (or `data.val_path`): a mixture's sources."""
+    downloads = Path(data.cache_dir) / "downloads"  # where items named by URI are mirrored
+    return [item_files(item, downloads, field) for item in path_items(_setting(data, field))]
 
 
-def item_files(item: str, field: str = "data.path", downloads: Path | None = None) -> list[Path]:
+def item_files(item: str, downloads: Path, field: str = "data.path") -> list[Path]:
     """The files one item of data.path names: a file, a directory (its files of known formats,
-    recursively) or a glob; a URI's are mirrored under `downloads` first."""
+    recursively) or a glob; a URI's are mirrored under `downloads` first (lm.remote_files)."""
     if is_uri(item):
-        return mirror(item, downloads or Path("downloads"), field, known=lambda path: bool(file_format(Path(path))))
+        return mirror(item, downloads, field, known=lambda path: bool(file_format(Path(path))))
     expanded = os.path.expanduser(item)
     if any(ch in expanded for ch in "*?["):
         matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]

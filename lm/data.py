@@ -24,8 +24,8 @@ import numpy as np
 
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
 from lm.config import ConfigError, DataConfig, path_items
-from lm.corpus import (chat_conversations, check_chats, corpus_files, downloads_dir, empty_corpus, item_files,
-                       iter_documents, read_chats, read_documents)
+from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, iter_documents, read_chats,
+                       read_documents, source_files)
 from lm.records import FORMATS
 from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -197,39 +197,36 @@ class TokenStream:
 
 def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], count: int, dtype, path: Path,
                     progress: bool) -> TokenStream:
-    """`encode_documents`, streamed to a file: a batch of documents at a time."""
+    """`encode_documents`, streamed to a file (`write_tokens`), with where each document's ids start."""
     from tqdm import tqdm
 
+    with tqdm(total=count, desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
+        lengths = write_tokens(tokenizer, docs, path, dtype, progress=bar)
+    if len(lengths) != count:
+        raise RuntimeError(f"the corpus changed while it was read: {count} documents, then {len(lengths)}")
     offsets = np.zeros(count + 1, dtype=np.int64)
-    done = 0
-    with open(path, "wb") as out, tqdm(total=count, desc="tokenizing corpus", unit="doc", disable=not progress) as bar:
-        for batch in _batches(docs):
-            if done + len(batch) > count:
-                break
-            for ids in _document_ids(tokenizer, batch):
-                np.asarray(ids, dtype=dtype).tofile(out)
-                offsets[done + 1] = offsets[done] + len(ids)
-                done += 1
-            bar.update(len(batch))
-    if done != count or next(docs, None) is not None:
-        raise RuntimeError(f"the corpus changed while it was read: {count} documents, then {done} or more")
+    np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
     tokens = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype=dtype)
     return TokenStream(tokens, offsets)
 
 
-def write_tokens(tokenizer: Tokenizer, docs: Iterable[str], path: Path, dtype,
-                 max_tokens: int | None = None) -> tuple[int, int]:
-    """Each document's ids (then end-of-text) appended to a file, tokenized a batch of documents at a
-    time, up to the document that reaches max_tokens: (documents, tokens) written."""
-    documents = tokens = 0
+def write_tokens(tokenizer: Tokenizer, docs: Iterable[str], path: Path, dtype, max_tokens: int | None = None,
+                 progress=None) -> array:
+    """Each document's ids (then end-of-text) to a file, tokenized a batch of documents at a time, up
+    to the document that reaches max_tokens; `progress` (a tqdm bar) counts the documents. Returns
+    each written document's number of tokens."""
+    lengths, tokens = array("q"), 0
     with open(path, "wb") as out:
         for batch in _batches(docs):
             for ids in _document_ids(tokenizer, batch):
                 np.asarray(ids, dtype=dtype).tofile(out)
-                documents, tokens = documents + 1, tokens + len(ids)
+                lengths.append(len(ids))
+                tokens += len(ids)
                 if max_tokens is not None and tokens >= max_tokens:
-                    return documents, tokens
-    return documents, tokens
+                    return lengths
+            if progress is not None:
+                progress.update(len(batch))
+    return lengths
 
 
 def _document_ids(tokenizer: Tokenizer, batch: list[str]) -> Iterator[list[int]]:
@@ -272,8 +269,7 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
     `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`)."""
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
-    sources = ([item_files(item, downloads=downloads_dir(data)) for item in path_items(data.path)] if data.weights
-               else [corpus_files(data)])
+    sources = source_files(data) if data.weights else [corpus_files(data)]
     if data.source == "chat":
         return _prepare_chats(sources, val_files, data, tokenizer, seq_len)
     return _prepare_text(sources, val_files, data, tokenizer, progress)
