@@ -167,7 +167,7 @@ def test_a_run_survives_a_killed_worker_and_a_lost_node_and_a_crash_in_a_save_ke
         attempts = sorted((workdir / "wandb-failures" / "wandb").glob("offline-run-*"))
         ids = {d.name.rsplit("-", 1)[1] for d in attempts}
         assert len(attempts) == 4 and len(ids) == 1, attempts
-        runs = [read_run(d) for d in attempts]
+        runs = [read_run(d, finished=False) for d in attempts[:-1]] + [read_run(attempts[-1])]
         assert all(r["run_id"] in (None, *ids) for r in runs) and runs[-1]["run_id"] in ids
         assert runs[0]["run_id"] is None or not runs[0]["resume"], "the first group started the W&B run"
         assert all(r["resume"] for r in runs[1:] if r["run_id"]), "every later group resumed it"
