@@ -95,9 +95,11 @@ class WandbLogger:
 
         import wandb
 
+        from lm.remote_files import is_uri, split_query
+
         name = "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.run.name or self.run.id)
         artifact = wandb.Artifact(name, type="model", metadata={"step": step, **metrics})
-        uri = location.partition("?")[0] if "://" in location else Path(location).resolve().as_uri()  # no pyarrow query
+        uri = split_query(location)[0] if is_uri(location) else Path(location).resolve().as_uri()  # no pyarrow query
         artifact.add_reference(uri)
         self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
 

@@ -37,6 +37,16 @@ def split_query(uri: str) -> tuple[str, str]:
 def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda path: True) -> list[Path]:
     """The local copies of the files one URI item names (`known(path)`: a directory's files of known
     formats), in the item's order."""
+    return _mirror(item, downloads, field, known)[0]
+
+
+def mirror_directory(uri: str, downloads: Path, field: str) -> Path:
+    """The local copy of every file under a URI prefix (a model directory), as a directory."""
+    return _mirror(uri, downloads, field)[1]
+
+
+def _mirror(item: str, downloads: Path, field: str, known=lambda path: True) -> tuple[list[Path], Path]:
+    """(`mirror`'s local copies, the local directory that mirrors the item's prefix)."""
     import pyarrow.fs as pafs
 
     bare, query = split_query(item)
@@ -63,7 +73,8 @@ def mirror(item: str, downloads: Path, field: str = "data.path", known=lambda pa
     if not files:
         what = "matches no files" if glob_at is not None else "does not exist"
         raise ConfigError(f"{field}={item!r} {what}: pass existing files, directories or globs")
-    return [_download(fs, info, _local_root(item, downloads) / info.path) for info in files]
+    local_root = _local_root(item, downloads)
+    return [_download(fs, info, local_root / info.path) for info in files], local_root / root.rstrip("/")
 
 
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
@@ -74,15 +85,6 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     if pattern[0] == "**":
         return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
-
-
-def mirror_directory(uri: str, downloads: Path, field: str) -> Path:
-    """The local copy of every file under a URI prefix (a model directory), as a directory."""
-    import pyarrow.fs as pafs
-
-    mirror(uri, downloads, field)
-    _, root = pafs.FileSystem.from_uri(uri)
-    return _local_root(uri, downloads) / root.rstrip("/")
 
 
 def _local_root(uri: str, downloads: Path) -> Path:
