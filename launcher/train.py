@@ -95,7 +95,8 @@ def start_ray(cfg: TrainConfig) -> None:
         repo = str(Path(__file__).resolve().parent.parent)
         need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         # The dashboard is on (127.0.0.1) unless cluster.include_dashboard=false: `ray.init` waits 1-2 s
-        # for its process to come up before it starts the raylet.
+        # for its process to come up before it starts the raylet, and its processes then share the
+        # cores with the workers' start (3-5 s a run in all on a 2-vCPU VM; benchmarks/RESULTS.md).
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
         # this one machine has none, and SIGTERM is handled by StopOnSigterm.
         # Train's controller acts on a worker group's changes (started, finished) only when it next
