@@ -7,11 +7,14 @@ the same loop runs under Ray, under `torchrun`/`deepspeed`, and in tests.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
 import os
 import random
 import resource
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -118,6 +121,50 @@ def skip_inference_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_without_compiling() -> None:
+    """Import DeepSpeed's Muon optimizer with its `torch.compile` decorators made lazy.
+
+    DeepSpeed imports the module in `deepspeed.initialize` and in its ZeRO step (to recognise Muon),
+    and the module compiles three functions as it is defined; `torch.compile` imports inductor: 1.2-1.8 s
+    per rank at every start (benchmarks/RESULTS.md), for an optimizer this trainer never uses. Imported
+    here first with DeepSpeed's `compiler.compile()` swapped for a decorator that compiles on the first
+    call, the module is the real one (its classes and functions as DeepSpeed expects them) and Muon, if
+    anything ever ran it, would be compiled then. A DeepSpeed without that decorator is left as it is."""
+    if MUON_MODULE in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    eager_compile = getattr(compiler, "compile", None)
+    if eager_compile is None:
+        return
+
+    def compile_on_first_call():
+        def decorate(function):
+            compiled = None
+
+            @functools.wraps(function)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = eager_compile()(function)
+                return compiled(*args, **kwargs)
+            return call
+        return decorate
+
+    compiler.compile = compile_on_first_call
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:
+        pass  # as DeepSpeed itself treats a Muon that cannot be imported
+    finally:
+        compiler.compile = eager_compile
 
 
 def init_distributed() -> None:
@@ -311,6 +358,7 @@ def train(cfg: TrainConfig, dataset_dir: str, hooks: TrainHooks, device: torch.d
     reshard = bool(hooks.resume_from) and needs_resharding(hooks.resume_from, world)
     if reshard:
         ds_config["checkpoint"] = {"load_universal": True}
+    import_muon_without_compiling()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config)
     skip_redundant_engine_work(engine, cfg.deepspeed.zero_stage, world)
     if t.compile:

@@ -49,15 +49,24 @@ def train_each_path(rank, cfg_dict, dataset_dir, root):
         results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params(), metrics["precision"],
                          saved.trainer.precision, [c["trainer"]["precision"] for c in started],
                          [(m["loss_scale"], m["skipped_steps"]) for m in logged if "loss_scale" in m])
-    return results
+    import sys
+
+    from lm.trainer import MUON_MODULE
+
+    muon = sys.modules.get(MUON_MODULE)
+    return results, {"inductor imported": "torch._inductor.compile_fx" in sys.modules,
+                     "Muon's module": muon.__name__ if muon else None}
 
 
 def test_every_precision_and_memory_option_trains_and_checkpoints(tiny_train_config, prepared_tiny, tmp_path):
     prepared, vocab = prepared_tiny
     cfg = tiny_train_config(max_steps=4, ckpt_every=4, eval_every=4)
     cfg.model.vocab_size, cfg.cluster.num_workers = vocab, 1
-    results = run_on_ranks(train_each_path, 1, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
-                           tmp_path=tmp_path)[0]
+    results, imports = run_on_ranks(train_each_path, 1, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
+                                    tmp_path=tmp_path)[0]
+    # DeepSpeed imports its Muon optimizer in every path; it must not bring in torch.compile's inductor
+    # with it (1.2-1.8 s a rank at every start: lm.trainer.import_muon_without_compiling).
+    assert imports == {"inductor imported": False, "Muon's module": "deepspeed.runtime.zero.muon.muon_optimizer"}
     assert set(results) == set(PATHS)
     sizes = {r[2] for r in results.values()}
     assert len(sizes) == 1, "every path restores the whole model"
