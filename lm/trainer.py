@@ -145,7 +145,7 @@ def import_muon_without_compiling() -> None:
     if eager_compile is None:
         return
 
-    def compile_on_first_call():
+    def compile_on_first_call(*compile_args, **compile_kwargs):
         def decorate(function):
             compiled = None
 
@@ -153,7 +153,7 @@ def import_muon_without_compiling() -> None:
             def call(*args, **kwargs):
                 nonlocal compiled
                 if compiled is None:
-                    compiled = eager_compile()(function)
+                    compiled = eager_compile(*compile_args, **compile_kwargs)(function)
                 return compiled(*args, **kwargs)
             return call
         return decorate

@@ -5,6 +5,7 @@ same way on every rank, and `trainer.compile`."""
 
 import json
 import math
+import sys
 
 import torch
 from conftest import run_on_ranks
@@ -49,8 +50,6 @@ def train_each_path(rank, cfg_dict, dataset_dir, root):
         results[name] = (metrics["train_loss"], metrics["val_loss"], model.num_params(), metrics["precision"],
                          saved.trainer.precision, [c["trainer"]["precision"] for c in started],
                          [(m["loss_scale"], m["skipped_steps"]) for m in logged if "loss_scale" in m])
-    import sys
-
     from lm.trainer import MUON_MODULE
 
     muon = sys.modules.get(MUON_MODULE)
