@@ -178,7 +178,7 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
                     destination_filesystem=pafs.FileSystem.from_uri(s3_storage)[0])
     base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith(("run.storage=", "data.path="))] + [
         f"run.storage={s3_storage}", f"data.path=s3://{bucket}/data/", "run.name=elastic", "trainer.max_steps=30",
-        "deepspeed=zero3", "logging=none"]
+        "deepspeed=zero3", "logging=none", "cluster.include_dashboard=false"]  # 3-5 s a launch; the SIGTERM test has it on
     first = launch(tmp_path, *base, "trainer.stop_at_step=15", "trainer.sample_tokens=0")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = RunDir(s3_storage, "elastic")
