@@ -39,7 +39,7 @@ def _payloads(data: bytes):
             pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
 
 
-def _records(path: Path, timeout_s: float = 30.0) -> list:
+def _records(path: Path, timeout_s: float) -> list:
     """The file's records once it holds the run's `exit` record. `wandb.finish()` can return before
     W&B's service process has written the last records (seen once in ~20 full test runs: the
     config update missing), so an unfinished file is read again until it is complete or the timeout
