@@ -27,6 +27,10 @@ class ModelConfig:
     activation: str = "gelu_tanh"
     n_layer: int = 6
     n_head: int = 6
+    # Key/value heads. None: one per query head. Fewer (llama only): grouped-query attention, as in
+    # Llama 2 70B, Llama 3, TinyLlama and SmolLM; n_head / n_kv_head query heads share each, which
+    # shrinks the attention's key/value projections and the serving KV cache by that factor.
+    n_kv_head: Optional[int] = None
     n_embd: int = 384
     block_size: int = 256  # the model's maximum context (positions)
     dropout: float = 0.0
@@ -223,6 +227,11 @@ def min_learning_rate(optim: OptimConfig) -> float:
     return optim.lr / 10 if optim.min_lr is None else optim.min_lr
 
 
+def kv_heads(model: ModelConfig) -> int:
+    """Key/value heads: model.n_kv_head, or one per query head."""
+    return model.n_kv_head or model.n_head
+
+
 def mlp_hidden_size(model: ModelConfig) -> int:
     if model.mlp_hidden:
         return model.mlp_hidden
@@ -270,6 +279,13 @@ def validate(cfg: TrainConfig) -> None:
         _require(_get(cfg, name) >= 1, name, _get(cfg, name), "must be an integer >= 1")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd,
              f"must be divisible by model.n_head={m.n_head}")
+    if m.n_kv_head is not None:
+        _require(m.n_kv_head >= 1 and m.n_head % m.n_kv_head == 0, "model.n_kv_head", m.n_kv_head,
+                 f"must divide model.n_head={m.n_head} (each key/value head serves n_head / n_kv_head query heads), "
+                 "or null for one per query head")
+        _require(m.variant == "llama" or m.n_kv_head == m.n_head, "model.n_kv_head", m.n_kv_head,
+                 f"grouped-query attention applies to model.variant=llama; gpt2 has one per query head "
+                 f"(null or {m.n_head})")
     _require(m.variant == "gpt2" or m.activation == "gelu_tanh", "model.activation", m.activation,
              "applies to model.variant=gpt2; llama's MLP is SwiGLU")
     if m.variant == "llama":

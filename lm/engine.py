@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.compiled_decode import CompiledDecodeStep
+from lm.config import kv_heads
 from lm.inference import optimize_for_decoding
 from lm.model import GPT
 
@@ -126,7 +127,7 @@ class Engine:
         cfg = model.cfg
         self.context = cfg.block_size
         self.max_batch_size = max_batch_size
-        shape = (max_batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (max_batch_size, kv_heads(cfg), cfg.block_size, cfg.n_embd // cfg.n_head)
         dtype, self.device = model.wte.weight.dtype, model.wte.weight.device
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lm.chat_template import JINJA_TEMPLATE
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, kv_heads, mlp_hidden_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
     import torch
@@ -52,7 +52,7 @@ def _architecture(cfg: ModelConfig) -> dict:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "num_key_value_heads": kv_heads(cfg), "head_dim": cfg.n_embd // cfg.n_head,
         "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -65,6 +65,7 @@ def _bias(state: dict, name: str, size: int) -> torch.Tensor:
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     C, hidden = cfg.n_embd, mlp_hidden_size(cfg)
+    kv_width = kv_heads(cfg) * (C // cfg.n_head)
     out: dict[str, torch.Tensor] = {}
     if cfg.variant == "gpt2":
         out["transformer.wte.weight"] = state["wte.weight"]
@@ -85,7 +86,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             ours, theirs = f"h.{i}.", f"model.layers.{i}."
             out[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
             out[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
-            q, k, v = state[ours + "attn.c_attn.weight"].split(C, dim=0)
+            q, k, v = state[ours + "attn.c_attn.weight"].split((C, kv_width, kv_width), dim=0)
             gate, up = state[ours + "mlp.c_fc.weight"].split(hidden, dim=0)
             pieces = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v,
                       "self_attn.o_proj": state[ours + "attn.c_proj.weight"], "mlp.gate_proj": gate,
@@ -93,7 +94,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             for name, weight in pieces.items():
                 out[theirs + f"{name}.weight"] = weight.clone()  # own storage: safetensors refuses views
             if cfg.bias:
-                qb, kb, vb = state[ours + "attn.c_attn.bias"].split(C)
+                qb, kb, vb = state[ours + "attn.c_attn.bias"].split((C, kv_width, kv_width))
                 gb, ub = state[ours + "mlp.c_fc.bias"].split(hidden)
                 biases = {"self_attn.q_proj": qb, "self_attn.k_proj": kb, "self_attn.v_proj": vb,
                           "self_attn.o_proj": state[ours + "attn.c_proj.bias"], "mlp.gate_proj": gb,
@@ -138,9 +139,9 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            activation=FROM_HF_ACTIVATIONS[activation])
     if model_type == "llama":
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
-        if hf.get("num_key_value_heads", heads) != heads:
-            _refuse("num_key_value_heads", hf["num_key_value_heads"],
-                    f"grouped-query attention is not implemented; only num_attention_heads={heads}")
+        kv = hf.get("num_key_value_heads") or heads
+        if heads % kv:
+            _refuse("num_key_value_heads", kv, f"a divisor of num_attention_heads={heads}")
         if hf.get("head_dim", width // heads) != width // heads:
             _refuse("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {width // heads}")
         if hf.get("hidden_act", "silu") != "silu":
@@ -152,6 +153,7 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             _refuse("attention_bias", hf.get("attention_bias"), "the same as mlp_bias")
         return ModelConfig(name=name, variant="llama", n_layer=hf["num_hidden_layers"], n_head=heads,
+                           n_kv_head=None if kv == heads else kv,
                            n_embd=width, block_size=hf["max_position_embeddings"],
                            bias=bool(hf.get("attention_bias", False)), mlp_hidden=hf["intermediate_size"],
                            rope_theta=rope_theta, norm_eps=hf.get("rms_norm_eps", 1e-6),

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, kv_heads, mlp_hidden_size
 from lm.head_loss import IGNORE_INDEX, OutputHead
 
 
@@ -48,61 +48,78 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA for one query per sequence, (B, H, 1, D) over (B, H, L, D), written as multiply-and-sum.
+    """SDPA for one query per sequence, (B, H, 1, D) over (B, H_kv, L, D), written as multiply-and-sum.
     Compiled decode steps use it: Inductor fuses it into a few loops over the cache, 2-4x faster
     than the SDPA kernel, whose per-head GEMM calls cost more than this arithmetic (RESULTS.md).
-    Eager keeps SDPA, which is faster there than these unfused ops."""
-    scores = (q.float() * keys.float()).sum(-1) * (q.shape[-1] ** -0.5)  # (B, H, L), in fp32 as SDPA
+    Eager keeps SDPA, which is faster there than these unfused ops. With grouped-query attention
+    (H_kv < H) each key/value head serves H / H_kv consecutive query heads, read once for all."""
+    B, H, _, D = q.shape
+    groups = q.float().reshape(B, keys.shape[1], H // keys.shape[1], 1, D)  # query heads by shared key/value head
+    scores = (groups * keys.float()[:, :, None]).sum(-1) * (D ** -0.5)  # (B, H_kv, H / H_kv, L), in fp32 as SDPA
     if mask is not None:  # (B, 1, 1, L), True where a key may be seen
-        scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(-1)
-    return (weights[..., None] * values.float()).sum(-2, keepdim=True).to(q.dtype)
+    return (weights[..., None] * values.float()[:, :, None]).sum(-2).reshape(B, H, 1, D).to(q.dtype)
 
 
 EXPLICIT_ATTENTION_MAX_LEN = 256
 
 
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal SDPA over (B, H, T, D). In training on CPU, up to EXPLICIT_ATTENTION_MAX_LEN positions, it
-    is written out: one batched matmul for the scores with the causal mask added in the same call, a
-    softmax, and one for the weighted sum. There PyTorch's CPU flash kernel spends its backward on small
-    blocks, not arithmetic: the written-out forward+backward is ~1.5x faster in fp32 at T=64 and ~2x in
-    bf16 at T=256 (RESULTS.md). Forward alone (evaluation, prefill) it is no faster in fp32, and its
-    (T, T) scores per head grow with T squared, so inference, longer sequences and GPUs keep the flash
-    kernel. In bf16 the scores are bf16, as in nanoGPT's attention under autocast."""
+    """Causal SDPA of (B, H, T, D) queries over (B, H_kv, T, D) keys and values (H_kv < H: grouped-query
+    attention, each key/value head serving H / H_kv consecutive query heads). In training on CPU, up to
+    EXPLICIT_ATTENTION_MAX_LEN positions, it is written out: one batched matmul for the scores with the
+    causal mask added in the same call, a softmax, and one for the weighted sum. There PyTorch's CPU
+    flash kernel spends its backward on small blocks, not arithmetic: the written-out forward+backward
+    is ~1.5x faster in fp32 at T=64 and ~2x in bf16 at T=256 (RESULTS.md). Forward alone (evaluation,
+    prefill) it is no faster in fp32, and its (T, T) scores per head grow with T squared, so inference,
+    longer sequences and GPUs keep the flash kernel. In bf16 the scores are bf16, as in nanoGPT's
+    attention under autocast. A group's query heads are stacked as more rows of one matmul, so keys
+    and values are never copied per query head."""
     B, H, T, D = q.shape
+    H_kv = keys.shape[1]
     training = torch.is_grad_enabled() and q.requires_grad
     if not training or q.device.type != "cpu" or T > EXPLICIT_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, dropout_p=dropout_p)
-    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), keys.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=H_kv != H)
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).repeat(H // H_kv, 1)
+    scores = torch.baddbmm(mask, q.reshape(B * H_kv, H // H_kv * T, D),
+                           keys.reshape(B * H_kv, T, D).transpose(1, 2), alpha=D ** -0.5)
     weights = F.dropout(scores.softmax(-1), dropout_p) if dropout_p > 0 else scores.softmax(-1)
-    return torch.bmm(weights, values.reshape(B * H, T, D)).view(B, H, T, D)
+    return torch.bmm(weights, values.reshape(B * H_kv, T, D)).view(B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv_head = cfg.n_head, kv_heads(cfg)
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.use_rope = cfg.variant == "llama"
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        kv_width = self.n_kv_head * self.head_dim
+        self.qkv_widths = (cfg.n_embd, kv_width, kv_width)
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_widths), bias=cfg.bias)  # fused q, k, v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    def _qkv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, H_kv, T, D), rotated when there is a RoPE table."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.qkv_widths, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        q, k, v = self._qkv(x, rope)
         y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    # KV-cache paths for serving. Caches are (slots, n_head, max_len, head_dim); the engine keeps
+    # KV-cache paths for serving. Caches are (slots, n_kv_head, max_len, head_dim); the engine keeps
     # its running sequences in slots 0..B-1, so decoding reads them as one view, without a gather.
 
     def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int) -> torch.Tensor:
@@ -110,33 +127,26 @@ class CausalSelfAttention(nn.Module):
         themselves (padding comes after every real token, so it is never attended), keys stored in
         slots first_slot..first_slot+B-1."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, rope)
         k_cache[first_slot:first_slot + B, :, :T] = k
         v_cache[first_slot:first_slot + B, :, :T] = v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def decode(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
                positions: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
         """One new token (B, 1, C) for the sequences in slots 0..B-1, token b at positions[b]."""
         B, _, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, 1, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, rope)
         k_cache[rows, :, positions] = k[:, :, 0]
         v_cache[rows, :, positions] = v[:, :, 0]
         keys, values = k_cache[:B, :, :length], v_cache[:B, :, :length]
         if torch.compiler.is_compiling():
             y = one_query_attention(q, keys, values, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+        else:  # a group's query heads as that key/value head's queries: no copy of the cache per head
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, -1, self.head_dim), keys, values,
+                                               attn_mask=mask)
+        return self.c_proj(y.reshape(B, 1, C))
 
 
 class MLP(nn.Module):
@@ -227,7 +237,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         else:
-            rope = (self.rope_cos, self.rope_sin)
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.drop(x)
         for block in self.h:
             if self.cfg.activation_checkpointing and self.training:

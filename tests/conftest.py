@@ -172,9 +172,10 @@ def run_on_ranks(fn, world: int, *args, tmp_path: Path) -> list:
 
 
 # name: (variant, ZeRO stage, steps). Short runs compare consolidation across stages (longer
-# trajectories drift apart by reduction order); the long run is trained enough for the gate.
+# trajectories drift apart by reduction order); the long run is trained enough for the gate. The
+# Llama run has grouped-query attention: one key/value head for its two query heads.
 RUNS = {"gpt2-zero0": ("gpt2", 0, 5), "gpt2-zero3": ("gpt2", 3, 5), "gpt2-trained": ("gpt2", 2, 300),
-        "llama-zero2": ("llama", 2, 20)}
+        "llama-gqa-zero2": ("llama", 2, 20)}
 
 
 def train_runs(rank, cfg_dict, dataset_dir, root):
@@ -185,6 +186,7 @@ def train_runs(rank, cfg_dict, dataset_dir, root):
     for name, (variant, stage, steps) in RUNS.items():
         cfg = config_from_dict(cfg_dict)
         cfg.model.variant, cfg.model.bias, cfg.deepspeed.zero_stage = variant, variant == "gpt2", stage
+        cfg.model.n_kv_head = 1 if variant == "llama" else None
         cfg.trainer.max_steps = cfg.trainer.ckpt_every = cfg.trainer.eval_every = cfg.trainer.log_every = steps
         cfg.run.name = name
         train(cfg, dataset_dir, local_hooks(f"{root}/{name}", rank, keep=1, log=lambda m, s: None))

@@ -150,6 +150,25 @@ def test_model_activation_is_one_of_gpt2s_gelus(overrides, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model=llama-small", "model.n_kv_head=4"],
+     "model.n_kv_head=4 is invalid: must divide model.n_head=6 (each key/value head serves n_head / n_kv_head "
+     "query heads), or null for one per query head"),
+    (["model=llama-small", "model.n_kv_head=0"],
+     "model.n_kv_head=0 is invalid: must divide model.n_head=6 (each key/value head serves n_head / n_kv_head "
+     "query heads), or null for one per query head"),
+    (["model.n_kv_head=2"],
+     "model.n_kv_head=2 is invalid: grouped-query attention applies to model.variant=llama; gpt2 has one per "
+     "query head (null or 6)"),
+])
+def test_key_value_heads_divide_the_query_heads_and_group_only_in_llama(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        to_train_config(composed(*overrides))
+    assert str(error.value) == message
+    for fine in (["model=llama-small", "model.n_kv_head=2"], ["model.n_kv_head=6"]):
+        to_train_config(composed(*fine))
+
+
 def test_validation_errors_are_config_errors_that_name_the_field():
     cfg = to_train_config(composed())
     cfg.model.n_head = 0
@@ -173,6 +192,8 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny", "cluster.include_dashboard=false"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "optim.lr=3e-4"))) != base
     assert derive_run_name(to_train_config(composed("model=tiny", "model.activation=gelu"))) != base
+    assert derive_run_name(to_train_config(composed("model=tiny", "model.n_kv_head=null"))) == base
+    assert derive_run_name(to_train_config(composed("model=tiny", "model.n_kv_head=2"))) != base
 
 
 def test_derived_run_names_stay_what_earlier_versions_derived():

@@ -17,8 +17,10 @@ PROMPTS = ["hello world", "a", "the quick brown fox jumps", "xyz. abc,\nq"]
 
 
 def model(variant: str) -> GPT:
+    """gpt2, llama, or llama-gqa: llama with grouped-query attention (2 key/value heads for 4 query heads)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name="t", variant=variant, n_layer=2, n_head=4, n_embd=64, block_size=48,
+    cfg = ModelConfig(name="t", variant=variant.removesuffix("-gqa"), n_layer=2, n_head=4, n_embd=64, block_size=48,
+                      n_kv_head=2 if variant.endswith("-gqa") else None,
                       vocab_size=padded_vocab_size(TOKENIZER.vocab_size), bias=variant == "gpt2")
     return GPT(cfg).eval()
 
@@ -34,7 +36,7 @@ def greedy_without_cache(m: GPT, prompt: str, n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "llama-gqa"])
 def test_greedy_with_the_kv_cache_equals_greedy_without(variant):
     m = model(variant)
     seqs = Engine(m, TOKENIZER, max_batch_size=4).generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
@@ -43,7 +45,7 @@ def test_greedy_with_the_kv_cache_equals_greedy_without(variant):
         assert seq.finish_reason == "length" and seq.text == TOKENIZER.decode(seq.output_ids)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "llama-gqa"])
 def test_batched_results_equal_one_at_a_time(variant):
     m = model(variant)
     params = [SamplingParams(max_tokens=15, temperature=0.9, top_k=10, seed=i) for i in range(len(PROMPTS))]
@@ -208,8 +210,10 @@ def test_an_aborted_request_frees_its_slot_and_the_others_continue():
 
 
 def test_compiled_decoding_equals_eager_at_every_batch_size_without_falling_back():
+    """On Llama with grouped-query attention (RoPE, a smaller cache); the int8 test below compiles GPT-2."""
     params = [SamplingParams(max_tokens=n, temperature=0) for n in (5, 20, 10, 15)]  # batch 4 -> 3 -> 2 -> 1
-    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, compile=True)
+    engine = Engine(model("llama-gqa"), TOKENIZER, max_batch_size=4, compile=True)
+    assert engine.k_caches[0].shape == (4, 2, 48, 16)
     eager_steps = []
     eager = engine.model.decode
     engine.model.decode = lambda *args: eager_steps.append(args) or eager(*args)
@@ -217,7 +221,7 @@ def test_compiled_decoding_equals_eager_at_every_batch_size_without_falling_back
     alone = engine.generate(PROMPTS[:1], params[1])
     in_step = engine.generate(PROMPTS[2:3] * 2, params[:2])  # two sequences at one position
     assert not eager_steps, "every step ran a compiled program"
-    reference = Engine(model("gpt2"), TOKENIZER, max_batch_size=4)
+    reference = Engine(model("llama-gqa"), TOKENIZER, max_batch_size=4)
     assert [s.output_ids for s in together] == [s.output_ids for s in reference.generate(PROMPTS, params)]
     assert alone[0].output_ids == reference.generate(PROMPTS[:1], params[1])[0].output_ids
     assert [s.output_ids for s in in_step] == [s.output_ids for s in reference.generate(PROMPTS[2:3] * 2, params[:2])]

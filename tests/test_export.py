@@ -29,7 +29,7 @@ def test_zero0_and_zero3_checkpoints_export_the_same_weights(trained, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,hf_class", [("gpt2-trained", "GPT2LMHeadModel"), ("llama-zero2", "LlamaForCausalLM")])
+@pytest.mark.parametrize("name,hf_class", [("gpt2-trained", "GPT2LMHeadModel"), ("llama-gqa-zero2", "LlamaForCausalLM")])
 def test_hugging_face_copy_loads_in_transformers_with_equal_logits(trained, tmp_path, name, hf_class):
     import transformers
 
@@ -38,6 +38,8 @@ def test_hugging_face_copy_loads_in_transformers_with_equal_logits(trained, tmp_
     export_checkpoint(checkpoints[name], out, "fp32", prepared.tokens("val"))
     ours, tokenizer, cfg, _ = load_export(out)
     theirs = getattr(transformers, hf_class).from_pretrained(out / "hf").eval()
+    if hf_class == "LlamaForCausalLM":  # grouped-query: one key/value head for two query heads
+        assert theirs.config.num_key_value_heads == cfg.n_kv_head == 1
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
     text = "def walk(self, path):\n    return os.path.join(path, 'x')\n"
     ids = tokenizer.encode(text)

@@ -1,5 +1,5 @@
 """Fine-tuning from pretrained weights (`trainer.init_from`) and on chat data (`data=chat`):
-Hugging Face GPT-2 / Llama directories and our own exports load with equal logits; ZeRO-2 and
+Hugging Face GPT-2 / Llama directories (grouped-query attention included) and our own exports load with equal logits; ZeRO-2 and
 ZeRO-3 fine-tunes on 2 ranks start from those weights and lower the loss; the prompt carries no
 loss; bad chat lines are reported by line number; contradicting overrides and hub ids fail with
 one line naming the field."""
@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, run_on_ranks, upload_directory
 from lm.config import ConfigError, DataConfig, ModelConfig
 
-HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied")
+HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama-gqa")
 
 
 def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 0):
@@ -30,9 +30,10 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2 if kind == "llama-gqa" else 4,
                                           max_position_embeddings=64, rope_theta=500000.0,
-                                          tie_word_embeddings=kind == "llama", eos_token_id=tokenizer.eot_id)
+                                          tie_word_embeddings=kind != "llama-untied", eos_token_id=tokenizer.eot_id)
         model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
@@ -64,6 +65,7 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     ours, source = our_model(str(root / kind))
     assert source.kind == "hf" and source.model.tie_embeddings == (kind != "llama-untied")
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
+    assert source.model.n_kv_head == (2 if kind == "llama-gqa" else None)
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], models[kind](ids).logits, rtol=1e-5, atol=1e-5)
@@ -75,7 +77,7 @@ def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage)
     from lm.pretrained import inspect_pretrained
 
     root, checkpoints, prepared = trained
-    export_checkpoint(checkpoints["llama-zero2"], tmp_path / "export", "fp32", prepared.tokens("val"))
+    export_checkpoint(checkpoints["llama-gqa-zero2"], tmp_path / "export", "fp32", prepared.tokens("val"))
     exported, tokenizer, cfg, _ = load_export(tmp_path / "export")
     in_bucket = upload_directory(tmp_path / "export", f"{s3_storage}/run/exports/fp32-step000010")
     for init_from in (str(tmp_path / "export"), in_bucket):  # a path, or a URI mirrored first
@@ -98,12 +100,12 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
         inspect_pretrained(str(tmp_path))
     root, _ = hf_dirs
     config = json.loads((root / "llama" / "config.json").read_text())
-    gqa = tmp_path / "gqa"
-    gqa.mkdir()
-    (gqa / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
-    (gqa / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="num_key_value_heads=2 is not supported"):
-        inspect_pretrained(str(gqa))
+    uneven = tmp_path / "uneven-groups"
+    uneven.mkdir()
+    (uneven / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    (uneven / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="num_key_value_heads=3 is not supported: a divisor of num_attention_heads=4"):
+        inspect_pretrained(str(uneven))
 
 
 def test_overrides_that_contradict_the_checkpoint_name_the_field(hf_dirs):

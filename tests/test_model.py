@@ -44,6 +44,63 @@ def test_parameter_count_matches_the_architecture(variant):
     assert flops_per_token(model.cfg, T, expected) == 6 * expected + 12 * L * C * T
 
 
+def with_each_kv_head_repeated(state: dict, cfg: ModelConfig) -> dict:
+    """A grouped-query model's weights as multi-head attention's: each key/value head's rows repeated
+    for its group of consecutive query heads (Hugging Face's repeat_kv order)."""
+    C, D, kv = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.n_kv_head
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("attn.c_attn.weight"):
+            q, k, v = tensor.split((C, kv * D, kv * D))
+            k, v = (t.view(kv, D, C).repeat_interleave(cfg.n_head // kv, dim=0).reshape(C, C) for t in (k, v))
+            tensor = torch.cat([q, k, v])
+        out[name] = tensor
+    return out
+
+
+def test_grouped_query_attention_is_multi_head_attention_with_each_kv_head_repeated():
+    """n_kv_head=2 of 4 heads: the same logits and loss as the 4-head model whose key/value heads are
+    the 2 repeated, in evaluation (SDPA) and training (written out), and key/value gradients that are
+    the sums of the repeated heads' gradients; a quarter fewer attention parameters per block here."""
+    grouped = small_model("llama", n_kv_head=2)
+    full = small_model("llama")
+    full.load_state_dict(with_each_kv_head_repeated(grouped.state_dict(), grouped.cfg))
+    C, D = 32, 8
+    assert full.num_params() - grouped.num_params() == 2 * 2 * (2 * D * C)  # 2 layers, k and v, 2 heads fewer
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(idx)[0], full(idx)[0], rtol=1e-5, atol=1e-5)
+    losses = []
+    for model in (grouped, full):
+        _, loss = model.train()(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name, gradient in grouped.named_parameters():
+        full_gradient = dict(full.named_parameters())[name].grad
+        if name.endswith("attn.c_attn.weight"):  # the repeated heads' gradients, summed per group
+            q, k, v = full_gradient.split(C)
+            k, v = (t.view(2, 2, D, C).sum(1).reshape(2 * D, C) for t in (k, v))
+            full_gradient = torch.cat([q, k, v])
+        torch.testing.assert_close(gradient.grad, full_gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_attention_exports_as_transformers_llama_with_its_key_value_heads():
+    import transformers
+
+    from lm.hf_format import hf_config, to_hf_state_dict
+
+    model = small_model("llama", n_kv_head=2)
+    config = hf_config(model.cfg)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: the embedding
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_output_head_is_tied_to_the_embedding():
     model = small_model("gpt2")
     assert model.lm_head.weight is model.wte.weight
@@ -70,31 +127,37 @@ def test_sequences_longer_than_the_context_are_rejected():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_query_attention_equals_sdpa_with_and_without_the_mask(dtype):
-    """The compiled decode step's attention (multiply-and-sum) against SDPA, the eager step's."""
+@pytest.mark.parametrize("query_heads", [3, 6])
+def test_one_query_attention_equals_sdpa_with_and_without_the_mask(dtype, query_heads):
+    """The compiled decode step's attention (multiply-and-sum) against SDPA, the eager step's; with 6
+    query heads over 3 key/value heads, grouped-query attention."""
     torch.manual_seed(0)
-    q, keys, values = (torch.randn(4, 3, n, 16, dtype=dtype) for n in (1, 9, 9))
+    q = torch.randn(4, query_heads, 1, 16, dtype=dtype)
+    keys, values = (torch.randn(4, 3, 9, 16, dtype=dtype) for _ in range(2))
     positions = torch.tensor([8, 0, 5, 2])
     mask = (torch.arange(9) <= positions[:, None])[:, None, None]
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for m in (mask, None):
-        expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m,
+                                                                    enable_gqa=query_heads != 3)
         torch.testing.assert_close(one_query_attention(q, keys, values, m), expected, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1, 37, EXPLICIT_ATTENTION_MAX_LEN, EXPLICIT_ATTENTION_MAX_LEN + 1])
-def test_causal_attention_equals_sdpa_forward_and_backward(dtype, length):
+@pytest.mark.parametrize("query_heads", [3, 6])
+def test_causal_attention_equals_sdpa_forward_and_backward(dtype, length, query_heads):
     """The written-out form (training on CPU up to EXPLICIT_ATTENTION_MAX_LEN) and the flash kernel beyond
-    it give SDPA's outputs and gradients; queries arrive strided, as the model's transposed heads do."""
+    it give SDPA's outputs and gradients; queries arrive strided, as the model's transposed heads do.
+    With 6 query heads over 3 key/value heads: grouped-query attention."""
     torch.manual_seed(0)
-    qkv = torch.randn(2, length, 3, 3, 16, dtype=torch.float64)  # (B, T, q/k/v, H, D)
-    grad_out = torch.randn(2, 3, length, 16, dtype=torch.float64)
+    qkv = torch.randn(2, length, query_heads + 6, 16, dtype=torch.float64)  # (B, T, q heads + k, v heads, D)
+    grad_out = torch.randn(2, query_heads, length, 16, dtype=torch.float64)
     results = []
     for attention in (causal_attention, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True)):
+            q, k, v, is_causal=True, enable_gqa=query_heads != 3)):
         leaf = qkv.clone().to(dtype).requires_grad_()
-        q, k, v = leaf.unbind(2)
+        q, k, v = leaf.split((query_heads, 3, 3), dim=2)
         out = attention(*(t.transpose(1, 2) for t in (q, k, v)))
         out.backward(grad_out.to(dtype))
         results.append((out.float(), leaf.grad.float()))
