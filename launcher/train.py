@@ -27,7 +27,7 @@ from launcher.schema import absolute, check_group_choices, fail, register_schema
 from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials
-from lm.config import (ConfigError, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
+from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
                        resume_conflict, sequence_length, validate)
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
@@ -41,7 +41,8 @@ _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "
 # Settings added after run names were first derived: at these values they leave the name as it was,
 # so a run started before the setting existed still resumes under the same command.
 _NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None, "optim.schedule": "cosine",
-                      "data.weights": None, "model.n_kv_head": None}
+                      "data.weights": None, "model.n_kv_head": None,
+                      "model.rope_scaling": dataclasses.asdict(RopeScalingConfig())}
 
 
 def derive_run_name(cfg: TrainConfig) -> str:

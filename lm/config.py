@@ -19,6 +19,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequencies stretched for a longer context, as Hugging Face's `rope_scaling`: "llama3" (Llama
+    3.1/3.2: long wavelengths divided by `factor`, short ones kept, the band between blended), "linear"
+    (every frequency divided by `factor`: position interpolation), or "none". The defaults are Llama 3.1's."""
+    type: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only: the context the model was pretrained at
+
+
+@dataclass
 class ModelConfig:
     name: str = "small"
     variant: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
@@ -37,6 +49,7 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and norms (GPT-2 has them, Llama does not)
     mlp_hidden: Optional[int] = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (llama)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # llama only
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # the output head is the token embedding (GPT-2); Llama 2/3 untie it
     activation_checkpointing: bool = False
@@ -246,6 +259,7 @@ def mlp_hidden_size(model: ModelConfig) -> int:
 _CHOICES = {
     "model.variant": ("gpt2", "llama"),
     "model.activation": ("gelu_tanh", "gelu"),
+    "model.rope_scaling.type": ("none", "llama3", "linear"),
     "data.source": ("stdlib", "files", "chat"),
     "data.tokenizer": ("bpe", "char"),
     "logging.backend": ("wandb", "none"),
@@ -266,6 +280,20 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    r = m.rope_scaling
+    if r.type == "none":
+        return
+    _require(m.variant == "llama", "model.rope_scaling.type", r.type,
+             "applies to model.variant=llama; gpt2 has learned positions (none)")
+    _require(r.factor >= 1, "model.rope_scaling.factor", r.factor, "must be >= 1 (how many times longer the context)")
+    if r.type == "llama3":
+        _require(0 < r.low_freq_factor < r.high_freq_factor, "model.rope_scaling.high_freq_factor",
+                 r.high_freq_factor, f"must be above model.rope_scaling.low_freq_factor={r.low_freq_factor} > 0")
+        _require(r.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings",
+                 r.original_max_position_embeddings, "must be an integer >= 1")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -291,6 +319,7 @@ def validate(cfg: TrainConfig) -> None:
     if m.variant == "llama":
         _require((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", m.n_embd,
                  "RoPE needs an even head size (n_embd / n_head)")
+    _validate_rope_scaling(m)
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
 
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage,

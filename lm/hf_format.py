@@ -9,10 +9,11 @@ Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Li
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from lm.chat_template import JINJA_TEMPLATE
-from lm.config import ModelConfig, kv_heads, mlp_hidden_size
+from lm.config import ModelConfig, RopeScalingConfig, kv_heads, mlp_hidden_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
     import torch
@@ -55,8 +56,20 @@ def _architecture(cfg: ModelConfig) -> dict:
         "num_key_value_heads": kv_heads(cfg), "head_dim": cfg.n_embd // cfg.n_head,
         "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings, **_hf_rope_scaling(cfg),
     }
+
+
+def _hf_rope_scaling(cfg: ModelConfig) -> dict:
+    """config.json's rope_scaling when RoPE is scaled (the spelling transformers 4 and 5 and vLLM all read)."""
+    r = cfg.rope_scaling
+    if r.type == "none":
+        return {}
+    if r.type == "linear":
+        return {"rope_scaling": {"rope_type": "linear", "factor": r.factor}}
+    return {"rope_scaling": {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                             "high_freq_factor": r.high_freq_factor,
+                             "original_max_position_embeddings": r.original_max_position_embeddings}}
 
 
 def _bias(state: dict, name: str, size: int) -> torch.Tensor:
@@ -147,8 +160,15 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             _refuse("hidden_act", hf["hidden_act"], "silu")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            _refuse("rope_parameters.rope_type", rope.get("rope_type", rope.get("type")), "default (plain RoPE)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            _refuse("rope_parameters.rope_type", rope_type, "default (plain RoPE), llama3 or linear")
+        scaling = RopeScalingConfig() if rope_type == "default" else RopeScalingConfig(rope_type, float(rope["factor"]))
+        if rope_type == "llama3":
+            scaling = dataclasses.replace(scaling, low_freq_factor=float(rope["low_freq_factor"]),
+                                          high_freq_factor=float(rope["high_freq_factor"]),
+                                          original_max_position_embeddings=int(rope.get(
+                                              "original_max_position_embeddings", hf["max_position_embeddings"])))
         rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             _refuse("attention_bias", hf.get("attention_bias"), "the same as mlp_bias")
@@ -156,7 +176,7 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            n_kv_head=None if kv == heads else kv,
                            n_embd=width, block_size=hf["max_position_embeddings"],
                            bias=bool(hf.get("attention_bias", False)), mlp_hidden=hf["intermediate_size"],
-                           rope_theta=rope_theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           rope_theta=rope_theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False), vocab_size=hf["vocab_size"])
     _refuse("model_type", model_type, "gpt2 or llama")
 

@@ -169,6 +169,25 @@ def test_key_value_heads_divide_the_query_heads_and_group_only_in_llama(override
         to_train_config(composed(*fine))
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model=llama-small", "model.rope_scaling.type=yarn"],
+     "model.rope_scaling.type='yarn' is invalid: allowed values are none, llama3, linear"),
+    (["model.rope_scaling.type=linear"],
+     "model.rope_scaling.type='linear' is invalid: applies to model.variant=llama; gpt2 has learned positions (none)"),
+    (["model=llama-small", "model.rope_scaling.type=linear", "model.rope_scaling.factor=0.5"],
+     "model.rope_scaling.factor=0.5 is invalid: must be >= 1 (how many times longer the context)"),
+    (["model=llama-small", "model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4"],
+     "model.rope_scaling.high_freq_factor=4.0 is invalid: must be above model.rope_scaling.low_freq_factor=4.0 > 0"),
+])
+def test_rope_scaling_is_llamas_and_its_factors_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        to_train_config(composed(*overrides))
+    assert str(error.value) == message
+    scaled = to_train_config(composed("model=llama-small", "model.rope_scaling.type=llama3")).model.rope_scaling
+    assert (scaled.factor, scaled.low_freq_factor, scaled.high_freq_factor, scaled.original_max_position_embeddings) \
+        == (8.0, 1.0, 4.0, 8192)  # Llama 3.1's
+
+
 def test_validation_errors_are_config_errors_that_name_the_field():
     cfg = to_train_config(composed())
     cfg.model.n_head = 0
@@ -194,6 +213,9 @@ def test_derived_run_name_is_stable_for_a_command_and_changes_with_what_is_train
     assert derive_run_name(to_train_config(composed("model=tiny", "model.activation=gelu"))) != base
     assert derive_run_name(to_train_config(composed("model=tiny", "model.n_kv_head=null"))) == base
     assert derive_run_name(to_train_config(composed("model=tiny", "model.n_kv_head=2"))) != base
+    llama = derive_run_name(to_train_config(composed("model=llama-small")))
+    assert derive_run_name(to_train_config(composed("model=llama-small", "model.rope_scaling.type=none"))) == llama
+    assert derive_run_name(to_train_config(composed("model=llama-small", "model.rope_scaling.type=llama3"))) != llama
 
 
 def test_derived_run_names_stay_what_earlier_versions_derived():

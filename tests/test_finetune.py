@@ -1,5 +1,5 @@
 """Fine-tuning from pretrained weights (`trainer.init_from`) and on chat data (`data=chat`):
-Hugging Face GPT-2 / Llama directories (grouped-query attention included) and our own exports load with equal logits; ZeRO-2 and
+Hugging Face GPT-2 / Llama directories (Llama 3's grouped-query attention and RoPE scaling included) and our own exports load with equal logits; ZeRO-2 and
 ZeRO-3 fine-tunes on 2 ranks start from those weights and lower the loss; the prompt carries no
 loss; bad chat lines are reported by line number; contradicting overrides and hub ids fail with
 one line naming the field."""
@@ -15,7 +15,13 @@ import torch
 from conftest import REPO, run_on_ranks, upload_directory
 from lm.config import ConfigError, DataConfig, ModelConfig
 
-HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama-gqa")
+# llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them.
+HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style")
+
+
+# Llama 3.1's scaling with a pretraining context of 16 positions, so the test's 64 cover every band.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 
 
 def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 0):
@@ -31,8 +37,9 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
                                           num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2 if kind == "llama-gqa" else 4,
+                                          num_key_value_heads=2 if kind == "llama3-style" else 4,
                                           max_position_embeddings=64, rope_theta=500000.0,
+                                          rope_scaling=LLAMA3_ROPE if kind == "llama3-style" else None,
                                           tie_word_embeddings=kind != "llama-untied", eos_token_id=tokenizer.eot_id)
         model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(directory)
@@ -65,7 +72,8 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     ours, source = our_model(str(root / kind))
     assert source.kind == "hf" and source.model.tie_embeddings == (kind != "llama-untied")
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
-    assert source.model.n_kv_head == (2 if kind == "llama-gqa" else None)
+    assert source.model.n_kv_head == (2 if kind == "llama3-style" else None)
+    assert source.model.rope_scaling.type == ("llama3" if kind == "llama3-style" else "none")
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], models[kind](ids).logits, rtol=1e-5, atol=1e-5)
@@ -100,12 +108,16 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
         inspect_pretrained(str(tmp_path))
     root, _ = hf_dirs
     config = json.loads((root / "llama" / "config.json").read_text())
-    uneven = tmp_path / "uneven-groups"
-    uneven.mkdir()
-    (uneven / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
-    (uneven / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="num_key_value_heads=3 is not supported: a divisor of num_attention_heads=4"):
-        inspect_pretrained(str(uneven))
+    for name, change, message in (
+            ("uneven-groups", {"num_key_value_heads": 3}, "num_key_value_heads=3 is not supported: a divisor of "
+                                                          "num_attention_heads=4"),
+            ("yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}},
+             "rope_parameters.rope_type='yarn' is not supported: default .plain RoPE., llama3 or linear")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
+        (tmp_path / name / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
+        with pytest.raises(ConfigError, match=message):
+            inspect_pretrained(str(tmp_path / name))
 
 
 def test_overrides_that_contradict_the_checkpoint_name_the_field(hf_dirs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, RopeScalingConfig, mlp_hidden_size
 from lm.model import EXPLICIT_ATTENTION_MAX_LEN, GPT, causal_attention, flops_per_token, one_query_attention
 
 
@@ -85,20 +85,33 @@ def test_grouped_query_attention_is_multi_head_attention_with_each_kv_head_repea
         torch.testing.assert_close(gradient.grad, full_gradient, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_query_attention_exports_as_transformers_llama_with_its_key_value_heads():
+@pytest.mark.parametrize("scaling", [RopeScalingConfig(), RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 4),
+                                     RopeScalingConfig("linear", 4.0)], ids=["plain-rope", "llama3-rope", "linear-rope"])
+def test_llama_exports_to_transformers_with_its_key_value_heads_and_rope_scaling(scaling):
+    """transformers' LlamaForCausalLM from our config.json gives our logits: grouped-query attention
+    (num_key_value_heads) and RoPE scaling (rope_scaling, with a pretraining context of 4 positions here
+    so all 16 reach every band) included; a scaled model's logits are not the plain one's."""
     import transformers
 
     from lm.hf_format import hf_config, to_hf_state_dict
 
-    model = small_model("llama", n_kv_head=2)
+    model = small_model("llama", n_kv_head=2, rope_scaling=scaling)
     config = hf_config(model.cfg)
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    with torch.no_grad():  # larger queries and keys than at init, so positions move the logits visibly
+        for block in model.h:
+            block.attn.c_attn.weight.mul_(20)
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: the embedding
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(theirs.eval()(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+        ours = model(idx)[0]
+        torch.testing.assert_close(theirs.eval()(idx).logits, ours, rtol=1e-5, atol=1e-5)
+        if scaling.type != "none":
+            plain = small_model("llama", n_kv_head=2)
+            plain.load_state_dict(model.state_dict())
+            assert not torch.allclose(plain(idx)[0], ours, rtol=1e-3, atol=1e-3)
 
 
 def test_output_head_is_tied_to_the_embedding():
