@@ -31,6 +31,9 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError(f"serve.stream_interval_ms={s.stream_interval_ms} is invalid: must be >= 0")
     if s.stream_events_per_s < 0:
         raise ConfigError(f"serve.stream_events_per_s={s.stream_events_per_s} is invalid: must be >= 0 (0: no cap)")
+    if s.max_model_len is not None and s.max_model_len < 2:
+        raise ConfigError(f"serve.max_model_len={s.max_model_len} is invalid: must be >= 2 (a prompt token and "
+                          "an answer token), or null for the model's context")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
@@ -40,7 +43,7 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
-            "stream_events_per_s": s.stream_events_per_s, "compile": s.compile}
+            "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

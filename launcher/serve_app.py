@@ -7,10 +7,11 @@ or `make serve` start it.
 # through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
 import hmac
+import json
 import os
 import uuid
 from dataclasses import replace
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -219,8 +220,23 @@ def newest_export(storage: str, run_name: str | None) -> str:
     return max(exports)[1]
 
 
+def check_max_model_len(max_model_len: int, export_dir: str) -> None:
+    """max_model_len fits the export's context: checked here, where a bad value is one line, for an export
+    on this machine (a replica checks one in an object store as it loads it)."""
+    from lm.config import ConfigError
+    from lm.remote_files import is_uri
+
+    if is_uri(export_dir):
+        return
+    context = json.loads((Path(export_dir) / "config.json").read_text())["model"]["block_size"]
+    if not 2 <= max_model_len <= context:
+        raise ConfigError(f"serve.max_model_len={max_model_len} is invalid: must be between 2 and the model's "
+                         f"context ({context})")
+
+
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
-              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile"}
+              "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
+              "max_model_len"}
 
 
 def build(args: dict):
@@ -229,7 +245,8 @@ def build(args: dict):
     args: export_dir, or run_name (+ storage) for that run's newest export; api_key (or the
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
     cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s;
-    compile (compile the decode step ahead of time when a replica starts)."""
+    compile (compile the decode step ahead of time when a replica starts); max_model_len (tokens a
+    sequence may hold; default: the model's context)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -241,6 +258,9 @@ def build(args: dict):
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
     model_name = PurePosixPath(split_query(export_dir)[0]).parent.parent.name  # <storage>/<run>/exports/<export>
+    max_model_len = args.get("max_model_len")
+    if max_model_len is not None:
+        check_max_model_len(int(max_model_len), export_dir)
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)
@@ -254,7 +274,8 @@ def build(args: dict):
     model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0,
                                                    int(args.get("stream_interval_ms", 40)),
                                                    int(args.get("stream_events_per_s", 100)),
-                                                   bool(args.get("compile", False)))
+                                                   bool(args.get("compile", False)),
+                                                   None if max_model_len is None else int(max_model_len))
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

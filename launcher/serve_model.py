@@ -35,7 +35,8 @@ def _held_back(text: str, stops: list[str]) -> int:
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
-                 stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False):
+                 stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
+                 max_model_len: int | None = None):
         import tempfile
 
         import torch
@@ -48,13 +49,13 @@ class LanguageModel:
         # An export in an object store is downloaded once per node (the replicas there share it).
         local = local_directory(export_dir, f"{tempfile.gettempdir()}/lmstack-exports")
         model, tokenizer, cfg, precision = load_export(local, device="cuda" if use_gpu else "cpu")
-        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile)
+        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many
         # streams each one's interval grows so that together they send about stream_events_per_s.
         self.stream_interval = stream_interval_ms / 1000
         self.stream_events_per_s = stream_events_per_s
-        self.info_ = {"context": cfg.block_size, "precision": precision, "export_dir": export_dir}
+        self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir}
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None

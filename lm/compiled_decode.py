@@ -11,7 +11,7 @@ compiles ~40% sooner than with a second program for one sequence (RESULTS.md). A
 max_batch_size 1 gets an unmasked program of one sequence.
 
 Batch size and length stay symbolic, so nothing compiles while serving. A step that fills the
-whole context (length == block_size) runs eagerly: export cannot keep that one length symbolic.
+whole context (the caches' length) runs eagerly: export cannot keep that one length symbolic.
 On CPU a program is called through its library's C interface with ctypes, which releases the GIL
 for the step (`_Program`), so a server's event loop keeps running while it decodes. Programs are
 cached on disk under a key of what they depend on, not the weights (`_cache_dir`): a replica that
@@ -73,10 +73,10 @@ class CompiledDecodeStep:
 
     def __init__(self, model: GPT, max_batch_size: int, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor]):
-        self.model, self.block_size = model, model.cfg.block_size
+        self.model, self.cache_length = model, k_caches[0].shape[2]  # the engine's context
         self.k_caches, self.v_caches = k_caches, v_caches
         device = k_caches[0].device
-        self.span = torch.empty(self.block_size, device=device)
+        self.span = torch.empty(self.cache_length, device=device)
         self.program = self._build(max_batch_size, masked=max_batch_size > 1)
 
     def _build(self, max_batch: int, masked: bool):
@@ -102,7 +102,7 @@ class CompiledDecodeStep:
         example = (torch.zeros(rows, dtype=torch.long, device=device), torch.full((rows,), 2, device=device),
                    self.span[:3], self.k_caches, self.v_caches)
         batch = {0: Dim("batch", min=1, max=max_batch)} if masked else None  # else one sequence, static
-        length = {0: Dim("length", min=2, max=self.block_size - 1)}
+        length = {0: Dim("length", min=2, max=self.cache_length - 1)}
         with _fbgemm_set_aside(self.model), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
             program = torch.export.export(step, example, dynamic_shapes=(batch, batch, length, [None] * n, [None] * n),
@@ -135,7 +135,7 @@ class CompiledDecodeStep:
     def __call__(self, ids: torch.Tensor, positions: list[int], k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor]) -> torch.Tensor:
         length = max(positions) + 1
-        if length >= self.block_size or k_caches is not self.k_caches or v_caches is not self.v_caches:
+        if length >= self.cache_length or k_caches is not self.k_caches or v_caches is not self.v_caches:
             return self.model.decode(ids, positions, k_caches, v_caches)
         pos = torch.tensor(positions, device=ids.device)
         return self.program.run([ids, pos, self.span[:length], *self.k_caches, *self.v_caches])[0]

@@ -201,6 +201,10 @@ class ServeConfig:
     cpus_per_replica: int = 1
     gpus_per_replica: float = 0  # > 0: replicas are placed on GPUs and decode there (CUDA)
     compile: bool = False  # compile the decode step ahead of time at start-up (lm.compiled_decode): faster decoding
+    # Prompt + answer tokens a sequence may hold (vLLM's max_model_len); None: the model's whole context.
+    # Each replica keeps a KV cache of max_batch_size sequences of this length: a long-context model
+    # (Llama 3.2: 131,072 positions) needs a shorter one.
+    max_model_len: Optional[int] = None
 
 
 @dataclass

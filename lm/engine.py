@@ -120,14 +120,18 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
 class Engine:
     """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, compile: bool = False):
+    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, compile: bool = False,
+                 max_model_len: int | None = None):
         self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
         cfg = model.cfg
-        self.context = cfg.block_size
+        if max_model_len is not None and not 2 <= max_model_len <= cfg.block_size:
+            raise ValueError(f"max_model_len={max_model_len} must be between 2 and the model's context "
+                             f"({cfg.block_size})")
+        self.context = max_model_len or cfg.block_size  # what a sequence may hold; the caches are this long
         self.max_batch_size = max_batch_size
-        shape = (max_batch_size, kv_heads(cfg), cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (max_batch_size, kv_heads(cfg), self.context, cfg.n_embd // cfg.n_head)
         dtype, self.device = model.wte.weight.dtype, model.wte.weight.device
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]

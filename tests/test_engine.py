@@ -153,6 +153,24 @@ def test_max_tokens_none_decodes_until_the_context_is_full():
     assert seq.finish_reason == "length" and len(seq.prompt_ids) + len(seq.output_ids) == 48
 
 
+def test_max_model_len_shortens_the_caches_and_the_context_and_decodes_the_same():
+    """serve.max_model_len: each cache holds that many positions, prompts and answers must fit it, and the
+    tokens are the whole context's."""
+    m = model("llama-gqa")
+    engine = Engine(m, TOKENIZER, max_batch_size=2, max_model_len=20)
+    assert engine.k_caches[0].shape == (2, 2, 20, 16) and engine.context == 20
+    seq = engine.generate(["hello"], SamplingParams(max_tokens=None, temperature=0))[0]
+    assert seq.finish_reason == "length" and len(seq.prompt_ids) + len(seq.output_ids) == 20
+    assert seq.output_ids == greedy_without_cache(m, "hello", 15)
+    with pytest.raises(RequestError, match="20 tokens do not fit the context of 20"):
+        engine.submit("a" * 20, SamplingParams())
+    with pytest.raises(RequestError, match=r"max_tokens.*between 1 and 15 for this prompt \(context 20\)") as error:
+        engine.submit("hello", SamplingParams(max_tokens=16))
+    assert error.value.field == "max_tokens"
+    with pytest.raises(ValueError, match="max_model_len=49 must be between 2 and the model's context .48."):
+        Engine(m, TOKENIZER, max_model_len=49)
+
+
 def test_top_k_one_and_a_tiny_top_p_are_greedy():
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
     gen = torch.Generator().manual_seed(0)

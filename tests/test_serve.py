@@ -31,7 +31,8 @@ def server(trained):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "max_batch_size": 8}),
+        # max_model_len below the model's 256 positions: the served context (tokenizer_info reports it).
+        serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "max_batch_size": 8, "max_model_len": 200}),
                   name="lm", route_prefix="/")
         yield f"http://127.0.0.1:{port}", "gpt2-trained"
     finally:
@@ -82,6 +83,7 @@ def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, clien
     free = client.chat.completions.create(model=model, messages=messages, temperature=0)
     context = (httpx.get(f"{server[0]}/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
                .json()["model_max_length"])
+    assert context == 200  # serve.max_model_len, below the model's 256
     assert free.choices[0].finish_reason == "stop" or free.usage.total_tokens == context
     assert free.usage.completion_tokens > 16 or free.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model=model, messages=messages, temperature=0, max_completion_tokens=5)
@@ -263,7 +265,7 @@ def test_a_client_that_disconnects_frees_its_decode_slots(server):
     url, model = server
     replica = serve.get_deployment_handle("LanguageModel", app_name="lm")
     before = replica.info.remote().result()["abandoned"]
-    body = {"model": model, "prompt": "def main(", "max_tokens": 250, "temperature": 0, "n": 2, "stream": True}
+    body = {"model": model, "prompt": "def main(", "max_tokens": 190, "temperature": 0, "n": 2, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
         next(response.iter_lines())  # the first chunk: both choices are decoding
@@ -366,6 +368,22 @@ def test_serve_config_errors_name_the_field():
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
+
+
+def test_max_model_len_is_checked_against_the_exports_context_before_serving(tmp_path):
+    import json
+
+    from launcher.serve import builder_args
+    from launcher.serve_app import check_max_model_len
+    from lm.config import ConfigError, ServeAppConfig, ServeConfig
+
+    with pytest.raises(ConfigError, match="serve.max_model_len=1 is invalid: must be >= 2"):
+        builder_args(ServeAppConfig(serve=ServeConfig(max_model_len=1)))
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"block_size": 64}}))
+    check_max_model_len(64, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^serve.max_model_len=65 is invalid: must be between 2 and the model's "
+                                          r"context \(64\)$"):
+        check_max_model_len(65, str(tmp_path))
 
 
 def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps_serving():
