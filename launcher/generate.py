@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model, tokenizer, source = load(args.path)
-        engine = Engine(model, tokenizer, max_batch_size=args.num_samples)
         prompt = args.prompt or document_start(tokenizer)
+        # Caches as long as this prompt and answer need, not the model's whole context (131,072 for Llama 3.2).
+        needed = len(tokenizer.encode(prompt)) + args.max_tokens
+        fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
+        engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed + i) for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)
