@@ -1,5 +1,6 @@
 """Weights to start a fine-tune from: a directory written by our export, or a local Hugging Face
-directory of a GPT-2 or Llama model (config.json + model.safetensors or pytorch_model.bin).
+directory of a GPT-2 or Llama model (config.json + model.safetensors or pytorch_model.bin, whole or
+sharded with an index, as save_pretrained writes them).
 
 The directory decides the architecture and the tokenizer. It may be in an object store (a URI): its
 files are then mirrored on each machine that reads them. Nothing is fetched from a model hub: a hub
@@ -74,9 +75,10 @@ def inspect_pretrained(init_from: str) -> PretrainedSource:
     if not (path / "config.json").exists():
         raise ConfigError(f"{FIELD}={init_from!r} has no config.json; allowed: a directory written by "
                           "launcher.export, or a Hugging Face GPT-2/Llama directory")
-    if not any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise ConfigError(f"{FIELD}={init_from!r} has no model.safetensors or pytorch_model.bin "
-                          "(sharded checkpoints are not supported yet)")
+    try:
+        _hf_weight_files(path)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{FIELD}={init_from!r}: {error}") from None
     try:
         model = model_config_from_hf(_hf_config(path), name=path.name)
     except UnsupportedModelError as error:
@@ -84,6 +86,26 @@ def inspect_pretrained(init_from: str) -> PretrainedSource:
     except KeyError as error:
         raise ConfigError(f"{FIELD}={init_from!r}: config.json lacks {error.args[0]!r}") from None
     return PretrainedSource(path, "hf", model)
+
+
+# A Hugging Face directory's weights: one file, or shards listed by an index (save_pretrained shards
+# models over its max_shard_size, 5 GB by default: Llama 3.2 3B and up). safetensors first, as transformers.
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The files that hold a Hugging Face directory's weights; FileNotFoundError names what is missing."""
+    for single, index in HF_WEIGHTS:
+        if (path / single).exists():
+            return [path / single]
+        if (path / index).exists():
+            shards = [path / name for name in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
+            missing = [shard.name for shard in shards if not shard.exists()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are not in the directory: {', '.join(missing)}")
+            return shards
+    raise FileNotFoundError("no weights: the directory needs model.safetensors or pytorch_model.bin, or their "
+                            "sharded form with model.safetensors.index.json or pytorch_model.bin.index.json")
 
 
 def apply_pretrained_architecture(model: ModelConfig, source: PretrainedSource, explicit: set[str]) -> ModelConfig:
@@ -117,10 +139,12 @@ def load_pretrained_state_dict(init_from: str, cfg: ModelConfig) -> dict[str, to
         precision = json.loads((source.path / "config.json").read_text())["precision"]
         model = model_from_export_state(load_file(str(source.path / "model.safetensors")), source.model, precision)
         return {k: v.float() for k, v in model.state_dict().items()}
-    if (source.path / "model.safetensors").exists():
-        from safetensors.torch import load_file
+    hf_state: dict[str, torch.Tensor] = {}
+    for file in _hf_weight_files(source.path):
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        hf_state = load_file(str(source.path / "model.safetensors"))
-    else:
-        hf_state = torch.load(source.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            hf_state.update(load_file(str(file)))
+        else:
+            hf_state.update(torch.load(file, map_location="cpu", weights_only=True))
     return {k: v.float() for k, v in from_hf_state_dict(hf_state, cfg).items()}

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, run_on_ranks, upload_directory
 from lm.config import ConfigError, DataConfig, ModelConfig
 
-# llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them.
+# llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them, saved in
+# shards with an index, as save_pretrained writes models over its max_shard_size.
 HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style")
 
 
@@ -42,7 +43,7 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
                                           rope_scaling=LLAMA3_ROPE if kind == "llama3-style" else None,
                                           tie_word_embeddings=kind != "llama-untied", eos_token_id=tokenizer.eot_id)
         model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="100KB" if kind == "llama3-style" else "5GB")
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     return model.eval()
 
@@ -74,6 +75,7 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
     assert source.model.n_kv_head == (2 if kind == "llama3-style" else None)
     assert source.model.rope_scaling.type == ("llama3" if kind == "llama3-style" else "none")
+    assert (root / kind / "model.safetensors.index.json").exists() == (kind == "llama3-style")
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], models[kind](ids).logits, rtol=1e-5, atol=1e-5)
@@ -112,12 +114,24 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
             ("uneven-groups", {"num_key_value_heads": 3}, "num_key_value_heads=3 is not supported: a divisor of "
                                                           "num_attention_heads=4"),
             ("yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}},
-             "rope_parameters.rope_type='yarn' is not supported: default .plain RoPE., llama3 or linear")):
+             "rope_parameters.rope_type='yarn' is not supported: default .plain RoPE., llama3 or linear"),
+            ("no-weights", {}, "no weights: the directory needs model.safetensors or pytorch_model.bin, or their "
+                               "sharded form")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
-        (tmp_path / name / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
+        if name != "no-weights":
+            (tmp_path / name / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
         with pytest.raises(ConfigError, match=message):
             inspect_pretrained(str(tmp_path / name))
+    sharded = tmp_path / "missing-shard"  # an index whose shard did not arrive (an interrupted copy)
+    sharded.mkdir()
+    for file in (root / "llama3-style").iterdir():
+        (sharded / file.name).write_bytes(file.read_bytes())
+    lost = sorted(sharded.glob("model-*.safetensors"))[-1]
+    lost.unlink()
+    with pytest.raises(ConfigError, match=f"model.safetensors.index.json lists shards that are not in the directory: "
+                                          f"{lost.name}$"):
+        inspect_pretrained(str(sharded))
 
 
 def test_overrides_that_contradict_the_checkpoint_name_the_field(hf_dirs):
