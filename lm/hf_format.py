@@ -1,6 +1,7 @@
 """Our weights in Hugging Face's layout and back: `GPT2LMHeadModel` for the gpt2 variant and
 `LlamaForCausalLM` for the llama variant, so `transformers` (and vLLM) load an export directly, and
-a local Hugging Face directory of either architecture initializes a fine-tune.
+a local Hugging Face directory of either architecture (or of Mistral, Llama's under another name)
+initializes a fine-tune.
 
 Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Linear` stores
 (out, in); Llama keeps q/k/v and gate/up as separate matrices where we fuse them. Missing biases
@@ -150,7 +151,10 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            tie_embeddings=hf.get("tie_word_embeddings", True), vocab_size=hf["vocab_size"],
                            activation=FROM_HF_ACTIVATIONS[activation])
-    if model_type == "llama":
+    if model_type in ("llama", "mistral"):  # Mistral is Llama's architecture, plus an optional sliding window
+        if model_type == "mistral" and hf.get("sliding_window") is not None \
+                and hf["sliding_window"] < hf["max_position_embeddings"]:
+            _refuse("sliding_window", hf["sliding_window"], "null (attention over the whole context)")
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
         kv = hf.get("num_key_value_heads") or heads
         if heads % kv:
@@ -178,7 +182,7 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            bias=bool(hf.get("attention_bias", False)), mlp_hidden=hf["intermediate_size"],
                            rope_theta=rope_theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False), vocab_size=hf["vocab_size"])
-    _refuse("model_type", model_type, "gpt2 or llama")
+    _refuse("model_type", model_type, "gpt2, llama or mistral")
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

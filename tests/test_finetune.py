@@ -17,7 +17,7 @@ from lm.config import ConfigError, DataConfig, ModelConfig
 
 # llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them, saved in
 # shards with an index, as save_pretrained writes models over its max_shard_size.
-HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style")
+HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style", "mistral")
 
 
 # Llama 3.1's scaling with a pretraining context of 16 positions, so the test's 64 cover every band.
@@ -35,6 +35,12 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
                                          eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id,
                                          activation_function="gelu" if kind == "gpt2-exact-gelu" else "gelu_new")
         model = transformers.GPT2LMHeadModel(config)
+    elif kind == "mistral":  # Llama's architecture under another name, with grouped-query attention
+        config = transformers.MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                            max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
+                                            tie_word_embeddings=False, eos_token_id=tokenizer.eot_id)
+        model = transformers.MistralForCausalLM(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
                                           num_hidden_layers=2, num_attention_heads=4,
@@ -71,9 +77,9 @@ def hf_dirs(prepared_tiny, tmp_path_factory):
 def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared_tiny, kind):
     root, models = hf_dirs
     ours, source = our_model(str(root / kind))
-    assert source.kind == "hf" and source.model.tie_embeddings == (kind != "llama-untied")
+    assert source.kind == "hf" and source.model.tie_embeddings == (kind not in ("llama-untied", "mistral"))
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
-    assert source.model.n_kv_head == (2 if kind == "llama3-style" else None)
+    assert source.model.n_kv_head == {"llama3-style": 2, "mistral": 1}.get(kind)
     assert source.model.rope_scaling.type == ("llama3" if kind == "llama3-style" else "none")
     assert (root / kind / "model.safetensors.index.json").exists() == (kind == "llama3-style")
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])
@@ -115,6 +121,8 @@ def test_hub_ids_and_unusable_directories_are_refused(tmp_path, hf_dirs):
                                                           "num_attention_heads=4"),
             ("yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}},
              "rope_parameters.rope_type='yarn' is not supported: default .plain RoPE., llama3 or linear"),
+            ("windowed", {"model_type": "mistral", "sliding_window": 16},
+             r"sliding_window=16 is not supported: null \(attention over the whole context\)"),
             ("no-weights", {}, "no weights: the directory needs model.safetensors or pytorch_model.bin, or their "
                                "sharded form")):
         (tmp_path / name).mkdir()
