@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":
-        from launcher.wandb_logger import WandbLogger
+        from launcher.wandb_logger import WandbLogger, remove_import_temporaries
 
         kept = read_trainer_state(resume_from).get("hooks", {}) if resume_from else {}
         logger = WandbLogger(cfg.logging, cfg.run.name, loop_config.get("wandb_group"), loop_config["config"],
@@ -130,6 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if logger:
             logger.finish()
+            remove_import_temporaries()  # this process ends without atexit hooks, and uses W&B no more
     if run_dir.remote and os.path.isdir(local_run_dir):
         run_dir.upload(local_run_dir, "")  # this rank's profile traces
         shutil.rmtree(local_run_dir, ignore_errors=True)

@@ -104,4 +104,25 @@ class WandbLogger:
         self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
 
     def finish(self) -> None:
+        """Finish the run and shut W&B's service down, as W&B's atexit hooks would at the process's exit
+        (Ray ends a worker's process without running them, which left the service's socket directory
+        in the temp dir at every run)."""
+        import wandb
+
         self.run.finish()
+        wandb.teardown()
+
+
+def remove_import_temporaries() -> None:
+    """The two empty temporary directories (`tmp*wandb-media`, `tmp*wandb-artifacts`) that importing
+    wandb makes and only an atexit hook removes: for a process that is done with W&B and will end
+    without its atexit hooks (a Ray worker). Does nothing on a wandb without them."""
+    import sys
+    import tempfile
+
+    private, artifact = sys.modules.get("wandb.sdk.data_types._private"), sys.modules.get("wandb.sdk.artifacts.artifact")
+    holders = ((private, "MEDIA_TMP"), (getattr(artifact, "Artifact", None), "_TMP_DIR"))
+    for holder, name in holders:
+        directory = getattr(holder, name, None)
+        if isinstance(directory, tempfile.TemporaryDirectory):
+            directory.cleanup()

@@ -300,3 +300,31 @@ def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, 
         "config error: logging.mode='online' needs a W&B API key for api.wandb.ai: set WANDB_API_KEY (on a cluster, in "
         "the job's runtime_env env_vars) or run `wandb login`; allowed without one: logging=wandb_offline or logging=none"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists(), "nothing may be written"
+
+
+def test_a_finished_wandb_logger_leaves_nothing_in_the_temp_dir_of_a_process_ending_as_ray_workers_do(tmp_path):
+    """Ray ends a worker's process without atexit hooks, so W&B's own clean-up (its service's socket
+    directory, the temporary directories importing wandb makes) never ran: the logger does it. The
+    process here ends with os._exit, as a Ray worker does; the run's records are all there."""
+    from wandb_offline import read_run
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = f"""
+import os
+from launcher.wandb_logger import WandbLogger, remove_import_temporaries
+from lm.config import LoggingConfig
+
+logger = WandbLogger(LoggingConfig(dir={str(tmp_path / "wandb")!r}), "leak-check", None, {{"lr": 0.1}})
+logger.log({{"loss": 1.5}}, 1)
+logger.finish()
+remove_import_temporaries()
+print(logger.run_dir)
+os._exit(0)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(temp), "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in temp.iterdir()) == []
+    run = read_run(result.stdout.strip().splitlines()[-1])
+    assert run["history"][0]["loss"] == 1.5 and run["config"]["lr"] == 0.1
