@@ -47,6 +47,7 @@ class ModelConfig:
     block_size: int = 256  # the model's maximum context (positions)
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and norms (GPT-2 has them, Llama does not)
+    qkv_bias: Optional[bool] = None  # biases in the query/key/value projection alone; None: as `bias` (Qwen2: true)
     mlp_hidden: Optional[int] = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (llama)
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # llama only
@@ -242,6 +243,11 @@ def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = 64) -> int:
 
 def min_learning_rate(optim: OptimConfig) -> float:
     return optim.lr / 10 if optim.min_lr is None else optim.min_lr
+
+
+def has_qkv_bias(model: ModelConfig) -> bool:
+    """Whether the query/key/value projection has biases: model.qkv_bias, or as every layer (model.bias)."""
+    return model.bias if model.qkv_bias is None else model.qkv_bias
 
 
 def kv_heads(model: ModelConfig) -> int:

@@ -1,7 +1,7 @@
 """Our weights in Hugging Face's layout and back: `GPT2LMHeadModel` for the gpt2 variant and
 `LlamaForCausalLM` for the llama variant, so `transformers` (and vLLM) load an export directly, and
-a local Hugging Face directory of either architecture (or of Mistral, Llama's under another name)
-initializes a fine-tune.
+a local Hugging Face directory of either architecture (or of Mistral, Llama's under another name, or
+Qwen2, Llama's with query/key/value biases, written back as `Qwen2ForCausalLM`) initializes a fine-tune.
 
 Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Linear` stores
 (out, in); Llama keeps q/k/v and gate/up as separate matrices where we fuse them. Missing biases
@@ -14,7 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from lm.chat_template import JINJA_TEMPLATE
-from lm.config import ModelConfig, RopeScalingConfig, kv_heads, mlp_hidden_size
+from lm.config import ModelConfig, RopeScalingConfig, has_qkv_bias, kv_heads, mlp_hidden_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
     import torch
@@ -50,14 +50,26 @@ def _architecture(cfg: ModelConfig) -> dict:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
             "scale_attn_weights": True,
         }
+    if is_qwen2(cfg):
+        return {**_llama_architecture(cfg), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                "use_sliding_window": False}
+    return {**_llama_architecture(cfg), "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+
+
+def is_qwen2(cfg: ModelConfig) -> bool:
+    """Llama's layout with biases in the query/key/value projection alone: Hugging Face calls it Qwen2
+    (`Qwen2ForCausalLM`); Llama's `attention_bias` would add one to the output projection too."""
+    return cfg.variant == "llama" and has_qkv_bias(cfg) and not cfg.bias
+
+
+def _llama_architecture(cfg: ModelConfig) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": kv_heads(cfg), "head_dim": cfg.n_embd // cfg.n_head,
         "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-        "tie_word_embeddings": cfg.tie_embeddings, **_hf_rope_scaling(cfg),
+        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, **_hf_rope_scaling(cfg),
     }
 
 
@@ -107,14 +119,17 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                       "mlp.up_proj": up, "mlp.down_proj": state[ours + "mlp.c_proj.weight"]}
             for name, weight in pieces.items():
                 out[theirs + f"{name}.weight"] = weight.clone()  # own storage: safetensors refuses views
+            biases = {}
+            if cfg.bias or has_qkv_bias(cfg):  # Llama's attention_bias covers q, k, v and o; Qwen2's q, k, v
+                qkv = _bias(state, ours + "attn.c_attn.bias", C + 2 * kv_width)
+                biases.update(zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                  qkv.split((C, kv_width, kv_width))))
             if cfg.bias:
-                qb, kb, vb = state[ours + "attn.c_attn.bias"].split((C, kv_width, kv_width))
                 gb, ub = state[ours + "mlp.c_fc.bias"].split(hidden)
-                biases = {"self_attn.q_proj": qb, "self_attn.k_proj": kb, "self_attn.v_proj": vb,
-                          "self_attn.o_proj": state[ours + "attn.c_proj.bias"], "mlp.gate_proj": gb,
-                          "mlp.up_proj": ub, "mlp.down_proj": state[ours + "mlp.c_proj.bias"]}
-                for name, bias in biases.items():
-                    out[theirs + f"{name}.bias"] = bias.clone()
+                biases.update({"self_attn.o_proj": state[ours + "attn.c_proj.bias"], "mlp.gate_proj": gb,
+                               "mlp.up_proj": ub, "mlp.down_proj": state[ours + "mlp.c_proj.bias"]})
+            for name, bias in biases.items():
+                out[theirs + f"{name}.bias"] = bias.clone()
         out["model.norm.weight"] = state["ln_f.weight"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
@@ -134,7 +149,8 @@ def _refuse(field: str, value, allowed: str) -> None:
 
 
 def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
-    """Our ModelConfig for a GPT-2 or Llama config.json; anything we would compute differently is refused."""
+    """Our ModelConfig for a GPT-2, Llama, Mistral or Qwen2 config.json; anything we would compute
+    differently is refused."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         activation = hf.get("activation_function", "gelu_new")
@@ -151,9 +167,11 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            tie_embeddings=hf.get("tie_word_embeddings", True), vocab_size=hf["vocab_size"],
                            activation=FROM_HF_ACTIVATIONS[activation])
-    if model_type in ("llama", "mistral"):  # Mistral is Llama's architecture, plus an optional sliding window
-        if model_type == "mistral" and hf.get("sliding_window") is not None \
-                and hf["sliding_window"] < hf["max_position_embeddings"]:
+    # Mistral is Llama's architecture plus an optional sliding window; Qwen2 is Llama's with biases in the
+    # query/key/value projection, and an optional sliding window.
+    if model_type in ("llama", "mistral", "qwen2"):
+        windowed = hf.get("use_sliding_window", True) if model_type == "qwen2" else model_type == "mistral"
+        if windowed and hf.get("sliding_window") is not None and hf["sliding_window"] < hf["max_position_embeddings"]:
             _refuse("sliding_window", hf["sliding_window"], "null (attention over the whole context)")
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
         kv = hf.get("num_key_value_heads") or heads
@@ -174,15 +192,16 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                                           original_max_position_embeddings=int(rope.get(
                                               "original_max_position_embeddings", hf["max_position_embeddings"])))
         rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        if model_type != "qwen2" and bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             _refuse("attention_bias", hf.get("attention_bias"), "the same as mlp_bias")
         return ModelConfig(name=name, variant="llama", n_layer=hf["num_hidden_layers"], n_head=heads,
                            n_kv_head=None if kv == heads else kv,
                            n_embd=width, block_size=hf["max_position_embeddings"],
-                           bias=bool(hf.get("attention_bias", False)), mlp_hidden=hf["intermediate_size"],
+                           bias=bool(hf.get("attention_bias", False)), qkv_bias=True if model_type == "qwen2" else None,
+                           mlp_hidden=hf["intermediate_size"],
                            rope_theta=rope_theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False), vocab_size=hf["vocab_size"])
-    _refuse("model_type", model_type, "gpt2, llama or mistral")
+    _refuse("model_type", model_type, "gpt2, llama, mistral or qwen2")
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -207,9 +226,10 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
             ours, theirs = f"h.{i}.", f"model.layers.{i}."
             out[ours + "ln_1.weight"] = hf_state[theirs + "input_layernorm.weight"]
             out[ours + "ln_2.weight"] = hf_state[theirs + "post_attention_layernorm.weight"]
-            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+            for kind in ("weight", "bias") if has_qkv_bias(cfg) else ("weight",):
                 out[ours + f"attn.c_attn.{kind}"] = torch.cat(
                     [hf_state[theirs + f"self_attn.{n}_proj.{kind}"] for n in "qkv"], dim=0)
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 out[ours + f"attn.c_proj.{kind}"] = hf_state[theirs + f"self_attn.o_proj.{kind}"]
                 out[ours + f"mlp.c_fc.{kind}"] = torch.cat(
                     [hf_state[theirs + f"mlp.{n}_proj.{kind}"] for n in ("gate", "up")], dim=0)

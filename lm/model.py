@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lm.config import ModelConfig, RopeScalingConfig, kv_heads, mlp_hidden_size
+from lm.config import ModelConfig, RopeScalingConfig, has_qkv_bias, kv_heads, mlp_hidden_size
 from lm.head_loss import IGNORE_INDEX, OutputHead
 
 
@@ -115,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         kv_width = self.n_kv_head * self.head_dim
         self.qkv_widths = (cfg.n_embd, kv_width, kv_width)
-        self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_widths), bias=cfg.bias)  # fused q, k, v
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_widths), bias=has_qkv_bias(cfg))  # fused q, k, v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)

@@ -17,7 +17,7 @@ from lm.config import ConfigError, DataConfig, ModelConfig
 
 # llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them, saved in
 # shards with an index, as save_pretrained writes models over its max_shard_size.
-HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style", "mistral")
+HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style", "mistral", "qwen2")
 
 
 # Llama 3.1's scaling with a pretraining context of 16 positions, so the test's 64 cover every band.
@@ -41,6 +41,16 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
                                             max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
                                             tie_word_embeddings=False, eos_token_id=tokenizer.eot_id)
         model = transformers.MistralForCausalLM(config)
+    elif kind == "qwen2":  # Llama's architecture with query/key/value biases
+        config = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=True,
+                                          eos_token_id=tokenizer.eot_id)
+        model = transformers.Qwen2ForCausalLM(config)
+        with torch.no_grad():  # Hugging Face initializes biases to zero: make them matter
+            for layer in model.model.layers:
+                for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    projection.bias.normal_(0, 0.5)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
                                           num_hidden_layers=2, num_attention_heads=4,
@@ -79,7 +89,8 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     ours, source = our_model(str(root / kind))
     assert source.kind == "hf" and source.model.tie_embeddings == (kind not in ("llama-untied", "mistral"))
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
-    assert source.model.n_kv_head == {"llama3-style": 2, "mistral": 1}.get(kind)
+    assert source.model.n_kv_head == {"llama3-style": 2, "mistral": 1, "qwen2": 2}.get(kind)
+    assert source.model.qkv_bias == (True if kind == "qwen2" else None)
     assert source.model.rope_scaling.type == ("llama3" if kind == "llama3-style" else "none")
     assert (root / kind / "model.safetensors.index.json").exists() == (kind == "llama3-style")
     ids = torch.tensor([prepared_tiny[0].tokenizer().encode("def walk(self, path):\n    return path")])

@@ -1,5 +1,7 @@
 """The model: causal in both variants, counts its parameters and FLOPs, checkpointing is exact."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,6 +114,29 @@ def test_llama_exports_to_transformers_with_its_key_value_heads_and_rope_scaling
             plain = small_model("llama", n_kv_head=2)
             plain.load_state_dict(model.state_dict())
             assert not torch.allclose(plain(idx)[0], ours, rtol=1e-3, atol=1e-3)
+
+
+def test_query_key_value_biases_alone_export_as_transformers_qwen2_and_come_back():
+    """Llama's layout with biases in the query/key/value projection only (model.qkv_bias): Hugging Face's
+    Qwen2ForCausalLM, which gives our logits; its config.json reads back as the same architecture."""
+    import transformers
+
+    from lm.hf_format import hf_config, model_config_from_hf, to_hf_state_dict
+
+    model = small_model("llama", n_kv_head=2, qkv_bias=True)
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_attn.bias.normal_(0, 0.5)
+    assert model.h[0].attn.c_proj.bias is None and model.h[0].mlp.c_fc.bias is None
+    config = hf_config(model.cfg)
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert model_config_from_hf(config, "t") == dataclasses.replace(model.cfg, mlp_hidden=mlp_hidden_size(model.cfg))
 
 
 def test_output_head_is_tied_to_the_embedding():
