@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -79,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = None
     if rank == 0 and cfg.logging.backend == "wandb":
-        from launcher.wandb_logger import WandbLogger, remove_import_temporaries
+        from launcher.wandb_logger import WandbLogger, copies_offline_run, offline_copy, remove_import_temporaries
 
         kept = read_trainer_state(resume_from).get("hooks", {}) if resume_from else {}
         logger = WandbLogger(cfg.logging, cfg.run.name, loop_config.get("wandb_group"), loop_config["config"],
@@ -131,6 +132,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if logger:
             logger.finish()
             remove_import_temporaries()  # this process ends without atexit hooks, and uses W&B no more
+            if copies_offline_run(cfg):
+                try:
+                    run_dir.upload(logger.run_dir, offline_copy(logger.run_dir))
+                except OSError as error:  # the run's outcome stands; the files stay where W&B wrote them
+                    print(f"W&B's offline files were not copied to {run_dir.where('wandb')}: {error}; "
+                          f"they are in {logger.run_dir} on {socket.gethostname()}", file=sys.stderr, flush=True)
     if run_dir.remote and os.path.isdir(local_run_dir):
         run_dir.upload(local_run_dir, "")  # this rank's profile traces
         shutil.rmtree(local_run_dir, ignore_errors=True)

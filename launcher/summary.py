@@ -8,17 +8,18 @@ from launcher.run_dir import RunDir
 
 SUMMARY_KEYS = ("train_loss", "val_loss", "val_perplexity", "val_accuracy", "steps", "tokens",
                 "tokens_per_second", "mfu", "wall_seconds", "vocab_size", "checkpoint", "wandb_dir",
-                "config")
+                "wandb_copy", "config")
 
 
 def build_summary(run_dir: RunDir, checkpoint: str, wall_seconds: float, vocab_size: int,
-                  wandb_dir: str | None, config: dict) -> dict:
-    """From the latest checkpoint's trainer state, which every rank agreed on before it was saved."""
+                  wandb_dir: str | None, config: dict, wandb_copy: str | None = None) -> dict:
+    """From the latest checkpoint's trainer state, which every rank agreed on before it was saved.
+    `wandb_dir`: the W&B run's directory on rank 0's node; `wandb_copy`: its copy in the run's storage."""
     metrics = run_dir.trainer_state(checkpoint)["metrics"]
     summary = {key: metrics.get(key) for key in SUMMARY_KEYS}
     summary.update(peak_flops_source=metrics.get("peak_flops_source"), precision=metrics.get("precision"),
                    wall_seconds=wall_seconds, vocab_size=vocab_size, checkpoint=run_dir.where(checkpoint),
-                   wandb_dir=wandb_dir, config=config)
+                   wandb_dir=wandb_dir, wandb_copy=wandb_copy, config=config)
     return summary
 
 

@@ -26,7 +26,7 @@ from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
-from launcher.wandb_logger import check_credentials as check_wandb_credentials
+from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
 from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
                        resume_conflict, sequence_length, validate)
 
@@ -251,6 +251,9 @@ def print_outcome(cfg: TrainConfig, run_dir: RunDir, final: str, summary: dict, 
     print(f"\ncheckpoint: {summary['checkpoint']}\nsummary:    {summary_path}", flush=True)
     if summary["wandb_dir"]:
         print(f"W&B run:    {wandb_outcome(Path(summary['wandb_dir']), cfg.logging.mode)}", flush=True)
+    if summary.get("wandb_copy"):
+        print(f"            copied to {summary['wandb_copy']}  (rank 0's node may be gone: sync this copy, "
+              f"downloaded first if it is in a bucket)", flush=True)
     t = cfg.trainer
     if t.profile_at:
         from lm.profiling import trace_dir  # imports torch: only when asked
@@ -296,8 +299,9 @@ def run(cfg: TrainConfig, source=None) -> dict:
         print(f"stopped by SIGTERM at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
               "rerun the same command to continue", flush=True)
     wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
+    copied = offline_copy(wandb_dir) if wandb_dir and copies_offline_run(cfg) else None
     summary = build_summary(run_dir, final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
-                            config_to_dict(cfg))
+                            config_to_dict(cfg), run_dir.where(copied) if copied and run_dir.exists(copied) else None)
     print_outcome(cfg, run_dir, final, summary, write_summary(run_dir, summary))
     return summary
 

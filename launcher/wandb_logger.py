@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import netrc
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from lm.config import ConfigError, LoggingConfig
+from lm.config import ConfigError, LoggingConfig, TrainConfig
+from lm.remote_files import is_uri
 
 
 def check_credentials(cfg: LoggingConfig) -> None:
@@ -35,6 +36,19 @@ def check_credentials(cfg: LoggingConfig) -> None:
     raise ConfigError(f"logging.mode='online' needs a W&B API key for {host}: set WANDB_API_KEY (on a cluster, "
                       "in the job's runtime_env env_vars) or run `wandb login`; allowed without one: "
                       "logging=wandb_offline or logging=none")
+
+
+def copies_offline_run(cfg: TrainConfig) -> bool:
+    """W&B writes an offline run on rank 0's node, which in a run across nodes or with its storage in a
+    bucket may be any node, an autoscaled one that goes away with the job included: there rank 0 also
+    copies the run's directory into the run's storage, under `wandb/`, from where `wandb sync` uploads it."""
+    return (cfg.logging.backend == "wandb" and cfg.logging.mode == "offline"
+            and (cfg.cluster.multi_node or is_uri(cfg.run.storage)))
+
+
+def offline_copy(wandb_dir: str) -> str:
+    """Where, relative to the run's directory in storage, rank 0 copies an offline W&B run's directory."""
+    return f"wandb/{PurePosixPath(wandb_dir).name}"
 
 
 class WandbLogger:

@@ -302,6 +302,21 @@ def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, 
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists(), "nothing may be written"
 
 
+@pytest.mark.parametrize("overrides,copies", [
+    ([], False),  # one machine: the files are where the user is
+    (["run.storage=s3://bucket/runs"], True),
+    (["cluster=multi_node"], True),
+    (["cluster=multi_node", "logging=wandb_online"], False),  # streamed: nothing to copy
+    (["run.storage=s3://bucket/runs", "logging=none"], False),
+])
+def test_offline_wandb_runs_are_copied_to_storage_when_rank_0_may_be_on_another_node(overrides, copies):
+    from launcher.wandb_logger import copies_offline_run, offline_copy
+
+    assert copies_offline_run(to_train_config(composed(*overrides), check=False)) is copies
+    assert offline_copy("/node/outputs/wandb/wandb/offline-run-20261201_050000-abc123") == \
+        "wandb/offline-run-20261201_050000-abc123"
+
+
 def test_a_finished_wandb_logger_leaves_nothing_in_the_temp_dir_of_a_process_ending_as_ray_workers_do(tmp_path):
     """Ray ends a worker's process without atexit hooks, so W&B's own clean-up (its service's socket
     directory, the temporary directories importing wandb makes) never ran: the logger does it. The

@@ -195,6 +195,11 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
     assert summary["checkpoint"] == f"{s3_storage}/elastic/checkpoint_000030"
     assert f"summary:    {s3_storage}/elastic/summary.json" in second.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "wandb"], "no local run directory"
+    # Rank 0 copied its offline W&B run into the bucket (its node may be gone after a job on a cluster).
+    copy = f"wandb/{Path(summary['wandb_dir']).name}"
+    assert summary["wandb_copy"] == f"{s3_storage}/elastic/{copy}" and f"copied to {s3_storage}/elastic/{copy}" in second.stdout
+    assert run_dir.sizes(copy) == {p.relative_to(summary["wandb_dir"]).as_posix(): p.stat().st_size
+                                   for p in Path(summary["wandb_dir"]).rglob("*") if p.is_file()}
     model = read_run(summary["wandb_dir"])["artifacts"][0]  # logging.log_model: a reference into the bucket
     assert (model["name"], model["type"], model["aliases"]) == ("model-elastic", "model", ["latest", "step_30"])
     assert set(model["files"]) == set(run_dir.sizes("checkpoint_000030")) and "trainer_state.json" in model["files"]
