@@ -293,3 +293,7 @@ def test_job_submit_runs_a_multirun_sweep_on_the_cluster(ray_head, workdir, corp
     assert [row["status"] for row in sweep] == ["ok", "ok"]
     groups = {read_run(s["wandb_dir"])["group"] for s in summaries}
     assert len(groups) == 1 and groups.pop() == "sweep-multirun"
+    # Across nodes, each job's rank 0 copied its offline W&B run into the run's storage: a whole run there.
+    for s in summaries:
+        assert Path(s["wandb_copy"]).parent == Path(s["checkpoint"]).parent / "wandb"
+        assert read_run(s["wandb_copy"])["group"] == "sweep-multirun"
