@@ -54,16 +54,24 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        return {"object": "list", "data": [self._model_object()]}
+        return {"object": "list", "data": [await self._model_object()]}
 
     @api.get("/v1/models/{model}")
     async def retrieve_model(self, model: str, request: Request):
         self._authorize(request)
         check_model({"model": model}, self.model_name)
-        return self._model_object()
+        return await self._model_object()
 
-    def _model_object(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lmstack"}
+    async def _model_object(self) -> dict:
+        """OpenAI's model object, with vLLM's max_model_len (the tokens a sequence may hold)."""
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lmstack",
+                "max_model_len": await self._context()}
+
+    async def _context(self) -> int:
+        """The replicas' context (serve.max_model_len, or the model's), asked once."""
+        if self.context is None:
+            self.context = (await self.model.info.remote())["context"]
+        return self.context
 
     # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model looks for: with
     # them it tokenizes on the server and needs no local copy of the tokenizer.
@@ -80,9 +88,7 @@ class OpenAIServer:
             tokens = await self.model.tokenize.remote(text)
         except ValueError as error:  # a character outside a character-level vocabulary
             raise APIError(400, f"prompt: {error}", "prompt") from None
-        if self.context is None:
-            self.context = (await self.model.info.remote())["context"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": await self._context()}
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request):
@@ -108,10 +114,8 @@ class OpenAIServer:
         self._authorize(request)
         body = parse_body(await request.body())
         check_model(body, self.model_name)
-        if self.context is None:
-            self.context = (await self.model.info.remote())["context"]
         prompts = [chat_prompt(body)] if chat else completion_prompts(body)
-        params = replace(sampling_params(body, self.context, chat), logprobs=logprobs_count(body, chat))
+        params = replace(sampling_params(body, await self._context(), chat), logprobs=logprobs_count(body, chat))
         echo = not chat and echoes(body)
         n = choice_count(body, len(prompts))
         usage = bool(body.get("stream")) and wants_stream_usage(body)

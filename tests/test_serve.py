@@ -346,7 +346,7 @@ def test_api_key_is_enforced(server):
     wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
-    assert [m["id"] for m in models["data"]] == [model]
+    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(model, 200)]  # vLLM's field
 
 
 @pytest.mark.parametrize("streams,events_per_s,expected_ms", [(1, 100, 40), (4, 100, 40), (16, 100, 160),
