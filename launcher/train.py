@@ -27,8 +27,8 @@ from launcher.schema import absolute, check_group_choices, fail, register_schema
 from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
-from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size, padded_vocab_size,
-                       resume_conflict, sequence_length, validate)
+from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size,
+                       padded_vocab_size, resume_conflict, sequence_length, validate)
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.

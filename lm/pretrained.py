@@ -90,7 +90,8 @@ def inspect_pretrained(init_from: str) -> PretrainedSource:
 
 # A Hugging Face directory's weights: one file, or shards listed by an index (save_pretrained shards
 # models over its max_shard_size, 5 GB by default: Llama 3.2 3B and up). safetensors first, as transformers.
-HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+              ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
 def _hf_weight_files(path: Path) -> list[Path]:

@@ -1,8 +1,9 @@
 """Fine-tuning from pretrained weights (`trainer.init_from`) and on chat data (`data=chat`):
-Hugging Face GPT-2 / Llama directories (Llama 3's grouped-query attention and RoPE scaling included) and our own exports load with equal logits; ZeRO-2 and
-ZeRO-3 fine-tunes on 2 ranks start from those weights and lower the loss; the prompt carries no
-loss; bad chat lines are reported by line number; contradicting overrides and hub ids fail with
-one line naming the field."""
+Hugging Face GPT-2, Llama (Llama 3's grouped-query attention and RoPE scaling, sharded weights),
+Mistral and Qwen2 directories and our own exports load with equal logits; ZeRO-2 and ZeRO-3
+fine-tunes on 2 ranks start from those weights and lower the loss; the prompt carries no loss; bad
+chat lines are reported by line number; contradicting overrides and hub ids fail with one line
+naming the field."""
 
 import json
 import os

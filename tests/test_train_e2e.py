@@ -197,7 +197,8 @@ def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_ex
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "wandb"], "no local run directory"
     # Rank 0 copied its offline W&B run into the bucket (its node may be gone after a job on a cluster).
     copy = f"wandb/{Path(summary['wandb_dir']).name}"
-    assert summary["wandb_copy"] == f"{s3_storage}/elastic/{copy}" and f"copied to {s3_storage}/elastic/{copy}" in second.stdout
+    assert summary["wandb_copy"] == f"{s3_storage}/elastic/{copy}"
+    assert f"copied to {s3_storage}/elastic/{copy}" in second.stdout
     assert run_dir.sizes(copy) == {p.relative_to(summary["wandb_dir"]).as_posix(): p.stat().st_size
                                    for p in Path(summary["wandb_dir"]).rglob("*") if p.is_file()}
     model = read_run(summary["wandb_dir"])["artifacts"][0]  # logging.log_model: a reference into the bucket
