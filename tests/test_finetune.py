@@ -16,8 +16,8 @@ import torch
 from conftest import REPO, run_on_ranks, upload_directory
 from lm.config import ConfigError, DataConfig, ModelConfig
 
-# llama3-style: grouped-query attention and Llama 3.1's RoPE scaling, as Llama 3.2 1B has them, saved in
-# shards with an index, as save_pretrained writes models over its max_shard_size.
+# llama3-style: grouped-query attention, Llama 3.1's RoPE scaling and an untied head, as Llama 3.1 8B has
+# them, saved in shards with an index, as save_pretrained writes models over its max_shard_size.
 HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style", "mistral", "qwen2")
 
 
@@ -58,7 +58,8 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
                                           num_key_value_heads=2 if kind == "llama3-style" else 4,
                                           max_position_embeddings=64, rope_theta=500000.0,
                                           rope_scaling=LLAMA3_ROPE if kind == "llama3-style" else None,
-                                          tie_word_embeddings=kind != "llama-untied", eos_token_id=tokenizer.eot_id)
+                                          tie_word_embeddings=kind not in ("llama-untied", "llama3-style"),
+                                          eos_token_id=tokenizer.eot_id)
         model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(directory, max_shard_size="100KB" if kind == "llama3-style" else "5GB")
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
@@ -88,7 +89,8 @@ def hf_dirs(prepared_tiny, tmp_path_factory):
 def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared_tiny, kind):
     root, models = hf_dirs
     ours, source = our_model(str(root / kind))
-    assert source.kind == "hf" and source.model.tie_embeddings == (kind not in ("llama-untied", "mistral"))
+    assert source.kind == "hf" and source.model.tie_embeddings == (kind not in ("llama-untied", "llama3-style",
+                                                                                "mistral"))
     assert source.model.activation == ("gelu" if kind == "gpt2-exact-gelu" else "gelu_tanh")
     assert source.model.n_kv_head == {"llama3-style": 2, "mistral": 1, "qwen2": 2}.get(kind)
     assert source.model.qkv_bias == (True if kind == "qwen2" else None)
@@ -314,8 +316,9 @@ def test_zero2_and_zero3_fine_tunes_start_from_the_weights_and_lower_the_loss(hf
     cfg.trainer.init_from = str(root / "gpt2")
     prepared = prepare_data(cfg.data, progress=False, tokenizer=inspect_pretrained(cfg.trainer.init_from).tokenizer(),
                             seq_len=64)
-    # The Llama model from a bucket: both ranks mirror it (one downloads, the other waits for it).
-    llama = upload_directory(root / "llama-untied", f"{s3_storage}/hf/llama-untied")
+    # The Llama model (grouped-query, RoPE scaled, untied, in shards) from a bucket: both ranks mirror
+    # it (one downloads, the other waits for it).
+    llama = upload_directory(root / "llama3-style", f"{s3_storage}/hf/llama3-style")
     runs = {"gpt2-zero2": (str(root / "gpt2"), 2), "gpt2-zero3": (str(root / "gpt2"), 3), "llama-zero3": (llama, 3)}
     losses = run_on_ranks(finetune_runs, 2, runs, config_to_dict(cfg), str(prepared.directory), str(tmp_path),
                           tmp_path=tmp_path)[0]
