@@ -134,7 +134,8 @@ def remove_import_temporaries() -> None:
     import sys
     import tempfile
 
-    private, artifact = sys.modules.get("wandb.sdk.data_types._private"), sys.modules.get("wandb.sdk.artifacts.artifact")
+    private = sys.modules.get("wandb.sdk.data_types._private")
+    artifact = sys.modules.get("wandb.sdk.artifacts.artifact")
     holders = ((private, "MEDIA_TMP"), (getattr(artifact, "Artifact", None), "_TMP_DIR"))
     for holder, name in holders:
         directory = getattr(holder, name, None)
