@@ -2,12 +2,14 @@
 
     python -m launcher.evaluate <export dir | training checkpoint dir | run dir> --data 'held_out/*.txt'
     python -m launcher.evaluate outputs/runs/<run> --data notes.md --max-tokens 100000 --json scores.json
+    python -m launcher.evaluate ~/models/Llama-3.2-1B --data held_out/ --context 2048   # before fine-tuning
 
 `--data` takes what `data.path` takes (files, directories, globs, URIs; comma separated). The text
 is tokenized with the model's own tokenizer, a batch of documents at a time, into a temporary file
-(up to --max-tokens), which is then read in consecutive windows of the model's context
-(`lm.evaluation`). A run directory means its newest export, or else its latest checkpoint,
-and any of them may be a URI (`s3://bucket/runs/<run>`), as for `launcher.generate`.
+(up to --max-tokens), which is then read in consecutive windows of the model's context, or of
+--context tokens (`lm.evaluation`). A run directory means its newest export, or else its latest
+checkpoint, and any of them may be a URI (`s3://bucket/runs/<run>`), as for `launcher.generate`; a
+local Hugging Face model directory is scored as a fine-tune from it would start.
 """
 
 from __future__ import annotations
@@ -36,17 +38,21 @@ def flag_message(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="an export, a training checkpoint or a run directory; a path or a URI")
+    parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
+                                     "or a local Hugging Face model directory")
     parser.add_argument("--data", required=True,
                         help="files, directories or globs of .txt/.md/.jsonl/.parquet/.arrow text")
     parser.add_argument("--text-field", default="text",
                         help="the field read from .jsonl lines and .parquet/.arrow rows")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens per window (default: the model's context; shorter for a long-context model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
     args = parser.parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1:
-        parser.error("--max-tokens and --batch-size must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1 or \
+            args.context is not None and args.context < 1:
+        parser.error("--max-tokens, --batch-size and --context must be >= 1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import numpy as np
 
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             docs = documents()
             first = list(itertools.islice(docs, 1))  # a file that cannot be read fails before the model loads
             model, tokenizer, source = load(args.path)
+            if args.context and args.context > model.cfg.block_size:
+                raise ConfigError(f"--context {args.context} exceeds the model's context ({model.cfg.block_size})")
             count = len(write_tokens(tokenizer, itertools.chain(first, docs), tokens_file, np.int32,
                                      args.max_tokens + 1 if args.max_tokens else None))
             if not seen_text:
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         tokens = np.memmap(tokens_file, dtype=np.int32, mode="r")
-        scores = evaluate_stream(model.eval(), tokens, model.cfg.block_size, args.batch_size, args.max_tokens)
+        scores = evaluate_stream(model.eval(), tokens, args.context or model.cfg.block_size, args.batch_size,
+                                 args.max_tokens)
         del tokens
     scores.update(source=str(source), data=args.data, documents=count)
     print(f"# {source}", file=sys.stderr)

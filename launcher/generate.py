@@ -2,9 +2,11 @@
 
     python -m launcher.generate <export dir | training checkpoint dir> --prompt "def main(" --max-tokens 64
     python -m launcher.generate outputs/runs/<run> --num-samples 3 --temperature 0.8 --top-k 50 --seed 1
+    python -m launcher.generate ~/models/SmolLM2-135M --prompt "The capital of France"   # before fine-tuning
 
 A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
-an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first.
+an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first. A local
+Hugging Face model directory (what `trainer.init_from` takes) is loaded as a fine-tune would start.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ def load(path: str | Path):
         model, tokenizer, _, _ = load_export(path)
     elif is_complete(path):
         model, tokenizer, _ = load_model(path)
+    elif (path / "config.json").is_file():  # a Hugging Face model directory
+        from lm.pretrained import load_hf_directory
+
+        model, tokenizer = load_hf_directory(path)
     else:
-        raise FileNotFoundError(f"{path} is neither an export, a training checkpoint nor a run directory with one")
+        raise FileNotFoundError(f"{path} is neither an export, a training checkpoint, a run directory with one, "
+                                "nor a Hugging Face model directory")
     return model, tokenizer, path
 
 
@@ -58,7 +65,8 @@ def download_model_dir(location: str, scratch: str) -> tuple[Path, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="an export, a training checkpoint or a run directory; a path or a URI")
+    parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
+                                     "or a local Hugging Face model directory")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1)
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from lm.config import ConfigError
     from lm.engine import Engine, RequestError, SamplingParams
     from lm.tokenizer import document_start
 
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed + i) for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)
-    except (FileNotFoundError, RequestError) as error:
+    except (FileNotFoundError, RequestError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {source}", file=sys.stderr)

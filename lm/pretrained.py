@@ -128,6 +128,20 @@ def dataset_tokenizer(cfg: TrainConfig) -> Tokenizer | None:
     return inspect_pretrained(cfg.trainer.init_from).tokenizer() if cfg.trainer.init_from else None
 
 
+def load_hf_directory(path: str | Path):
+    """A local Hugging Face model directory as our model (in eval mode) and its tokenizer: to sample from
+    or score a pretrained model before fine-tuning it. ConfigError names what it cannot represent."""
+    from lm.model import GPT
+
+    try:
+        source = inspect_pretrained(str(path))
+    except ConfigError as error:  # named for this path, not for the training setting
+        raise ConfigError(str(error).removeprefix(f"{FIELD}=")) from None
+    model = GPT(source.model)
+    model.load_state_dict(load_pretrained_state_dict(str(path), source.model))
+    return model.eval(), source.tokenizer()
+
+
 def load_pretrained_state_dict(init_from: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full-precision weights under our parameter names, ready for `GPT.load_state_dict`."""
     import torch

@@ -102,6 +102,41 @@ def test_hugging_face_directory_loads_with_transformers_logits(hf_dirs, prepared
     assert source.tokenizer().encode("return x") == prepared_tiny[0].tokenizer().encode("return x")
 
 
+def test_generate_and_evaluate_take_a_hugging_face_directory(hf_dirs, corpus_file, tmp_path, capsys):
+    """A pretrained model sampled and scored from a terminal before fine-tuning: the same ids as
+    transformers' greedy decoding, and the loss transformers computes on the same windows."""
+    from launcher.evaluate import main as evaluate
+    from launcher.generate import main as generate
+
+    root, models = hf_dirs
+    directory, theirs = root / "llama3-style", models["llama3-style"]
+    generate([str(directory), "--prompt", "def walk(self):", "--max-tokens", "8", "--temperature", "0"])
+    text = capsys.readouterr().out.split("-" * 60)[0].rstrip("\n")
+    tokenizer = our_model(str(directory))[1].tokenizer()
+    prompt = tokenizer.encode("def walk(self):")
+    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert text == "def walk(self):" + tokenizer.decode(expected.tolist())
+    evaluate([str(directory), "--data", str(corpus_file), "--max-tokens", "100", "--context", "32",
+              "--json", str(tmp_path / "scores.json")])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    ids = torch.tensor(tokenizer.encode(corpus_file.read_text())[:101])
+    losses = [torch.nn.functional.cross_entropy(theirs(ids[None, s:s + 32]).logits[0, :len(ids[s + 1:s + 33])],
+                                                ids[s + 1:s + 33], reduction="sum").item() for s in range(0, 100, 32)]
+    assert scores["tokens"] == 100 and scores["loss"] == pytest.approx(sum(losses) / 100, rel=1e-4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate([str(directory), "--data", str(corpus_file), "--context", "65"])
+    assert capsys.readouterr().err.strip() == "error: --context 65 exceeds the model's context (64)"
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "odd" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        generate([str(tmp_path / "odd")])
+    assert capsys.readouterr().err.strip() == (f"error: '{tmp_path / 'odd'}': config.json model_type='bert' is not "
+                                               "supported: gpt2, llama, mistral or qwen2")
+
+
 def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage):
     from lm.export import export_checkpoint, load_export
     from lm.pretrained import inspect_pretrained
