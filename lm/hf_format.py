@@ -10,7 +10,6 @@ Only names and shapes change: GPT-2's `Conv1D` stores (in, out) where our `nn.Li
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from lm.chat_template import JINJA_TEMPLATE
@@ -182,15 +181,6 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             _refuse("hidden_act", hf["hidden_act"], "silu")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            _refuse("rope_parameters.rope_type", rope_type, "default (plain RoPE), llama3 or linear")
-        scaling = RopeScalingConfig() if rope_type == "default" else RopeScalingConfig(rope_type, float(rope["factor"]))
-        if rope_type == "llama3":
-            scaling = dataclasses.replace(scaling, low_freq_factor=float(rope["low_freq_factor"]),
-                                          high_freq_factor=float(rope["high_freq_factor"]),
-                                          original_max_position_embeddings=int(rope.get(
-                                              "original_max_position_embeddings", hf["max_position_embeddings"])))
         rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         if model_type != "qwen2" and bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             _refuse("attention_bias", hf.get("attention_bias"), "the same as mlp_bias")
@@ -199,9 +189,23 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
                            n_embd=width, block_size=hf["max_position_embeddings"],
                            bias=bool(hf.get("attention_bias", False)), qkv_bias=True if model_type == "qwen2" else None,
                            mlp_hidden=hf["intermediate_size"],
-                           rope_theta=rope_theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           rope_theta=rope_theta, rope_scaling=_rope_scaling_from_hf(rope, hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False), vocab_size=hf["vocab_size"])
     _refuse("model_type", model_type, "gpt2, llama, mistral or qwen2")
+
+
+def _rope_scaling_from_hf(rope: dict, hf: dict) -> RopeScalingConfig:
+    """The inverse of `_hf_rope_scaling`; other RoPE types are refused."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return RopeScalingConfig()
+    if rope_type == "linear":
+        return RopeScalingConfig("linear", float(rope["factor"]))
+    if rope_type == "llama3":
+        return RopeScalingConfig("llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
+                                 float(rope["high_freq_factor"]),
+                                 int(rope.get("original_max_position_embeddings", hf["max_position_embeddings"])))
+    _refuse("rope_parameters.rope_type", rope_type, "default (plain RoPE), llama3 or linear")
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

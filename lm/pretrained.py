@@ -24,6 +24,8 @@ from lm.tokenizer import Tokenizer, hf_directory_tokenizer, load_tokenizer
 if TYPE_CHECKING:  # imported where weights load: checking a command line must not pay torch's import
     import torch
 
+    from lm.model import GPT
+
 FIELD = "trainer.init_from"
 # What may differ from the pretrained model: everything else is its architecture.
 NON_ARCHITECTURE_FIELDS = ("name", "dropout", "activation_checkpointing")
@@ -100,7 +102,8 @@ def _hf_weight_files(path: Path) -> list[Path]:
         if (path / single).exists():
             return [path / single]
         if (path / index).exists():
-            shards = [path / name for name in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
+            names = set(json.loads((path / index).read_text())["weight_map"].values())
+            shards = [path / name for name in sorted(names)]
             missing = [shard.name for shard in shards if not shard.exists()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are not in the directory: {', '.join(missing)}")
@@ -138,8 +141,18 @@ def load_hf_directory(path: str | Path):
     except ConfigError as error:  # named for this path, not for the training setting
         raise ConfigError(str(error).removeprefix(f"{FIELD}=")) from None
     model = GPT(source.model)
-    model.load_state_dict(load_pretrained_state_dict(str(path), source.model))
+    load_pretrained(model, str(path))
     return model.eval(), source.tokenizer()
+
+
+def load_pretrained(model: GPT, init_from: str) -> None:
+    """Fine-tuning: start from pretrained weights (a full model on this rank)."""
+    state = load_pretrained_state_dict(init_from, model.cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"trainer.init_from={init_from!r}: weights do not match the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def load_pretrained_state_dict(init_from: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:

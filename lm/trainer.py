@@ -35,6 +35,7 @@ from lm.deepspeed_config import deepspeed_config, trainer_clips_gradients
 from lm.host_memory import keep_freed_memory
 from lm.mfu import PeakFlops, cpu_has_bf16, mfu, native_bf16, peak_flops
 from lm.model import GPT, flops_per_token
+from lm.pretrained import load_pretrained
 from lm.profiling import StepProfiler
 from lm.shard_loader import TokenShardLoader
 
@@ -284,18 +285,6 @@ def evaluate(engine, data: PreparedData, cfg: TrainConfig, rank: int, world: int
         for name, (source_loss, targets) in zip(data.source_names(), _all_reduce_sum(by_source, device).tolist()):
             metrics[f"val_loss/{name}"] = source_loss / max(targets, 1.0)
     return metrics
-
-
-def load_pretrained(model: GPT, init_from: str) -> None:
-    """Fine-tuning: start from pretrained weights (a full model on this rank)."""
-    from lm.pretrained import load_pretrained_state_dict
-
-    state = load_pretrained_state_dict(init_from, model.cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"trainer.init_from={init_from!r}: weights do not match the model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def pretrained_zero3_model(cfg: TrainConfig, rank: int) -> GPT:
