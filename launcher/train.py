@@ -42,6 +42,7 @@ _NAME_EXCLUDES = {"run", "logging", "cluster.address", "cluster.max_failures", "
 # so a run started before the setting existed still resumes under the same command.
 _NAME_UNCHANGED_AT = {"model.activation": "gelu_tanh", "data.val_path": None, "optim.schedule": "cosine",
                       "data.weights": None, "model.n_kv_head": None, "model.qkv_bias": None,
+                      "data.chat_template": "auto",
                       "model.rope_scaling": dataclasses.asdict(RopeScalingConfig())}
 
 

@@ -1,12 +1,12 @@
-"""Chat fine-tuning data: conversations -> the server's chat template -> ids + loss mask.
+"""Chat fine-tuning data: conversations -> a chat template -> ids + loss mask.
 
 Each JSONL line or Parquet/Arrow row is either
 `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` or
 `{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
-rendered exactly as `lm.chat_template` renders a served request, and tokenized in one piece, as
-the server tokenizes a prompt; the loss mask then marks the tokens that start inside an
-assistant's answer (its content and the closing `<|end|>` that ends the reply), so the model
-learns to answer and to stop, and never to predict the user's words.
+rendered exactly as the server renders a request (`lm.chat_template`: the built-in template, or the
+pretrained model's own) and tokenized in one piece, as the server tokenizes a prompt; the loss mask
+then marks the tokens that start inside an assistant's answer (its content and the marker that ends
+the reply), so the model learns to answer and to stop, and never to predict the user's words.
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lm.chat_template import END, ROLES, render_message
+from lm.chat_template import BUILTIN, ROLES, ChatTemplate
 from lm.records import read_records
-
-GENERATION_HEADER = "<|assistant|>\n"
-
 
 @dataclass
 class BadLine:
@@ -54,38 +51,36 @@ def parse_conversation(record) -> list[dict]:
     raise ValueError('needs "messages", or "prompt" and "completion"')
 
 
-def iter_conversations(files: list[Path], bad: list[BadLine]) -> Iterator[list[dict]]:
+def iter_conversations(files: list[Path], bad: list[BadLine], template: ChatTemplate = BUILTIN
+                       ) -> Iterator[list[dict]]:
     """Each good conversation, in order, from JSONL files (blank lines skipped) or Parquet/Arrow files (a
     row each, with a `messages` column of {role, content} structs, or `prompt` and `completion`); each
-    bad line goes to `bad` instead. Read a record at a time. Raises UnreadableFile for a file that
-    cannot be read at all."""
+    bad line (a conversation the template refuses too) goes to `bad` instead. Read a record at a time.
+    Raises UnreadableFile for a file that cannot be read at all."""
     for path in files:
         for lineno, record in read_records(path):
             try:
                 if isinstance(record, json.JSONDecodeError):
                     raise ValueError("invalid JSON")
                 conversation = parse_conversation(record)
-            except ValueError as error:
+                if not template.is_builtin:
+                    template.answer_spans(conversation)
+            except ValueError as error:  # ChatTemplateError included
                 bad.append(BadLine(path, lineno, str(error)))
                 continue
             yield conversation
 
 
-def render_with_answer_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_answer_spans(messages: list[dict], template: ChatTemplate = BUILTIN
+                             ) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character spans the model is trained to produce."""
-    text, spans = "", []
-    for m in messages:
-        piece = render_message(m["role"], m["content"])
-        if m["role"] == "assistant":
-            start = len(text) + len(GENERATION_HEADER)
-            spans.append((start, start + len(m["content"]) + 1 + len(END)))  # content, "\n", <|end|>
-        text += piece
-    return text, spans
+    return template.answer_spans(messages)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def tokenize_conversation(tokenizer, messages: list[dict], template: ChatTemplate = BUILTIN
+                          ) -> tuple[list[int], list[bool]]:
     """Token ids and, per token, whether it is an answer token (carries loss as a target)."""
-    text, spans = render_with_answer_spans(messages)
+    text, spans = render_with_answer_spans(messages, template)
     ids, starts = tokenizer.encode_with_offsets(text)
     mask = [any(a <= s < b for a, b in spans) for s in starts]
     return ids, mask

@@ -8,7 +8,8 @@ A checkpoint directory holds
     trainer_state.json    step, data position, tokens seen, last metrics, what the hooks keep (the W&B
                           run id) (written by rank 0)
     config.json           the resolved config of the run
-    tokenizer.json        the tokenizer, so the checkpoint is self-contained
+    tokenizer.json        the tokenizer, so the checkpoint is self-contained (and chat_template.json,
+                          where the tokenizer carries a pretrained model's own chat template)
     parts/rank_<r>.json   each rank's manifest: every file of its part and its size
 Every rank writes its own part into its own directory (node-local under Ray, which merges them
 into one directory in storage; shared when the directories are the same).
@@ -33,6 +34,7 @@ import numpy as np
 
 from lm.config import TrainConfig, config_from_dict
 from lm.staging import staged_directory
+from lm.tokenizer import copy_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +59,7 @@ def save_rank_checkpoint(engine, path: str | Path, rank: int, trainer_state: dic
     torch.save(rng, path / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         (path / "config.json").write_text(json.dumps(config, indent=2))
-        shutil.copyfile(tokenizer_path, path / "tokenizer.json")
+        copy_tokenizer(tokenizer_path, path / "tokenizer.json")
         (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
 
 
@@ -224,7 +226,6 @@ def load_consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path):
     """(model in eval mode, tokenizer, config) from a training checkpoint, on the CPU."""
     from lm.model import GPT
-    from lm.tokenizer import load_tokenizer
 
     cfg = load_config(path)
     model = GPT(cfg.model)

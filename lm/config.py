@@ -75,6 +75,9 @@ class DataConfig:
     weights: Optional[list[float]] = None
     cache_dir: str = "outputs/cache"
     max_bad_fraction: float = 0.01  # chat: skip (and report) bad lines; more than this stops the run
+    # chat: auto renders with the pretrained model's own template (trainer.init_from's tokenizer_config.json)
+    # where it has one, else the built-in one; builtin always uses the built-in one (lm/chat_template.py)
+    chat_template: str = "auto"
 
 
 @dataclass
@@ -272,6 +275,7 @@ _CHOICES = {
     "model.rope_scaling.type": ("none", "llama3", "linear"),
     "data.source": ("stdlib", "files", "chat"),
     "data.tokenizer": ("bpe", "char"),
+    "data.chat_template": ("auto", "builtin"),
     "logging.backend": ("wandb", "none"),
     "logging.mode": ("offline", "online"),
     "trainer.precision": ("fp32", "bf16", "fp16", "auto"),

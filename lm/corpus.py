@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from lm.chat_data import BadLine, iter_conversations
+from lm.chat_template import BUILTIN, ChatTemplate
 from lm.config import ConfigError, DataConfig, path_items
 from lm.remote_files import is_uri, mirror
 from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
@@ -112,18 +113,20 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
             yield str(record[text_field])
 
 
-def read_chats(files: list[Path], data: DataConfig, field: str = "data.path") -> list[list[dict]]:
+def read_chats(files: list[Path], data: DataConfig, field: str = "data.path", template: ChatTemplate = BUILTIN
+               ) -> list[list[dict]]:
     """The conversations, in memory (validation files of their own); checked as `check_chats`."""
     bad: list[BadLine] = []
-    conversations = list(chat_conversations(files, bad, field))
+    conversations = list(chat_conversations(files, bad, field, template))
     check_chats(len(conversations), bad, data, field)
     return conversations
 
 
-def chat_conversations(files: list[Path], bad: list[BadLine], field: str = "data.path") -> Iterator[list[dict]]:
+def chat_conversations(files: list[Path], bad: list[BadLine], field: str = "data.path",
+                       template: ChatTemplate = BUILTIN) -> Iterator[list[dict]]:
     """`iter_conversations`, a file that cannot be read at all being a config error naming `field`."""
     try:
-        yield from iter_conversations(files, bad)
+        yield from iter_conversations(files, bad, template)
     except UnreadableFile as error:
         raise ConfigError(f"{field}: {error}") from None
 

@@ -27,7 +27,8 @@ from lm.config import ConfigError, DataConfig, path_items
 from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, iter_documents, read_chats,
                        read_documents, source_files)
 from lm.records import FORMATS
-from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from lm.chat_template import BUILTIN, ChatTemplate, ChatTemplateError
+from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer, with_chat_template
 
 CACHE_FORMAT_VERSION = 1
 
@@ -46,6 +47,8 @@ def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None
     if tokenizer is not None:  # a given tokenizer (a pretrained model's) replaces the trained one
         settings = {"v": CACHE_FORMAT_VERSION, "source": data.source, "val_fraction": data.val_fraction,
                     "tokenizer_json": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
+        if tokenizer.chat_template is not None:  # saved with the cache's tokenizer, which the run serves with
+            settings["chat_template"] = hashlib.sha256(tokenizer.chat_template.to_json().encode()).hexdigest()
     if packed_seq_len:
         settings["packed_seq_len"] = packed_seq_len
     if val_docs is not None:  # data.val_path: val_fraction splits nothing
@@ -267,12 +270,29 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
                  seq_len: int | None = None) -> PreparedData:
     """Return the token cache for this corpus and tokenizer, building it if it does not exist.
     `tokenizer`: use this one (a pretrained model's) instead of training one on the corpus.
-    `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`)."""
+    `seq_len`: the training sequence length, which chat data is packed to (see `_pack_chats`).
+    A given tokenizer's own chat template renders chat data and is kept with the cache, unless
+    data.chat_template=builtin."""
     val_files = corpus_files(data, "data.val_path") if data.val_path else None
     sources = source_files(data) if data.weights else [corpus_files(data)]
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        if data.chat_template == "builtin":
+            tokenizer = with_chat_template(tokenizer, None)
+        else:
+            try:
+                tokenizer.chat_template.check()
+            except ChatTemplateError as error:
+                raise ConfigError(f"data.chat_template={data.chat_template!r} takes the pretrained model's own template, "
+                                  f"which fails on a user/assistant exchange ({error}); allowed: auto, or builtin "
+                                  "to use the built-in template") from None
     if data.source == "chat":
         return _prepare_chats(sources, val_files, data, tokenizer, seq_len)
     return _prepare_text(sources, val_files, data, tokenizer, progress)
+
+
+def chat_template_of(tokenizer: Tokenizer | None) -> ChatTemplate:
+    """The template chat data is rendered with: the tokenizer's own, else the built-in one."""
+    return BUILTIN if tokenizer is None or tokenizer.chat_template is None else tokenizer.chat_template
 
 
 def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data: DataConfig,
@@ -325,15 +345,15 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
 class _ChatFiles:
     """The good conversations of chat files, read afresh on each pass; `bad` holds the last pass's bad lines."""
 
-    def __init__(self, files: list[Path]):
-        self.files, self.bad = files, []
+    def __init__(self, files: list[Path], template: ChatTemplate):
+        self.files, self.template, self.bad = files, template, []
 
     def conversations(self) -> Iterator[list[dict]]:
         self.bad = []
-        return chat_conversations(self.files, self.bad)
+        return chat_conversations(self.files, self.bad, template=self.template)
 
     def rendered(self) -> Iterator[str]:
-        return (render_with_answer_spans(c)[0] for c in self.conversations())
+        return (render_with_answer_spans(c, self.template)[0] for c in self.conversations())
 
 
 def _prepare_chats(sources: list[list[Path]], val_files: list[Path] | None, data: DataConfig,
@@ -344,9 +364,10 @@ def _prepare_chats(sources: list[list[Path]], val_files: list[Path] | None, data
     A mixture (data.weights) packs each source's splits on their own, one source after another."""
     if not seq_len:
         raise ValueError("chat data is packed to the training sequence length: pass seq_len")
-    val_chats = read_chats(val_files, data, "data.val_path") if val_files else None
-    val_docs = [render_with_answer_spans(c)[0] for c in val_chats] if val_chats else None
-    chats = [_ChatFiles(files) for files in sources]
+    template = chat_template_of(tokenizer)
+    val_chats = read_chats(val_files, data, "data.val_path", template) if val_files else None
+    val_docs = [render_with_answer_spans(c, template)[0] for c in val_chats] if val_chats else None
+    chats = [_ChatFiles(files, template) for files in sources]
     corpus = _CorpusIndex([source.rendered for source in chats])
     key = cache_key(corpus.scan(), data, tokenizer, seq_len, val_docs)
     check_chats(len(corpus), [line for source in chats for line in source.bad], data)
@@ -366,9 +387,10 @@ def _prepare_chats(sources: list[list[Path]], val_files: list[Path] | None, data
                                         data.vocab_size)
         dtype, meta = _cache_header(staging, tokenizer, data, len(corpus), key)
         conversations = itertools.chain.from_iterable(source.conversations() for source in chats)
-        stream = _tokenize_chats(tokenizer, conversations, len(corpus), dtype, staging / "stream")
+        stream = _tokenize_chats(tokenizer, template, conversations, len(corpus), dtype, staging / "stream")
         if val_chats:  # all of data.path trains, in file order; validation is the val files'
-            val_stream = _tokenize_chats(tokenizer, iter(val_chats), len(val_chats), dtype, staging / "val_stream")
+            val_stream = _tokenize_chats(tokenizer, template, iter(val_chats), len(val_chats), dtype,
+                                         staging / "val_stream")
             parts = {"train": [(stream, np.arange(start, end)) for start, end in corpus.source_ranges()],
                      "val": [(val_stream, np.arange(len(val_chats)))]}
         else:  # whole conversations, the same ones on every build (content order), each source's own
@@ -409,15 +431,19 @@ def chat_val_count(conversations: int, val_fraction: float) -> int:
     return min(max(round(conversations * val_fraction), 1), conversations - 1)
 
 
-def chat_splits(chats: list[list[dict]], val_fraction: float) -> dict[str, list[list[dict]]]:
+def chat_splits(chats: list[list[dict]], val_fraction: float, template: ChatTemplate = BUILTIN
+                ) -> dict[str, list[list[dict]]]:
     """{"train": ..., "val": ...}: the conversations each split of a data=chat cache holds, in memory."""
-    ordered = sorted(chats, key=lambda c: hashlib.md5(render_with_answer_spans(c)[0].encode("utf-8")).digest())
+    def content_key(chat: list[dict]) -> bytes:
+        return hashlib.md5(render_with_answer_spans(chat, template)[0].encode("utf-8")).digest()
+
+    ordered = sorted(chats, key=content_key)
     n_val = chat_val_count(len(chats), val_fraction)
     return {"train": ordered[:-n_val], "val": ordered[-n_val:]}
 
 
-def _tokenize_chats(tokenizer: Tokenizer, conversations: Iterator[list[dict]], count: int, dtype,
-                    path: Path) -> TokenStream:
+def _tokenize_chats(tokenizer: Tokenizer, template: ChatTemplate, conversations: Iterator[list[dict]], count: int,
+                    dtype, path: Path) -> TokenStream:
     """Each conversation's ids (to <path>.bin) and answer mask (to <path>_mask.bin, 1 byte a token), one
     after another; the stream's `mask` holds the latter."""
     offsets = np.zeros(count + 1, dtype=np.int64)
@@ -426,7 +452,7 @@ def _tokenize_chats(tokenizer: Tokenizer, conversations: Iterator[list[dict]], c
         for messages in conversations:
             if done == count:
                 break
-            ids, mask = tokenize_conversation(tokenizer, messages)
+            ids, mask = tokenize_conversation(tokenizer, messages, template)
             np.asarray(ids, dtype=dtype).tofile(ids_out)
             np.asarray(mask, dtype=np.uint8).tofile(mask_out)
             offsets[done + 1] = offsets[done] + len(ids)

@@ -4,7 +4,7 @@ against the fp32 model's validation perplexity, written atomically.
 An export directory holds
     model.safetensors   our parameter names, in the export precision (int8: weight + weight_scale)
     config.json         the model config (ours), and the precision
-    tokenizer.json      the run's tokenizer
+    tokenizer.json      the run's tokenizer (chat_template.json beside it: a pretrained model's own template)
     export.json         precision, source checkpoint, step, perplexity before/after
     hf/                 the same weights in Hugging Face layout (config.json, model.safetensors,
                         tokenizer.json, and for BPE tokenizer_config.json with the chat template)
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from lm.shard_loader import TokenShardLoader
 from lm.hf_format import hf_config, hf_tokenizer_config, to_hf_state_dict
 from lm.model import GPT
 from lm.staging import staged_directory
-from lm.tokenizer import ByteBPETokenizer, load_tokenizer
+from lm.tokenizer import ByteBPETokenizer, copy_tokenizer, load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "int8")
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "export.json")
@@ -154,14 +153,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         save_file(stored, str(staging / "model.safetensors"), metadata={"precision": precision})
         config = {"model": dataclasses.asdict(cfg), "precision": precision}
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        shutil.copyfile(checkpoint / "tokenizer.json", staging / "tokenizer.json")
+        copy_tokenizer(checkpoint / "tokenizer.json", staging / "tokenizer.json")
         hf_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         hf_state = {k: v.to(hf_dtype) for k, v in to_hf_state_dict(exported.float().state_dict(), cfg).items()}
         save_file(hf_state, str(staging / "hf" / "model.safetensors"), metadata={"format": "pt"})
         hf = hf_config(cfg, getattr(tokenizer, "eot_id", None))
         hf["torch_dtype"] = "float32" if precision == "fp32" else "bfloat16"
         (staging / "hf" / "config.json").write_text(json.dumps(hf, indent=2))
-        shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")
+        copy_tokenizer(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")
         if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete

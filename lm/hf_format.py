@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lm.chat_template import JINJA_TEMPLATE
+from lm.chat_template import BUILTIN
 from lm.config import ModelConfig, RopeScalingConfig, has_qkv_bias, kv_heads, mlp_hidden_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
@@ -27,11 +27,13 @@ FROM_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"
 def hf_tokenizer_config(tokenizer, cfg: ModelConfig) -> dict:
     """tokenizer_config.json: with it `AutoTokenizer` loads tokenizer.json as a fast tokenizer that
     knows its end-of-text token, context and chat template (`apply_chat_template`; vLLM's chat API
-    needs one), so a fine-tuned model is prompted as our server prompts it."""
+    needs one), so a fine-tuned model is prompted as our server prompts it: with the pretrained model's
+    own template and special tokens where it brought them, else ours."""
     eot = None if tokenizer.eot_id is None else tokenizer.decode([tokenizer.eot_id])
+    template = tokenizer.chat_template or BUILTIN
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
             "bos_token": eot, "eos_token": eot, "clean_up_tokenization_spaces": False,
-            "chat_template": JINJA_TEMPLATE}
+            **template.special_tokens, "chat_template": template.source}
 
 
 def hf_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:

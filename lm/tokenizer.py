@@ -1,5 +1,6 @@
 """Tokenizers trained on the user's own corpus, saved as one `tokenizer.json` that travels with
-every checkpoint and export.
+every checkpoint and export (with `chat_template.json` beside it where the tokenizer came from a
+pretrained model with a chat template of its own: see lm.chat_template).
 
 - `ByteBPETokenizer`: byte-level BPE (GPT-2 style) from Hugging Face `tokenizers`; any unicode
   text round-trips because every byte has an id.
@@ -8,16 +9,21 @@ every checkpoint and export.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from lm.chat_template import FILE as CHAT_TEMPLATE_FILE, ChatTemplate, hf_chat_template
 
 END_OF_TEXT = "<|endoftext|>"
 
 
 class ByteBPETokenizer:
-    def __init__(self, hf_tokenizer, eos_token_id: int | list | None = None):
+    def __init__(self, hf_tokenizer, eos_token_id: int | list | None = None, chat_template: ChatTemplate | None = None):
         self._tok = hf_tokenizer
+        self.chat_template = chat_template  # a pretrained model's own; None: the built-in one
         # Ours and GPT-2's end-of-text is <|endoftext|>; Llama's are named otherwise. A model config's
         # eos_token_id is the fallback (an int or a list), if the tokenizer has that id.
         named = (hf_tokenizer.token_to_id(t) for t in (END_OF_TEXT, "</s>", "<|end_of_text|>"))
@@ -63,6 +69,7 @@ class ByteBPETokenizer:
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+        _save_chat_template(self.chat_template, path)
 
     def to_json(self) -> str:
         return self._tok.to_str()
@@ -73,6 +80,7 @@ class CharTokenizer:
         self.chars = chars
         self._ids = {c: i for i, c in enumerate(chars)}
         self.eot_id: int | None = None
+        self.chat_template: ChatTemplate | None = None  # always the built-in one
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -102,12 +110,36 @@ class CharTokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+        _save_chat_template(None, path)
 
     def to_json(self) -> str:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
 
 Tokenizer = ByteBPETokenizer | CharTokenizer
+
+
+def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate | None) -> Tokenizer:
+    """The same tokenizer carrying another chat template (None: the built-in one)."""
+    changed = copy.copy(tokenizer)
+    changed.chat_template = template
+    return changed
+
+
+def _save_chat_template(template: ChatTemplate | None, tokenizer_path: str | Path) -> None:
+    beside = Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE)
+    if template is not None:
+        beside.write_text(template.to_json())
+    else:
+        beside.unlink(missing_ok=True)
+
+
+def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
+    """Copy a saved tokenizer file and the chat template saved beside it, if any."""
+    shutil.copyfile(source, destination)
+    template = Path(source).with_name(CHAT_TEMPLATE_FILE)
+    if template.exists():
+        shutil.copyfile(template, Path(destination).with_name(CHAT_TEMPLATE_FILE))
 
 
 def document_start(tokenizer: Tokenizer) -> list[int]:
@@ -128,13 +160,14 @@ def hf_directory_tokenizer(directory: str | Path, eos_token_id: int | list | Non
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
     directory = Path(directory)
+    template = hf_chat_template(directory)
     if (directory / "tokenizer.json").exists():
-        return ByteBPETokenizer(HFTokenizer.from_file(str(directory / "tokenizer.json")), eos_token_id)
+        return ByteBPETokenizer(HFTokenizer.from_file(str(directory / "tokenizer.json")), eos_token_id, template)
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         tok = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return ByteBPETokenizer(tok, eos_token_id)
+        return ByteBPETokenizer(tok, eos_token_id, template)
     raise FileNotFoundError("no tokenizer: the directory needs tokenizer.json (or vocab.json and merges.txt)")
 
 
@@ -144,4 +177,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return CharTokenizer(data["chars"])
     from tokenizers import Tokenizer as HFTokenizer
 
-    return ByteBPETokenizer(HFTokenizer.from_file(str(path)))
+    beside = Path(path).with_name(CHAT_TEMPLATE_FILE)
+    template = ChatTemplate.from_json(beside.read_text()) if beside.exists() else None
+    return ByteBPETokenizer(HFTokenizer.from_file(str(path)), chat_template=template)
