@@ -3,6 +3,7 @@
     python -m launcher.generate <export dir | training checkpoint dir> --prompt "def main(" --max-tokens 64
     python -m launcher.generate outputs/runs/<run> --num-samples 3 --temperature 0.8 --top-k 50 --seed 1
     python -m launcher.generate ~/models/SmolLM2-135M --prompt "The capital of France"   # before fine-tuning
+    python -m launcher.generate ~/models/Qwen2.5-0.5B-Instruct --chat "Capital of France?"  # its chat template
 
 A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
 an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first. A local
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
                                      "or a local Hugging Face model directory")
-    parser.add_argument("--prompt", default="")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue")
+    prompt.add_argument("--chat", help="a user message: prints the model's reply, prompted with its chat template "
+                                       "(a pretrained model's own, else the built-in one)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -76,26 +80,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from lm.chat_template import BUILTIN, ChatTemplateError
     from lm.config import ConfigError
     from lm.engine import Engine, RequestError, SamplingParams
     from lm.tokenizer import document_start
 
     try:
         model, tokenizer, source = load(args.path)
-        prompt = args.prompt or document_start(tokenizer)
+        prompt, stop = args.prompt or document_start(tokenizer), []
+        if args.chat is not None:
+            template = tokenizer.chat_template or BUILTIN
+            prompt, stop = template.render([{"role": "user", "content": args.chat}]), [template.end_of_turn]
         # Caches as long as this prompt and answer need, not the model's whole context (131,072 for Llama 3.2).
         needed = len(tokenizer.encode(prompt)) + args.max_tokens
         fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed + i) for i in range(args.num_samples)]
+                                 top_p=args.top_p, seed=args.seed + i, stop=stop) for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)
-    except (FileNotFoundError, RequestError, ConfigError) as error:
+    except (FileNotFoundError, RequestError, ConfigError, ChatTemplateError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {source}", file=sys.stderr)
     for seq in samples:
-        print(f"{args.prompt}{seq.text}\n{'-' * 60}")
+        print(f"{'' if args.chat is not None else args.prompt}{seq.text}\n{'-' * 60}")
 
 
 if __name__ == "__main__":

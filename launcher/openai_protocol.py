@@ -9,11 +9,10 @@ import time
 import uuid
 from dataclasses import replace
 
-from lm.chat_template import END, ROLES, render_chat
+from lm.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from lm.engine import MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 1_000_000
-CHAT_STOP = [END]  # a chat reply ends where the template ends a message
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
 
 
@@ -58,9 +57,10 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def sampling_params(body: dict, context: int, chat: bool = False) -> SamplingParams:
-    """Completions default to 16 tokens, as OpenAI's do; chat replies to as many as the context holds
-    (OpenAI's chat default), with `max_completion_tokens` (its newer name) before `max_tokens`."""
+def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None) -> SamplingParams:
+    """Completions default to 16 tokens, as OpenAI's do; chat replies (`chat`: the model's template) to
+    as many as the context holds (OpenAI's chat default), with `max_completion_tokens` (its newer name)
+    before `max_tokens`, and end where the template ends a reply."""
     length = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, length, None if chat else 16, int)
     temperature = float(_number(body, "temperature", 1.0))
@@ -82,7 +82,8 @@ def sampling_params(body: dict, context: int, chat: bool = False) -> SamplingPar
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          stop=stop + (CHAT_STOP if chat else []), seed=seed, **penalties)
+                          stop=stop + ([chat.end_of_turn] if chat and chat.end_of_turn else []), seed=seed,
+                          **penalties)
 
 
 def choice_count(body: dict, prompts: int = 1) -> int:
@@ -155,11 +156,14 @@ def _token_ids(value) -> bool:
                                                            for i in value)
 
 
-def chat_prompt(body: dict, add_generation_prompt: bool = True) -> str:
+def chat_prompt(body: dict, template: ChatTemplate, add_generation_prompt: bool = True) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    return render_chat([_chat_message(i, m) for i, m in enumerate(messages)], add_generation_prompt)
+    try:
+        return template.render([_chat_message(i, m) for i, m in enumerate(messages)], add_generation_prompt)
+    except ChatTemplateError as error:  # e.g. a model's template that wants user and assistant to alternate
+        raise APIError(400, f"'messages': {error}", "messages") from None
 
 
 def _chat_message(i: int, message) -> dict:
@@ -177,10 +181,10 @@ def _chat_message(i: int, message) -> dict:
     return {"role": role, "content": content}
 
 
-def tokenize_text(body: dict) -> str:
+def tokenize_text(body: dict, template: ChatTemplate) -> str:
     """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template."""
     if "messages" in body:
-        return chat_prompt(body, _flag(body, "add_generation_prompt", True))
+        return chat_prompt(body, template, _flag(body, "add_generation_prompt", True))
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")

@@ -22,6 +22,7 @@ from launcher.openai_protocol import (APIError, chat_prompt, check_model, choice
                                       parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
                                       wants_stream_usage)
 from launcher.serve_model import LanguageModel
+from lm.chat_template import BUILTIN, ChatTemplate
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -37,7 +38,8 @@ async def api_error(request: Request, error: APIError) -> JSONResponse:
 class OpenAIServer:
     def __init__(self, model, model_name: str, api_key: str | None):
         self.model, self.model_name, self.api_key = model, model_name, api_key
-        self.context: int | None = None
+        self.model_info: dict | None = None
+        self.chat_template = None
         self.vocab_size: int | None = None
 
     def _authorize(self, request: Request) -> None:
@@ -69,9 +71,17 @@ class OpenAIServer:
 
     async def _context(self) -> int:
         """The replicas' context (serve.max_model_len, or the model's), asked once."""
-        if self.context is None:
-            self.context = (await self.model.info.remote())["context"]
-        return self.context
+        if self.model_info is None:
+            self.model_info = await self.model.info.remote()
+        return self.model_info["context"]
+
+    async def _chat_template(self) -> ChatTemplate:
+        """The model's chat template (the one it was fine-tuned with), asked once."""
+        if self.chat_template is None:
+            await self._context()
+            saved = self.model_info["chat_template"]
+            self.chat_template = BUILTIN if saved is None else ChatTemplate.from_json(saved)
+        return self.chat_template
 
     # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model looks for: with
     # them it tokenizes on the server and needs no local copy of the tokenizer.
@@ -83,7 +93,7 @@ class OpenAIServer:
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
         self._authorize(request)
-        text = tokenize_text(parse_body(await request.body()))
+        text = tokenize_text(parse_body(await request.body()), await self._chat_template())
         try:
             tokens = await self.model.tokenize.remote(text)
         except ValueError as error:  # a character outside a character-level vocabulary
@@ -114,8 +124,9 @@ class OpenAIServer:
         self._authorize(request)
         body = parse_body(await request.body())
         check_model(body, self.model_name)
-        prompts = [chat_prompt(body)] if chat else completion_prompts(body)
-        params = replace(sampling_params(body, await self._context(), chat), logprobs=logprobs_count(body, chat))
+        template = await self._chat_template() if chat else None
+        prompts = [chat_prompt(body, template)] if chat else completion_prompts(body)
+        params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat))
         echo = not chat and echoes(body)
         n = choice_count(body, len(prompts))
         usage = bool(body.get("stream")) and wants_stream_usage(body)

@@ -55,27 +55,31 @@ class LanguageModel:
         # streams each one's interval grows so that together they send about stream_events_per_s.
         self.stream_interval = stream_interval_ms / 1000
         self.stream_events_per_s = stream_events_per_s
-        self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir}
+        template = tokenizer.chat_template
+        self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir,
+                      "chat_template": None if template is None else template.to_json()}
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
 
     def info(self) -> dict:
-        """The model's context and precision, and this replica's load: sequences decoding and waiting
-        for a slot, and how many requests were abandoned by their clients mid-decode."""
+        """The model's context, precision and chat template (None: the built-in one), and this replica's
+        load: sequences decoding and waiting for a slot, and how many requests were abandoned by their
+        clients mid-decode."""
         return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),
                 "abandoned": self.abandoned}
 
     def tokenizer_info(self) -> dict:
         """What vLLM's /tokenizer_info tells clients that tokenize on the server (lm-evaluation-harness)."""
-        from lm.chat_template import JINJA_TEMPLATE
+        from lm.chat_template import BUILTIN
 
         tokenizer = self.engine.tokenizer
         eot = getattr(tokenizer, "eot_id", None)
+        template = tokenizer.chat_template or BUILTIN
         return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                 "model_max_length": self.engine.context, "eos_token": None if eot is None else tokenizer.decode([eot]),
-                "bos_token": None, "pad_token": None, "chat_template": JINJA_TEMPLATE}
+                "bos_token": None, "pad_token": None, **template.special_tokens, "chat_template": template.source}
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
