@@ -137,6 +137,33 @@ def test_generate_and_evaluate_take_a_hugging_face_directory(hf_dirs, corpus_fil
                                                "supported: gpt2, llama, mistral or qwen2")
 
 
+def test_generate_chats_with_the_models_own_template(hf_dirs, tmp_path, capsys):
+    """`--chat`: the reply transformers' greedy decoding gives to its own `apply_chat_template` prompt."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from launcher.generate import main as generate
+
+    root, models = hf_dirs
+    directory = tmp_path / "qwen2-instruct"
+    shutil.copytree(root / "qwen2", directory)
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fits the 64 positions
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                 "chat_template": chatml}))
+    generate([str(directory), "--chat", "Capital of Foo?", "--max-tokens", "8", "--temperature", "0"])
+    reply = capsys.readouterr().out.split("-" * 60)[0].rstrip("\n")
+    theirs = AutoTokenizer.from_pretrained(directory)
+    text = theirs.apply_chat_template([{"role": "user", "content": "Capital of Foo?"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    prompt = theirs.encode(text, add_special_tokens=False)
+    expected = models["qwen2"].generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                        eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert reply == theirs.decode(expected.tolist()).split("<|im_end|>")[0]
+
+
 def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage):
     from lm.export import export_checkpoint, load_export
     from lm.pretrained import inspect_pretrained

@@ -1,6 +1,7 @@
-"""The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from one of our
-exports on a made-up Q/A chat set (2 Ray workers, ZeRO-3), `launcher.export`'s entry point to int8, and the
-answers served through `/v1/chat/completions` with the chat template the model was tuned on."""
+"""The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from a Hugging Face
+directory with a chat template of its own (ChatML, as Qwen's) on a made-up Q/A chat set (2 Ray workers,
+ZeRO-3), `launcher.export`'s entry point to int8, and the answers served through `/v1/chat/completions`
+with the template the model was tuned on, which the export hands on to transformers."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port
+from test_chat_template import CHATML
 from test_finetune import qa_pairs, write_chats
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,8 @@ def answer_accuracy(model, tokenizer, pairs) -> float:
     correct = total = 0
     for question, answer in pairs:
         ids, mask = tokenize_conversation(tokenizer, [{"role": "user", "content": question},
-                                                      {"role": "assistant", "content": answer}])
+                                                      {"role": "assistant", "content": answer}],
+                                          tokenizer.chat_template)
         with torch.no_grad():
             logits, _ = model(torch.tensor([ids[:-1]]))
         predicted, targets, counted = logits[0].argmax(-1), torch.tensor(ids[1:]), torch.tensor(mask[1:])
@@ -51,14 +54,29 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     from lm.data import chat_splits
     from lm.export import export_checkpoint, load_export
 
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
     root, checkpoints, prepared = trained
-    pretrained = tmp_path / "pretrained"
-    export_checkpoint(checkpoints["gpt2-trained"], pretrained, "fp32", prepared.tokens("val"))
+    export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "export", "fp32", prepared.tokens("val"))
+    # The export's Hugging Face copy, given ChatML as a pretrained model's own template, its markers
+    # special tokens, the embedding resized for them (as a model is prepared for ChatML with transformers).
+    pretrained = tmp_path / "export" / "hf"
+    tokenizer = HFTokenizer.from_file(str(pretrained / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(pretrained / "tokenizer.json"))
+    hf_model = GPT2LMHeadModel.from_pretrained(pretrained)
+    hf_model.resize_token_embeddings(tokenizer.get_vocab_size(), pad_to_multiple_of=64)
+    hf_model.save_pretrained(pretrained)
+    config = json.loads((pretrained / "tokenizer_config.json").read_text())
+    (pretrained / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML,
+                                                                  "eos_token": "<|im_end|>"}))
     pairs = qa_pairs(40)
     write_chats(tmp_path / "qa.jsonl", pairs)
     storage = tmp_path / "runs"
+    # data.block_size=80: rows of two conversations (~37 tokens each with ChatML's default system prompt)
     run_module("launcher.train", "experiment=finetune", f"trainer.init_from={pretrained}", "data=chat",
-               f"data.path={tmp_path / 'qa.jsonl'}", "deepspeed=zero3", "cluster.num_workers=2", "data.block_size=64",
+               f"data.path={tmp_path / 'qa.jsonl'}", "deepspeed=zero3", "cluster.num_workers=2", "data.block_size=80",
                "data.val_fraction=0.05", "trainer.max_steps=200", "trainer.micro_batch_size=4", "trainer.eval_every=100",
                "trainer.ckpt_every=200", "optim.lr=3e-3", "trainer.sample_tokens=0", "run.name=qa",
                f"run.storage={storage}", f"logging.dir={tmp_path / 'wandb'}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -72,8 +90,14 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     export_dir = export_run(ExportAppConfig(run=RunConfig(name="qa", storage=str(storage)),
                                             export=ExportConfig(precision="int8")))
     model, tokenizer, _, _ = load_export(export_dir)
-    conversations = list(iter_conversations([tmp_path / "qa.jsonl"], []))
-    trained_on = chat_splits(conversations, 0.05)["train"]  # 38 of 40; the other 2 are the val split
+    template = tokenizer.chat_template
+    assert template.source == CHATML and template.end_of_turn == "<|im_end|>"
+    # transformers prompts the exported model as it was tuned
+    question = [{"role": "user", "content": "What is the capital of Foo?"}]
+    assert AutoTokenizer.from_pretrained(os.path.join(export_dir, "hf")).apply_chat_template(
+        question, tokenize=False, add_generation_prompt=True) == template.render(question)
+    conversations = list(iter_conversations([tmp_path / "qa.jsonl"], [], template))
+    trained_on = chat_splits(conversations, 0.05, template)["train"]  # 38 of 40; the other 2 are the val split
     train_pairs = [(c[0]["content"], c[1]["content"]) for c in trained_on]
     assert len(train_pairs) == 38
     assert answer_accuracy(model, tokenizer, train_pairs) >= 0.95
