@@ -87,12 +87,15 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model, tokenizer, source = load(args.path)
-        prompt, stop = args.prompt or document_start(tokenizer), []
+        # Token ids: a text prompt as `tokenizer(prompt)` encodes it (a Llama tokenizer's BOS first), a chat
+        # template's text as it is (the template writes BOS itself).
+        prompt, stop = tokenizer.encode(args.prompt, add_special_tokens=True) or document_start(tokenizer), []
         if args.chat is not None:
             template = tokenizer.chat_template or BUILTIN
-            prompt, stop = template.render([{"role": "user", "content": args.chat}]), [template.end_of_turn]
+            prompt = tokenizer.encode(template.render([{"role": "user", "content": args.chat}]))
+            stop = [template.end_of_turn]
         # Caches as long as this prompt and answer need, not the model's whole context (131,072 for Llama 3.2).
-        needed = len(tokenizer.encode(prompt)) + args.max_tokens
+        needed = len(prompt) + args.max_tokens
         fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -181,14 +181,21 @@ def _chat_message(i: int, message) -> dict:
     return {"role": role, "content": content}
 
 
-def tokenize_text(body: dict, template: ChatTemplate) -> str:
-    """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template."""
+def tokenize_text(body: dict, template: ChatTemplate) -> tuple[str, bool]:
+    """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template; and whether
+    the tokenizer's special tokens are added to it (`adds_special_tokens`)."""
     if "messages" in body:
-        return chat_prompt(body, template, _flag(body, "add_generation_prompt", True))
+        return chat_prompt(body, template, _flag(body, "add_generation_prompt", True)), adds_special_tokens(body, True)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")
-    return prompt
+    return prompt, adds_special_tokens(body, False)
+
+
+def adds_special_tokens(body: dict, chat: bool) -> bool:
+    """vLLM's `add_special_tokens`: a completion's text prompt is encoded as `tokenizer(prompt)` is (a
+    Llama tokenizer's BOS first); a chat prompt is not, its template having written them."""
+    return _flag(body, "add_special_tokens", not chat)
 
 
 def check_model(body: dict, model_name: str) -> None:

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from launcher.openai_protocol import (APIError, chat_prompt, check_model, choice_count, choice_params,
+from launcher.openai_protocol import (APIError, adds_special_tokens, chat_prompt, check_model, choice_count, choice_params,
                                       completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
                                       parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
                                       wants_stream_usage)
@@ -93,9 +93,9 @@ class OpenAIServer:
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
         self._authorize(request)
-        text = tokenize_text(parse_body(await request.body()), await self._chat_template())
+        text, add_special_tokens = tokenize_text(parse_body(await request.body()), await self._chat_template())
         try:
-            tokens = await self.model.tokenize.remote(text)
+            tokens = await self.model.tokenize.remote(text, add_special_tokens)
         except ValueError as error:  # a character outside a character-level vocabulary
             raise APIError(400, f"prompt: {error}", "prompt") from None
         return {"tokens": tokens, "count": len(tokens), "max_model_len": await self._context()}
@@ -128,11 +128,13 @@ class OpenAIServer:
         prompts = [chat_prompt(body, template)] if chat else completion_prompts(body)
         params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat))
         echo = not chat and echoes(body)
+        add_special_tokens = adds_special_tokens(body, chat)
         n = choice_count(body, len(prompts))
         usage = bool(body.get("stream")) and wants_stream_usage(body)
         # One sequence per choice, n per prompt (choice index = prompt index x n + i), all decoded
         # in the same batch.
-        choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo)
+        choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo,
+                                                                   add_special_tokens)
                    .__aiter__() for prompt in prompts for i in range(n)]
         firsts = [await events.__anext__() for events in choices]
         for first in firsts:

@@ -81,8 +81,8 @@ class LanguageModel:
                 "model_max_length": self.engine.context, "eos_token": None if eot is None else tokenizer.decode([eot]),
                 "bos_token": None, "pad_token": None, **template.special_tokens, "chat_template": template.source}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenizer.encode(text)
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.engine.tokenizer.decode(ids)
@@ -134,14 +134,14 @@ class LanguageModel:
         return {"token": decode([token]), "logprob": logprob.logprob,
                 "top": [(decode([alternative]), value) for alternative, value in logprob.top]}
 
-    async def generate(self, prompt, params, echo: bool = False):
+    async def generate(self, prompt, params, echo: bool = False, add_special_tokens: bool = True):
         """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
         or one {"error", "param"} for a request the engine cannot serve. With `echo` the first delta
         is the prompt; with params.logprobs each delta carries its tokens' "logprobs"."""
         from lm.engine import RequestError
 
         try:
-            seq = self.engine.submit(prompt, params)
+            seq = self.engine.submit(prompt, params, add_special_tokens)
         except RequestError as error:
             yield {"error": str(error), "param": error.field}
             return

@@ -49,6 +49,8 @@ def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None
                     "tokenizer_json": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
         if tokenizer.chat_template is not None:  # saved with the cache's tokenizer, which the run serves with
             settings["chat_template"] = hashlib.sha256(tokenizer.chat_template.to_json().encode()).hexdigest()
+        if bos := tokenizer.encode("", add_special_tokens=True):  # documents start with it
+            settings["document_start"] = bos
     if packed_seq_len:
         settings["packed_seq_len"] = packed_seq_len
     if val_docs is not None:  # data.val_path: val_fraction splits nothing
@@ -233,9 +235,11 @@ def write_tokens(tokenizer: Tokenizer, docs: Iterable[str], path: Path, dtype, m
 
 
 def _document_ids(tokenizer: Tokenizer, batch: list[str]) -> Iterator[list[int]]:
-    """Each document's ids, then end-of-text where the tokenizer has one."""
-    for ids in tokenizer.encode_batch(batch):
-        yield ids + [tokenizer.eot_id] if tokenizer.eot_id is not None else ids
+    """Each document's ids as the tokenizer encodes a text (after BOS, for a Llama tokenizer that adds
+    one, as the model was pretrained), then end-of-text where the tokenizer has one."""
+    for ids in tokenizer.encode_batch(batch, add_special_tokens=True):
+        closed = tokenizer.eot_id is None or (ids and ids[-1] == tokenizer.eot_id)
+        yield ids if closed else ids + [tokenizer.eot_id]
 
 
 def _batches(docs: Iterable[str], max_docs: int = 256, max_chars: int = 16_000_000) -> Iterator[list[str]]:

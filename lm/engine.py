@@ -170,8 +170,11 @@ class Engine:
             if not -2 <= getattr(params, name) <= 2:
                 raise RequestError(name, "must be between -2 and 2")
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def submit(self, prompt: str | list[int], params: SamplingParams, add_special_tokens: bool = True) -> Sequence:
+        """A text prompt is encoded as transformers' `tokenizer(prompt)` would (BOS first, for a Llama
+        tokenizer), unless add_special_tokens=False (a chat template's text, which holds them already)."""
+        prompt_ids = (self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str)
+                      else list(prompt))
         self.validate(prompt_ids, params)
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.context - len(prompt_ids))

@@ -52,17 +52,19 @@ class ByteBPETokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    # add_special_tokens=False: a Hugging Face tokenizer (Llama's) may add BOS to every encode.
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    # add_special_tokens, as in transformers: True adds what the tokenizer puts around a text (Llama's and
+    # Mistral's BOS; nothing for GPT-2's, Qwen's or ours) to a document or a completion prompt; False
+    # for text that holds them already (a chat template writes BOS itself) or pieces of a text.
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """Ids and the character offset where each token starts (to map text spans to tokens)."""
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, [start for start, _ in encoding.offsets]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -93,7 +95,7 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:  # (no special tokens)
         try:
             return [self._ids[c] for c in text]
         except KeyError as e:
@@ -102,7 +104,7 @@ class CharTokenizer:
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         return self.encode(text), list(range(len(text)))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -143,7 +145,10 @@ def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
 
 
 def document_start(tokenizer: Tokenizer) -> list[int]:
-    """Ids that begin a new document: end-of-text for BPE, a newline (or id 0) for characters."""
+    """Ids that begin a new document: the tokenizer's BOS where it adds one (Llama's), else end-of-text
+    for BPE, a newline (or id 0) for characters."""
+    if bos := [i for i in tokenizer.encode("", add_special_tokens=True) if i != tokenizer.eot_id]:
+        return bos
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
     return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]

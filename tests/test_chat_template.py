@@ -202,7 +202,9 @@ def test_hugging_face_export_carries_the_template(hf_tokenizer_dirs):
 
 
 def test_server_renders_and_stops_with_the_models_template(hf_tokenizer_dirs):
-    from launcher.openai_protocol import APIError, chat_prompt, sampling_params
+    """Chat prompts are the model's template's text, replies stop at its end-of-turn marker, and the
+    tokenizer's BOS is added to completion prompts only."""
+    from launcher.openai_protocol import APIError, adds_special_tokens, chat_prompt, sampling_params, tokenize_text
 
     chatml, mistral = (hf_chat_template(hf_tokenizer_dirs[name]) for name in ("chatml", "mistral"))
     body = {"messages": [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
@@ -211,6 +213,12 @@ def test_server_renders_and_stops_with_the_models_template(hf_tokenizer_dirs):
                                          "<|im_start|>assistant\n")
     assert sampling_params(body, 64, chatml).stop == ["###", "<|im_end|>"]
     assert sampling_params(body, 64).stop == ["###"]  # completions: the caller's stops only
+    # vLLM's add_special_tokens: a chat prompt holds what the template wrote (a Llama template's BOS), a
+    # completion prompt is encoded as tokenizer(prompt) is
+    assert not adds_special_tokens(body, chat=True) and adds_special_tokens({"prompt": "x"}, chat=False)
+    assert not adds_special_tokens({"prompt": "x", "add_special_tokens": False}, chat=False)
+    assert tokenize_text(body, chatml) == (chat_prompt(body, chatml), False)
+    assert tokenize_text({"prompt": "x"}, chatml) == ("x", True)
     with pytest.raises(APIError) as refused:
         chat_prompt(body, mistral)
     assert refused.value.status == 400 and refused.value.param == "messages"

@@ -27,10 +27,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 0):
-    """A Hugging Face model built from a config (random weights, no download), saved with its tokenizer."""
+    """A Hugging Face model built from a config (random weights, no download), saved with its tokenizer;
+    llama3-style's adds BOS to a text, as Llama 3's does (a special token in a row past the others)."""
     import transformers
 
     torch.manual_seed(seed)
+    if kind == "llama3-style":
+        tokenizer = with_bos(tokenizer, "<|begin_of_text|>")
+        vocab_size += 64
     if kind.startswith("gpt2"):
         config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                          eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id,
@@ -64,6 +68,18 @@ def save_hf_model(kind: str, directory, tokenizer, vocab_size: int, seed: int = 
     model.save_pretrained(directory, max_shard_size="100KB" if kind == "llama3-style" else "5GB")
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     return model.eval()
+
+
+def with_bos(tokenizer, bos: str):
+    """A copy of a BPE tokenizer that puts `bos` before every text it encodes with special tokens."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+
+    from lm.tokenizer import ByteBPETokenizer
+
+    copy = HFTokenizer.from_str(tokenizer.to_json())
+    copy.add_special_tokens([bos])
+    copy.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, copy.token_to_id(bos))])
+    return ByteBPETokenizer(copy)
 
 
 def our_model(init_from: str):
@@ -113,14 +129,15 @@ def test_generate_and_evaluate_take_a_hugging_face_directory(hf_dirs, corpus_fil
     generate([str(directory), "--prompt", "def walk(self):", "--max-tokens", "8", "--temperature", "0"])
     text = capsys.readouterr().out.split("-" * 60)[0].rstrip("\n")
     tokenizer = our_model(str(directory))[1].tokenizer()
-    prompt = tokenizer.encode("def walk(self):")
+    prompt = tokenizer.encode("def walk(self):", add_special_tokens=True)  # as transformers' tokenizer(text): BOS first
+    assert prompt[0] == tokenizer.encode("<|begin_of_text|>")[0]
     expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):]
     assert text == "def walk(self):" + tokenizer.decode(expected.tolist())
     evaluate([str(directory), "--data", str(corpus_file), "--max-tokens", "100", "--context", "32",
               "--json", str(tmp_path / "scores.json")])
     scores = json.loads((tmp_path / "scores.json").read_text())
-    ids = torch.tensor(tokenizer.encode(corpus_file.read_text())[:101])
+    ids = torch.tensor(tokenizer.encode(corpus_file.read_text(), add_special_tokens=True)[:101])
     losses = [torch.nn.functional.cross_entropy(theirs(ids[None, s:s + 32]).logits[0, :len(ids[s + 1:s + 33])],
                                                 ids[s + 1:s + 33], reduction="sum").item() for s in range(0, 100, 32)]
     assert scores["tokens"] == 100 and scores["loss"] == pytest.approx(sum(losses) / 100, rel=1e-4)

@@ -54,3 +54,38 @@ def test_char_tokenizer_round_trips_its_alphabet_and_rejects_others():
     assert tok.decode(tok.encode("hello ÄÖÜ\nworld")) == "hello ÄÖÜ\nworld"
     with pytest.raises(ValueError, match="'z'"):
         tok.encode("z")
+
+
+def test_a_tokenizer_that_adds_bos_starts_documents_and_text_prompts_with_it(bpe, tmp_path):
+    """A Llama tokenizer puts BOS before a text (`tokenizer(text)` in transformers): documents are
+    trained, and completion prompts decoded, after it; a chat template's text, which writes BOS
+    itself, and pieces of a text are encoded without it."""
+    from lm.config import DataConfig, ModelConfig
+    from lm.data import prepare_data
+    from lm.engine import Engine, SamplingParams
+    from lm.model import GPT
+    from lm.tokenizer import document_start
+    from test_finetune import with_bos
+
+    llama = with_bos(bpe, "<s>")
+    bos = llama.encode("<s>")[0]
+    assert llama.encode("def main") == bpe.encode("def main")
+    assert llama.encode("def main", add_special_tokens=True) == [bos, *bpe.encode("def main")]
+    assert document_start(llama) == [bos] and document_start(bpe) == [bpe.eot_id]
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    data = DataConfig(name="text", source="files", path=str(docs), cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    with_bos_cache, plain_cache = (prepare_data(data, progress=False, tokenizer=t) for t in (llama, bpe))
+    assert with_bos_cache.directory != plain_cache.directory
+    tokens = [int(t) for split in ("train", "val") for t in with_bos_cache.tokens(split)]
+    assert tokens.count(bos) == 6 and tokens.count(bpe.eot_id) == 6  # <s> document </s>, each document
+    assert all(tokens[i + 1] == bos for i, t in enumerate(tokens[:-1]) if t == bpe.eot_id)
+
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=llama.vocab_size + 4))
+    engine = Engine(model.eval(), llama, max_batch_size=2)
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+    assert engine.submit("def main", greedy).prompt_ids == [bos, *bpe.encode("def main")]
+    assert engine.submit("<s>def main", greedy, add_special_tokens=False).prompt_ids[:1] == [bos]
