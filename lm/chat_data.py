@@ -19,6 +19,7 @@ from typing import Iterator
 from lm.chat_template import BUILTIN, ROLES, ChatTemplate
 from lm.records import read_records
 
+
 @dataclass
 class BadLine:
     path: Path

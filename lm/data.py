@@ -28,7 +28,7 @@ from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corp
                        read_documents, source_files)
 from lm.records import FORMATS
 from lm.chat_template import BUILTIN, ChatTemplate, ChatTemplateError
-from lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer, with_chat_template
+from lm.tokenizer import Tokenizer, bos_ids, load_tokenizer, train_tokenizer, with_chat_template
 
 CACHE_FORMAT_VERSION = 1
 
@@ -49,7 +49,7 @@ def cache_key(docs: Iterable[str], data: DataConfig, tokenizer: Tokenizer | None
                     "tokenizer_json": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
         if tokenizer.chat_template is not None:  # saved with the cache's tokenizer, which the run serves with
             settings["chat_template"] = hashlib.sha256(tokenizer.chat_template.to_json().encode()).hexdigest()
-        if bos := tokenizer.encode("", add_special_tokens=True):  # documents start with it
+        if bos := bos_ids(tokenizer):  # documents start with it
             settings["document_start"] = bos
     if packed_seq_len:
         settings["packed_seq_len"] = packed_seq_len

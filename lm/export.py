@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,10 +158,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         hf_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         hf_state = {k: v.to(hf_dtype) for k, v in to_hf_state_dict(exported.float().state_dict(), cfg).items()}
         save_file(hf_state, str(staging / "hf" / "model.safetensors"), metadata={"format": "pt"})
-        hf = hf_config(cfg, getattr(tokenizer, "eot_id", None))
+        hf = hf_config(cfg, tokenizer)
         hf["torch_dtype"] = "float32" if precision == "fp32" else "bfloat16"
         (staging / "hf" / "config.json").write_text(json.dumps(hf, indent=2))
-        copy_tokenizer(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")
+        shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")  # its template: below
         if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete

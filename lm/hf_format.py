@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lm.chat_template import BUILTIN
 from lm.config import ModelConfig, RopeScalingConfig, has_qkv_bias, kv_heads, mlp_hidden_size
+from lm.tokenizer import bos_ids
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
     import torch
@@ -30,15 +31,20 @@ def hf_tokenizer_config(tokenizer, cfg: ModelConfig) -> dict:
     needs one), so a fine-tuned model is prompted as our server prompts it: with the pretrained model's
     own template and special tokens where it brought them, else ours."""
     eot = None if tokenizer.eot_id is None else tokenizer.decode([tokenizer.eot_id])
+    bos = tokenizer.decode(bos) if (bos := bos_ids(tokenizer)) else eot
     template = tokenizer.chat_template or BUILTIN
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-            "bos_token": eot, "eos_token": eot, "clean_up_tokenization_spaces": False,
+            "bos_token": bos, "eos_token": eot, "clean_up_tokenization_spaces": False,
             **template.special_tokens, "chat_template": template.source}
 
 
-def hf_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
-    """config.json for transformers; the end-of-text token is BOS and EOS, as in GPT-2."""
-    return {**_architecture(cfg), "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
+def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
+    """config.json for transformers; the end-of-text token is EOS, and BOS unless the tokenizer puts a
+    BOS of its own before a text (Llama's), as in GPT-2."""
+    eot_id = getattr(tokenizer, "eot_id", None)
+    bos_id = bos[0] if tokenizer is not None and (bos := bos_ids(tokenizer)) else eot_id
+    return {**_architecture(cfg), "bos_token_id": bos_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
+
 
 
 def _architecture(cfg: ModelConfig) -> dict:

@@ -144,10 +144,16 @@ def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
         shutil.copyfile(template, Path(destination).with_name(CHAT_TEMPLATE_FILE))
 
 
+def bos_ids(tokenizer: Tokenizer) -> list[int]:
+    """What the tokenizer puts before a text it encodes with its special tokens (Llama's and Mistral's
+    BOS; nothing for GPT-2's, Qwen's or ours), end-of-text aside."""
+    return [i for i in tokenizer.encode("", add_special_tokens=True) if i != tokenizer.eot_id]
+
+
 def document_start(tokenizer: Tokenizer) -> list[int]:
     """Ids that begin a new document: the tokenizer's BOS where it adds one (Llama's), else end-of-text
     for BPE, a newline (or id 0) for characters."""
-    if bos := [i for i in tokenizer.encode("", add_special_tokens=True) if i != tokenizer.eot_id]:
+    if bos := bos_ids(tokenizer):
         return bos
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]

@@ -63,6 +63,7 @@ def test_a_tokenizer_that_adds_bos_starts_documents_and_text_prompts_with_it(bpe
     from lm.config import DataConfig, ModelConfig
     from lm.data import prepare_data
     from lm.engine import Engine, SamplingParams
+    from lm.hf_format import hf_config, hf_tokenizer_config
     from lm.model import GPT
     from lm.tokenizer import document_start
     from test_finetune import with_bos
@@ -72,6 +73,10 @@ def test_a_tokenizer_that_adds_bos_starts_documents_and_text_prompts_with_it(bpe
     assert llama.encode("def main") == bpe.encode("def main")
     assert llama.encode("def main", add_special_tokens=True) == [bos, *bpe.encode("def main")]
     assert document_start(llama) == [bos] and document_start(bpe) == [bpe.eot_id]
+    # exported to transformers with it as BOS (GPT-2's end-of-text is both)
+    assert hf_config(ModelConfig(), llama)["bos_token_id"] == bos
+    assert hf_config(ModelConfig(), bpe)["bos_token_id"] == bpe.eot_id
+    assert hf_tokenizer_config(llama, ModelConfig())["bos_token"] == "<s>"
 
     docs = tmp_path / "docs"
     docs.mkdir()
