@@ -23,6 +23,7 @@ from lm.compiled_decode import CompiledDecodeStep
 from lm.config import kv_heads
 from lm.inference import optimize_for_decoding
 from lm.model import GPT
+from lm.tokenizer import stop_ids
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Engine:
         self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
+        self.stop_ids = stop_ids(tokenizer)  # end-of-text (and a chat model's end of turn) ends a sequence
         cfg = model.cfg
         if max_model_len is not None and not 2 <= max_model_len <= cfg.block_size:
             raise ValueError(f"max_model_len={max_model_len} must be between 2 and the model's context "
@@ -282,7 +284,7 @@ class Engine:
                 for i, seq in enumerate(batch)]
 
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        if token == getattr(self.tokenizer, "eot_id", None):
+        if token in self.stop_ids:
             self._finish(seq, "stop")
             return
         if seq.params.logprobs is not None:

@@ -150,6 +150,19 @@ def bos_ids(tokenizer: Tokenizer) -> list[int]:
     return [i for i in tokenizer.encode("", add_special_tokens=True) if i != tokenizer.eot_id]
 
 
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """The tokens that end a generation: end-of-text, and where the tokenizer carries a pretrained
+    model's chat template, the EOS it names and the marker it closes a reply with, when one token
+    each (Llama 3 Instruct's <|eot_id|>, Qwen's <|im_end|>: what their generation_config.json lists)."""
+    ids = {getattr(tokenizer, "eot_id", None)} - {None}
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        for text in (template.special_tokens.get("eos_token"), template.end_of_turn):
+            if text and len(encoded := tokenizer.encode(text)) == 1:
+                ids.add(encoded[0])
+    return ids
+
+
 def document_start(tokenizer: Tokenizer) -> list[int]:
     """Ids that begin a new document: the tokenizer's BOS where it adds one (Llama's), else end-of-text
     for BPE, a newline (or id 0) for characters."""

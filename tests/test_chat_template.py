@@ -115,6 +115,18 @@ def test_end_of_turn_is_what_the_template_writes_after_a_reply(hf_tokenizer_dirs
     assert BUILTIN.end_of_turn == "<|end|>"
 
 
+def test_generation_stops_at_the_models_end_of_turn_token(hf_tokenizer_dirs):
+    """A served or sampled instruct model stops at the token that ends its reply (what its
+    generation_config.json lists), in completions too, besides end-of-text."""
+    from lm.tokenizer import stop_ids
+
+    for name, ends in {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>", "</s>"], "mistral": ["</s>"]}.items():
+        tokenizer = hf_directory_tokenizer(hf_tokenizer_dirs[name])
+        assert stop_ids(tokenizer) == {tokenizer.eot_id, *(tokenizer.encode(end)[0] for end in ends)}, name
+    tokenizer.chat_template = None
+    assert stop_ids(tokenizer) == {tokenizer.eot_id}
+
+
 def test_the_builtin_template_keeps_its_masks():
     text, spans = BUILTIN.answer_spans(CONVERSATIONS[1])
     assert [text[a:b] for a, b in spans] == ["Bar.\n<|end|>", "Qux, naïvely.\n<|end|>"]
