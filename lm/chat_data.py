@@ -1,12 +1,15 @@
 """Chat fine-tuning data: conversations -> a chat template -> ids + loss mask.
 
-Each JSONL line or Parquet/Arrow row is either
-`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` or
-`{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer). A conversation is
-rendered exactly as the server renders a request (`lm.chat_template`: the built-in template, or the
-pretrained model's own) and tokenized in one piece, as the server tokenizes a prompt; the loss mask
-then marks the tokens that start inside an assistant's answer (its content and the marker that ends
-the reply), so the model learns to answer and to stop, and never to predict the user's words.
+Each JSONL line or Parquet/Arrow row is
+`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`, ShareGPT's
+`{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}`,
+`{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer) or Alpaca's
+`{"instruction": ..., "input": ..., "output": ...}` (the input, if any, follows the instruction in
+the user turn). A conversation is rendered exactly as the server renders a request
+(`lm.chat_template`: the built-in template, or the pretrained model's own) and tokenized in one
+piece, as the server tokenizes a prompt; the loss mask then marks the tokens that start inside an
+assistant's answer (its content and the marker that ends the reply), so the model learns to answer
+and to stop, and never to predict the user's words.
 """
 
 from __future__ import annotations
@@ -30,26 +33,53 @@ class BadLine:
         return f"{self.path.name}:{self.lineno} ({self.reason})"
 
 
+# ShareGPT's speakers (`conversations` of {"from", "value"}, as OpenHermes and SlimOrca store them).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def parse_conversation(record) -> list[dict]:
-    """The messages of one JSONL record; raises ValueError saying what is wrong with it."""
+    """The messages of one record, in any of the layouts chat datasets use: OpenAI's `messages` of
+    {role, content}; ShareGPT's `conversations` of {from, value} (human/gpt) or of {role, content};
+    `prompt` + `completion`; Alpaca's `instruction` (+ `input`) + `output`. Raises ValueError saying
+    what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs role in {'/'.join(ROLES)} and string content")
-        if not any(m["role"] == "assistant" and m["content"] for m in messages):
-            raise ValueError("no non-empty assistant message to learn from")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-        if not record["completion"]:
-            raise ValueError("empty completion")
-        return [{"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["completion"]}]
-    raise ValueError('needs "messages", or "prompt" and "completion"')
+        messages = _messages(record["messages"], "messages")
+    elif "conversations" in record:
+        messages = _messages(record["conversations"], "conversations")
+    elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]}]
+    elif isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError("input must be a string")
+        instruction = record["instruction"] + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": record["output"]}]
+    else:
+        raise ValueError('needs "messages" (or ShareGPT\'s "conversations"), "prompt" and "completion", '
+                         'or "instruction" and "output"')
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        raise ValueError("no non-empty assistant message to learn from")
+    return messages
+
+
+def _messages(turns, field: str) -> list[dict]:
+    """OpenAI's {role, content} messages, or ShareGPT's {from, value} turns, as {role, content}."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{field} must be a non-empty list")
+    messages = []
+    for turn in turns:
+        if isinstance(turn, dict) and "from" in turn and field == "conversations":
+            role, content = SHAREGPT_ROLES.get(turn["from"]), turn.get("value")
+        else:
+            role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None)
+        if role not in ROLES or not isinstance(content, str):
+            allowed = "/".join(ROLES) + ("" if field == "messages" else f" (or from: {'/'.join(SHAREGPT_ROLES)})")
+            raise ValueError(f"each of {field} needs role in {allowed} and string content")
+        messages.append({"role": role, "content": content})
+    return messages
 
 
 def iter_conversations(files: list[Path], bad: list[BadLine], template: ChatTemplate = BUILTIN

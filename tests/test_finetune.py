@@ -340,6 +340,39 @@ def test_chats_in_parquet_and_arrow_read_as_their_jsonl(tmp_path):
     assert len({p.directory for p in prepared.values()}) == 1, "the same conversations, so the same token cache"
 
 
+def test_sharegpt_and_alpaca_records_read_as_messages(tmp_path):
+    """The layouts chat datasets come in: OpenAI's messages, ShareGPT's conversations (from/value, or
+    role/content), prompt + completion, Alpaca's instruction (+ input) + output; a record in none of them,
+    or with an unknown speaker, is a bad line that says what it needs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm.chat_data import iter_conversations
+
+    system, question, answer = "Be terse.", "Capital of Foo?", "Bar."
+    expected = [{"role": "system", "content": system}, {"role": "user", "content": question},
+                {"role": "assistant", "content": answer}]
+    sharegpt = [{"from": "system", "value": system}, {"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    records = [{"messages": expected}, {"conversations": sharegpt}, {"conversations": expected},
+               {"prompt": question, "completion": answer}, {"instruction": question, "input": "", "output": answer},
+               {"instruction": "Capital of", "input": "Foo?", "output": answer},
+               {"conversations": [{"from": "human", "value": question}, {"from": "tool", "value": "{}"}]},
+               {"question": question, "answer": answer}]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    bad = []
+    conversations = list(iter_conversations([tmp_path / "chats.jsonl"], bad))
+    assert conversations[:3] == [expected] * 3
+    assert conversations[3:5] == [expected[1:]] * 2
+    assert conversations[5] == [{"role": "user", "content": "Capital of\n\nFoo?"}, expected[2]]
+    assert [(b.lineno, b.reason) for b in bad] == [
+        (7, "each of conversations needs role in system/user/assistant (or from: system/human/user/gpt/assistant) "
+            "and string content"),
+        (8, 'needs "messages" (or ShareGPT\'s "conversations"), "prompt" and "completion", or "instruction" and '
+            '"output"')]
+    pq.write_table(pa.table({"conversations": [sharegpt] * 2, "id": ["a", "b"]}), tmp_path / "sharegpt.parquet")
+    assert list(iter_conversations([tmp_path / "sharegpt.parquet"], [])) == [expected] * 2
+
+
 def test_val_path_holds_out_its_own_conversations(tmp_path):
     from lm.data import prepare_data
 
