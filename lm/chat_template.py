@@ -79,7 +79,16 @@ class ChatTemplate:
         marker that ends it (so a model learns to stop), without the whitespace after that marker. A reply
         starts where the text rendered up to it with a generation prompt ends, and stops where the
         text rendered up to and including it ends: a template that renders earlier turns differently as a
-        conversation grows has no such spans (ChatTemplateError)."""
+        conversation grows has no such spans (ChatTemplateError). The last conversation's result is kept:
+        data preparation checks a conversation as it reads it, then renders the same one."""
+        key = json.dumps(messages, ensure_ascii=False)
+        if (last := self.__dict__.get("_last_spans")) and last[0] == key:
+            return last[1]
+        result = self._answer_spans(messages)
+        self.__dict__["_last_spans"] = (key, result)  # (frozen: set as cached_property sets its value)
+        return result
+
+    def _answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         text = self.render(messages, add_generation_prompt=False)
         spans = []
         for i, message in enumerate(messages):
