@@ -7,11 +7,10 @@ or `make serve` start it.
 # through Serve's ingress wrapper, or it takes `request` for a required query parameter (422).
 import asyncio
 import hmac
-import json
 import os
 import uuid
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -237,16 +236,31 @@ def newest_export(storage: str, run_name: str | None) -> str:
     return max(exports)[1]
 
 
-def check_max_model_len(max_model_len: int, export_dir: str) -> None:
-    """max_model_len fits the export's context: checked here, where a bad value is one line, for an export
-    on this machine (a replica checks one in an object store as it loads it)."""
+def served_model(export_dir: str) -> tuple[str, int | None]:
+    """(the model's name in the API, its context) for what serve.export_dir names: an export, named for
+    its run (<storage>/<run>/exports/<export>), or a Hugging Face model directory, named for itself and
+    served as it is (fp32), as `vllm serve <dir>` would. Checked here, where a bad directory is one line,
+    when it is on this machine; the context is None for one in an object store (a replica reads it)."""
     from lm.config import ConfigError
-    from lm.remote_files import is_uri
+    from lm.pretrained import FIELD, inspect_pretrained
+    from lm.remote_files import is_uri, split_query
 
+    path = PurePosixPath(split_query(export_dir)[0])
+    name = path.parent.parent.name if path.parent.name == "exports" else path.name
     if is_uri(export_dir):
-        return
-    context = json.loads((Path(export_dir) / "config.json").read_text())["model"]["block_size"]
-    if not 2 <= max_model_len <= context:
+        return name, None
+    try:
+        source = inspect_pretrained(export_dir)
+    except ConfigError as error:
+        raise ConfigError(f"serve.export_dir={str(error).removeprefix(f'{FIELD}=')}") from None
+    return name, source.model.block_size
+
+
+def check_max_model_len(max_model_len: int, context: int | None) -> None:
+    """max_model_len fits the model's context (None: not known here; a replica checks it as it loads)."""
+    from lm.config import ConfigError
+
+    if context is not None and not 2 <= max_model_len <= context:
         raise ConfigError(f"serve.max_model_len={max_model_len} is invalid: must be between 2 and the model's "
                          f"context ({context})")
 
@@ -268,16 +282,15 @@ def build(args: dict):
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
-    from lm.remote_files import split_query
 
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
-    model_name = PurePosixPath(split_query(export_dir)[0]).parent.parent.name  # <storage>/<run>/exports/<export>
+    model_name, context = served_model(export_dir)
     max_model_len = args.get("max_model_len")
     if max_model_len is not None:
-        check_max_model_len(int(max_model_len), export_dir)
+        check_max_model_len(int(max_model_len), context)
     replicas = int(args.get("num_replicas") or 1)
     batch = int(args.get("max_batch_size") or 16)
     cpus = float(args.get("cpus_per_replica") or 1)

@@ -41,14 +41,22 @@ class LanguageModel:
 
         import torch
 
+        from pathlib import Path
+
         from launcher.run_dir import local_directory
         from lm.engine import Engine
         from lm.export import load_export
+        from lm.pretrained import load_hf_directory
 
         torch.set_num_threads(threads)
         # An export in an object store is downloaded once per node (the replicas there share it).
         local = local_directory(export_dir, f"{tempfile.gettempdir()}/lmstack-exports")
-        model, tokenizer, cfg, precision = load_export(local, device="cuda" if use_gpu else "cpu")
+        device = "cuda" if use_gpu else "cpu"
+        if (Path(local) / "export.json").exists():
+            model, tokenizer, _, precision = load_export(local, device=device)
+        else:  # a Hugging Face model directory, served as it is
+            (model, tokenizer), precision = load_hf_directory(local), "fp32"
+            model = model.to(device)
         self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many

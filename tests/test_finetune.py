@@ -181,6 +181,35 @@ def test_generate_chats_with_the_models_own_template(hf_dirs, tmp_path, capsys):
     assert reply == theirs.decode(expected.tolist()).split("<|im_end|>")[0]
 
 
+def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
+    """serve.export_dir may name a Hugging Face directory, as `vllm serve <dir>` takes one: named for
+    itself, its context known before any replica starts, served in fp32 with transformers' greedy
+    tokens and its own chat template; a directory that is neither is one line naming the setting."""
+    import shutil
+
+    from launcher.serve_app import served_model
+    from launcher.serve_model import LanguageModel
+    from lm.engine import SamplingParams
+    from test_chat_template import CHATML
+
+    root, models = hf_dirs
+    directory = tmp_path / "llama3-instruct"
+    shutil.copytree(root / "llama3-style", directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert served_model(str(directory)) == ("llama3-instruct", 64)
+    replica = LanguageModel.func_or_class(str(directory), 2, 1)
+    assert replica.info()["precision"] == "fp32" and replica.tokenizer_info()["chat_template"] == CHATML
+    prompt = replica.tokenize("def walk(self):")  # BOS first, as transformers' tokenizer(text)
+    assert prompt[0] == replica.tokenize("<|begin_of_text|>", add_special_tokens=False)[0]
+    served = replica.engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
+    expected = models["llama3-style"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                               min_new_tokens=6, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert served == expected.tolist()
+    with pytest.raises(ConfigError, match=rf"^serve.export_dir='{tmp_path}' has no config.json; allowed: a "
+                                          "directory written by launcher.export, or a Hugging Face"):
+        served_model(str(tmp_path))
+
+
 def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage):
     from lm.export import export_checkpoint, load_export
     from lm.pretrained import inspect_pretrained

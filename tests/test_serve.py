@@ -370,20 +370,20 @@ def test_serve_config_errors_name_the_field():
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
 
 
-def test_max_model_len_is_checked_against_the_exports_context_before_serving(tmp_path):
-    import json
-
+def test_max_model_len_is_checked_against_the_exports_context_before_serving(server, trained):
     from launcher.serve import builder_args
-    from launcher.serve_app import check_max_model_len
+    from launcher.serve_app import check_max_model_len, served_model
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
     with pytest.raises(ConfigError, match="serve.max_model_len=1 is invalid: must be >= 2"):
         builder_args(ServeAppConfig(serve=ServeConfig(max_model_len=1)))
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"block_size": 64}}))
-    check_max_model_len(64, str(tmp_path))
-    with pytest.raises(ConfigError, match=r"^serve.max_model_len=65 is invalid: must be between 2 and the model's "
-                                          r"context \(64\)$"):
-        check_max_model_len(65, str(tmp_path))
+    name, context = served_model(str(trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"))  # the server's
+    assert (name, context) == (server[1], 256)  # the run's name, the model's context
+    check_max_model_len(context, context)
+    check_max_model_len(10**6, None)  # an export in an object store: its replica checks it as it loads
+    with pytest.raises(ConfigError, match=r"^serve.max_model_len=257 is invalid: must be between 2 and the model's "
+                                          r"context \(256\)$"):
+        check_max_model_len(257, context)
 
 
 def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps_serving():
