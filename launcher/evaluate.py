@@ -3,6 +3,7 @@
     python -m launcher.evaluate <export dir | training checkpoint dir | run dir> --data 'held_out/*.txt'
     python -m launcher.evaluate outputs/runs/<run> --data notes.md --max-tokens 100000 --json scores.json
     python -m launcher.evaluate ~/models/Llama-3.2-1B --data held_out/ --context 2048   # before fine-tuning
+    python -m launcher.evaluate ~/models/Qwen2.5-0.5B-Instruct --chat --data val_chats.jsonl   # answers only
 
 `--data` takes what `data.path` takes (files, directories, globs, URIs; comma separated). The text
 is tokenized with the model's own tokenizer, a batch of documents at a time, into a temporary file
@@ -10,6 +11,11 @@ is tokenized with the model's own tokenizer, a batch of documents at a time, int
 --context tokens (`lm.evaluation`). A run directory means its newest export, or else its latest
 checkpoint, and any of them may be a URI (`s3://bucket/runs/<run>`), as for `launcher.generate`; a
 local Hugging Face model directory is scored as a fine-tune from it would start.
+
+With `--chat`, `--data` holds conversations (any layout `data=chat` reads): each is rendered with the
+model's chat template (a pretrained model's own, else the built-in one) and only the assistant's
+answer tokens are scored, as a chat fine-tune's validation counts them: the baseline a fine-tune
+is measured against.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=None,
                         help="tokens per window (default: the model's context; shorter for a long-context model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    parser.add_argument("--chat", action="store_true",
+                        help="--data holds conversations: score the assistant's answers, prompted with the chat "
+                             "template")
     args = parser.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1 or \
             args.context is not None and args.context < 1:
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     from lm.data import write_tokens
     from lm.evaluation import evaluate_stream
 
+    if args.chat:
+        return _score_chats(args)
     data = DataConfig(source="files", path=args.data, text_field=args.text_field)
     with tempfile.TemporaryDirectory(prefix="lmstack-evaluate-") as scratch:
         tokens_file = Path(scratch) / "tokens.bin"
@@ -95,9 +106,47 @@ def main(argv: list[str] | None = None) -> None:
                                  args.max_tokens)
         del tokens
     scores.update(source=str(source), data=args.data, documents=count)
-    print(f"# {source}", file=sys.stderr)
-    documents = f"{count} document" + ("s" if count != 1 else "")
-    print(f"{scores['tokens']} tokens of {documents}: loss {scores['loss']:.4f}, "
+    _report(args, scores, "tokens", f"{count} document" + ("s" if count != 1 else ""))
+
+
+def _score_chats(args) -> None:
+    """--chat: the answer tokens of the conversations in --data (bad lines skipped and reported)."""
+    from launcher.generate import load
+    from lm.chat_data import tokenize_conversation
+    from lm.chat_template import BUILTIN
+    from lm.config import ConfigError, DataConfig
+    from lm.corpus import chat_conversations, corpus_files
+    from lm.evaluation import evaluate_conversations
+
+    data = DataConfig(source="chat", path=args.data)
+    bad = []
+    try:
+        files = corpus_files(data)
+        model, tokenizer, source = load(args.path)
+        if args.context and args.context > model.cfg.block_size:
+            raise ConfigError(f"--context {args.context} exceeds the model's context ({model.cfg.block_size})")
+        template = tokenizer.chat_template or BUILTIN
+        conversations = (tokenize_conversation(tokenizer, c, template)
+                         for c in chat_conversations(files, bad, "data.path", template))
+        scores = evaluate_conversations(model.eval(), conversations, args.context or model.cfg.block_size,
+                                        args.max_tokens)
+    except ConfigError as error:
+        print(f"error: {flag_message(str(error))}", file=sys.stderr)
+        sys.exit(2)
+    except (FileNotFoundError, ValueError) as error:  # ValueError: no answer tokens
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if bad:
+        listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"skipped {len(bad)} bad lines: {listed}", file=sys.stderr)
+    count = scores["conversations"]
+    scores.update(source=str(source), data=args.data, bad_lines=len(bad))
+    _report(args, scores, "answer tokens", f"{count} conversation" + ("s" if count != 1 else ""))
+
+
+def _report(args, scores: dict, what: str, of: str) -> None:
+    print(f"# {scores['source']}", file=sys.stderr)
+    print(f"{scores['tokens']} {what} of {of}: loss {scores['loss']:.4f}, "
           f"perplexity {scores['perplexity']:.2f}, next-token accuracy {scores['accuracy']:.2%}")
     if args.json:
         args.json.write_text(json.dumps(scores, indent=2))

@@ -37,3 +37,39 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8
         correct += (logits.argmax(-1) == y).sum().item()
     loss = loss_sum / targets
     return {"tokens": targets, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": correct / targets}
+
+
+@torch.no_grad()
+def evaluate_conversations(model, conversations, seq_len: int, max_tokens: int | None = None) -> dict:
+    """Loss, perplexity and accuracy on the answer tokens of conversations, each given as (ids, answer
+    mask) (lm.chat_data.tokenize_conversation) and read on its own: the prompt is context, never a
+    target. A conversation longer than seq_len is read in consecutive windows of seq_len, the last one
+    reaching back a whole seq_len from the conversation's end (where the last answer sits), every answer
+    token scored once. Stops after the conversation that reaches max_tokens answer tokens."""
+    loss_sum, correct, counted, scored = 0.0, 0, 0, 0
+    for ids, mask in conversations:
+        targets = torch.tensor(ids[1:], dtype=torch.int64)
+        targets[~torch.tensor(mask[1:], dtype=torch.bool)] = -100
+        inputs = torch.tensor(ids[:-1], dtype=torch.int64)
+        done = 0  # targets before this one are scored
+        while done < len(inputs):
+            end = min(done + seq_len, len(inputs))
+            start = max(0, end - seq_len)
+            x, y = inputs[None, start:end], targets[None, start:end].clone()
+            y[0, :done - start] = -100  # scored by the window before
+            done = end
+            answers = int((y != -100).sum())
+            if not answers:
+                continue
+            logits, loss = model(x, y)
+            loss_sum += loss.item() * answers
+            correct += int((logits.argmax(-1) == y).sum())
+            counted += answers
+        scored += 1
+        if max_tokens and counted >= max_tokens:
+            break
+    if not counted:
+        raise ValueError("the conversations hold no answer tokens: nothing to predict")
+    loss = loss_sum / counted
+    return {"tokens": counted, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": correct / counted,
+            "conversations": scored}

@@ -21,6 +21,10 @@ from lm.config import ConfigError, DataConfig, ModelConfig
 HF_KINDS = ("gpt2", "gpt2-exact-gelu", "llama", "llama-untied", "llama3-style", "mistral", "qwen2")
 
 
+# ChatML without a default system prompt: a question and its answer fit the test models' 64 positions.
+SHORT_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
 # Llama 3.1's scaling with a pretraining context of 16 positions, so the test's 64 cover every band.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
@@ -165,10 +169,8 @@ def test_generate_chats_with_the_models_own_template(hf_dirs, tmp_path, capsys):
     root, models = hf_dirs
     directory = tmp_path / "qwen2-instruct"
     shutil.copytree(root / "qwen2", directory)
-    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fits the 64 positions
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                                 "chat_template": chatml}))
+                                                                 "chat_template": SHORT_CHATML}))
     generate([str(directory), "--chat", "Capital of Foo?", "--max-tokens", "8", "--temperature", "0"])
     reply = capsys.readouterr().out.split("-" * 60)[0].rstrip("\n")
     theirs = AutoTokenizer.from_pretrained(directory)
@@ -208,6 +210,43 @@ def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     with pytest.raises(ConfigError, match=rf"^serve.export_dir='{tmp_path}' has no config.json; allowed: a "
                                           "directory written by launcher.export, or a Hugging Face"):
         served_model(str(tmp_path))
+
+
+def test_evaluate_scores_the_answers_of_conversations(hf_dirs, tmp_path, capsys):
+    """`launcher.evaluate --chat`: the loss transformers' model gives each conversation's answer tokens,
+    rendered with the directory's chat template, the prompts unscored; bad lines skipped and reported."""
+    import shutil
+
+    from launcher.evaluate import main as evaluate
+    from lm.chat_data import tokenize_conversation
+    from lm.tokenizer import hf_directory_tokenizer
+
+    root, models = hf_dirs
+    directory = tmp_path / "qwen2-chat"
+    shutil.copytree(root / "qwen2", directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": SHORT_CHATML}))
+    pairs = [(f"Capital of {q.split()[-1]}", a) for q, a in qa_pairs(6)]  # whole in the 64 positions
+    write_chats(tmp_path / "chats.jsonl", pairs, extra_lines=["{not json"])
+    evaluate([str(directory), "--chat", "--data", str(tmp_path / "chats.jsonl"), "--json", str(tmp_path / "s.json")])
+    assert "skipped 1 bad lines: chats.jsonl:7 (invalid JSON)" in capsys.readouterr().err
+    scores = json.loads((tmp_path / "s.json").read_text())
+    tokenizer = hf_directory_tokenizer(directory)
+    loss_sum, answers = 0.0, 0
+    for question, answer in pairs:
+        ids, mask = tokenize_conversation(tokenizer, [{"role": "user", "content": question},
+                                                      {"role": "assistant", "content": answer}], tokenizer.chat_template)
+        assert tokenizer.decode(ids).startswith(f"<|im_start|>user\n{question}")
+        keep = torch.tensor(mask[1:])
+        with torch.no_grad():
+            logits = models["qwen2"](torch.tensor([ids[:-1]])).logits[0]
+        loss_sum += torch.nn.functional.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum").item()
+        answers += int(keep.sum())
+    assert (scores["tokens"], scores["conversations"], scores["bad_lines"]) == (answers, 6, 1)
+    assert scores["loss"] == pytest.approx(loss_sum / answers, rel=1e-4)
+    # Conversations longer than the window: each answer token is still scored once.
+    evaluate([str(directory), "--chat", "--data", str(tmp_path / "chats.jsonl"), "--context", "8",
+              "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text())["tokens"] == answers
 
 
 def test_our_export_round_trips_through_init_from(trained, tmp_path, s3_storage):
