@@ -138,8 +138,10 @@ def check_chats(count: int, bad: list[BadLine], data: DataConfig, field: str = "
     if bad:
         listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         if len(bad) > data.max_bad_fraction * total:
+            hint = ("; data.chat_template=builtin renders conversations with the built-in template instead"
+                    if any(b.reason.startswith("the chat template") for b in bad) else "")
             raise ConfigError(f"{field}={value!r}: {len(bad)} of {total} lines are bad, more than "
-                              f"data.max_bad_fraction={data.max_bad_fraction}: {listed}")
+                              f"data.max_bad_fraction={data.max_bad_fraction}: {listed}{hint}")
         print(f"data: skipped {len(bad)} bad lines of {total}: {listed}", file=sys.stderr, flush=True)
     needed = 1 if data.val_path else 2
     if count < needed:

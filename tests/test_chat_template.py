@@ -149,6 +149,20 @@ def test_refused_and_rewritten_conversations_are_bad_lines(hf_tokenizer_dirs, tm
         ChatTemplate("{% for m in messages %}").check()
 
 
+def test_a_template_that_refuses_most_conversations_stops_the_run_and_names_the_way_out(hf_tokenizer_dirs, tmp_path):
+    from lm.data import prepare_data
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": CONVERSATIONS[1]}) for _ in range(4)) + "\n")
+    data = DataConfig(name="chat", source="chat", path=str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"4 of 4 lines are bad, .*Conversation roles must alternate.*; "
+                                          r"data.chat_template=builtin renders conversations with the built-in"):
+        prepare_data(data, progress=False, tokenizer=hf_directory_tokenizer(hf_tokenizer_dirs["mistral"]), seq_len=64)
+    data.chat_template = "builtin"
+    assert prepare_data(data, progress=False, tokenizer=hf_directory_tokenizer(hf_tokenizer_dirs["mistral"]),
+                        seq_len=64).meta["documents"] == 4
+
+
 def test_a_template_file_and_named_templates_are_read(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": CHATML}]}))
