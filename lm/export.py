@@ -7,7 +7,8 @@ An export directory holds
     tokenizer.json      the run's tokenizer (chat_template.json beside it: a pretrained model's own template)
     export.json         precision, source checkpoint, step, perplexity before/after
     hf/                 the same weights in Hugging Face layout (config.json, model.safetensors,
-                        tokenizer.json, and for BPE tokenizer_config.json with the chat template)
+                        tokenizer.json, and for BPE tokenizer_config.json with the chat template and
+                        generation_config.json with the tokens that end a reply)
                         for transformers and vLLM; int8 exports write bf16 there
 """
 
@@ -25,7 +26,7 @@ import torch
 from lm.checkpoint import checkpoint_step, load_model
 from lm.config import ConfigError, ModelConfig, config_from_dict
 from lm.shard_loader import TokenShardLoader
-from lm.hf_format import hf_config, hf_tokenizer_config, to_hf_state_dict
+from lm.hf_format import hf_config, hf_generation_config, hf_tokenizer_config, to_hf_state_dict
 from lm.model import GPT
 from lm.staging import staged_directory
 from lm.tokenizer import ByteBPETokenizer, copy_tokenizer, load_tokenizer
@@ -164,6 +165,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")  # its template: below
         if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
+            (staging / "hf" / "generation_config.json").write_text(json.dumps(hf_generation_config(tokenizer, hf),
+                                                                               indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
     return report
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lm.chat_template import BUILTIN
 from lm.config import ModelConfig, RopeScalingConfig, has_qkv_bias, kv_heads, mlp_hidden_size
-from lm.tokenizer import bos_ids
+from lm.tokenizer import bos_ids, stop_ids
 
 if TYPE_CHECKING:  # torch is imported where tensors are converted: reading a config.json needs none
     import torch
@@ -45,6 +45,13 @@ def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
     bos_id = bos[0] if tokenizer is not None and (bos := bos_ids(tokenizer)) else eot_id
     return {**_architecture(cfg), "bos_token_id": bos_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
 
+
+
+def hf_generation_config(tokenizer, config: dict) -> dict:
+    """generation_config.json: transformers' `generate` (and vLLM) stop at every token our engine stops
+    at (an instruct model's end of turn besides end-of-text, as Llama 3 Instruct's lists them)."""
+    stops = sorted(stop_ids(tokenizer))
+    return {"bos_token_id": config["bos_token_id"], "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
 
 
 def _architecture(cfg: ModelConfig) -> dict:

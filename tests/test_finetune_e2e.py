@@ -55,7 +55,7 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     from lm.export import export_checkpoint, load_export
 
     from tokenizers import Tokenizer as HFTokenizer
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GenerationConfig, GPT2LMHeadModel
 
     root, checkpoints, prepared = trained
     export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "export", "fp32", prepared.tokens("val"))
@@ -96,6 +96,9 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     question = [{"role": "user", "content": "What is the capital of Foo?"}]
     assert AutoTokenizer.from_pretrained(os.path.join(export_dir, "hf")).apply_chat_template(
         question, tokenize=False, add_generation_prompt=True) == template.render(question)
+    # and its generate() stops where our engine does: at end-of-text and at the reply's <|im_end|>
+    assert GenerationConfig.from_pretrained(os.path.join(export_dir, "hf")).eos_token_id == sorted(
+        [tokenizer.eot_id, tokenizer.encode("<|im_end|>")[0]])
     conversations = list(iter_conversations([tmp_path / "qa.jsonl"], [], template))
     trained_on = chat_splits(conversations, 0.05, template)["train"]  # 38 of 40; the other 2 are the val split
     train_pairs = [(c[0]["content"], c[1]["content"]) for c in trained_on]
