@@ -185,7 +185,8 @@ def tokenize_text(body: dict, template: ChatTemplate) -> tuple[str, bool]:
     """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template; and whether
     the tokenizer's special tokens are added to it (`adds_special_tokens`)."""
     if "messages" in body:
-        return chat_prompt(body, template, _flag(body, "add_generation_prompt", True)), adds_special_tokens(body, True)
+        text = chat_prompt(body, template, _flag(body, "add_generation_prompt", True))
+        return text, adds_special_tokens(body, True)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")

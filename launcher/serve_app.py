@@ -16,10 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from launcher.openai_protocol import (APIError, adds_special_tokens, chat_prompt, check_model, choice_count, choice_params,
-                                      completion_prompts, completion_response, echoes, logprobs_count, logprobs_object,
-                                      parse_body, sampling_params, stream_chunk, tokenize_text, usage_chunk,
-                                      wants_stream_usage)
+from launcher.openai_protocol import (APIError, adds_special_tokens, chat_prompt, check_model, choice_count,
+                                      choice_params, completion_prompts, completion_response, echoes, logprobs_count,
+                                      logprobs_object, parse_body, sampling_params, stream_chunk, tokenize_text,
+                                      usage_chunk, wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 

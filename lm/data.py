@@ -23,11 +23,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
+from lm.chat_template import BUILTIN, ChatTemplate, ChatTemplateError
 from lm.config import ConfigError, DataConfig, path_items
 from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, iter_documents, read_chats,
                        read_documents, source_files)
 from lm.records import FORMATS
-from lm.chat_template import BUILTIN, ChatTemplate, ChatTemplateError
 from lm.tokenizer import Tokenizer, bos_ids, load_tokenizer, train_tokenizer, with_chat_template
 
 CACHE_FORMAT_VERSION = 1
@@ -286,9 +286,9 @@ def prepare_data(data: DataConfig, progress: bool = True, tokenizer: Tokenizer |
             try:
                 tokenizer.chat_template.check()
             except ChatTemplateError as error:
-                raise ConfigError(f"data.chat_template={data.chat_template!r} takes the pretrained model's own template, "
-                                  f"which fails on a user/assistant exchange ({error}); allowed: auto, or builtin "
-                                  "to use the built-in template") from None
+                raise ConfigError(f"data.chat_template={data.chat_template!r} takes the pretrained model's own "
+                                  f"template, which fails on a user/assistant exchange ({error}); allowed: auto, "
+                                  "or builtin to use the built-in template") from None
     if data.source == "chat":
         return _prepare_chats(sources, val_files, data, tokenizer, seq_len)
     return _prepare_text(sources, val_files, data, tokenizer, progress)

@@ -39,12 +39,11 @@ def hf_tokenizer_config(tokenizer, cfg: ModelConfig) -> dict:
 
 
 def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
-    """config.json for transformers; the end-of-text token is EOS, and BOS unless the tokenizer puts a
-    BOS of its own before a text (Llama's), as in GPT-2."""
+    """config.json for transformers: end-of-text is EOS, and BOS too (as in GPT-2) unless the tokenizer
+    puts a BOS of its own before a text (Llama's)."""
     eot_id = getattr(tokenizer, "eot_id", None)
     bos_id = bos[0] if tokenizer is not None and (bos := bos_ids(tokenizer)) else eot_id
     return {**_architecture(cfg), "bos_token_id": bos_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
-
 
 
 def hf_generation_config(tokenizer, config: dict) -> dict:
