@@ -135,7 +135,10 @@ def hf_chat_template(directory: str | Path) -> ChatTemplate | None:
     that file's special tokens; None where the model has none."""
     directory = Path(directory)
     config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    try:
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    except json.JSONDecodeError as error:
+        raise ChatTemplateError(f"tokenizer_config.json is not valid JSON: {error}") from None
     if (directory / "chat_template.jinja").exists():
         source = (directory / "chat_template.jinja").read_text()
     else:

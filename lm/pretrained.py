@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lm.chat_template import ChatTemplateError
 from lm.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from lm.hf_format import UnsupportedModelError, from_hf_state_dict, model_config_from_hf
 from lm.remote_files import is_uri, mirror_directory
@@ -42,7 +43,7 @@ class PretrainedSource:
             return load_tokenizer(self.path / "tokenizer.json")
         try:
             return hf_directory_tokenizer(self.path, _hf_config(self.path).get("eos_token_id"))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ChatTemplateError) as error:
             raise ConfigError(f"{FIELD}={str(self.path)!r}: {error}") from None
 
 

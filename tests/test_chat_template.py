@@ -172,6 +172,9 @@ def test_a_template_file_and_named_templates_are_read(tmp_path):
     (tmp_path / "chat_template.jinja").unlink()
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert hf_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ChatTemplateError, match="tokenizer_config.json is not valid JSON"):
+        hf_chat_template(tmp_path)
 
 
 def write_qa(path, n: int = 12) -> None:
