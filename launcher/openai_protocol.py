@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from lm.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from lm.engine import MAX_LOGPROBS, SamplingParams
+from lm.tool_calls import ToolCall, calls_start, parse_tool_calls
 
 MAX_BODY_BYTES = 1_000_000
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
@@ -156,36 +157,114 @@ def _token_ids(value) -> bool:
                                                            for i in value)
 
 
-def chat_prompt(body: dict, template: ChatTemplate, add_generation_prompt: bool = True) -> str:
+def chat_prompt(body: dict, template: ChatTemplate, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
     try:
-        return template.render([_chat_message(i, m) for i, m in enumerate(messages)], add_generation_prompt)
+        return template.render([_chat_message(i, m, template.takes_tools) for i, m in enumerate(messages)],
+                               add_generation_prompt, tools)
     except ChatTemplateError as error:  # e.g. a model's template that wants user and assistant to alternate
         raise APIError(400, f"'messages': {error}", "messages") from None
 
 
-def _chat_message(i: int, message) -> dict:
+def _chat_message(i: int, message, takes_tools: bool) -> dict:
     """One message as the template takes it. OpenAI's newer forms are accepted: content as a list of
-    text parts ([{"type": "text", "text": ...}], joined), and the "developer" role (its name for system)."""
+    text parts ([{"type": "text", "text": ...}], joined), and the "developer" role (its name for system).
+    With a template that takes tools, also the turns of a tool call: an assistant's `tool_calls`
+    (content may be null; JSON `arguments` handed to the template as an object, as vLLM does) and the
+    "tool" role's results."""
     role = message.get("role") if isinstance(message, dict) else None
     role = "system" if role == "developer" else role
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
                                          and isinstance(part.get("text"), str) for part in content):
         content = "".join(part["text"] for part in content)
-    if role not in ROLES or not isinstance(content, str):
-        raise APIError(400, f"messages[{i}] must be an object with role in {list(ROLES)} (or developer) and string "
+    roles = [*ROLES, "tool"] if takes_tools else list(ROLES)
+    if takes_tools and role == "assistant" and message.get("tool_calls"):
+        return {"role": role, "content": content if isinstance(content, str) else "",
+                "tool_calls": _tool_calls(i, message["tool_calls"])}
+    if role not in roles or not isinstance(content, str):
+        raise APIError(400, f"messages[{i}] must be an object with role in {roles} (or developer) and string "
                             "content (or a list of text parts)", "messages")
+    if role == "tool":
+        return {"role": role, "content": content, "tool_call_id": message.get("tool_call_id")}
     return {"role": role, "content": content}
+
+
+def _tool_calls(i: int, calls) -> list[dict]:
+    functions = [call.get("function") if isinstance(call, dict) else None for call in calls] \
+        if isinstance(calls, list) else [None]
+    if not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in functions):
+        raise APIError(400, f"messages[{i}].tool_calls must be a list of {{id, type: function, function: {{name, "
+                            "arguments}}}", "messages")
+    rendered = []
+    for call, function in zip(calls, functions):
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                pass  # the template gets the text as sent
+        rendered.append({"id": call.get("id"), "type": "function",
+                         "function": {"name": function["name"], "arguments": arguments}})
+    return rendered
+
+
+def chat_tools(body: dict, template: ChatTemplate) -> list[dict] | None:
+    """OpenAI's `tools` (function tools) with `tool_choice`: the tools the prompt offers the model, or
+    None. "auto" (the default) offers them and reads calls out of the reply; "none" offers none, as
+    vLLM does. Forcing a call ("required", a named function) needs guided decoding, which this server
+    does not do; a model whose template takes no tools cannot be offered any."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise APIError(400, "'tools' must be a list of {type: function, function: {name, description, parameters}}",
+                       "tools")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "'tool_choice' must be 'auto' or 'none' here: forcing a call ('required' or a named "
+                            "function) needs guided decoding, which this server does not do", "tool_choice")
+    if choice == "none":
+        return None
+    if not template.takes_tools:
+        raise APIError(400, "'tools': this model's chat template does not take tools; send the request without "
+                            "them", "tools")
+    return tools
+
+
+class ToolCallStream:
+    """A streamed chat choice's text when tools are offered: text goes out as it comes, up to where the
+    model begins a tool call (or may be beginning one), which is held back and read whole at the end."""
+
+    def __init__(self, form: str):
+        self.form, self.text, self.sent = form, "", 0
+
+    def feed(self, delta: str) -> str:
+        """The part of the reply that can be sent now."""
+        self.text += delta
+        start = calls_start(self.text, self.form)
+        safe = len(self.text) if start is None else start
+        out = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(text still to send, the reply's tool calls)."""
+        _, calls = parse_tool_calls(self.text, self.form)
+        return ("", calls) if calls else (self.text[self.sent:], [])
 
 
 def tokenize_text(body: dict, template: ChatTemplate) -> tuple[str, bool]:
     """/tokenize's text: vLLM's `prompt`, or `messages` rendered with the chat template; and whether
     the tokenizer's special tokens are added to it (`adds_special_tokens`)."""
     if "messages" in body:
-        text = chat_prompt(body, template, _flag(body, "add_generation_prompt", True))
+        text = chat_prompt(body, template, _flag(body, "add_generation_prompt", True), chat_tools(body, template))
         return text, adds_special_tokens(body, True)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -207,12 +286,20 @@ def check_model(body: dict, model_name: str) -> None:
 
 
 def completion_response(model: str, choices: list[tuple[str, str, int, dict | None]], prompt_tokens: int,
-                        chat: bool) -> dict:
-    """`choices`: (text, finish_reason, completion tokens, logprobs object or None) of each."""
+                        chat: bool, tool_form: str | None = None) -> dict:
+    """`choices`: (text, finish_reason, completion tokens, logprobs object or None) of each; `tool_form`:
+    how the model writes tool calls, when the request offered tools (lm.tool_calls)."""
     rendered = []
     for index, (text, finish_reason, _, logprobs) in enumerate(choices):
         choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        if chat:
+            content, calls = parse_tool_calls(text, tool_form) if tool_form else (text, [])
+            choice["message"] = {"role": "assistant", "content": content}
+            if calls:
+                choice["message"]["tool_calls"] = [call.openai() for call in calls]
+                choice["finish_reason"] = "tool_calls"
+        else:
+            choice["text"] = text
         rendered.append(choice)
     completion_tokens = sum(choice[2] for choice in choices)
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
@@ -236,6 +323,15 @@ def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens
             "created": int(time.time()), "model": model, "choices": [],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def tool_calls_chunk(chunk_id: str, model: str, calls: list[ToolCall], index: int = 0) -> str:
+    """A streamed choice's tool calls, whole, in one delta (the client's accumulation reads them as is)."""
+    choice = {"index": index, "delta": {"tool_calls": [call.openai(i) for i, call in enumerate(calls)]},
+              "finish_reason": None}
+    body = {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"
 
 

@@ -16,10 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from launcher.openai_protocol import (APIError, adds_special_tokens, chat_prompt, check_model, choice_count,
-                                      choice_params, completion_prompts, completion_response, echoes, logprobs_count,
-                                      logprobs_object, parse_body, sampling_params, stream_chunk, tokenize_text,
-                                      usage_chunk, wants_stream_usage)
+from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
+                                      check_model, choice_count, choice_params, completion_prompts,
+                                      completion_response, echoes, logprobs_count, logprobs_object, parse_body,
+                                      sampling_params, stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk,
+                                      wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 
@@ -124,7 +125,9 @@ class OpenAIServer:
         body = parse_body(await request.body())
         check_model(body, self.model_name)
         template = await self._chat_template() if chat else None
-        prompts = [chat_prompt(body, template)] if chat else completion_prompts(body)
+        tools = chat_tools(body, template) if chat else None
+        tool_form = template.tool_format if tools else None  # replies are read for tool calls
+        prompts = [chat_prompt(body, template, tools=tools)] if chat else completion_prompts(body)
         params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat))
         echo = not chat and echoes(body)
         add_special_tokens = adds_special_tokens(body, chat)
@@ -141,13 +144,13 @@ class OpenAIServer:
                 raise APIError(400, first["error"], first["param"])
         choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
         if body.get("stream"):
-            return StreamingResponse(self._sse(choices, n, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(choices, n, chat, usage, tool_form), media_type="text/event-stream")
         finished = await asyncio.gather(*(self._collect(events) for events in choices))
         return completion_response(
             self.model_name,
             [(text, last["finish_reason"], last["completion_tokens"],
               None if params.logprobs is None else logprobs_object(described, chat)) for text, last, described in finished],
-            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat)  # each prompt counts once
+            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form)  # each prompt counts once
 
     @staticmethod
     async def _chain(first, rest):
@@ -198,23 +201,37 @@ class OpenAIServer:
             for task in tasks:
                 task.cancel()
 
-    async def _sse(self, choices, n: int, chat: bool, usage: bool):
+    async def _sse(self, choices, n: int, chat: bool, usage: bool, tool_form: str | None = None):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         opened, prompt_tokens, completion_tokens = set(), 0, 0
         offsets = {}  # completions' text_offset: where each choice's next token starts
+        tool_streams = {}  # with tools offered: each choice's text, held back where a tool call may begin
         async for index, event in self._merged(choices):
             if "delta" in event:
                 logprobs = None
                 if "logprobs" in event:
                     logprobs = logprobs_object(event["logprobs"], chat, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(d["token"]) for d in event["logprobs"])
-                yield stream_chunk(chunk_id, self.model_name, event["delta"], None, chat, index not in opened, index,
+                delta = event["delta"]
+                if tool_form:
+                    delta = tool_streams.setdefault(index, ToolCallStream(tool_form)).feed(delta)
+                    if not delta and logprobs is None and index in opened:
+                        continue
+                yield stream_chunk(chunk_id, self.model_name, delta, None, chat, index not in opened, index,
                                    logprobs)
                 opened.add(index)
             else:
                 if chat and index not in opened:
                     yield stream_chunk(chunk_id, self.model_name, "", None, chat, True, index)
-                yield stream_chunk(chunk_id, self.model_name, None, event["finish_reason"], chat, index=index)
+                finish_reason = event["finish_reason"]
+                if index in tool_streams:
+                    rest, calls = tool_streams[index].finish()
+                    if rest:
+                        yield stream_chunk(chunk_id, self.model_name, rest, None, chat, index=index)
+                    if calls:
+                        yield tool_calls_chunk(chunk_id, self.model_name, calls, index)
+                        finish_reason = "tool_calls"
+                yield stream_chunk(chunk_id, self.model_name, None, finish_reason, chat, index=index)
                 if index % n == 0:  # each prompt counts once
                     prompt_tokens += event["prompt_tokens"]
                 completion_tokens += event["completion_tokens"]

@@ -28,6 +28,8 @@ from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from lm.tool_calls import tool_format
+
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 FILE = "chat_template.json"  # beside tokenizer.json, where a tokenizer carries a template of its own
@@ -63,12 +65,16 @@ class ChatTemplate:
     def is_builtin(self) -> bool:
         return self.source == JINJA_TEMPLATE
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's function tools ({"type": "function", "function": {name, parameters}}), which a
+        template that takes them writes into the prompt, as transformers' `apply_chat_template(tools=...)`."""
+        if tools and not self.takes_tools:
+            raise ChatTemplateError("this model's chat template does not take tools")
         if self.is_builtin:  # the same text, without Jinja
             return render_chat(messages, add_generation_prompt)
         try:
             return _compiled(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 tools=None, documents=None, **self.special_tokens)
+                                                 tools=tools or None, documents=None, **self.special_tokens)
         except ChatTemplateError:
             raise
         except Exception as error:  # a template's raise_exception, or a template that breaks on this input
@@ -101,6 +107,16 @@ class ChatTemplate:
                                         "goes on, so its reply has no fixed place to learn from")
             spans.append((len(prompt), len(upto)))
         return text, spans
+
+    @cached_property
+    def takes_tools(self) -> bool:
+        """Whether the template writes a `tools` list into the prompt (an instruct model tuned to call them)."""
+        return not self.is_builtin and "tools" in _variables(self.source)
+
+    @cached_property
+    def tool_format(self) -> str | None:
+        """How the model writes its tool calls (lm.tool_calls), None where the template takes no tools."""
+        return tool_format(self.source, self.takes_tools)
 
     @cached_property
     def end_of_turn(self) -> str:
@@ -155,6 +171,14 @@ def hf_chat_template(directory: str | Path) -> ChatTemplate | None:
 def _token_text(token) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or an AddedToken object."""
     return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+
+@lru_cache(maxsize=8)
+def _variables(source: str) -> set[str]:
+    """The names a template reads from what it is rendered with."""
+    from jinja2 import meta
+
+    return meta.find_undeclared_variables(_compiled(source).environment.parse(source))
 
 
 @lru_cache(maxsize=8)

@@ -325,6 +325,10 @@ BAD = [
     ("chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "messages"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "x"}}]}]}).encode(), 400, "messages"),
+    # the built-in template takes no tools (a model tuned on them brings its own: test_tool_calls.py)
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{
+        "type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools"),
+    ("chat/completions", json.dumps({"messages": [{"role": "tool", "content": "21 C"}]}).encode(), 400, "messages"),
 ]
 
 

@@ -1,0 +1,226 @@
+"""Tool calling through /v1/chat/completions, as vLLM serves an instruct model: OpenAI's `tools` are
+written into the prompt by the model's own template (as transformers' `apply_chat_template(tools=...)`
+writes them), the turns of earlier calls render, and the calls in the reply come back as `tool_calls`
+(streamed and not) in the format the template taught the model (Qwen's `<tool_call>`, Mistral's
+`[TOOL_CALLS]`, Llama's JSON). Over HTTP, a model built to answer with one fixed call stands in for a
+tuned one, so the whole path is checked with the openai client."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from launcher.openai_protocol import (APIError, ToolCallStream, chat_prompt, chat_tools, completion_response,
+                                      tokenize_text)
+from lm.chat_template import BUILTIN, ChatTemplate, hf_chat_template
+from lm.tokenizer import ByteBPETokenizer
+from lm.tool_calls import parse_tool_calls
+
+# Qwen2.5-Instruct's template (tools, tool calls, tool results), as its tokenizer_config.json has it.
+QWEN_TOOLS = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.' }}{%- endif %}{{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user "
+    "query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}"
+    "{%- for tool in tools %}{{- \"\\n\" }}{{- tool | tojson }}{%- endfor %}"
+    "{{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}"
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == \"assistant\" %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == \"tool\" %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Today's weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+# A finished exchange: the call (arguments as OpenAI sends them, a JSON string), its result, the answer.
+HISTORY = QUESTION + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    {"role": "user", "content": "And tomorrow?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A Hugging Face directory with Qwen's template and tool markers, and a GPT-2 built to answer every
+    prompt with one call: each token's logits favour one next token (one-hot embeddings, blocks that add
+    nothing, a head that maps token to token), chained from the generation prompt's last token through
+    `<tool_call>`, the call's JSON (one added token) and `</tool_call>` to `<|im_end|>`."""
+    import transformers
+
+    directory = tmp_path_factory.mktemp("qwen-tools") / "qwen-tools"
+    directory.mkdir()
+    bpe = ByteBPETokenizer.train(iter(["What is the weather in Paris today? Sunny. " * 20]), vocab_size=300)
+    bpe._tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    bpe._tok.add_tokens(["<tool_call>", "</tool_call>", "\n" + CALL + "\n"])
+    bpe.save(directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": QWEN_TOOLS, "eos_token": "<|im_end|>"}))
+    ids = bpe._tok.token_to_id
+    vocab = bpe._tok.get_vocab_size()
+    prompt = ChatTemplate(QWEN_TOOLS).render(QUESTION, tools=[WEATHER])
+    chain = [bpe.encode(prompt, add_special_tokens=False)[-1], ids("<tool_call>"), ids("\n" + CALL + "\n"),
+             ids("</tool_call>"), ids("<|im_end|>")]
+    width = vocab + 4 - vocab % 4
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=1, n_head=4,
+                                     tie_word_embeddings=False, eos_token_id=ids("<|im_end|>"))
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "c_proj" in name or "wpe" in name:
+                tensor.zero_()
+        model.transformer.wte.weight.copy_(10 * torch.eye(vocab, width))
+        head = torch.zeros(vocab, width)
+        head[ids("<|im_end|>"), :vocab] = 10  # by default a reply ends
+        for token, following in zip(chain, chain[1:]):
+            head[:, token] = 0
+            head[following, token] = 10
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_tools_and_tool_turns_render_as_transformers_renders_them(qwen_dir):
+    from transformers import AutoTokenizer
+
+    template = hf_chat_template(qwen_dir)
+    assert template.takes_tools and template.tool_format == "hermes"
+    assert not BUILTIN.takes_tools and ChatTemplate(QWEN_TOOLS.replace("tools", "extras")).tool_format is None
+    reference = AutoTokenizer.from_pretrained(qwen_dir)
+    # transformers takes the call's arguments as an object; the server parses OpenAI's JSON string
+    parsed = [dict(m, tool_calls=[{**c, "function": {**c["function"], "arguments": {"city": "Paris"}}}
+                                  for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in HISTORY]
+    body = {"messages": HISTORY, "tools": [WEATHER]}
+    assert chat_prompt(body, template, tools=chat_tools(body, template)) == reference.apply_chat_template(
+        parsed, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in \
+        chat_prompt(body, template)
+    # vLLM's /tokenize renders the tools too
+    assert tokenize_text(body, template) == (chat_prompt(body, template, tools=[WEATHER]), False)
+    assert chat_prompt({"messages": QUESTION}, template) == reference.apply_chat_template(
+        QUESTION, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("form,text,content,calls", [
+    ("hermes", "Let me look.\n<tool_call>\n" + CALL + "\n</tool_call>\n<tool_call>\n{\"name\": \"now\", "
+     "\"arguments\": {}}\n</tool_call>", "Let me look.\n", [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("hermes", "<tool_call>\n" + CALL, None, [("get_weather", {"city": "Paris"})]),  # cut off before its end tag
+    ("hermes", "No tools needed.", "No tools needed.", []),
+    ("hermes", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>",  # not JSON: text
+     "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>", []),
+    ("mistral", "[TOOL_CALLS][" + CALL + "]", None, [("get_weather", {"city": "Paris"})]),
+    ("json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', None,
+     [("get_weather", {"city": "Paris"})]),
+    ("json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', None, [("a", {}), ("b", {"x": 1})]),
+    ("json", "It is sunny.", "It is sunny.", []),
+])
+def test_tool_calls_are_read_from_replies(form, text, content, calls):
+    found_content, found = parse_tool_calls(text, form)
+    assert found_content == content
+    assert [(call.name, json.loads(call.arguments)) for call in found] == calls
+
+
+def test_a_stream_sends_text_and_holds_back_where_a_call_begins():
+    stream = ToolCallStream("hermes")
+    reply = "Checking <tool not a call> now.\n<tool_call>\n" + CALL + "\n</tool_call>"
+    sent = [stream.feed(reply[i:i + 3]) for i in range(0, len(reply), 3)]
+    assert "".join(sent) == "Checking <tool not a call> now.\n"
+    assert all("<tool_call>" not in piece for piece in sent)
+    rest, calls = stream.finish()
+    assert rest == "" and [c.name for c in calls] == ["get_weather"]
+    plain = ToolCallStream("json")
+    assert plain.feed("{") == "" and plain.feed("oops, JSON-ish text") == ""  # held: it may be a call
+    assert plain.finish() == ("{oops, JSON-ish text", [])
+
+
+def test_tool_requests_a_server_cannot_honour_are_400s(qwen_dir):
+    template = hf_chat_template(qwen_dir)
+    cases = [({"tools": [WEATHER]}, BUILTIN, "tools", "does not take tools"),
+             ({"tools": [{"type": "function"}]}, template, "tools", "must be a list of"),
+             ({"tools": [WEATHER], "tool_choice": "required"}, template, "tool_choice", "guided decoding"),
+             ({"tool_choice": "auto"}, template, None, None)]
+    for extra, chosen, param, message in cases:
+        body = {"messages": QUESTION, **extra}
+        if param is None:
+            assert chat_tools(body, chosen) is None
+            continue
+        with pytest.raises(APIError) as refused:
+            chat_tools(body, chosen)
+        assert refused.value.status == 400 and refused.value.param == param and message in refused.value.message
+    assert chat_tools({"messages": QUESTION, "tools": [WEATHER], "tool_choice": "none"}, template) is None
+    with pytest.raises(APIError) as refused:  # a tool result for a model that has no tool role
+        chat_prompt({"messages": HISTORY}, BUILTIN)
+    assert refused.value.param == "messages" and "messages[1]" in refused.value.message
+
+
+def test_a_reply_with_calls_is_answered_as_openai_answers_it():
+    reply = completion_response("m", [("<tool_call>\n" + CALL + "\n</tool_call>", "stop", 9, None)], 5, True, "hermes")
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_") and "index" not in call
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    untouched = completion_response("m", [("<tool_call>x", "stop", 3, None)], 5, True)  # no tools offered
+    assert untouched["choices"][0]["message"] == {"role": "assistant", "content": "<tool_call>x"}
+
+
+@pytest.mark.slow
+def test_served_model_calls_tools_over_http(qwen_dir):
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
+    from launcher.serve_app import build
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"export_dir": str(qwen_dir), "max_batch_size": 4}), name="lm", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="qwen-tools", messages=QUESTION, tools=[WEATHER],
+                                               max_tokens=8, temperature=0)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+        chunks = list(client.chat.completions.create(model="qwen-tools", messages=QUESTION, tools=[WEATHER],
+                                                     max_tokens=8, temperature=0, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert not any(d.content for d in deltas)  # the call's text is not streamed as content
+        (streamed,) = [call for d in deltas for call in (d.tool_calls or [])]
+        assert streamed.index == 0 and streamed.function.name == "get_weather"
+        assert json.loads(streamed.function.arguments) == {"city": "Paris"}
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+        # Without tools the same reply is text; with tool_choice="none" the prompt offers none.
+        plain = client.chat.completions.create(model="qwen-tools", messages=QUESTION, max_tokens=8, temperature=0)
+        assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "stop"
+        assert plain.choices[0].message.content == "<tool_call>\n" + CALL + "\n</tool_call>"
+        # a finished exchange (call, result) renders and is answered
+        followed = client.chat.completions.create(model="qwen-tools", messages=HISTORY, tools=[WEATHER],
+                                                  max_tokens=8, temperature=0)
+        assert followed.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
