@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from lm.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from lm.engine import MAX_LOGPROBS, SamplingParams
-from lm.tool_calls import ToolCall, calls_start, parse_tool_calls
+from lm.tool_calls import ToolCall, calls_start, parse_tool_calls, template_tool_calls
 
 MAX_BODY_BYTES = 1_000_000
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
@@ -183,33 +183,17 @@ def _chat_message(i: int, message, takes_tools: bool) -> dict:
         content = "".join(part["text"] for part in content)
     roles = [*ROLES, "tool"] if takes_tools else list(ROLES)
     if takes_tools and role == "assistant" and message.get("tool_calls"):
-        return {"role": role, "content": content if isinstance(content, str) else "",
-                "tool_calls": _tool_calls(i, message["tool_calls"])}
+        try:
+            calls = template_tool_calls(message["tool_calls"])
+        except ValueError as error:
+            raise APIError(400, f"messages[{i}].{error}", "messages") from None
+        return {"role": role, "content": content if isinstance(content, str) else "", "tool_calls": calls}
     if role not in roles or not isinstance(content, str):
         raise APIError(400, f"messages[{i}] must be an object with role in {roles} (or developer) and string "
                             "content (or a list of text parts)", "messages")
     if role == "tool":
         return {"role": role, "content": content, "tool_call_id": message.get("tool_call_id")}
     return {"role": role, "content": content}
-
-
-def _tool_calls(i: int, calls) -> list[dict]:
-    functions = [call.get("function") if isinstance(call, dict) else None for call in calls] \
-        if isinstance(calls, list) else [None]
-    if not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in functions):
-        raise APIError(400, f"messages[{i}].tool_calls must be a list of {{id, type: function, function: {{name, "
-                            "arguments}}}", "messages")
-    rendered = []
-    for call, function in zip(calls, functions):
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
-                pass  # the template gets the text as sent
-        rendered.append({"id": call.get("id"), "type": "function",
-                         "function": {"name": function["name"], "arguments": arguments}})
-    return rendered
 
 
 def chat_tools(body: dict, template: ChatTemplate) -> list[dict] | None:

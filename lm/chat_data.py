@@ -5,7 +5,11 @@ Each JSONL line or Parquet/Arrow row is
 `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}`,
 `{"prompt": ..., "completion": ...}` (a user turn and the assistant's answer) or Alpaca's
 `{"instruction": ..., "input": ..., "output": ...}` (the input, if any, follows the instruction in
-the user turn). A conversation is rendered exactly as the server renders a request
+the user turn). A tool-calling conversation (OpenAI's `messages` with assistant `tool_calls` and
+"tool" results, and the line's `tools`, a list or its JSON text, as TRL takes them) needs a template
+that takes tools: the model's own; the replies that call tools are learned like any other.
+
+A conversation is rendered exactly as the server renders a request
 (`lm.chat_template`: the built-in template, or the pretrained model's own) and tokenized in one
 piece, as the server tokenizes a prompt; the loss mask then marks the tokens that start inside an
 assistant's answer (its content and the marker that ends the reply), so the model learns to answer
@@ -21,6 +25,13 @@ from typing import Iterator
 
 from lm.chat_template import BUILTIN, ROLES, ChatTemplate
 from lm.records import read_records
+from lm.tool_calls import template_tool_calls
+
+
+class Conversation(list):
+    """A conversation's messages, with the tools its prompt offered (None for most)."""
+
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -44,6 +55,12 @@ def parse_conversation(record) -> list[dict]:
     what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    conversation = Conversation(_parse_messages(record))
+    conversation.tools = _tools(record.get("tools"))
+    return conversation
+
+
+def _parse_messages(record: dict) -> list[dict]:
     if "messages" in record:
         messages = _messages(record["messages"], "messages")
     elif "conversations" in record:
@@ -60,9 +77,23 @@ def parse_conversation(record) -> list[dict]:
     else:
         raise ValueError('needs "messages" (or ShareGPT\'s "conversations"), "prompt" and "completion", '
                          'or "instruction" and "output"')
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in messages):
         raise ValueError("no non-empty assistant message to learn from")
     return messages
+
+
+def _tools(tools) -> list[dict] | None:
+    """A line's `tools`: a list of tool schemas, or that list's JSON text (as some datasets store it)."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise ValueError("tools is text that is not JSON") from None
+    if tools in (None, []):
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("tools must be a list of tool schemas ({type: function, function: {name, parameters}})")
+    return tools
 
 
 def _messages(turns, field: str) -> list[dict]:
@@ -75,10 +106,16 @@ def _messages(turns, field: str) -> list[dict]:
             role, content = SHAREGPT_ROLES.get(turn["from"]), turn.get("value")
         else:
             role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None)
-        if role not in ROLES or not isinstance(content, str):
-            allowed = "/".join(ROLES) + ("" if field == "messages" else f" (or from: {'/'.join(SHAREGPT_ROLES)})")
+        if role == "assistant" and isinstance(turn, dict) and turn.get("tool_calls"):
+            messages.append({"role": role, "content": content if isinstance(content, str) else "",
+                             "tool_calls": template_tool_calls(turn["tool_calls"])})
+            continue
+        if role not in (*ROLES, "tool") or not isinstance(content, str):
+            allowed = "/".join((*ROLES, "tool"))
+            allowed += "" if field == "messages" else f" (or from: {'/'.join(SHAREGPT_ROLES)})"
             raise ValueError(f"each of {field} needs role in {allowed} and string content")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content} if role != "tool" else
+                        {"role": role, "content": content, "tool_call_id": turn.get("tool_call_id")})
     return messages
 
 
@@ -94,8 +131,12 @@ def iter_conversations(files: list[Path], bad: list[BadLine], template: ChatTemp
                 if isinstance(record, json.JSONDecodeError):
                     raise ValueError("invalid JSON")
                 conversation = parse_conversation(record)
+                if not template.takes_tools and (conversation.tools or any(
+                        m["role"] == "tool" or "tool_calls" in m for m in conversation)):
+                    raise ValueError("tool calls need a chat template that takes tools (a model's own, as Qwen's "
+                                     "or Llama 3.1's); this one takes none")
                 if not template.is_builtin:
-                    template.answer_spans(conversation)
+                    template.answer_spans(conversation, conversation.tools)
             except ValueError as error:  # ChatTemplateError included
                 bad.append(BadLine(path, lineno, str(error)))
                 continue
@@ -104,8 +145,9 @@ def iter_conversations(files: list[Path], bad: list[BadLine], template: ChatTemp
 
 def render_with_answer_spans(messages: list[dict], template: ChatTemplate = BUILTIN
                              ) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text and the character spans the model is trained to produce."""
-    return template.answer_spans(messages)
+    """The conversation's text and the character spans the model is trained to produce (with the tools
+    a Conversation's prompt offered)."""
+    return template.answer_spans(messages, getattr(messages, "tools", None))
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], template: ChatTemplate = BUILTIN

@@ -80,28 +80,29 @@ class ChatTemplate:
         except Exception as error:  # a template's raise_exception, or a template that breaks on this input
             raise ChatTemplateError(f"the chat template fails on this conversation: {error}") from None
 
-    def answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def answer_spans(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The conversation's text and the character spans of the assistant's replies, each with the
         marker that ends it (so a model learns to stop), without the whitespace after that marker. A reply
         starts where the text rendered up to it with a generation prompt ends, and stops where the
         text rendered up to and including it ends: a template that renders earlier turns differently as a
         conversation grows has no such spans (ChatTemplateError). The last conversation's result is kept:
-        data preparation checks a conversation as it reads it, then renders the same one."""
-        key = json.dumps(messages, ensure_ascii=False)
+        data preparation checks a conversation as it reads it, then renders the same one. `tools`: the
+        tools its prompt offered (a tool-calling conversation), written in by the template."""
+        key = json.dumps([messages, tools], ensure_ascii=False)
         if (last := self.__dict__.get("_last_spans")) and last[0] == key:
             return last[1]
-        result = self._answer_spans(messages)
+        result = self._answer_spans(messages, tools)
         self.__dict__["_last_spans"] = (key, result)  # (frozen: set as cached_property sets its value)
         return result
 
-    def _answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        text = self.render(messages, add_generation_prompt=False)
+    def _answer_spans(self, messages: list[dict], tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
+        text = self.render(messages, add_generation_prompt=False, tools=tools)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[:i + 1], add_generation_prompt=False).rstrip()
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.render(messages[:i + 1], add_generation_prompt=False, tools=tools).rstrip()
             if not (upto.startswith(prompt) and text.startswith(upto)):
                 raise ChatTemplateError(f"the chat template renders message {i} differently once the conversation "
                                         "goes on, so its reply has no fixed place to learn from")

@@ -92,11 +92,34 @@ def parse_tool_calls(text: str, form: str) -> tuple[str | None, list[ToolCall]]:
     return (content if content.strip() else None), calls
 
 
+def template_tool_calls(calls) -> list[dict]:
+    """An assistant message's OpenAI `tool_calls` as templates take them: each call's JSON `arguments`
+    text parsed to an object (Qwen's and Llama's templates write `arguments | tojson`), as vLLM and
+    TRL hand them over. Raises ValueError for calls without a function name."""
+    functions = [call.get("function") if isinstance(call, dict) else None for call in calls] \
+        if isinstance(calls, list) and calls else [None]
+    if not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in functions):
+        raise ValueError("tool_calls must be a non-empty list of {id, type: function, function: {name, arguments}}")
+    rendered = []
+    for call, function in zip(calls, functions):
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                pass  # the template gets the text as sent
+        rendered.append({"id": call.get("id"), "type": "function",
+                         "function": {"name": function["name"], "arguments": arguments}})
+    return rendered
+
+
 def _call(found) -> ToolCall:
     if not isinstance(found, dict) or not isinstance(found.get("name"), str):
         raise ValueError("a tool call needs a name")
     arguments = found.get("arguments", found.get("parameters", {}))
-    return ToolCall(found["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(found["name"], arguments)
 
 
 def _json_objects(body: str) -> list[str]:

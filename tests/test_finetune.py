@@ -433,7 +433,7 @@ def test_sharegpt_and_alpaca_records_read_as_messages(tmp_path):
     assert conversations[3:5] == [expected[1:]] * 2
     assert conversations[5] == [{"role": "user", "content": "Capital of\n\nFoo?"}, expected[2]]
     assert [(b.lineno, b.reason) for b in bad] == [
-        (7, "each of conversations needs role in system/user/assistant (or from: system/human/user/gpt/assistant) "
+        (7, "each of conversations needs role in system/user/assistant/tool (or from: system/human/user/gpt/assistant) "
             "and string content"),
         (8, 'needs "messages" (or ShareGPT\'s "conversations"), "prompt" and "completion", or "instruction" and '
             '"output"')]

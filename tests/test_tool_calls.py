@@ -130,7 +130,8 @@ def test_tools_and_tool_turns_render_as_transformers_renders_them(qwen_dir):
     ("mistral", "[TOOL_CALLS][" + CALL + "]", None, [("get_weather", {"city": "Paris"})]),
     ("json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', None,
      [("get_weather", {"city": "Paris"})]),
-    ("json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', None, [("a", {}), ("b", {"x": 1})]),
+    ("json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', None,
+     [("a", {}), ("b", {"x": 1})]),
     ("json", "It is sunny.", "It is sunny.", []),
 ])
 def test_tool_calls_are_read_from_replies(form, text, content, calls):
@@ -224,3 +225,32 @@ def test_served_model_calls_tools_over_http(qwen_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_tool_calling_conversations_train_on_their_calls(qwen_dir, tmp_path):
+    """A data=chat line with `tools` (here their JSON text, as some datasets store them), an assistant's
+    tool_calls and the tool's result renders as transformers renders it, and the loss falls on the
+    replies (the call and the answer after its result), not on the tools, the question or the result.
+    A template without tools makes such a line a bad line."""
+    from transformers import AutoTokenizer
+
+    from lm.chat_data import iter_conversations, tokenize_conversation
+    from lm.tokenizer import hf_directory_tokenizer
+
+    exchange = HISTORY[:3] + [{"role": "assistant", "content": "Sunny, 21 C."}]
+    (tmp_path / "calls.jsonl").write_text(json.dumps({"messages": exchange, "tools": json.dumps([WEATHER])}) + "\n")
+    tokenizer = hf_directory_tokenizer(qwen_dir)
+    bad = []
+    (conversation,) = iter_conversations([tmp_path / "calls.jsonl"], bad, tokenizer.chat_template)
+    assert not bad and conversation.tools == [WEATHER]
+    ids, mask = tokenize_conversation(tokenizer, conversation, tokenizer.chat_template)
+    parsed = [dict(m, tool_calls=[{**c, "function": {**c["function"], "arguments": {"city": "Paris"}}}
+                                  for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in exchange]
+    assert tokenizer.decode(ids) == AutoTokenizer.from_pretrained(qwen_dir).apply_chat_template(
+        parsed, tools=[WEATHER], tokenize=False)
+    learned = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "<tool_call>\n" + CALL + "\n</tool_call><|im_end|>Sunny, 21 C.<|im_end|>"
+
+    assert list(iter_conversations([tmp_path / "calls.jsonl"], bad)) == []  # the built-in template
+    assert [b.reason for b in bad] == ["tool calls need a chat template that takes tools (a model's own, as Qwen's "
+                                       "or Llama 3.1's); this one takes none"]
