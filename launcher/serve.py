@@ -16,7 +16,7 @@ from launcher.ray_env import WORKER_ENV, configure_local_ray, stop_autoscaler_mo
 from launcher.run_dir import is_uri
 from launcher.schema import fail
 from launcher.storage import check_object_store
-from lm.config import ConfigError, ServeAppConfig
+from lm.config import SERVE_DTYPES, ConfigError, ServeAppConfig
 
 ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
 
@@ -34,6 +34,8 @@ def builder_args(cfg: ServeAppConfig) -> dict:
     if s.max_model_len is not None and s.max_model_len < 2:
         raise ConfigError(f"serve.max_model_len={s.max_model_len} is invalid: must be >= 2 (a prompt token and "
                           "an answer token), or null for the model's context")
+    if s.dtype not in SERVE_DTYPES:
+        raise ConfigError(f"serve.dtype={s.dtype!r} is invalid: allowed are {', '.join(SERVE_DTYPES)}")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
@@ -43,7 +45,8 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "api_key": s.api_key, "num_replicas": s.num_replicas, "autoscaling": s.autoscaling,
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
-            "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len}
+            "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len,
+            "dtype": s.dtype}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

@@ -10,7 +10,7 @@ import hmac
 import os
 import uuid
 from dataclasses import replace
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -273,6 +273,18 @@ def served_model(export_dir: str) -> tuple[str, int | None]:
     return name, source.model.block_size
 
 
+def check_dtype(dtype: str, export_dir: str) -> None:
+    """serve.dtype chooses a Hugging Face directory's serving precision; an export has its own."""
+    from lm.config import SERVE_DTYPES, ConfigError
+    from lm.remote_files import is_uri
+
+    if dtype not in SERVE_DTYPES:
+        raise ConfigError(f"serve.dtype={dtype!r} is invalid: allowed are {', '.join(SERVE_DTYPES)}")
+    if dtype != "auto" and not is_uri(export_dir) and (Path(export_dir) / "export.json").exists():
+        raise ConfigError(f"serve.dtype={dtype} is invalid for an export, which serves in the precision it was "
+                          f"exported in (export.precision={dtype} makes one); allowed: auto")
+
+
 def check_max_model_len(max_model_len: int, context: int | None) -> None:
     """max_model_len fits the model's context (None: not known here; a replica checks it as it loads)."""
     from lm.config import ConfigError
@@ -284,7 +296,7 @@ def check_max_model_len(max_model_len: int, context: int | None) -> None:
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
               "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
-              "max_model_len"}
+              "max_model_len", "dtype"}
 
 
 def build(args: dict):
@@ -294,7 +306,8 @@ def build(args: dict):
     LMSTACK_API_KEY environment variable); num_replicas; autoscaling; max_batch_size;
     cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s;
     compile (compile the decode step ahead of time when a replica starts); max_model_len (tokens a
-    sequence may hold; default: the model's context)."""
+    sequence may hold; default: the model's context); dtype (auto, fp32, bf16: a Hugging Face
+    directory's weights as served)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -305,6 +318,8 @@ def build(args: dict):
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
     model_name, context = served_model(export_dir)
+    dtype = args.get("dtype") or "auto"
+    check_dtype(dtype, export_dir)
     max_model_len = args.get("max_model_len")
     if max_model_len is not None:
         check_max_model_len(int(max_model_len), context)
@@ -322,7 +337,7 @@ def build(args: dict):
                                                    int(args.get("stream_interval_ms", 40)),
                                                    int(args.get("stream_events_per_s", 100)),
                                                    bool(args.get("compile", False)),
-                                                   None if max_model_len is None else int(max_model_len))
+                                                   None if max_model_len is None else int(max_model_len), dtype)
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

@@ -32,11 +32,25 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
+def hf_serving_dtype(directory: str, dtype: str, use_gpu: bool) -> str:
+    """serve.dtype for a Hugging Face directory: auto is bf16 on a GPU where the model was saved in 16
+    bits (its config's torch_dtype, `dtype` since transformers 5), as vLLM's auto, and fp32 on CPUs
+    (where bf16 decodes small batches no faster: benchmarks/RESULTS.md)."""
+    import json
+    from pathlib import Path
+
+    if dtype != "auto":
+        return dtype
+    config = json.loads((Path(directory) / "config.json").read_text())
+    saved = config.get("dtype") or config.get("torch_dtype")
+    return "bf16" if use_gpu and saved in ("bfloat16", "float16") else "fp32"
+
+
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, dtype: str = "auto"):
         import tempfile
 
         import torch
@@ -54,9 +68,10 @@ class LanguageModel:
         device = "cuda" if use_gpu else "cpu"
         if (Path(local) / "export.json").exists():
             model, tokenizer, _, precision = load_export(local, device=device)
-        else:  # a Hugging Face model directory, served as it is
-            (model, tokenizer), precision = load_hf_directory(local), "fp32"
-            model = model.to(device)
+        else:  # a Hugging Face model directory, served as it is, in serve.dtype
+            model, tokenizer = load_hf_directory(local)
+            precision = hf_serving_dtype(local, dtype, use_gpu)
+            model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many

@@ -209,6 +209,12 @@ class ServeConfig:
     # Each replica keeps a KV cache of max_batch_size sequences of this length: a long-context model
     # (Llama 3.2: 131,072 positions) needs a shorter one.
     max_model_len: Optional[int] = None
+    # A Hugging Face directory's weights as served (vLLM's dtype): auto is its config's dtype (bf16 for
+    # most) on GPUs and fp32 on CPUs; an export serves in the precision it was exported in.
+    dtype: str = "auto"
+
+
+SERVE_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass

@@ -190,7 +190,7 @@ def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     import shutil
 
     from launcher.serve_app import served_model
-    from launcher.serve_model import LanguageModel
+    from launcher.serve_model import LanguageModel, hf_serving_dtype
     from lm.engine import SamplingParams
     from test_chat_template import CHATML
 
@@ -207,6 +207,16 @@ def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     expected = models["llama3-style"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                                min_new_tokens=6, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
     assert served == expected.tolist()
+    # serve.dtype: bf16 weights and caches on request (auto is fp32 on a CPU); the greedy tokens of a
+    # 2-layer model barely move
+    assert hf_serving_dtype(str(directory), "auto", use_gpu=False) == "fp32"
+    (directory / "config.json").write_text(json.dumps({**json.loads((directory / "config.json").read_text()),
+                                                        "dtype": "bfloat16"}))
+    assert hf_serving_dtype(str(directory), "auto", use_gpu=True) == "bf16"
+    half = LanguageModel.func_or_class(str(directory), 2, 1, dtype="bf16")
+    assert half.info()["precision"] == "bf16" and half.engine.k_caches[0].dtype == torch.bfloat16
+    assert half.engine.model.wte.weight.dtype == torch.bfloat16
+    assert len(half.engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].output_ids) == 6
     with pytest.raises(ConfigError, match=rf"^serve.export_dir='{tmp_path}' has no config.json; allowed: a "
                                           "directory written by launcher.export, or a Hugging Face"):
         served_model(str(tmp_path))

@@ -372,16 +372,21 @@ def test_serve_config_errors_name_the_field():
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
+    with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
+        builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16")))
 
 
 def test_max_model_len_is_checked_against_the_exports_context_before_serving(server, trained):
     from launcher.serve import builder_args
-    from launcher.serve_app import check_max_model_len, served_model
+    from launcher.serve_app import build, check_max_model_len, served_model
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
     with pytest.raises(ConfigError, match="serve.max_model_len=1 is invalid: must be >= 2"):
         builder_args(ServeAppConfig(serve=ServeConfig(max_model_len=1)))
-    name, context = served_model(str(trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"))  # the server's
+    export = str(trained[0] / "gpt2-trained" / "exports" / "fp32-step000300")  # the server's
+    with pytest.raises(ConfigError, match=r"^serve.dtype=bf16 is invalid for an export, which serves in the "):
+        build({"export_dir": export, "dtype": "bf16"})  # before any replica starts
+    name, context = served_model(export)
     assert (name, context) == (server[1], 256)  # the run's name, the model's context
     check_max_model_len(context, context)
     check_max_model_len(10**6, None)  # an export in an object store: its replica checks it as it loads
