@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lm.compiled_decode import CompiledDecodeStep
 from lm.config import kv_heads
 from lm.inference import optimize_for_decoding
+from lm.json_guide import JsonGrammar, JsonGuide
 from lm.model import GPT
 from lm.tokenizer import stop_ids
 
@@ -40,6 +41,9 @@ class SamplingParams:
     # OpenAI's penalties on tokens already generated: logits -= frequency x count + presence x (count > 0).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Guided decoding: the output is JSON that this grammar (a compiled JSON Schema) accepts, and the
+    # sequence ends when that document is complete (lm.json_guide).
+    grammar: Optional[JsonGrammar] = None
 
 
 MAX_LOGPROBS = 20
@@ -82,6 +86,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     aborted: bool = False
+    guide: Optional[JsonGuide] = None  # where the output stands in params.grammar
 
     @property
     def finished(self) -> bool:
@@ -185,7 +190,8 @@ class Engine:
             generator.seed()  # this generator only: torch.seed() reseeds the global RNGs, CUDA's lazily (~1 ms)
         else:
             generator.manual_seed(params.seed)
-        seq = Sequence(next(self._ids), prompt_ids, params, generator)
+        seq = Sequence(next(self._ids), prompt_ids, params, generator,
+                       guide=params.grammar.guide() if params.grammar is not None else None)
         self.waiting.append(seq)
         return seq
 
@@ -270,9 +276,9 @@ class Engine:
             self.step()
         return seqs
 
-    @staticmethod
-    def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax; sampled rows each with their own generator (seeded reproducibility)."""
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Greedy rows in one argmax; sampled rows each with their own generator (seeded reproducibility);
+        guided rows keep that choice when their grammar allows it."""
         logits = logits.cpu()
         penalized = [i for i, seq in enumerate(batch) if seq.params.presence_penalty or seq.params.frequency_penalty]
         if penalized:
@@ -280,11 +286,32 @@ class Engine:
             for i in penalized:
                 apply_penalties(logits[i], batch[i])
         greedy = logits.argmax(dim=-1).tolist()
-        return [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
+        chosen = [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
+                  for i, seq in enumerate(batch)]
+        return [self._guided(seq, logits[i], chosen[i]) if seq.guide is not None else chosen[i]
                 for i, seq in enumerate(batch)]
 
+    def _guided(self, seq: Sequence, logits: torch.Tensor, choice: int) -> int:
+        """The unconstrained choice if the grammar allows it, else a draw from the allowed tokens only
+        (for a sampled row, a refused draw then a masked one is exactly the renormalized distribution).
+        -1 when the grammar allows nothing this vocabulary can spell (the sequence stops)."""
+        table = self.token_bytes
+        if (seq.guide.can_end if choice in self.stop_ids else seq.guide.allows(table[choice])):
+            return choice
+        allowed = seq.guide.mask(table).clone()
+        for stop in self.stop_ids:
+            allowed[stop] = seq.guide.can_end
+        if not allowed.any():
+            return -1
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        return int(logits.argmax()) if seq.params.temperature == 0 else sample_next(logits, seq.params, seq.generator)
+
+    @property
+    def token_bytes(self) -> list[bytes | None]:
+        return self.tokenizer.token_bytes()
+
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        if token in self.stop_ids:
+        if token in self.stop_ids or token < 0:
             self._finish(seq, "stop")
             return
         if seq.params.logprobs is not None:
@@ -297,6 +324,11 @@ class Engine:
             cut = seq.text.find(stop, max(0, before - longest + 1))
             if cut != -1:
                 seq.text, seq.finish_reason = seq.text[:cut], "stop"
+                return
+        if seq.guide is not None:
+            seq.guide.advance(self.token_bytes[token])
+            if seq.guide.done:  # the document is complete: nothing the grammar allows may follow
+                self._finish(seq, "stop")
                 return
         if len(seq.output_ids) >= seq.params.max_tokens:
             self._finish(seq, "length")

@@ -69,6 +69,30 @@ class ByteBPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as they appear in decoded text (None for a special token), for guided
+        decoding. Byte-level vocabularies (GPT-2's, ours, Llama 3's, Qwen's) spell bytes with GPT-2's
+        printable map; SentencePiece ones (Llama 2's, Mistral's) write a space as U+2581 and bytes
+        they lack as <0xHH>."""
+        if getattr(self, "_token_bytes", None) is None:
+            special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            sentencepiece = self._tok.token_to_id("<0x0A>") is not None
+            to_byte = _byte_level_map()
+            table: list[bytes | None] = []
+            for i in range(self._tok.get_vocab_size()):
+                piece = self._tok.id_to_token(i)
+                if piece is None or i in special:
+                    table.append(None)
+                elif sentencepiece:
+                    table.append(bytes([int(piece[3:5], 16)]) if len(piece) == 6 and piece.startswith("<0x")
+                                 else piece.replace("\u2581", " ").encode())
+                elif all(c in to_byte for c in piece):
+                    table.append(bytes(to_byte[c] for c in piece))
+                else:  # an added token that is plain text
+                    table.append(piece.encode())
+            self._token_bytes = table
+        return self._token_bytes
+
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
         _save_chat_template(self.chat_template, path)
@@ -110,6 +134,9 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
+    def token_bytes(self) -> list[bytes | None]:
+        return [c.encode() for c in self.chars]
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
         _save_chat_template(None, path)
@@ -119,6 +146,20 @@ class CharTokenizer:
 
 
 Tokenizer = ByteBPETokenizer | CharTokenizer
+
+
+def _byte_level_map() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate | None) -> Tokenizer:

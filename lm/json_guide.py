@@ -1,0 +1,380 @@
+"""Guided decoding: only tokens that keep the output a prefix of JSON matching a schema are sampled.
+
+What OpenAI's `response_format` (json_object, json_schema) and a forced tool call (`tool_choice`
+"required" or a named function) need, as vLLM does with xgrammar, here in plain Python. A schema
+compiles into a `JsonGrammar`; a `JsonGuide` follows one sequence's output byte by byte with a
+small nondeterministic pushdown machine (a set of stacks of frames, each an immutable tuple), so
+trying a token is copying nothing. Bytes, not characters: byte-level BPE tokens may end inside a
+UTF-8 character, and everything JSON says about structure is ASCII.
+
+Sampling tries the model's own choice first and masks the whole vocabulary only when the grammar
+refuses it (`Engine` does this); a refused draw followed by a masked one samples exactly from the
+distribution renormalized over the allowed tokens, and a trained model's first choice usually fits.
+The supported schema keywords are `SUPPORTED`; any other keyword that constrains a value is refused
+up front, so the output never silently breaks the schema.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+
+# Keywords that constrain a value, all enforced; annotations (ANNOTATIONS) are read past.
+SUPPORTED = ("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+             "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "minLength", "maxLength")
+ANNOTATIONS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
+               "strict", "deprecated", "readOnly", "writeOnly")
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# Between tokens at most one space, as Outlines allows by default: left free, models (a weak one
+# especially) loop on blank space and newlines. The output is compact JSON, the same value.
+MAX_WHITESPACE = 1
+MAX_NUMBER_BYTES = 24
+_WS = frozenset(b" ")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class SchemaError(ValueError):
+    """A schema this guide cannot enforce; `path` names where in the schema (e.g. 'properties.age')."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class Spec:
+    """One compiled schema node. Compared by identity: frames hold it, and states are hashed."""
+
+    __slots__ = ("types", "literals", "props", "required", "extra", "items", "min_items", "max_items",
+                 "min_len", "max_len", "alternatives")
+
+    def __init__(self):
+        self.types: frozenset[str] = frozenset(TYPES)
+        self.literals: Optional[list[bytes]] = None  # enum/const: the value's JSON text, exactly
+        self.props: Optional[dict[bytes, Spec]] = None  # declared properties (JSON-escaped names); None: any keys
+        self.required: frozenset[bytes] = frozenset()
+        self.extra: Optional[Spec] = None  # the value of any key, where props is None
+        self.items: Optional[Spec] = None
+        self.min_items, self.max_items = 0, None
+        self.min_len, self.max_len = 0, None
+        self.alternatives: Optional[list[Spec]] = None  # anyOf/oneOf: any one of these
+
+
+def _any() -> Spec:
+    spec = Spec()
+    spec.extra = spec.items = spec  # any JSON: values inside are any JSON too
+    return spec
+
+
+def _json_text(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+class _Compiler:
+    def __init__(self, root: dict):
+        self.root = root
+        self.refs: dict[str, Spec] = {}
+
+    def compile(self, schema: Any, path: str) -> Spec:
+        if schema is True or schema == {}:
+            return _any()
+        if not isinstance(schema, dict):
+            raise SchemaError(path, "must be a JSON Schema object")
+        unknown = sorted(k for k in schema if k not in SUPPORTED and k not in ANNOTATIONS)
+        if unknown:
+            raise SchemaError(_join(path, unknown[0]), f"is not supported in guided decoding; supported: {', '.join(SUPPORTED)}")
+        if "$ref" in schema:
+            return self.ref(schema["$ref"], _join(path, "$ref"))
+        spec = Spec()
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = schema[key]
+                if not isinstance(options, list) or not options:
+                    raise SchemaError(_join(path, key), "must be a non-empty list of schemas")
+                spec.alternatives = [self.compile(o, f"{_join(path, key)}[{i}]") for i, o in enumerate(options)]
+                return spec
+        if "const" in schema:
+            spec.literals = [_json_text(schema["const"])]
+            return spec
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise SchemaError(_join(path, "enum"), "must be a non-empty list")
+            spec.literals = [_json_text(v) for v in schema["enum"]]
+            return spec
+        kinds = schema.get("type", list(TYPES))
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
+            raise SchemaError(_join(path, "type"), f"must be one of {', '.join(TYPES)} (or a list of them)")
+        spec.types = frozenset(kinds)
+        if "properties" in schema:
+            properties = schema["properties"]
+            if not isinstance(properties, dict):
+                raise SchemaError(_join(path, "properties"), "must be an object of schemas")
+            spec.props = {_json_text(name)[1:-1]: self.compile(sub, _join(path, f"properties.{name}"))
+                          for name, sub in properties.items()}
+        required = schema.get("required", [])
+        if not isinstance(required, list) or any(r not in (schema.get("properties") or {}) for r in required):
+            raise SchemaError(_join(path, "required"), "must list names from 'properties'")
+        spec.required = frozenset(_json_text(r)[1:-1] for r in required)
+        extra = schema.get("additionalProperties", True)
+        if spec.props is None:
+            spec.extra = _any() if extra is True else (None if extra is False else
+                                                         self.compile(extra, _join(path, "additionalProperties")))
+            if spec.extra is None:
+                spec.props = {}
+        spec.items = self.compile(schema.get("items", True), _join(path, "items"))
+        spec.min_items, spec.max_items = _bounds(schema, "minItems", "maxItems", path)
+        spec.min_len, spec.max_len = _bounds(schema, "minLength", "maxLength", path)
+        return spec
+
+    def ref(self, ref: Any, path: str) -> Spec:
+        """A local reference (#/$defs/Name, #/definitions/Name), compiled once so recursion terminates."""
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise SchemaError(path, "only local references ('#/$defs/...') are supported")
+        if ref not in self.refs:
+            target: Any = self.root
+            for part in ref[2:].split("/"):
+                if not isinstance(target, dict) or part not in target:
+                    raise SchemaError(path, f"{ref!r} does not resolve in this schema")
+                target = target[part]
+            placeholder = Spec()
+            placeholder.alternatives = []
+            self.refs[ref] = placeholder
+            placeholder.alternatives.append(self.compile(target, ref[2:].replace("/", ".")))
+        return self.refs[ref]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _bounds(schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, Optional[int]]:
+    low, high = schema.get(low_key, 0), schema.get(high_key)
+    for key, value in ((low_key, low), (high_key, high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise SchemaError(_join(path, key), "must be a non-negative integer")
+    if high is not None and high < low:
+        raise SchemaError(_join(path, high_key), f"must be >= {low_key}")
+    return low, high
+
+
+class JsonGrammar:
+    """A compiled schema (None: any JSON object, OpenAI's json_object mode), shared by every request
+    that uses it; masks of the whole vocabulary are cached per parser state."""
+
+    def __init__(self, schema: Optional[dict] = None):
+        self.key = json.dumps(schema, sort_keys=True)  # the same schema, the same grammar (and mask cache)
+        if schema is None:
+            self.root = Spec()
+            self.root.types = frozenset({"object"})
+            self.root.extra = self.root.items = _any()
+        else:
+            if not isinstance(schema, dict):
+                raise SchemaError("", "the schema must be a JSON object")
+            self.root = _Compiler(schema).compile(schema, "")
+        self._masks: OrderedDict[frozenset, torch.Tensor] = OrderedDict()
+
+    def guide(self) -> "JsonGuide":
+        return JsonGuide(self)
+
+
+class JsonGuide:
+    """One sequence's position in the grammar: the set of parser stacks its output so far allows."""
+
+    def __init__(self, grammar: JsonGrammar):
+        self.grammar = grammar
+        self.states: frozenset = frozenset({(("val", grammar.root, 0), None)})
+
+    def after(self, data: bytes) -> frozenset:
+        """The states after `data`; empty if the grammar refuses it."""
+        states = self.states
+        for byte in data:
+            states = frozenset(s for state in states if state is not None for s in _step(state, byte))
+            if not states:
+                break
+        return states
+
+    def allows(self, data: Optional[bytes]) -> bool:
+        return bool(data) and bool(self.after(data))
+
+    def advance(self, data: bytes) -> None:
+        self.states = self.after(data)
+
+    @property
+    def can_end(self) -> bool:
+        """The output so far is a whole document (end-of-text may come now)."""
+        return any(_can_end(s) for s in self.states)
+
+    @property
+    def done(self) -> bool:
+        """A whole document that nothing may extend: the sequence ends here."""
+        return self.states == frozenset({None})
+
+    def mask(self, token_bytes: list[Optional[bytes]]) -> torch.Tensor:
+        """Which tokens the grammar allows next (bool, one per token), cached per state."""
+        cache = self.grammar._masks
+        if self.states in cache:
+            cache.move_to_end(self.states)
+            return cache[self.states]
+        first = {b for b in range(256) if self.after(bytes([b]))}
+        mask = torch.tensor([bool(t) and t[0] in first and bool(self.after(t)) for t in token_bytes])
+        cache[self.states] = mask
+        if len(cache) > 512:
+            cache.popitem(last=False)
+        return mask
+
+
+# The machine. A state is a stack: (frame, rest) with rest another stack, or None once the document
+# is complete. _step(state, byte) returns every state the byte may lead to (none: refused).
+
+def _can_end(state) -> bool:
+    if state is None:
+        return True
+    frame, rest = state
+    return frame[0] == "num" and frame[1] in ("zero", "int", "frac", "exp") and _can_end(rest)
+
+
+def _step(state, b: int) -> list:
+    frame, rest = state
+    return _HANDLERS[frame[0]](frame, rest, b)
+
+
+def _value(frame, rest, b):
+    _, spec, ws = frame
+    if b in _WS:
+        return [(("val", spec, ws + 1), rest)] if ws < MAX_WHITESPACE else []
+    return _start(spec, rest, b)
+
+
+def _start(spec: Spec, rest, b: int) -> list:
+    """The states after a value's first byte."""
+    if spec.alternatives is not None:
+        return [s for alt in spec.alternatives for s in _start(alt, rest, b)]
+    if spec.literals is not None:
+        return [_literal_from(text, 1, rest) for text in spec.literals if text[0] == b]
+    kinds, out = spec.types, []
+    if b == 0x22 and "string" in kinds:  # "
+        out.append((("str", spec, 0, 0, 0), rest))
+    elif b == 0x7B and "object" in kinds:  # {
+        out.append((("obj", spec, frozenset(), "first", 0, None), rest))
+    elif b == 0x5B and "array" in kinds:  # [
+        out.append((("arr", spec, 0, "first", 0), rest))
+    elif (b in _DIGITS or b == 0x2D) and kinds & {"number", "integer"}:
+        phase = "sign" if b == 0x2D else "zero" if b == 0x30 else "int"
+        out.append((("num", phase, "number" not in kinds, 1), rest))
+    else:
+        for word, kind in ((b"true", "boolean"), (b"false", "boolean"), (b"null", "null")):
+            if kind in kinds and word[0] == b:
+                out.append(_literal_from(word, 1, rest))
+    return out
+
+
+def _literal_from(text: bytes, pos: int, rest):
+    return rest if pos == len(text) else (("lit", text, pos), rest)
+
+
+def _literal_byte(frame, rest, b):
+    _, text, pos = frame
+    return [_literal_from(text, pos + 1, rest)] if text[pos] == b else []
+
+
+def _string(frame, rest, b):
+    """A string's bytes: escapes checked, control characters refused, UTF-8 kept whole (a character's
+    continuation bytes only after its lead byte), and characters counted where a length bound needs it."""
+    _, spec, escape, count, pending = frame
+    if pending:
+        return [(("str", spec, 0, count, pending - 1), rest)] if 0x80 <= b < 0xC0 else []
+    if escape == 1:  # after a backslash
+        if b == 0x75:  # u: four hex digits follow
+            return [(("str", spec, 5, count, 0), rest)]
+        return [(("str", spec, 0, count, 0), rest)] if b in b'"\\/bfnrt' else []
+    if escape:
+        return [(("str", spec, escape - 1 if escape > 2 else 0, count, 0), rest)] if b in _HEX else []
+    if b == 0x22:
+        return [rest] if count >= spec.min_len else []
+    if b < 0x20 or 0x80 <= b < 0xC2 or b > 0xF4:
+        return []
+    if spec.min_len or spec.max_len is not None:
+        count += 1
+        if spec.max_len is not None and count > spec.max_len:
+            return []
+    follow = 0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+    return [(("str", spec, 1 if b == 0x5C else 0, count, follow), rest)]
+
+
+_NUMBER_MOVES = {  # phase -> (digit, '.', 'e'/'E', sign) successors; None: not allowed
+    "sign": ("int", None, None, None), "zero": (None, "dot", "e", None), "int": ("int", "dot", "e", None),
+    "dot": ("frac", None, None, None), "frac": ("frac", None, "e", None), "e": ("exp", None, None, "esign"),
+    "esign": ("exp", None, None, None), "exp": ("exp", None, None, None),
+}
+
+
+def _number(frame, rest, b):
+    _, phase, integer, length = frame
+    digit, dot, exp, sign = _NUMBER_MOVES[phase]
+    if phase == "sign" and b == 0x30:
+        digit = "zero"
+    nxt = (digit if b in _DIGITS else dot if b == 0x2E else exp if b in b"eE" else sign if b in b"+-" else None)
+    if nxt in ("dot", "e") and integer:
+        nxt = None
+    if nxt is not None and length < MAX_NUMBER_BYTES:
+        return [(("num", nxt, integer, length + 1), rest)]
+    if phase in ("zero", "int", "frac", "exp") and rest is not None:
+        return _step(rest, b)  # the number ended; the byte belongs to what holds it
+    return []
+
+
+def _object(frame, rest, b):
+    _, spec, seen, phase, ws, pending = frame
+    if b in _WS:
+        return [(("obj", spec, seen, phase, ws + 1, pending), rest)] if ws < MAX_WHITESPACE else []
+    if phase in ("first", "key") and b == 0x22:
+        if spec.props is None:  # any key: a plain string, then its value is spec.extra
+            return [(("str", _KEY, 0, 0, 0), (("obj", spec, seen, "colon", 0, None), rest))]
+        return [(("key", spec, seen, b""), rest)] if any(k not in seen for k in spec.props) else []
+    if phase == "colon" and b == 0x3A:
+        value = spec.extra if pending is None else spec.props[pending]
+        return [(("val", value, 0), (("obj", spec, seen, "next", 0, None), rest))]
+    if phase == "next" and b == 0x2C:
+        more = spec.props is None or any(k not in seen for k in spec.props)
+        return [(("obj", spec, seen, "key", 0, None), rest)] if more else []
+    if phase in ("first", "next") and b == 0x7D:
+        return [rest] if spec.required <= seen else []
+    return []
+
+
+def _key(frame, rest, b):
+    """A declared property's name, byte by byte: only names not yet written fit."""
+    _, spec, seen, prefix = frame
+    out = []
+    if b == 0x22 and prefix in spec.props and prefix not in seen:
+        out.append((("obj", spec, seen | {prefix}, "colon", 0, prefix), rest))
+    longer = prefix + bytes([b])
+    if any(k.startswith(longer) for k in spec.props if k not in seen):
+        out.append((("key", spec, seen, longer), rest))
+    return out
+
+
+def _array(frame, rest, b):
+    _, spec, count, phase, ws = frame
+    if b in _WS:
+        return [(("arr", spec, count, phase, ws + 1), rest)] if ws < MAX_WHITESPACE else []
+    if b == 0x5D:  # ]
+        return [rest] if count >= spec.min_items else []
+    bounded = spec.min_items or spec.max_items is not None  # count items only where a bound needs it
+    if phase == "next":
+        if b != 0x2C or (spec.max_items is not None and count >= spec.max_items):
+            return []
+        return [(("val", spec.items, 0), (("arr", spec, count + 1 if bounded else 0, "next", 0), rest))]
+    if spec.max_items == 0:
+        return []
+    return _start(spec.items, (("arr", spec, 1 if bounded else 0, "next", 0), rest), b)
+
+
+_KEY = Spec()
+_KEY.types = frozenset({"string"})
+_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "num": _number, "obj": _object, "key": _key,
+             "arr": _array}

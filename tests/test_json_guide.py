@@ -1,0 +1,137 @@
+"""Guided decoding (lm.json_guide): the grammar accepts exactly the JSON its schema allows, byte by
+byte; unsupported schema keywords are refused by name; a model with random weights, whose own choices
+are noise, still writes documents that parse and match the schema through the engine."""
+
+import json
+
+import pytest
+import torch
+
+from lm.config import ModelConfig, padded_vocab_size
+from lm.engine import Engine, SamplingParams
+from lm.json_guide import JsonGrammar, SchemaError
+from lm.model import GPT
+from lm.tokenizer import ByteBPETokenizer
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"},
+                         "unit": {"enum": ["celsius", "fahrenheit"]}, "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2}},
+          "required": ["name", "age", "unit"]}
+
+
+def accepts_whole(grammar: JsonGrammar, text: str) -> bool:
+    guide = grammar.guide()
+    if not guide.allows(text.encode()):
+        return False
+    guide.advance(text.encode())
+    return guide.can_end
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"name": "Ada", "age": 36, "unit": "celsius"}', True),
+    ('{"unit":"fahrenheit","age":-4,"name":"x","ok":false,"tags":["a","bc"]}', True),
+    ('{ "name": "\\u00e9\\n", "age": 0, "unit": "celsius" }', True),
+    ('{\n  "name": "A",\n  "age": 0,\n  "unit": "celsius"\n}', False),  # compact: one space at most
+    ('{"name":  "A", "age": 0, "unit": "celsius"}', False),
+    ('{"name": "Ada", "age": 36}', False),  # a required property missing
+    ('{"name": "Ada", "age": 3.5, "unit": "celsius"}', False),  # integer
+    ('{"name": "Ada", "age": 01, "unit": "celsius"}', False),  # leading zero
+    ('{"name": "Adalbert", "age": 1, "unit": "celsius"}', False),  # maxLength
+    ('{"name": "A", "age": 1, "unit": "kelvin"}', False),  # enum
+    ('{"name": "A", "age": 1, "unit": "celsius", "x": 1}', False),  # undeclared property
+    ('{"name": "A", "name": "B", "age": 1, "unit": "celsius"}', False),  # a property twice
+    ('{"name": "A", "age": 1, "unit": "celsius", "tags": ["a", "b", "c"]}', False),  # maxItems
+    ('{"name": "a\nb", "age": 1, "unit": "celsius"}', False),  # a raw control character in a string
+])
+def test_the_grammar_accepts_exactly_what_the_schema_allows(text, ok):
+    assert accepts_whole(JsonGrammar(PERSON), text) is ok
+
+
+def test_json_object_mode_takes_any_object_and_numbers_end_only_where_they_may():
+    any_object = JsonGrammar(None)
+    assert accepts_whole(any_object, '{"a": [1, -2.5E-3, {"b": null}], "c": true, "d": "x"}')
+    assert not accepts_whole(any_object, '[1, 2]') and not accepts_whole(any_object, '{"a": 1,}')
+    number = JsonGrammar({"type": "number"}).guide()
+    number.advance(b"12")
+    assert number.can_end and not number.done  # "12" may end, or go on to "123"
+    closed = JsonGrammar({"type": "boolean"}).guide()
+    closed.advance(b"true")
+    assert closed.done
+
+
+def test_local_references_and_recursion():
+    tree = {"$defs": {"Node": {"type": "object", "required": ["v"],
+                               "properties": {"v": {"type": "integer"},
+                                              "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
+            "$ref": "#/$defs/Node"}
+    assert accepts_whole(JsonGrammar(tree), '{"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3}]}')
+    assert not accepts_whole(JsonGrammar(tree), '{"v": 1, "kids": [{"kids": []}]}')
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "string", "pattern": "a+"}, "pattern: is not supported in guided decoding"),
+    ({"properties": {"age": {"type": "integer", "minimum": 0}}}, "properties.age.minimum: is not supported"),
+    ({"type": "strng"}, "type: must be one of object, array, string"),
+    ({"properties": {"a": {}}, "required": ["b"]}, "required: must list names from 'properties'"),
+    ({"$ref": "#/$defs/Missing"}, "$ref: '#/$defs/Missing' does not resolve"),
+    ({"type": "array", "minItems": 3, "maxItems": 2}, "maxItems: must be >= minItems"),
+])
+def test_a_schema_it_cannot_enforce_is_refused_by_name(schema, message):
+    with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("$", r"\$")):
+        JsonGrammar(schema)
+
+
+TEXTS = ['{"name": "Ada", "age": 36, "unit": "celsius", "tags": ["x", "yz"]}\n',
+         'def main():\n    return {"ok": true, "n": -1.5e3}\n', "héllo wörld, plain prose as well.\n"]
+TOKENIZER = ByteBPETokenizer.train(TEXTS * 30, 400)
+
+
+def random_model() -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=32, block_size=256,
+                      vocab_size=padded_vocab_size(TOKENIZER.vocab_size))
+    return GPT(cfg).eval()
+
+
+def test_token_bytes_spell_what_each_token_decodes_to():
+    table = TOKENIZER.token_bytes()
+    assert len(table) == TOKENIZER.vocab_size and table[TOKENIZER.eot_id] is None  # special: never guided
+    for i, data in enumerate(table):
+        text = TOKENIZER.decode([i])
+        if data is not None and "\ufffd" not in text:
+            assert data == text.encode(), i
+
+
+def check_person(value: dict) -> None:
+    assert set(value) <= set(PERSON["properties"]) and {"name", "age", "unit"} <= set(value)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 6
+    assert isinstance(value["age"], int) and value["unit"] in ("celsius", "fahrenheit")
+    assert isinstance(value.get("ok", True), bool)
+    assert all(isinstance(t, str) and len(t) <= 3 for t in value.get("tags", [])) and len(value.get("tags", [])) <= 2
+
+
+def test_a_random_model_guided_by_a_schema_writes_documents_that_match_it():
+    """Random weights choose noise; every sampled and greedy document still parses and matches, and
+    ends as soon as it is complete (finish_reason "stop")."""
+    engine = Engine(random_model(), TOKENIZER, max_batch_size=4)
+    grammar = JsonGrammar(PERSON)
+    params = [SamplingParams(max_tokens=200, temperature=t, seed=s, grammar=grammar)
+              for t, s in ((1.0, 0), (1.0, 1), (0.7, 2), (0.0, None))]
+    seqs = engine.generate(["The person: ", "x", "{", "age"], params)
+    for seq in seqs:
+        assert seq.finish_reason == "stop", seq.text
+        check_person(json.loads(seq.text))
+    again = engine.generate(["The person: "], params[0])[0]
+    assert again.text == seqs[0].text  # the same seed, the same guided sample
+
+
+def test_guided_and_free_sequences_share_a_batch():
+    engine = Engine(random_model(), TOKENIZER, max_batch_size=4)
+    free, guided = engine.generate(["x", "x"], [SamplingParams(max_tokens=20, temperature=1.0, seed=3),
+                                                SamplingParams(max_tokens=200, temperature=1.0, seed=3,
+                                                               grammar=JsonGrammar(PERSON))])
+    alone = Engine(random_model(), TOKENIZER, max_batch_size=1).generate(
+        ["x"], SamplingParams(max_tokens=20, temperature=1.0, seed=3))[0]
+    assert free.output_ids == alone.output_ids  # the guided row changes nothing for its neighbour
+    check_person(json.loads(guided.text))
