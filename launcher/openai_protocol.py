@@ -11,7 +11,8 @@ from dataclasses import replace
 
 from lm.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from lm.engine import MAX_LOGPROBS, SamplingParams
-from lm.tool_calls import ToolCall, calls_start, parse_tool_calls, template_tool_calls
+from lm.json_guide import JsonGrammar, SchemaError
+from lm.tool_calls import ToolCall, calls_finish_reason, calls_start, parse_tool_calls, template_tool_calls
 
 MAX_BODY_BYTES = 1_000_000
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
@@ -199,8 +200,8 @@ def _chat_message(i: int, message, takes_tools: bool) -> dict:
 def chat_tools(body: dict, template: ChatTemplate) -> list[dict] | None:
     """OpenAI's `tools` (function tools) with `tool_choice`: the tools the prompt offers the model, or
     None. "auto" (the default) offers them and reads calls out of the reply; "none" offers none, as
-    vLLM does. Forcing a call ("required", a named function) needs guided decoding, which this server
-    does not do; a model whose template takes no tools cannot be offered any."""
+    vLLM does; "required" and a named function offer them and force a call (`forced_tool_call`). A
+    model whose template takes no tools cannot be offered any."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
@@ -211,15 +212,74 @@ def chat_tools(body: dict, template: ChatTemplate) -> list[dict] | None:
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise APIError(400, "'tools' must be a list of {type: function, function: {name, description, parameters}}",
                        "tools")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "'tool_choice' must be 'auto' or 'none' here: forcing a call ('required' or a named "
-                            "function) needs guided decoding, which this server does not do", "tool_choice")
+    names = [t["function"]["name"] for t in tools]
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if choice not in (None, "auto", "none", "required") and named not in names:
+        raise APIError(400, "'tool_choice' must be 'auto', 'none', 'required' or {type: function, function: {name}} "
+                            f"naming one of the tools ({', '.join(names)})", "tool_choice")
     if choice == "none":
         return None
     if not template.takes_tools:
         raise APIError(400, "'tools': this model's chat template does not take tools; send the request without "
                             "them", "tools")
     return tools
+
+
+def forced_tool_call(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar, str] | None:
+    """A forced call's grammar and how its reply is read (lm.tool_calls' "required" or "named"), or None.
+    As vLLM does, the reply is guided to a JSON list of {"name", "parameters"} objects, each matching
+    its tool's parameter schema: "required" allows one or more calls of any of the tools, a named
+    function exactly one call of it. Its `finish_reason` is "tool_calls" for "required" and "stop" for
+    a named function, as OpenAI's and vLLM's are."""
+    choice = body.get("tool_choice")
+    if not tools or choice in (None, "auto", "none"):
+        return None
+    chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+    calls = []
+    for tool in chosen:
+        index = tools.index(tool)
+        parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+        calls.append({"type": "object", "properties": {"name": {"const": tool["function"]["name"]},
+                                                      "parameters": parameters},
+                      "required": ["name", "parameters"]})
+        try:
+            JsonGrammar(parameters)
+        except SchemaError as error:
+            raise APIError(400, f"tools[{index}].function.parameters.{error}", "tools") from None
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if choice != "required":
+        schema["maxItems"] = 1
+    return JsonGrammar(schema), "required" if choice == "required" else "named"
+
+
+def response_format(body: dict) -> JsonGrammar | None:
+    """OpenAI's `response_format`, as guided decoding: {"type": "text"} (the default) leaves the reply
+    free; {"type": "json_object"} makes it one JSON object; {"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}} JSON matching the schema (lm.json_guide lists what it enforces)."""
+    value = body.get("response_format")
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonGrammar(None)
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+        raise APIError(400, "'response_format' must be {type: text}, {type: json_object} or {type: json_schema, "
+                            "json_schema: {name, schema}}", "response_format")
+    try:
+        return JsonGrammar(spec["schema"])
+    except SchemaError as error:
+        raise APIError(400, f"response_format.json_schema.schema.{error}" if error.path else
+                       f"response_format.json_schema.schema: {error}", "response_format") from None
+
+
+def guided_decoding(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar | None, str | None]:
+    """(the grammar a request's reply follows, or None; a forced call's reply form, or None)."""
+    grammar, forced = response_format(body), forced_tool_call(body, tools)
+    if grammar is not None and forced is not None:
+        raise APIError(400, "'response_format' and a forced 'tool_choice' cannot be combined: send one", "response_format")
+    return (forced[0], forced[1]) if forced else (grammar, None)
 
 
 class ToolCallStream:
@@ -281,7 +341,7 @@ def completion_response(model: str, choices: list[tuple[str, str, int, dict | No
             choice["message"] = {"role": "assistant", "content": content}
             if calls:
                 choice["message"]["tool_calls"] = [call.openai() for call in calls]
-                choice["finish_reason"] = "tool_calls"
+                choice["finish_reason"] = calls_finish_reason(tool_form, finish_reason)
         else:
             choice["text"] = text
         rendered.append(choice)

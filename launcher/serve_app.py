@@ -18,11 +18,12 @@ from ray import serve
 
 from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
                                       check_model, choice_count, choice_params, completion_prompts,
-                                      completion_response, echoes, logprobs_count, logprobs_object, parse_body,
-                                      sampling_params, stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk,
-                                      wants_stream_usage)
+                                      completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
+                                      parse_body, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
+                                      usage_chunk, wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
+from lm.tool_calls import calls_finish_reason
 
 api = FastAPI(title="lmstack OpenAI-compatible API")
 
@@ -126,9 +127,11 @@ class OpenAIServer:
         check_model(body, self.model_name)
         template = await self._chat_template() if chat else None
         tools = chat_tools(body, template) if chat else None
-        tool_form = template.tool_format if tools else None  # replies are read for tool calls
+        grammar, forced = guided_decoding(body, tools)
+        tool_form = forced or (template.tool_format if tools else None)  # replies are read for tool calls
         prompts = [chat_prompt(body, template, tools=tools)] if chat else completion_prompts(body)
-        params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat))
+        params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat),
+                         grammar=grammar)
         echo = not chat and echoes(body)
         add_special_tokens = adds_special_tokens(body, chat)
         n = choice_count(body, len(prompts))
@@ -230,7 +233,7 @@ class OpenAIServer:
                         yield stream_chunk(chunk_id, self.model_name, rest, None, chat, index=index)
                     if calls:
                         yield tool_calls_chunk(chunk_id, self.model_name, calls, index)
-                        finish_reason = "tool_calls"
+                        finish_reason = calls_finish_reason(tool_form, finish_reason)
                 yield stream_chunk(chunk_id, self.model_name, None, finish_reason, chat, index=index)
                 if index % n == 0:  # each prompt counts once
                     prompt_tokens += event["prompt_tokens"]

@@ -14,6 +14,7 @@ import asyncio
 import threading
 import time
 import traceback
+from dataclasses import replace
 
 from ray import serve
 
@@ -83,6 +84,7 @@ class LanguageModel:
                       "chat_template": None if template is None else template.to_json()}
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
+        self.grammars: dict = {}  # guided decoding's compiled schemas, by schema text
         self.loop: asyncio.AbstractEventLoop | None = None
         self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
 
@@ -163,6 +165,10 @@ class LanguageModel:
         is the prompt; with params.logprobs each delta carries its tokens' "logprobs"."""
         from lm.engine import RequestError
 
+        if params.grammar is not None:  # requests with one schema share its grammar's cached masks
+            if len(self.grammars) >= 64 and params.grammar.key not in self.grammars:
+                self.grammars.clear()
+            params = replace(params, grammar=self.grammars.setdefault(params.grammar.key, params.grammar))
         try:
             seq = self.engine.submit(prompt, params, add_special_tokens)
         except RequestError as error:

@@ -8,7 +8,9 @@ instruct families, each found by what its template writes:
 - `mistral`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;
 - `json` (Llama 3.1-3.3): the whole reply one JSON object `{"name": ..., "parameters": {...}}`
   (several separated by `;`), optionally after `<|python_tag|>`.
-A reply whose calls are not valid JSON is text, as vLLM returns it.
+A reply whose calls are not valid JSON is text, as vLLM returns it. A forced call (OpenAI's
+`tool_choice` "required" or a named function) is guided to a JSON list of {"name", "parameters"}
+objects instead, as vLLM guides it: the forms `required` and `named`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 PYTHON_TAG = "<|python_tag|>"
+FORCED = ("required", "named")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ def tool_format(template_source: str, takes_tools: bool) -> str | None:
 def calls_start(text: str, form: str) -> int | None:
     """Where the reply's tool calls begin (a server streams the text before it), None if they have not
     (yet): also where the text's end could still become the start of one, so that it is held back."""
+    if form in FORCED:
+        return 0  # the whole reply is the calls
     if form == "json":
         stripped = text.lstrip()
         for opening in (PYTHON_TAG, "{"):
@@ -68,7 +73,11 @@ def parse_tool_calls(text: str, form: str) -> tuple[str | None, list[ToolCall]]:
     """(the reply's text before its calls, or None if there is none; its calls). A reply without calls,
     or with calls that are not valid JSON, is all text."""
     try:
-        if form == "hermes":
+        if form in FORCED:
+            found = json.loads(text)
+            calls = [_call(call) for call in (found if isinstance(found, list) else [found])]
+            content = ""
+        elif form == "hermes":
             start = text.find("<tool_call>")
             if start == -1:
                 return text, []
@@ -90,6 +99,12 @@ def parse_tool_calls(text: str, form: str) -> tuple[str | None, list[ToolCall]]:
     except (json.JSONDecodeError, TypeError, KeyError, ValueError):
         return text, []
     return (content if content.strip() else None), calls
+
+
+def calls_finish_reason(form: str, finish_reason: str) -> str:
+    """A reply that made calls finishes with "tool_calls", except a call forced by name: "stop", as
+    OpenAI's and vLLM's do."""
+    return finish_reason if form == "named" else "tool_calls"
 
 
 def template_tool_calls(calls) -> list[dict]:

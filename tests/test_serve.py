@@ -277,6 +277,34 @@ def test_a_client_that_disconnects_frees_its_decode_slots(server):
     assert info["abandoned"] == before + 2 and info["running"] == info["waiting"] == 0, info
 
 
+def test_response_format_guides_replies_to_json_that_matches_the_schema(server, client):
+    """OpenAI's structured outputs: a model trained on prose and code answers with JSON matching the
+    schema, chat and completions, streamed and not (the stream's text is the same document)."""
+    _, model = server
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8}, "n": {"type": "integer"},
+                                               "unit": {"enum": ["s", "ms"]}}, "required": ["answer", "n"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+
+    def check(text):
+        value = json.loads(text)
+        assert set(value) <= {"answer", "n", "unit"} and isinstance(value["n"], int) and len(value["answer"]) <= 8
+        assert value.get("unit", "s") in ("s", "ms")
+
+    messages = [{"role": "user", "content": "How long does the loop take? Answer in JSON."}]
+    chat = client.chat.completions.create(model=model, messages=messages, response_format=fmt, max_tokens=120,
+                                          temperature=0)
+    assert chat.choices[0].finish_reason == "stop"
+    check(chat.choices[0].message.content)
+    streamed = client.chat.completions.create(model=model, messages=messages, response_format=fmt, max_tokens=120,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    sampled = client.completions.create(model=model, prompt="def main(", max_tokens=150, temperature=0.8, seed=1, n=2,
+                                        extra_body={"response_format": fmt})
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop"
+        check(choice.text)
+
+
 def test_32_concurrent_requests_all_succeed(server, client):
     _, model = server
 
@@ -329,6 +357,10 @@ BAD = [
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{
         "type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools"),
     ("chat/completions", json.dumps({"messages": [{"role": "tool", "content": "21 C"}]}).encode(), 400, "messages"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "xml"}}).encode(), 400, "response_format"),
+    ("completions", json.dumps({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}).encode(), 400, "response_format"),
 ]
 
 

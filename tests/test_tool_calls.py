@@ -91,6 +91,7 @@ def qwen_dir(tmp_path_factory):
         model.transformer.wte.weight.copy_(10 * torch.eye(vocab, width))
         head = torch.zeros(vocab, width)
         head[ids("<|im_end|>"), :vocab] = 10  # by default a reply ends
+        head[ids("]"), :vocab] = 5  # and, where guided decoding refuses that, a list closes (one forced call)
         for token, following in zip(chain, chain[1:]):
             head[:, token] = 0
             head[following, token] = 10
@@ -157,7 +158,9 @@ def test_tool_requests_a_server_cannot_honour_are_400s(qwen_dir):
     template = hf_chat_template(qwen_dir)
     cases = [({"tools": [WEATHER]}, BUILTIN, "tools", "does not take tools"),
              ({"tools": [{"type": "function"}]}, template, "tools", "must be a list of"),
-             ({"tools": [WEATHER], "tool_choice": "required"}, template, "tool_choice", "guided decoding"),
+             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, template,
+              "tool_choice", "naming one of the tools (get_weather)"),
+             ({"tools": [WEATHER], "tool_choice": "always"}, template, "tool_choice", "'required'"),
              ({"tool_choice": "auto"}, template, None, None)]
     for extra, chosen, param, message in cases:
         body = {"messages": QUESTION, **extra}
@@ -171,6 +174,38 @@ def test_tool_requests_a_server_cannot_honour_are_400s(qwen_dir):
     with pytest.raises(APIError) as refused:  # a tool result for a model that has no tool role
         chat_prompt({"messages": HISTORY}, BUILTIN)
     assert refused.value.param == "messages" and "messages[1]" in refused.value.message
+
+
+def test_a_forced_call_is_guided_to_the_tools_schemas():
+    """tool_choice "required": one or more calls of the offered tools; a named function: exactly one
+    call of it, with arguments that match its parameters (as vLLM guides them)."""
+    from launcher.openai_protocol import forced_tool_call
+
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+    body = {"messages": QUESTION, "tools": [WEATHER, other]}
+    assert forced_tool_call(dict(body, tool_choice="auto"), [WEATHER, other]) is None
+    required, form = forced_tool_call(dict(body, tool_choice="required"), [WEATHER, other])
+    two_calls = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {"zone": "UTC"}}]'
+    for text, ok in ((two_calls, True), ('[]', False), ('[{"name": "get_time", "parameters": {"zone": "PST"}}]', False),
+                     ('[{"name": "get_weather", "parameters": {}}]', False)):
+        guide = required.guide()
+        assert (guide.allows(text.encode()) and (guide.advance(text.encode()) or guide.done)) is ok, text
+    assert form == "required" and [c.name for c in parse_tool_calls(two_calls, form)[1]] == ["get_weather", "get_time"]
+    named, form = forced_tool_call(dict(body, tool_choice={"type": "function", "function": {"name": "get_time"}}),
+                                   [WEATHER, other])
+    assert form == "named" and not named.guide().allows(b'[{"name": "get_weather"')
+    guide = named.guide()
+    assert guide.allows(b'[{"name": "get_time", "parameters": {"zone": "CET"}}') and not guide.allows(b'[{"name": "get_time", "parameters": {"zone": "CET"}},')
+    reply = completion_response("m", [('[{"name": "get_time", "parameters": {"zone": "CET"}}]', "stop", 9, None)], 5,
+                                True, form)["choices"][0]
+    assert reply["finish_reason"] == "stop" and reply["message"]["content"] is None  # named: "stop", as OpenAI's
+    assert json.loads(reply["message"]["tool_calls"][0]["function"]["arguments"]) == {"zone": "CET"}
+    unenforceable = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}
+    with pytest.raises(APIError) as refused:
+        forced_tool_call({"tool_choice": "required"}, [WEATHER, unenforceable])
+    assert refused.value.param == "tools" and "tools[1].function.parameters.properties.n.minimum" in refused.value.message
 
 
 def test_a_reply_with_calls_is_answered_as_openai_answers_it():
@@ -222,6 +257,23 @@ def test_served_model_calls_tools_over_http(qwen_dir):
         followed = client.chat.completions.create(model="qwen-tools", messages=HISTORY, tools=[WEATHER],
                                                   max_tokens=8, temperature=0)
         assert followed.choices[0].finish_reason in ("stop", "tool_calls", "length")
+
+        # Forced calls: the model's own choice (<tool_call> text) is refused and the reply guided to a call.
+        cities = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+        for choice, finish in (("required", "tool_calls"), ({"type": "function", "function": {"name": "get_weather"}},
+                                                            "stop")):
+            forced = client.chat.completions.create(model="qwen-tools", messages=QUESTION, tools=[cities],
+                                                    tool_choice=choice, max_tokens=64, temperature=0).choices[0]
+            assert forced.finish_reason == finish and forced.message.content is None
+            assert [c.function.name for c in forced.message.tool_calls] == ["get_weather"]
+            assert json.loads(forced.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+            chunks = list(client.chat.completions.create(model="qwen-tools", messages=QUESTION, tools=[cities],
+                                                         tool_choice=choice, max_tokens=64, temperature=0, stream=True))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            assert not any(d.content for d in deltas)
+            assert [call.function.arguments for d in deltas for call in (d.tool_calls or [])] == \
+                [forced.message.tool_calls[0].function.arguments]
     finally:
         serve.shutdown()
         ray.shutdown()
