@@ -117,8 +117,8 @@ class CompiledDecodeStep:
 
     def _key(self, weights: dict[str, torch.Tensor], max_batch: int, masked: bool) -> str:
         """What a program depends on: the model's config, its tensors' names, shapes and dtypes (not their
-        values, handed over at load), the caches, the batch sizes, torch, the CPU's vector ISA, and
-        this code. Programs are therefore shared by every export of the same model shape."""
+        values, handed over at load), the caches, the batch sizes, torch, the CPU's vector ISA and int8
+        kernel (lm.inference), and this code. Programs are therefore shared by every export of the same model shape."""
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         h = hashlib.sha256()
@@ -127,7 +127,8 @@ class CompiledDecodeStep:
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         cache = self.k_caches[0]
         h.update(f"{len(self.k_caches)}x{tuple(cache.shape)}:{cache.dtype}:{cache.device.type}|{max_batch}|{masked}|"
-                 f"{torch.__version__}|{pick_vec_isa() if cache.device.type == 'cpu' else ''}".encode())
+                 f"{torch.__version__}|{pick_vec_isa() if cache.device.type == 'cpu' else ''}|"
+                 f"{sorted({m.kernel for m in self.model.modules() if isinstance(m, Int8Linear)})}".encode())
         for module in (lm.model, lm.inference, sys.modules[__name__]):
             h.update(Path(module.__file__).read_bytes())
         return h.hexdigest()[:32]

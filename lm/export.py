@@ -134,11 +134,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
     before = validation_perplexity(reference, val_tokens, seq_len, eval_batches)
     served = serving_model(stored, cfg, precision)
     after = validation_perplexity(served, val_tokens, seq_len, eval_batches)
-    if precision == "int8":  # the compiled engine quantizes activations per row, FBGEMM per tensor: gate the worse
-        from lm.inference import use_int8_activations
+    if precision == "int8":  # the compiled engine's kernels (per CPU) round otherwise than FBGEMM: gate the worst
+        from lm.inference import INT8_KERNELS, use_int8_activations
 
-        use_int8_activations(served)
-        after = max(after, validation_perplexity(served, val_tokens, seq_len, eval_batches))
+        for kernel in INT8_KERNELS:
+            use_int8_activations(served, kernel=kernel)
+            after = max(after, validation_perplexity(served, val_tokens, seq_len, eval_batches))
     increase = after / before - 1.0
     report = {"precision": precision, "source_checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
               "val_perplexity_fp32": before, "val_perplexity": after, "ppl_increase": increase,

@@ -251,15 +251,18 @@ def test_compiled_decoding_equals_eager_at_every_batch_size_without_falling_back
     assert not engine.decode(ids[:1], [3], engine.k_caches, engine.v_caches).any()
 
 
-def test_compiled_int8_decoding_computes_what_the_export_gate_measured():
-    """Compiled, int8 layers quantize activations per row for `torch._int_mm`; `use_int8_activations`
+@pytest.mark.parametrize("kernel", ["int_mm", "weight_only_bf16"])
+def test_compiled_int8_decoding_computes_what_the_export_gate_measured(kernel):
+    """Compiled, int8 layers run the CPU's kernel (lm.inference): activations quantized per row for
+    `torch._int_mm` with VNNI, bf16 activations for weight-only int8 without; `use_int8_activations`
     is that arithmetic in eager."""
     from lm.export import export_state, serving_model
     from lm.inference import use_int8_activations
 
     m = model("gpt2")
     eager, compiled = (serving_model(export_state(m.state_dict(), "int8"), m.cfg, "int8") for _ in range(2))
-    use_int8_activations(eager)
+    use_int8_activations(eager, kernel=kernel)
+    use_int8_activations(compiled, on=False, kernel=kernel)  # eager stays FBGEMM; the program takes `kernel`
     params = SamplingParams(max_tokens=20, temperature=0)
     out = Engine(compiled, TOKENIZER, max_batch_size=1, compile=True).generate(PROMPTS[2:3], params)
     assert out[0].output_ids == Engine(eager, TOKENIZER, max_batch_size=1).generate(PROMPTS[2:3], params)[0].output_ids
