@@ -220,11 +220,36 @@ class JsonGuide:
             cache.move_to_end(self.states)
             return cache[self.states]
         first = {b for b in range(256) if self.after(bytes([b]))}
-        mask = torch.tensor([bool(t) and t[0] in first and bool(self.after(t)) for t in token_bytes])
+        # Inside a plain string, tokens of printable ASCII without quote or backslash leave the state as
+        # it is: allowed without walking them (most of a vocabulary, and the common place to mask).
+        plain = _plain_tokens(token_bytes) if all(_in_plain_string(s) for s in self.states) else None
+        mask = torch.tensor([bool(t) and (plain is not None and plain[i] or t[0] in first and bool(self.after(t)))
+                             for i, t in enumerate(token_bytes)])
         cache[self.states] = mask
         if len(cache) > 512:
             cache.popitem(last=False)
         return mask
+
+
+_PLAIN_BYTES = frozenset(range(0x20, 0x7F)) - {0x22, 0x5C}
+_plain_cache: dict[int, tuple[list, list[bool]]] = {}
+
+
+def _plain_tokens(token_bytes: list[Optional[bytes]]) -> list[bool]:
+    """Which tokens are plain string text (printable ASCII, no quote or backslash), per token table."""
+    cached = _plain_cache.get(id(token_bytes))
+    if cached is None or cached[0] is not token_bytes:
+        cached = (token_bytes, [bool(t) and _PLAIN_BYTES.issuperset(t) for t in token_bytes])
+        _plain_cache[id(token_bytes)] = cached
+    return cached[1]
+
+
+def _in_plain_string(state) -> bool:
+    """Inside a string with no escape or character pending and no length bound."""
+    if state is None or state[0][0] != "str":
+        return False
+    _, spec, escape, _, pending = state[0]
+    return not (escape or pending or spec.min_len or spec.max_len is not None)
 
 
 # The machine. A state is a stack: (frame, rest) with rest another stack, or None once the document

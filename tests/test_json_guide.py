@@ -103,6 +103,20 @@ def test_token_bytes_spell_what_each_token_decodes_to():
             assert data == text.encode(), i
 
 
+@pytest.mark.parametrize("schema", [None, PERSON])
+@pytest.mark.parametrize("prefix", [b"", b'{"name": "', b'{"name": "x\\', b'{"name": "\xc3', b'{"name": "a", "age": 1',
+                                    b'{"tags": ["'])
+def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(schema, prefix):
+    table = TOKENIZER.token_bytes()
+    guide = JsonGrammar(schema).guide()
+    guide.advance(prefix)
+    if not guide.states:
+        pytest.skip("a prefix this schema refuses")
+    expected = [data is not None and guide.allows(data) for data in table]
+    assert guide.mask(table).tolist() == expected
+    assert guide.mask(table).tolist() == expected  # cached
+
+
 def check_person(value: dict) -> None:
     assert set(value) <= set(PERSON["properties"]) and {"name", "age", "unit"} <= set(value)
     assert isinstance(value["name"], str) and len(value["name"]) <= 6
