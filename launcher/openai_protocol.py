@@ -274,12 +274,53 @@ def response_format(body: dict) -> JsonGrammar | None:
                        f"response_format.json_schema.schema: {error}", "response_format") from None
 
 
+STRUCTURED_OUTPUTS = ("json", "json_object", "choice")
+
+
+def structured_outputs(body: dict) -> JsonGrammar | None:
+    """vLLM's `structured_outputs` (extra_body in the openai client): {"json": schema}, {"json_object":
+    true}, or {"choice": [strings]} (the reply is one of them, as written). vLLM's regex and grammar
+    forms are refused by name."""
+    value = body.get("structured_outputs")
+    if value is None:
+        return None
+    chosen = [key for key, v in value.items() if v not in (None, False)] if isinstance(value, dict) else []
+    if len(chosen) != 1:
+        raise APIError(400, f"'structured_outputs' must be an object with one of {', '.join(STRUCTURED_OUTPUTS)}",
+                       "structured_outputs")
+    if chosen[0] not in STRUCTURED_OUTPUTS:
+        raise APIError(400, f"'structured_outputs.{chosen[0]}' is not supported; supported: "
+                            f"{', '.join(STRUCTURED_OUTPUTS)}", "structured_outputs")
+    key, spec = chosen[0], value[chosen[0]]
+    if key == "json_object":
+        return JsonGrammar(None)
+    if key == "choice":
+        if not (isinstance(spec, list) and spec and all(isinstance(c, str) and c for c in spec)):
+            raise APIError(400, "'structured_outputs.choice' must be a non-empty list of non-empty strings",
+                           "structured_outputs")
+        return JsonGrammar.choice(spec)
+    if isinstance(spec, str):  # vLLM takes the schema as JSON text too
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            spec = None
+    try:
+        return JsonGrammar(spec if isinstance(spec, dict) else [])
+    except SchemaError as error:
+        raise APIError(400, f"structured_outputs.json.{error}" if error.path else
+                       f"structured_outputs.json: {error}", "structured_outputs") from None
+
+
 def guided_decoding(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar | None, str | None]:
-    """(the grammar a request's reply follows, or None; a forced call's reply form, or None)."""
-    grammar, forced = response_format(body), forced_tool_call(body, tools)
-    if grammar is not None and forced is not None:
-        raise APIError(400, "'response_format' and a forced 'tool_choice' cannot be combined: send one", "response_format")
-    return (forced[0], forced[1]) if forced else (grammar, None)
+    """(the grammar a request's reply follows, or None; a forced call's reply form, or None). One of
+    `response_format`, vLLM's `structured_outputs` and a forced `tool_choice` per request."""
+    given = [(name, grammar) for name, grammar in (("response_format", response_format(body)),
+                                                   ("structured_outputs", structured_outputs(body))) if grammar]
+    forced = forced_tool_call(body, tools)
+    if len(given) + bool(forced) > 1:
+        raise APIError(400, "send one of 'response_format', 'structured_outputs' and a forced 'tool_choice'",
+                       given[-1][0])
+    return (forced[0], forced[1]) if forced else (given[0][1] if given else None, None)
 
 
 class ToolCallStream:

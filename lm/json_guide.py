@@ -177,6 +177,16 @@ class JsonGrammar:
             self.root = _Compiler(schema).compile(schema, "")
         self._masks: OrderedDict[frozenset, torch.Tensor] = OrderedDict()
 
+    @classmethod
+    def choice(cls, options: list[str]) -> "JsonGrammar":
+        """Output exactly one of these strings, as written (vLLM's guided choice: no JSON quoting)."""
+        grammar = cls.__new__(cls)
+        grammar.key = "choice:" + json.dumps(options)
+        grammar.root = Spec()
+        grammar.root.literals = [option.encode() for option in options]
+        grammar._masks = OrderedDict()
+        return grammar
+
     def guide(self) -> "JsonGuide":
         return JsonGuide(self)
 

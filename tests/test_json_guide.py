@@ -149,3 +149,44 @@ def test_guided_and_free_sequences_share_a_batch():
         ["x"], SamplingParams(max_tokens=20, temperature=1.0, seed=3))[0]
     assert free.output_ids == alone.output_ids  # the guided row changes nothing for its neighbour
     check_person(json.loads(guided.text))
+
+
+def test_a_choice_grammar_writes_one_of_its_strings_as_written():
+    engine = Engine(random_model(), TOKENIZER, max_batch_size=4)
+    options = ["yes", "no", "yes, but"]
+    seqs = engine.generate(["Is it? ", "x", "y", "z"], [SamplingParams(max_tokens=20, temperature=1.0, seed=s,
+                                                                       grammar=JsonGrammar.choice(options))
+                                                        for s in range(4)])
+    assert all(seq.text in options for seq in seqs), [seq.text for seq in seqs]
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "xml"}}, "response_format", "{type: json_object}"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a"}}}},
+     "response_format", "response_format.json_schema.schema.pattern: is not supported"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "'structured_outputs.regex' is not supported"),
+    ({"structured_outputs": {"json": {"type": "object"}, "choice": ["a"]}}, "structured_outputs", "one of json"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"json_object": True}}, "structured_outputs",
+     "send one of"),
+])
+def test_guided_requests_a_server_cannot_honour_are_400s_naming_the_field(body, param, message):
+    from launcher.openai_protocol import APIError, guided_decoding
+
+    with pytest.raises(APIError) as refused:
+        guided_decoding(body, None)
+    assert refused.value.status == 400 and refused.value.param == param and message in refused.value.message
+
+
+def test_the_request_forms_give_their_grammars():
+    from launcher.openai_protocol import guided_decoding
+
+    assert guided_decoding({"response_format": {"type": "text"}}, None) == (None, None)
+    for body, text in [({"response_format": {"type": "json_object"}}, b'{"a": 1}'),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                           "type": "integer"}}}}, b"-12"),
+                       ({"structured_outputs": {"json": '{"type": "boolean"}'}}, b"false"),
+                       ({"structured_outputs": {"choice": ["red", "green"]}}, b"green")]:
+        grammar, forced = guided_decoding(body, None)
+        guide = grammar.guide()
+        assert forced is None and guide.allows(text) and (guide.advance(text) or guide.can_end), body

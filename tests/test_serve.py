@@ -303,6 +303,9 @@ def test_response_format_guides_replies_to_json_that_matches_the_schema(server, 
     for choice in sampled.choices:
         assert choice.finish_reason == "stop"
         check(choice.text)
+    chosen = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0.8, seed=3,
+                                            extra_body={"structured_outputs": {"choice": ["fast", "slow"]}})
+    assert chosen.choices[0].message.content in ("fast", "slow")  # vLLM's guided choice
 
 
 def test_32_concurrent_requests_all_succeed(server, client):
@@ -361,6 +364,8 @@ BAD = [
         "type": "xml"}}).encode(), 400, "response_format"),
     ("completions", json.dumps({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}).encode(), 400, "response_format"),
+    ("completions", json.dumps({"prompt": "a", "structured_outputs": {"regex": "a+"}}).encode(), 400,
+     "structured_outputs"),
 ]
 
 
