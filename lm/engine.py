@@ -6,7 +6,8 @@ was already running in a single batched forward. New requests therefore join bet
 instead of waiting for a batch to finish, and a finished sequence frees its slot at once (the last running
 sequence moves into it, so the running batch always sits in slots 0..B-1 and is read as one view).
 Each request samples with its own generator, so the same seed gives the same text whatever else is
-in the batch.
+in the batch. A request with a grammar (SamplingParams.grammar) is guided: only tokens the grammar
+allows are sampled.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class SamplingParams:
     # OpenAI's penalties on tokens already generated: logits -= frequency x count + presence x (count > 0).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # Guided decoding: the output is JSON that this grammar (a compiled JSON Schema) accepts, and the
-    # sequence ends when that document is complete (lm.json_guide).
+    # Guided decoding: the output is text this grammar accepts (a JSON Schema's documents, or one of a
+    # list of strings), and the sequence ends when it is complete (lm.json_guide).
     grammar: Optional[JsonGrammar] = None
 
 
@@ -293,7 +294,8 @@ class Engine:
 
     def _guided(self, seq: Sequence, logits: torch.Tensor, choice: int) -> int:
         """The unconstrained choice if the grammar allows it, else a draw from the allowed tokens only
-        (for a sampled row, a refused draw then a masked one is exactly the renormalized distribution).
+        (with plain temperature sampling, a refused draw then a masked one samples exactly the model's
+        distribution renormalized over the allowed tokens; top-k and top-p then filter the allowed ones).
         -1 when the grammar allows nothing this vocabulary can spell (the sequence stops)."""
         table = self.token_bytes
         if (seq.guide.can_end if choice in self.stop_ids else seq.guide.allows(table[choice])):
