@@ -196,7 +196,8 @@ class JsonGuide:
 
     def __init__(self, grammar: JsonGrammar):
         self.grammar = grammar
-        self.states: frozenset = frozenset({(("val", grammar.root, 0), None)})
+        # No whitespace before the value: a reply is the document (or the choice) from its first byte.
+        self.states: frozenset = frozenset({(("val", grammar.root, MAX_WHITESPACE), None)})
 
     def after(self, data: bytes) -> frozenset:
         """The states after `data`; empty if the grammar refuses it."""

@@ -158,6 +158,7 @@ def test_a_choice_grammar_writes_one_of_its_strings_as_written():
                                                                        grammar=JsonGrammar.choice(options))
                                                         for s in range(4)])
     assert all(seq.text in options for seq in seqs), [seq.text for seq in seqs]
+    assert not JsonGrammar.choice(options).guide().allows(b" ") and not JsonGrammar(None).guide().allows(b" {")
 
 
 @pytest.mark.parametrize("body, param, message", [
