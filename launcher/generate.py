@@ -4,6 +4,7 @@
     python -m launcher.generate outputs/runs/<run> --num-samples 3 --temperature 0.8 --top-k 50 --seed 1
     python -m launcher.generate ~/models/SmolLM2-135M --prompt "The capital of France"   # before fine-tuning
     python -m launcher.generate ~/models/Qwen2.5-0.5B-Instruct --chat "Capital of France?"  # its chat template
+    python -m launcher.generate <model> --chat "A city as JSON" --json-schema city.json  # guided: JSON matching it
 
 A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
 an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first. A local
@@ -13,6 +14,7 @@ Hugging Face model directory (what `trainer.init_from` takes) is loaded as a fin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -78,14 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-schema", type=Path, help="a JSON Schema file: samples are guided to JSON that matches "
+                                                          "it, as serving's response_format (lm/json_guide.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lm.chat_template import BUILTIN, ChatTemplateError
     from lm.config import ConfigError
     from lm.engine import Engine, RequestError, SamplingParams
+    from lm.json_guide import JsonGrammar, SchemaError
     from lm.tokenizer import document_start
 
     try:
+        grammar = JsonGrammar(json.loads(args.json_schema.read_text())) if args.json_schema else None
         model, tokenizer, source = load(args.path)
         # Token ids: a text prompt as `tokenizer(prompt)` encodes it (a Llama tokenizer's BOS first), a chat
         # template's text as it is (the template writes BOS itself).
@@ -99,10 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed + i, stop=stop) for i in range(args.num_samples)]
+                                 top_p=args.top_p, seed=args.seed + i, stop=stop, grammar=grammar)
+                  for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)
     except (FileNotFoundError, RequestError, ConfigError, ChatTemplateError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (SchemaError, json.JSONDecodeError) as error:
+        print(f"error: --json-schema {args.json_schema}: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {source}", file=sys.stderr)
     for seq in samples:

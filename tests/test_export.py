@@ -172,3 +172,15 @@ def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, 
         main([str(source), "--prompt", "def ", "--max-tokens", "8", "--num-samples", "2"])
         samples = [s.lstrip("\n") for s in capsys.readouterr().out.split("-" * 60 + "\n") if s.strip()]
         assert len(samples) == 2 and all(s.startswith("def ") for s in samples)
+    (tmp_path / "point.json").write_text(json.dumps({"type": "object", "required": ["x", "y"], "properties": {
+        "x": {"type": "integer"}, "y": {"type": "integer"}}}))
+    main([str(tmp_path / "e"), "--chat", "A point?", "--max-tokens", "120", "--json-schema", str(tmp_path / "point.json")])
+    point = json.loads(capsys.readouterr().out.split("-" * 60)[0])
+    assert set(point) == {"x", "y"} and all(isinstance(v, int) for v in point.values())
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "e"), "--json-schema", str(tmp_path / "bad.json")])
+    assert capsys.readouterr().err.strip().endswith("pattern: is not supported in guided decoding; supported: type, "
+                                                    "properties, required, additionalProperties, items, minItems, "
+                                                    "maxItems, enum, const, anyOf, oneOf, $ref, $defs, definitions, "
+                                                    "minLength, maxLength")
