@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="the bf16 rows; auto: only where the CPU has bf16 instructions (AVX-512 BF16 or AMX), "
+                             "since torch emulates them elsewhere, 10-40x slower than fp32")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_throughput.json")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -179,15 +182,22 @@ def main() -> None:
 
         dataset_dir = prepare_data(train_config(workdir, corpus_file, 1, 0, args.steps).data, progress=False).directory
 
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
+    if not bf16 and only & {"a", "b"}:
+        print("bf16 rows skipped: " + ("--bf16 off" if args.bf16 == "off" else
+                                       "this CPU has no bf16 instructions (--bf16 on runs them emulated)"))
     runners: dict[str, callable] = {}
     if "a" in only:
         runners["(a) plain PyTorch loop"] = lambda: plain_loop(args.steps)
-        runners["(a) plain loop, bf16 autocast"] = lambda: plain_loop(args.steps, bf16=True)
+        if bf16:
+            runners["(a) plain loop, bf16 autocast"] = lambda: plain_loop(args.steps, bf16=True)
     if "b" in only:
         runners["(b) trainer, 1 worker, ZeRO-0"] = lambda: torchrun_trainer(
             train_config(workdir, corpus_file, 1, 0, args.steps), dataset_dir, workdir)
-        runners["(b) trainer, 1 worker, ZeRO-0, bf16"] = lambda: torchrun_trainer(
-            train_config(workdir, corpus_file, 1, 0, args.steps, "bf16"), dataset_dir, workdir)
+        if bf16:
+            runners["(b) trainer, 1 worker, ZeRO-0, bf16"] = lambda: torchrun_trainer(
+                train_config(workdir, corpus_file, 1, 0, args.steps, "bf16"), dataset_dir, workdir)
     if "c" in only:
         runners["(c) trainer via Ray, 1 worker, ZeRO-0"] = lambda: ray_trainer(corpus_file, workdir, args.steps)
     if "d" in only:

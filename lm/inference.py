@@ -49,7 +49,8 @@ def optimize_for_decoding(model: nn.Module) -> nn.Module:
 
 
 INT8_KERNELS = ("int_mm", "weight_only_bf16")
-COMPILED_INT8_KERNEL = "int_mm" if torch.cpu._is_vnni_supported() else "weight_only_bf16"
+_has_vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)  # (a private probe: absent, assume VNNI)
+COMPILED_INT8_KERNEL = "int_mm" if _has_vnni() else "weight_only_bf16"
 
 
 class Int8Linear(nn.Module):
