@@ -199,9 +199,9 @@ class JsonGuide:
         # No whitespace before the value: a reply is the document (or the choice) from its first byte.
         self.states: frozenset = frozenset({(("val", grammar.root, MAX_WHITESPACE), None)})
 
-    def after(self, data: bytes) -> frozenset:
-        """The states after `data`; empty if the grammar refuses it."""
-        states = self.states
+    def after(self, data: bytes, states: Optional[frozenset] = None) -> frozenset:
+        """The states after `data` (from `states`, by default the guide's own); empty if refused."""
+        states = self.states if states is None else states
         for byte in data:
             states = frozenset(s for state in states if state is not None for s in _step(state, byte))
             if not states:
@@ -230,12 +230,21 @@ class JsonGuide:
         if self.states in cache:
             cache.move_to_end(self.states)
             return cache[self.states]
-        first = {b for b in range(256) if self.after(bytes([b]))}
         # Inside a plain string, tokens of printable ASCII without quote or backslash leave the state as
         # it is: allowed without walking them (most of a vocabulary, and the common place to mask).
-        plain = _plain_tokens(token_bytes) if all(_in_plain_string(s) for s in self.states) else None
-        mask = torch.tensor([bool(t) and (plain is not None and plain[i] or t[0] in first and bool(self.after(t)))
-                             for i, t in enumerate(token_bytes)])
+        # Other tokens are walked from the states after their first byte, computed once per byte, and
+        # only where that byte is allowed.
+        plain, by_first = _token_index(token_bytes)
+        rooms = [_plain_string_room(s) for s in self.states]
+        room = -1 if None in rooms else min(rooms)  # characters any state's string may still take
+        allowed = []
+        for byte, tokens in by_first.items():
+            states = self.after(bytes([byte]))
+            if states:
+                allowed += [i for i, rest in tokens if (plain[i] and len(rest) < room) or not rest
+                            or self.after(rest, states)]
+        mask = torch.zeros(len(token_bytes), dtype=torch.bool)
+        mask[allowed] = True
         cache[self.states] = mask
         if len(cache) > 512:
             cache.popitem(last=False)
@@ -243,24 +252,32 @@ class JsonGuide:
 
 
 _PLAIN_BYTES = frozenset(range(0x20, 0x7F)) - {0x22, 0x5C}
-_plain_cache: dict[int, tuple[list, list[bool]]] = {}
+_index_cache: dict[int, tuple] = {}
 
 
-def _plain_tokens(token_bytes: list[Optional[bytes]]) -> list[bool]:
-    """Which tokens are plain string text (printable ASCII, no quote or backslash), per token table."""
-    cached = _plain_cache.get(id(token_bytes))
+def _token_index(token_bytes: list[Optional[bytes]]) -> tuple[list[bool], dict[int, list]]:
+    """Per token table: which tokens are plain string text (printable ASCII, no quote or backslash,
+    so one character a byte), and the tokens by first byte (id, the bytes after it)."""
+    cached = _index_cache.get(id(token_bytes))
     if cached is None or cached[0] is not token_bytes:
-        cached = (token_bytes, [bool(t) and _PLAIN_BYTES.issuperset(t) for t in token_bytes])
-        _plain_cache[id(token_bytes)] = cached
-    return cached[1]
+        by_first: dict[int, list] = {}
+        for i, t in enumerate(token_bytes):
+            if t:
+                by_first.setdefault(t[0], []).append((i, t[1:]))
+        cached = (token_bytes, [bool(t) and _PLAIN_BYTES.issuperset(t) for t in token_bytes], by_first)
+        _index_cache[id(token_bytes)] = cached
+    return cached[1:]
 
 
-def _in_plain_string(state) -> bool:
-    """Inside a string with no escape or character pending and no length bound."""
+def _plain_string_room(state) -> Optional[float]:
+    """Inside a string with no escape or character pending: how many more characters its maxLength
+    allows (infinite without one); None elsewhere."""
     if state is None or state[0][0] != "str":
-        return False
-    _, spec, escape, _, pending = state[0]
-    return not (escape or pending or spec.min_len or spec.max_len is not None)
+        return None
+    _, spec, escape, count, pending = state[0]
+    if escape or pending:
+        return None
+    return float("inf") if spec.max_len is None else spec.max_len - count
 
 
 # The machine. A state is a stack: (frame, rest) with rest another stack, or None once the document

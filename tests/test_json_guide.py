@@ -103,7 +103,8 @@ def test_token_bytes_spell_what_each_token_decodes_to():
             assert data == text.encode(), i
 
 
-@pytest.mark.parametrize("schema", [None, PERSON])
+@pytest.mark.parametrize("schema", [None, PERSON, {"type": "object", "properties": {  # room for any plain token
+    "name": {"type": "string", "minLength": 30, "maxLength": 40}}}])
 @pytest.mark.parametrize("prefix", [b"", b'{"name": "', b'{"name": "x\\', b'{"name": "\xc3', b'{"name": "a", "age": 1',
                                     b'{"tags": ["'])
 def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(schema, prefix):
