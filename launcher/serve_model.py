@@ -166,7 +166,7 @@ class LanguageModel:
         from lm.engine import RequestError
 
         if params.grammar is not None:  # requests with one schema share its grammar's cached masks
-            if len(self.grammars) >= 64 and params.grammar.key not in self.grammars:
+            if len(self.grammars) >= 32 and params.grammar.key not in self.grammars:  # <= 32 x 16 MiB of masks
                 self.grammars.clear()
             params = replace(params, grammar=self.grammars.setdefault(params.grammar.key, params.grammar))
         try:
