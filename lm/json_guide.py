@@ -17,6 +17,7 @@ up front, so the output never silently breaks the schema.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -24,7 +25,9 @@ import torch
 
 # Keywords that constrain a value, all enforced; annotations (ANNOTATIONS) are read past.
 SUPPORTED = ("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-             "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "minLength", "maxLength")
+             "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
+             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # the bounds: integers only
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                "strict", "deprecated", "readOnly", "writeOnly")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -52,7 +55,7 @@ class Spec:
     """One compiled schema node. Compared by identity: frames hold it, and states are hashed."""
 
     __slots__ = ("types", "literals", "props", "required", "extra", "items", "min_items", "max_items",
-                 "min_len", "max_len", "alternatives")
+                 "min_len", "max_len", "alternatives", "low", "high")
 
     def __init__(self):
         self.types: frozenset[str] = frozenset(TYPES)
@@ -64,6 +67,8 @@ class Spec:
         self.min_items, self.max_items = 0, None
         self.min_len, self.max_len = 0, None
         self.alternatives: Optional[list[Spec]] = None  # anyOf/oneOf: any one of these
+        self.low: Optional[int] = None  # an integer's inclusive bounds
+        self.high: Optional[int] = None
 
 
 def _any() -> Spec:
@@ -131,6 +136,7 @@ class _Compiler:
         spec.items = self.compile(schema.get("items", True), _join(path, "items"))
         spec.min_items, spec.max_items = _bounds(schema, "minItems", "maxItems", path)
         spec.min_len, spec.max_len = _bounds(schema, "minLength", "maxLength", path)
+        spec.low, spec.high = _integer_bounds(schema, spec.types, path)
         return spec
 
     def ref(self, ref: Any, path: str) -> Spec:
@@ -152,6 +158,27 @@ class _Compiler:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _integer_bounds(schema: dict, kinds: frozenset, path: str) -> tuple[Optional[int], Optional[int]]:
+    """minimum/maximum (and their exclusive forms) as an integer's inclusive bounds. A number with a
+    fraction or exponent cannot be bounded byte by byte here, so bounds need type integer."""
+    given = [key for key in BOUNDS if key in schema]
+    if not given:
+        return None, None
+    if "integer" not in kinds or "number" in kinds:
+        raise SchemaError(_join(path, given[0]), "is enforced for integers only (type: integer)")
+    for key in given:
+        if isinstance(schema[key], bool) or not isinstance(schema[key], (int, float)):
+            raise SchemaError(_join(path, key), "must be a number")
+    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
+    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+    low, high = max(lows, default=None), min(highs, default=None)
+    if low is not None and high is not None and high < low:
+        raise SchemaError(_join(path, given[-1]), "leaves no integer between the bounds")
+    return low, high
 
 
 def _bounds(schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, Optional[int]]:
@@ -290,6 +317,8 @@ def _can_end(state) -> bool:
     if state is None:
         return True
     frame, rest = state
+    if frame[0] == "int":
+        return _in_bounds(frame[1], frame[2]) and _can_end(rest)
     return frame[0] == "num" and frame[1] in ("zero", "int", "frac", "exp") and _can_end(rest)
 
 
@@ -319,6 +348,8 @@ def _start(spec: Spec, rest, b: int) -> list:
     elif b == 0x5B and "array" in kinds:  # [
         out.append((("arr", spec, 0, "first", 0), rest))
     elif (b in _DIGITS or b == 0x2D) and kinds & {"number", "integer"}:
+        if spec.low is not None or spec.high is not None:
+            return _bounded_integer(spec, b"", rest, b)
         phase = "sign" if b == 0x2D else "zero" if b == 0x30 else "int"
         out.append((("num", phase, "number" not in kinds, 1), rest))
     else:
@@ -383,6 +414,47 @@ def _number(frame, rest, b):
     return []
 
 
+def _bounded_integer(spec: Spec, text: bytes, rest, b: int) -> list:
+    """An integer with bounds, written so far as `text`: a byte is allowed where some way to go on
+    (more digits, or the end) lands within them."""
+    if (b == 0x2D and not text) or (b in _DIGITS and text not in (b"0", b"-0")):
+        longer = text + bytes([b])
+        return [(("int", spec, longer), rest)] if _reachable(spec, longer) else []
+    if _in_bounds(spec, text) and rest is not None:
+        return _step(rest, b)  # the integer ended; the byte belongs to what holds it
+    return []
+
+
+def _integer(frame, rest, b):
+    return _bounded_integer(frame[1], frame[2], rest, b)
+
+
+def _in_bounds(spec: Spec, text: bytes) -> bool:
+    if not text.lstrip(b"-"):
+        return False
+    value = int(text)
+    return (spec.low is None or value >= spec.low) and (spec.high is None or value <= spec.high)
+
+
+def _reachable(spec: Spec, text: bytes) -> bool:
+    """Whether `text` (a sign, then digits) or some longer integer it begins is within the bounds."""
+    low = -math.inf if spec.low is None else spec.low
+    high = math.inf if spec.high is None else spec.high
+    negative, digits = text.startswith(b"-"), text.lstrip(b"-")
+    if not digits:
+        return low <= min(high, -1)
+    value = int(digits)
+    for more in range(MAX_NUMBER_BYTES - len(text) + 1):  # the integers of len(digits) + more digits
+        if more and value == 0:
+            break
+        least = value * 10 ** more
+        most = least + 10 ** more - 1 if more else least
+        least, most = (-most, -least) if negative else (least, most)
+        if least <= high and most >= low:
+            return True
+    return False
+
+
 def _object(frame, rest, b):
     _, spec, seen, phase, ws, pending = frame
     if b in _WS:
@@ -432,5 +504,5 @@ def _array(frame, rest, b):
 
 _KEY = Spec()
 _KEY.types = frozenset({"string"})
-_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "num": _number, "obj": _object, "key": _key,
-             "arr": _array}
+_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "num": _number, "int": _integer, "obj": _object,
+             "key": _key, "arr": _array}

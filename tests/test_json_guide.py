@@ -14,7 +14,7 @@ from lm.model import GPT
 from lm.tokenizer import ByteBPETokenizer
 
 PERSON = {"type": "object",
-          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"},
+          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": -5, "maximum": 150},
                          "unit": {"enum": ["celsius", "fahrenheit"]}, "ok": {"type": "boolean"},
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2}},
           "required": ["name", "age", "unit"]}
@@ -39,6 +39,10 @@ def accepts_whole(grammar: JsonGrammar, text: str) -> bool:
     ('{"name": "Ada", "age": 01, "unit": "celsius"}', False),  # leading zero
     ('{"name": "Adalbert", "age": 1, "unit": "celsius"}', False),  # maxLength
     ('{"name": "A", "age": 1, "unit": "kelvin"}', False),  # enum
+    ('{"name": "A", "age": 150, "unit": "celsius"}', True),  # the bounds are inclusive
+    ('{"name": "A", "age": 151, "unit": "celsius"}', False),  # maximum
+    ('{"name": "A", "age": -6, "unit": "celsius"}', False),  # minimum
+    ('{"name": "A", "age": 1500, "unit": "celsius"}', False),
     ('{"name": "A", "age": 1, "unit": "celsius", "x": 1}', False),  # undeclared property
     ('{"name": "A", "name": "B", "age": 1, "unit": "celsius"}', False),  # a property twice
     ('{"name": "A", "age": 1, "unit": "celsius", "tags": ["a", "b", "c"]}', False),  # maxItems
@@ -71,7 +75,9 @@ def test_local_references_and_recursion():
 
 @pytest.mark.parametrize("schema, message", [
     ({"type": "string", "pattern": "a+"}, "pattern: is not supported in guided decoding"),
-    ({"properties": {"age": {"type": "integer", "minimum": 0}}}, "properties.age.minimum: is not supported"),
+    ({"properties": {"age": {"type": "number", "minimum": 0}}}, "properties.age.minimum: is enforced for integers only"),
+    ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "exclusiveMaximum: leaves no integer between"),
+    ({"type": "integer", "multipleOf": 2}, "multipleOf: is not supported"),
     ({"type": "strng"}, "type: must be one of object, array, string"),
     ({"properties": {"a": {}}, "required": ["b"]}, "required: must list names from 'properties'"),
     ({"$ref": "#/$defs/Missing"}, "$ref: '#/$defs/Missing' does not resolve"),
@@ -123,7 +129,7 @@ def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(schem
 def check_person(value: dict) -> None:
     assert set(value) <= set(PERSON["properties"]) and {"name", "age", "unit"} <= set(value)
     assert isinstance(value["name"], str) and len(value["name"]) <= 6
-    assert isinstance(value["age"], int) and value["unit"] in ("celsius", "fahrenheit")
+    assert isinstance(value["age"], int) and -5 <= value["age"] <= 150 and value["unit"] in ("celsius", "fahrenheit")
     assert isinstance(value.get("ok", True), bool)
     assert all(isinstance(t, str) and len(t) <= 3 for t in value.get("tags", [])) and len(value.get("tags", [])) <= 2
 
