@@ -1,4 +1,5 @@
-"""Guided decoding: only tokens that keep the output a prefix of JSON matching a schema are sampled.
+"""Guided decoding: only tokens that keep the output a prefix of JSON matching a schema (or of one of
+a list of strings, vLLM's guided choice) are sampled.
 
 What OpenAI's `response_format` (json_object, json_schema) and a forced tool call (`tool_choice`
 "required" or a named function) need, as vLLM does with xgrammar, here in plain Python. A schema
@@ -8,8 +9,9 @@ trying a token is copying nothing. Bytes, not characters: byte-level BPE tokens 
 UTF-8 character, and everything JSON says about structure is ASCII.
 
 Sampling tries the model's own choice first and masks the whole vocabulary only when the grammar
-refuses it (`Engine` does this); a refused draw followed by a masked one samples exactly from the
-distribution renormalized over the allowed tokens, and a trained model's first choice usually fits.
+refuses it (`Engine` does this); with plain temperature sampling a refused draw followed by a masked
+one samples exactly from the distribution renormalized over the allowed tokens, and a trained model's
+first choice usually fits.
 The supported schema keywords are `SUPPORTED`; any other keyword that constrains a value is refused
 up front, so the output never silently breaks the schema.
 """
