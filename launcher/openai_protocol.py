@@ -236,21 +236,18 @@ def forced_tool_call(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar,
     if not tools or choice in (None, "auto", "none"):
         return None
     chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
-    calls = []
-    for tool in chosen:
-        index = tools.index(tool)
-        parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
-        calls.append({"type": "object", "properties": {"name": {"const": tool["function"]["name"]},
-                                                      "parameters": parameters},
-                      "required": ["name", "parameters"]})
-        try:
-            JsonGrammar(parameters)
-        except SchemaError as error:
-            raise APIError(400, f"tools[{index}].function.parameters.{error}", "tools") from None
+    parameters = [tool["function"].get("parameters") or {"type": "object", "properties": {}} for tool in chosen]
+    calls = [{"type": "object", "properties": {"name": {"const": tool["function"]["name"]}, "parameters": schema},
+              "required": ["name", "parameters"]} for tool, schema in zip(chosen, parameters)]
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if choice != "required":
         schema["maxItems"] = 1
-    return JsonGrammar(schema), "required" if choice == "required" else "named"
+    try:
+        return JsonGrammar(schema), "required" if choice == "required" else "named"
+    except SchemaError:  # name the tool whose parameters cannot be enforced
+        for tool, schema in zip(chosen, parameters):
+            _grammar(schema, f"tools[{tools.index(tool)}].function.parameters", "tools")
+        raise
 
 
 def response_format(body: dict) -> JsonGrammar | None:
@@ -267,11 +264,15 @@ def response_format(body: dict) -> JsonGrammar | None:
     if not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
         raise APIError(400, "'response_format' must be {type: text}, {type: json_object} or {type: json_schema, "
                             "json_schema: {name, schema}}", "response_format")
+    return _grammar(spec["schema"], "response_format.json_schema.schema", "response_format")
+
+
+def _grammar(schema, where: str, param: str) -> JsonGrammar:
+    """A request's schema compiled, or a 400 naming where in it (`where`: the schema's place in the body)."""
     try:
-        return JsonGrammar(spec["schema"])
+        return JsonGrammar(schema)
     except SchemaError as error:
-        raise APIError(400, f"response_format.json_schema.schema.{error}" if error.path else
-                       f"response_format.json_schema.schema: {error}", "response_format") from None
+        raise APIError(400, f"{where}.{error}" if error.path else f"{where}: {error}", param) from None
 
 
 STRUCTURED_OUTPUTS = ("json", "json_object", "choice")
@@ -304,11 +305,7 @@ def structured_outputs(body: dict) -> JsonGrammar | None:
             spec = json.loads(spec)
         except json.JSONDecodeError:
             spec = None
-    try:
-        return JsonGrammar(spec if isinstance(spec, dict) else [])
-    except SchemaError as error:
-        raise APIError(400, f"structured_outputs.json.{error}" if error.path else
-                       f"structured_outputs.json: {error}", "structured_outputs") from None
+    return _grammar(spec if isinstance(spec, dict) else [], "structured_outputs.json", "structured_outputs")
 
 
 def guided_decoding(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar | None, str | None]:

@@ -197,27 +197,25 @@ class JsonGrammar:
     """A compiled schema (None: any JSON object, OpenAI's json_object mode), shared by every request
     that uses it; masks of the whole vocabulary are cached per parser state."""
 
-    def __init__(self, schema: Optional[dict] = None):
-        self.key = json.dumps(schema, sort_keys=True)  # the same schema, the same grammar (and mask cache)
-        if schema is None:
-            self.root = Spec()
-            self.root.types = frozenset({"object"})
-            self.root.extra = self.root.items = _any()
-        else:
+    def __init__(self, schema: Optional[dict] = None, *, root: Optional[Spec] = None, key: Optional[str] = None):
+        self.key = key or json.dumps(schema, sort_keys=True)  # the same schema, the same grammar (and mask cache)
+        if root is None and schema is None:
+            root = Spec()
+            root.types = frozenset({"object"})
+            root.extra = root.items = _any()
+        elif root is None:
             if not isinstance(schema, dict):
                 raise SchemaError("", "the schema must be a JSON object")
-            self.root = _Compiler(schema).compile(schema, "")
+            root = _Compiler(schema).compile(schema, "")
+        self.root = root
         self._masks: OrderedDict[frozenset, torch.Tensor] = OrderedDict()
 
     @classmethod
     def choice(cls, options: list[str]) -> "JsonGrammar":
         """Output exactly one of these strings, as written (vLLM's guided choice: no JSON quoting)."""
-        grammar = cls.__new__(cls)
-        grammar.key = "choice:" + json.dumps(options)
-        grammar.root = Spec()
-        grammar.root.literals = [option.encode() for option in options]
-        grammar._masks = OrderedDict()
-        return grammar
+        root = Spec()
+        root.literals = [option.encode() for option in options]
+        return cls(root=root, key="choice:" + json.dumps(options))
 
     def guide(self) -> "JsonGuide":
         return JsonGuide(self)
@@ -230,6 +228,7 @@ class JsonGuide:
         self.grammar = grammar
         # No whitespace before the value: a reply is the document (or the choice) from its first byte.
         self.states: frozenset = frozenset({(("val", grammar.root, MAX_WHITESPACE), None)})
+        self._tried: tuple[Optional[bytes], frozenset] = (None, frozenset())  # the last token allows() walked
 
     def after(self, data: bytes, states: Optional[frozenset] = None) -> frozenset:
         """The states after `data` (from `states`, by default the guide's own); empty if refused."""
@@ -241,10 +240,14 @@ class JsonGuide:
         return states
 
     def allows(self, data: Optional[bytes]) -> bool:
-        return bool(data) and bool(self.after(data))
+        if not data:
+            return False
+        self._tried = (data, self.after(data))  # the engine advances by the token it just tried
+        return bool(self._tried[1])
 
     def advance(self, data: bytes) -> None:
-        self.states = self.after(data)
+        self.states = self._tried[1] if self._tried[0] == data else self.after(data)
+        self._tried = (None, frozenset())
 
     @property
     def can_end(self) -> bool:
