@@ -1,5 +1,6 @@
 """What guided decoding (response_format, forced tool calls; lm/json_guide.py) costs the engine: decode
-tokens/s with a JSON Schema and in json_object mode against the same requests unguided, in one run.
+tokens/s with a JSON Schema, in json_object mode, with strings under patterns and formats, and with
+a regex (structured_outputs.regex), against the same requests unguided, in one run.
 
     .venv/bin/python benchmarks/guided_decoding.py [--threads 2] [--new-tokens 64] [--repeats 3]
 
@@ -35,6 +36,10 @@ from report import write_report  # benchmarks/ (run as a script)
 SCHEMA = {"type": "object", "required": ["name", "age", "unit", "tags"], "properties": {
     "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}, "unit": {"enum": ["celsius", "fahrenheit"]},
     "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 8}}}}
+PATTERNED = {"type": "object", "required": ["id", "day", "code"], "properties": {  # strings under regexes
+    "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"},
+    "code": {"type": "string", "pattern": r"^[A-Z]{3}-\d{4}$"}}}
+REGEX = r"[a-z]+( [a-z]+){0,15}\."  # structured_outputs.regex: raw text, mostly free
 WORDS = ["alpha", "beta", "gamma", "delta", "name", "age", "value", "items", "true", "false", "null", "return",
          "def", "class", "import", "weather", "city", "Paris", "Rome", "celsius", "tags", "unit"]
 
@@ -87,7 +92,8 @@ def main() -> None:
     JsonGuide.mask = counted_mask
     warm_schema = JsonGrammar(SCHEMA)
     cases = {"unguided": lambda: None, "json_schema, cold": lambda: JsonGrammar(SCHEMA),
-             "json_schema, warm": lambda: warm_schema, "json_object, cold": lambda: JsonGrammar(None)}
+             "json_schema, warm": lambda: warm_schema, "json_object, cold": lambda: JsonGrammar(None),
+             "patterns, cold": lambda: JsonGrammar(PATTERNED), "regex, cold": lambda: JsonGrammar.regex(REGEX)}
     results, shares, samples = {}, {}, {}
     tokens_per_second(engine, 1, 8, None)  # warm-up
     tokens_per_second(engine, 1, args.new_tokens, warm_schema)  # fills the warm grammar's cache

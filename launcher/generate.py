@@ -5,6 +5,7 @@
     python -m launcher.generate ~/models/SmolLM2-135M --prompt "The capital of France"   # before fine-tuning
     python -m launcher.generate ~/models/Qwen2.5-0.5B-Instruct --chat "Capital of France?"  # its chat template
     python -m launcher.generate <model> --chat "A city as JSON" --json-schema city.json  # guided: JSON matching it
+    python -m launcher.generate <model> --prompt "Date: " --regex '\d{4}-\d{2}-\d{2}'   # guided: text it matches
 
 A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
 an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first. A local
@@ -66,6 +67,14 @@ def download_model_dir(location: str, scratch: str) -> tuple[Path, str]:
     return local_directory(chosen, scratch), chosen
 
 
+def guided_grammar(args: argparse.Namespace):
+    from lm.json_guide import JsonGrammar
+
+    if args.json_schema:
+        return JsonGrammar(json.loads(args.json_schema.read_text()))
+    return JsonGrammar.regex(args.regex) if args.regex is not None else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
@@ -80,18 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json-schema", type=Path, help="a JSON Schema file: samples are guided to JSON that matches "
-                                                          "it, as serving's response_format (lm/json_guide.py)")
+    guided = parser.add_mutually_exclusive_group()
+    guided.add_argument("--json-schema", type=Path, help="a JSON Schema file: samples are guided to JSON that matches "
+                                                         "it, as serving's response_format (lm/json_guide.py)")
+    guided.add_argument("--regex", help="samples are guided to text the regex matches whole, as serving's "
+                                        "structured_outputs.regex (lm/regex_guide.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lm.chat_template import BUILTIN, ChatTemplateError
     from lm.config import ConfigError
     from lm.engine import Engine, RequestError, SamplingParams
-    from lm.json_guide import JsonGrammar, SchemaError
+    from lm.json_guide import SchemaError
     from lm.tokenizer import document_start
 
     try:
-        grammar = JsonGrammar(json.loads(args.json_schema.read_text())) if args.json_schema else None
+        grammar = guided_grammar(args)
         model, tokenizer, source = load(args.path)
         # Token ids: a text prompt as `tokenizer(prompt)` encodes it (a Llama tokenizer's BOS first), a chat
         # template's text as it is (the template writes BOS itself).
@@ -112,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except (SchemaError, json.JSONDecodeError) as error:
-        print(f"error: --json-schema {args.json_schema}: {error}", file=sys.stderr)
+        given = f"--json-schema {args.json_schema}" if args.json_schema else f"--regex {args.regex}"
+        print(f"error: {given}: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {source}", file=sys.stderr)
     for seq in samples:

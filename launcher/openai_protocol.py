@@ -267,21 +267,21 @@ def response_format(body: dict) -> JsonGrammar | None:
     return _grammar(spec["schema"], "response_format.json_schema.schema", "response_format")
 
 
-def _grammar(schema, where: str, param: str) -> JsonGrammar:
-    """A request's schema compiled, or a 400 naming where in it (`where`: the schema's place in the body)."""
+def _grammar(schema, where: str, param: str, regex: bool = False) -> JsonGrammar:
+    """A request's schema (or regex) compiled, or a 400 naming where in it (`where`: its place in the body)."""
     try:
-        return JsonGrammar(schema)
+        return JsonGrammar.regex(schema) if regex else JsonGrammar(schema)
     except SchemaError as error:
         raise APIError(400, f"{where}.{error}" if error.path else f"{where}: {error}", param) from None
 
 
-STRUCTURED_OUTPUTS = ("json", "json_object", "choice")
+STRUCTURED_OUTPUTS = ("json", "json_object", "choice", "regex")
 
 
 def structured_outputs(body: dict) -> JsonGrammar | None:
     """vLLM's `structured_outputs` (extra_body in the openai client): {"json": schema}, {"json_object":
-    true}, or {"choice": [strings]} (the reply is one of them, as written). vLLM's regex and grammar
-    forms are refused by name."""
+    true}, {"choice": [strings]} (the reply is one of them, as written), or {"regex": pattern} (text the
+    pattern matches whole). vLLM's grammar form (EBNF) is refused by name."""
     value = body.get("structured_outputs")
     if value is None:
         return None
@@ -300,6 +300,10 @@ def structured_outputs(body: dict) -> JsonGrammar | None:
             raise APIError(400, "'structured_outputs.choice' must be a non-empty list of non-empty strings",
                            "structured_outputs")
         return JsonGrammar.choice(spec)
+    if key == "regex":
+        if not isinstance(spec, str):
+            raise APIError(400, "'structured_outputs.regex' must be a string", "structured_outputs")
+        return _grammar(spec, "structured_outputs.regex", "structured_outputs", regex=True)
     if isinstance(spec, str):  # vLLM takes the schema as JSON text too
         try:
             spec = json.loads(spec)

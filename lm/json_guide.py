@@ -1,5 +1,5 @@
 """Guided decoding: only tokens that keep the output a prefix of JSON matching a schema (or of one of
-a list of strings, vLLM's guided choice) are sampled.
+a list of strings, vLLM's guided choice, or of text a regex matches, vLLM's guided regex) are sampled.
 
 What OpenAI's `response_format` (json_object, json_schema) and a forced tool call (`tool_choice`
 "required" or a named function) need, as vLLM does with xgrammar, here in plain Python. A schema
@@ -13,7 +13,8 @@ refuses it (`Engine` does this); with plain temperature sampling a refused draw 
 one samples exactly from the distribution renormalized over the allowed tokens, and a trained model's
 first choice usually fits.
 The supported schema keywords are `SUPPORTED`; any other keyword that constrains a value is refused
-up front, so the output never silently breaks the schema.
+up front, so the output never silently breaks the schema. A string's `pattern` and the `format`s in
+lm.regex_guide.FORMATS run as regexes (lm.regex_guide) over its characters.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from typing import Any, Optional
 
 import torch
 
+from lm.regex_guide import FORMATS, Regex, RegexError
+
 # Keywords that constrain a value, all enforced; annotations (ANNOTATIONS) are read past.
 SUPPORTED = ("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
              "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
-             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # the bounds: integers only
+             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",  # the bounds: integers only
+             "pattern")  # and `format`, where lm.regex_guide.FORMATS has it (else an annotation)
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                "strict", "deprecated", "readOnly", "writeOnly")
@@ -57,7 +61,7 @@ class Spec:
     """One compiled schema node. Compared by identity: frames hold it, and states are hashed."""
 
     __slots__ = ("types", "literals", "props", "required", "extra", "items", "min_items", "max_items",
-                 "min_len", "max_len", "alternatives", "low", "high")
+                 "min_len", "max_len", "alternatives", "low", "high", "pattern", "text")
 
     def __init__(self):
         self.types: frozenset[str] = frozenset(TYPES)
@@ -71,6 +75,8 @@ class Spec:
         self.alternatives: Optional[list[Spec]] = None  # anyOf/oneOf: any one of these
         self.low: Optional[int] = None  # an integer's inclusive bounds
         self.high: Optional[int] = None
+        self.pattern: Optional[Regex] = None  # a string's characters (after JSON's escapes) match it whole
+        self.text: Optional[Regex] = None  # not JSON: raw text this regex matches whole (vLLM's guided regex)
 
 
 def _any() -> Spec:
@@ -139,6 +145,7 @@ class _Compiler:
         spec.min_items, spec.max_items = _bounds(schema, "minItems", "maxItems", path)
         spec.min_len, spec.max_len = _bounds(schema, "minLength", "maxLength", path)
         spec.low, spec.high = _integer_bounds(schema, spec.types, path)
+        spec.pattern = _string_pattern(schema, path)
         return spec
 
     def ref(self, ref: Any, path: str) -> Spec:
@@ -183,6 +190,18 @@ def _integer_bounds(schema: dict, kinds: frozenset, path: str) -> tuple[Optional
     return low, high
 
 
+def _string_pattern(schema: dict, path: str) -> Optional[Regex]:
+    """`pattern`, else a `format` FORMATS enforces, as a regex over the string's characters. Matched
+    whole, as Outlines and xgrammar do: what it writes also matches the pattern as a search."""
+    key = "pattern" if "pattern" in schema else "format" if schema.get("format") in FORMATS else None
+    if key is None:
+        return None
+    try:
+        return Regex(schema[key] if key == "pattern" else FORMATS[schema[key]])
+    except RegexError as error:
+        raise SchemaError(_join(path, key), str(error)) from None
+
+
 def _bounds(schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, Optional[int]]:
     low, high = schema.get(low_key, 0), schema.get(high_key)
     for key, value in ((low_key, low), (high_key, high)):
@@ -216,6 +235,16 @@ class JsonGrammar:
         root = Spec()
         root.literals = [option.encode() for option in options]
         return cls(root=root, key="choice:" + json.dumps(options))
+
+    @classmethod
+    def regex(cls, pattern: str) -> "JsonGrammar":
+        """Output text the regex matches whole (vLLM's guided regex: raw text, not JSON)."""
+        root = Spec()
+        try:
+            root.text = Regex(pattern)
+        except RegexError as error:
+            raise SchemaError("", str(error)) from None
+        return cls(root=root, key="regex:" + pattern)
 
     def guide(self) -> "JsonGuide":
         return JsonGuide(self)
@@ -324,6 +353,8 @@ def _can_end(state) -> bool:
     frame, rest = state
     if frame[0] == "int":
         return _in_bounds(frame[1], frame[2]) and _can_end(rest)
+    if frame[0] == "rx":
+        return frame[1].accepts(frame[2]) and _can_end(rest)
     return frame[0] == "num" and frame[1] in ("zero", "int", "frac", "exp") and _can_end(rest)
 
 
@@ -334,9 +365,9 @@ def _step(state, b: int) -> list:
 
 def _value(frame, rest, b):
     _, spec, ws = frame
-    if b in _WS:
-        return [(("val", spec, ws + 1), rest)] if ws < MAX_WHITESPACE else []
-    return _start(spec, rest, b)
+    if b in _WS and ws < MAX_WHITESPACE:
+        return [(("val", spec, ws + 1), rest)]
+    return _start(spec, rest, b)  # a JSON value never starts with a space; a choice or a regex's text may
 
 
 def _start(spec: Spec, rest, b: int) -> list:
@@ -345,9 +376,11 @@ def _start(spec: Spec, rest, b: int) -> list:
         return [s for alt in spec.alternatives for s in _start(alt, rest, b)]
     if spec.literals is not None:
         return [_literal_from(text, 1, rest) for text in spec.literals if text[0] == b]
+    if spec.text is not None:
+        return _regex_text(("rx", spec.text, spec.text.start), rest, b)
     kinds, out = spec.types, []
     if b == 0x22 and "string" in kinds:  # "
-        out.append((("str", spec, 0, 0, 0), rest))
+        out.append((("pstr", spec, spec.pattern.start, 0, 0) if spec.pattern else ("str", spec, 0, 0, 0), rest))
     elif b == 0x7B and "object" in kinds:  # {
         out.append((("obj", spec, frozenset(), "first", 0, None), rest))
     elif b == 0x5B and "array" in kinds:  # [
@@ -395,6 +428,42 @@ def _string(frame, rest, b):
             return []
     follow = 0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3
     return [(("str", spec, 1 if b == 0x5C else 0, count, follow), rest)]
+
+
+_JSON_ESCAPES = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
+
+
+def _pattern_string(frame, rest, b):
+    """A string whose characters match a regex: each byte, or an escape's character, steps the regex
+    (which also keeps UTF-8 whole); characters counted where a length bound needs it. \\uXXXX escapes
+    are not written here: the character itself is."""
+    _, spec, at, escape, count = frame
+    if escape:
+        b = _JSON_ESCAPES.get(b, -1)
+    elif b == 0x22:
+        return [rest] if spec.pattern.accepts(at) and count >= spec.min_len else []
+    elif b == 0x5C:  # only where some escape's character may come next
+        return [(("pstr", spec, at, 1, count), rest)] if any(
+            spec.pattern.step(at, c) >= 0 for c in _JSON_ESCAPES.values()) else []
+    elif b < 0x20:
+        b = -1  # a control character must be escaped
+    at = spec.pattern.step(at, b) if b >= 0 else -1
+    if at < 0:
+        return []
+    if (spec.min_len or spec.max_len is not None) and not 0x80 <= b < 0xC0:  # a character's first byte
+        count += 1
+        if spec.max_len is not None and count > spec.max_len:
+            return []
+    return [(("pstr", spec, at, 0, count), rest)]
+
+
+def _regex_text(frame, rest, b):
+    """Raw text a regex matches whole; complete (the stack pops) once no byte may extend the match."""
+    _, regex, at = frame
+    at = regex.step(at, b)
+    if at < 0:
+        return []
+    return [rest] if regex.ends(at) else [(("rx", regex, at), rest)]
 
 
 _NUMBER_MOVES = {  # phase -> (digit, '.', 'e'/'E', sign) successors; None: not allowed
@@ -509,5 +578,5 @@ def _array(frame, rest, b):
 
 _KEY = Spec()
 _KEY.types = frozenset({"string"})
-_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "num": _number, "int": _integer, "obj": _object,
-             "key": _key, "arr": _array}
+_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text,
+             "num": _number, "int": _integer, "obj": _object, "key": _key, "arr": _array}

@@ -3,6 +3,7 @@ gives transformers the same logits; int8 and bf16 pass the perplexity gate on a 
 a sabotaged artifact does not; bad checkpoints fail with one line and nothing written."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -177,11 +178,18 @@ def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, 
     main([str(tmp_path / "e"), "--chat", "A point?", "--max-tokens", "120", "--json-schema", str(tmp_path / "point.json")])
     point = json.loads(capsys.readouterr().out.split("-" * 60)[0])
     assert set(point) == {"x", "y"} and all(isinstance(v, int) for v in point.values())
-    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    main([str(tmp_path / "e"), "--prompt", "On ", "--max-tokens", "20", "--num-samples", "2", "--regex", r"\d{4}-\d\d"])
+    dates = [s.strip() for s in capsys.readouterr().out.split("-" * 60) if s.strip()]
+    assert len(dates) == 2 and all(re.fullmatch(r"On \d{4}-\d\d", d) for d in dates), dates
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "integer", "multipleOf": 2}))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "e"), "--json-schema", str(tmp_path / "bad.json")])
     from lm.json_guide import SUPPORTED
 
     assert capsys.readouterr().err.strip().splitlines() == [  # one line, naming the file and the keyword
-        f"error: --json-schema {tmp_path / 'bad.json'}: pattern: is not supported in guided decoding; supported: "
+        f"error: --json-schema {tmp_path / 'bad.json'}: multipleOf: is not supported in guided decoding; supported: "
         f"{', '.join(SUPPORTED)}"]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "e"), "--regex", "(?=a)b"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --regex (?=a)b: '(?=' at position 0: lookaround, inline flags and other extensions are not supported"]
