@@ -261,12 +261,7 @@ class JsonGuide:
 
     def after(self, data: bytes, states: Optional[frozenset] = None) -> frozenset:
         """The states after `data` (from `states`, by default the guide's own); empty if refused."""
-        states = self.states if states is None else states
-        for byte in data:
-            states = frozenset(s for state in states if state is not None for s in _step(state, byte))
-            if not states:
-                break
-        return states
+        return _walk_all(data, self.states if states is None else states)
 
     def allows(self, data: Optional[bytes]) -> bool:
         if not data:
@@ -297,7 +292,7 @@ class JsonGuide:
         # Inside a plain string, tokens of printable ASCII without quote or backslash leave the state as
         # it is: allowed without walking them (most of a vocabulary, and the common place to mask).
         # Other tokens are walked from the states after their first byte, computed once per byte, and
-        # only where that byte is allowed.
+        # only where that byte is allowed; inside a pattern or a regex, by its DFA alone where it can.
         plain, by_first = _token_index(token_bytes)
         rooms = [_plain_string_room(s) for s in self.states]
         room = -1 if None in rooms else min(rooms)  # characters any state's string may still take
@@ -305,8 +300,8 @@ class JsonGuide:
         for byte, tokens in by_first.items():
             states = self.after(bytes([byte]))
             if states:
-                allowed += [i for i, rest in tokens if (plain[i] and len(rest) < room) or not rest
-                            or self.after(rest, states)]
+                walk = _regex_walk(states) or (lambda data, states=states: bool(self.after(data, states)))
+                allowed += [i for i, rest in tokens if (plain[i] and len(rest) < room) or not rest or walk(rest)]
         mask = torch.zeros(len(token_bytes), dtype=torch.bool)
         mask[allowed] = True
         cache[self.states] = mask
@@ -331,6 +326,44 @@ def _token_index(token_bytes: list[Optional[bytes]]) -> tuple[list[bool], dict[i
         cached = (token_bytes, [bool(t) and _PLAIN_BYTES.issuperset(t) for t in token_bytes], by_first)
         _index_cache[id(token_bytes)] = cached
     return cached[1:]
+
+
+_STRING_SPECIAL = frozenset(b'"\\') | frozenset(range(0x20))
+
+
+def _regex_walk(states: frozenset):
+    """For one state inside a pattern string (no escape pending, no length to count) or a regex's text:
+    a test of the bytes that follow, run on the regex's DFA alone, as ints; where a byte is one the frame
+    handles itself (a quote, a backslash, a control character, or any byte after a regex's whole match)
+    the whole machine walks them. None for other states."""
+    state = next(iter(states)) if len(states) == 1 else None
+    frame = state[0] if state is not None else ("",)
+    if frame[0] == "pstr" and not frame[3] and not (frame[1].min_len or frame[1].max_len is not None):
+        regex, special, text = frame[1].pattern, _STRING_SPECIAL, False
+    elif frame[0] == "rx":
+        regex, special, text = frame[1], frozenset(), True
+    else:
+        return None
+
+    def walk(data: bytes) -> bool:
+        at = frame[2]
+        for byte in data:
+            if byte in special or (text and regex.ends(at)):
+                return bool(_walk_all(data, states))
+            at = regex.step(at, byte)
+            if at < 0:
+                return False
+        return True
+
+    return walk
+
+
+def _walk_all(data: bytes, states: frozenset) -> frozenset:
+    for byte in data:
+        states = frozenset(s for state in states if state is not None for s in _step(state, byte))
+        if not states:
+            break
+    return states
 
 
 def _plain_string_room(state) -> Optional[float]:

@@ -18,10 +18,9 @@ pattern) is a RegexError naming it, never read as something else.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
-MAX_STATES = 20_000  # NFA states; a pattern past this (large counted repeats) is refused
-MAX_CACHED_STEPS = 500_000  # lazily built DFA transitions kept per pattern
+MAX_NFA_STATES = 20_000  # NFA states; a pattern past this (large counted repeats) is refused
+MAX_DFA_STATES = 100_000  # built lazily; past this a pattern's transitions are computed again as needed
 UNICODE_MAX = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)  # not characters: UTF-8 cannot spell them
 
@@ -241,8 +240,8 @@ class _Nfa:
         self.empty: list[list[int]] = []
 
     def new(self) -> int:
-        if len(self.edges) >= MAX_STATES:
-            raise RegexError(f"the pattern is too large (more than {MAX_STATES} automaton states; "
+        if len(self.edges) >= MAX_NFA_STATES:
+            raise RegexError(f"the pattern is too large (more than {MAX_NFA_STATES} automaton states; "
                              "large counted repeats multiply)")
         self.edges.append([])
         self.empty.append([])
@@ -297,7 +296,8 @@ class Regex:
         self._final = self._nfa.build(_Parser(pattern).parse(), begin)
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
-        self._steps: dict[tuple[int, int], int] = {}
+        self._steps: list[dict[int, int]] = []  # per DFA state: byte -> next state, as computed
+        self._ends: dict[int, bool] = {}
         self.start = self._state({begin})
 
     def _state(self, nfa_states: set[int]) -> int:
@@ -312,16 +312,16 @@ class Regex:
         if key not in self._ids:
             self._ids[key] = len(self._sets)
             self._sets.append(key)
+            self._steps.append({})
         return self._ids[key]
 
     def step(self, state: int, byte: int) -> int:
-        found = self._steps.get((state, byte))
+        found = self._steps[state].get(byte)
         if found is None:
             targets = {to for s in self._sets[state] for lo, hi, to in self._nfa.edges[s] if lo <= byte <= hi}
             found = self._state(targets) if targets else -1
-            if len(self._steps) >= MAX_CACHED_STEPS:
-                self._steps.clear()
-            self._steps[(state, byte)] = found
+            if len(self._sets) < MAX_DFA_STATES:
+                self._steps[state][byte] = found
         return found
 
     def accepts(self, state: int) -> bool:
@@ -330,7 +330,10 @@ class Regex:
 
     def ends(self, state: int) -> bool:
         """A whole match that no byte may extend."""
-        return self.accepts(state) and not any(self._nfa.edges[s] for s in self._sets[state])
+        found = self._ends.get(state)
+        if found is None:
+            found = self._ends[state] = self.accepts(state) and not any(self._nfa.edges[s] for s in self._sets[state])
+        return found
 
     def fullmatch(self, data: bytes) -> bool:
         state = self.start

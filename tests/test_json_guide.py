@@ -157,6 +157,17 @@ def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(schem
     assert guide.mask(table).tolist() == expected  # cached
 
 
+@pytest.mark.parametrize("pattern, prefix", [(r"[a-z ]{0,30}\.", b"de"), (r"(\d+|many) (cats|dogs)!?", b"12 cat"),
+                                             (r"(yes|no)!?", b"n"), (r"\w+\s\w+", b"")])
+def test_a_regex_grammars_mask_allows_exactly_the_tokens_it_accepts(pattern, prefix):
+    """Read by the regex's DFA alone, and by the whole machine past a match that nothing may extend."""
+    table = TOKENIZER.token_bytes()
+    guide = JsonGrammar.regex(pattern).guide()
+    guide.advance(prefix)
+    expected = [data is not None and guide.allows(data) for data in table]
+    assert guide.mask(table).tolist() == expected and any(expected)
+
+
 def check_person(value: dict) -> None:
     assert set(value) <= set(PERSON["properties"]) and {"name", "age", "unit"} <= set(value)
     assert isinstance(value["name"], str) and len(value["name"]) <= 6
