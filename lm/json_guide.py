@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Any, Optional
 
 import torch
@@ -31,7 +33,7 @@ from lm.regex_guide import FORMATS, Regex, RegexError
 # Keywords that constrain a value, all enforced; annotations (ANNOTATIONS) are read past.
 SUPPORTED = ("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
              "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
-             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",  # the bounds: integers only
+             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",  # bounded numbers: no exponent
              "pattern")  # and `format`, where lm.regex_guide.FORMATS has it (else an annotation)
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
@@ -47,6 +49,9 @@ MASK_CACHE_BYTES = 16 << 20
 _WS = frozenset(b" ")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+Bound = tuple[Fraction, bool]  # (value, inclusive)
 
 
 class SchemaError(ValueError):
@@ -73,8 +78,8 @@ class Spec:
         self.min_items, self.max_items = 0, None
         self.min_len, self.max_len = 0, None
         self.alternatives: Optional[list[Spec]] = None  # anyOf/oneOf: any one of these
-        self.low: Optional[int] = None  # an integer's inclusive bounds
-        self.high: Optional[int] = None
+        self.low: Optional[Bound] = None  # a number's bounds (value, inclusive)
+        self.high: Optional[Bound] = None
         self.pattern: Optional[Regex] = None  # a string's characters (after JSON's escapes) match it whole
         self.text: Optional[Regex] = None  # not JSON: raw text this regex matches whole (vLLM's guided regex)
 
@@ -144,7 +149,7 @@ class _Compiler:
         spec.items = self.compile(schema.get("items", True), _join(path, "items"))
         spec.min_items, spec.max_items = _bounds(schema, "minItems", "maxItems", path)
         spec.min_len, spec.max_len = _bounds(schema, "minLength", "maxLength", path)
-        spec.low, spec.high = _integer_bounds(schema, spec.types, path)
+        spec.low, spec.high = _number_bounds(schema, spec.types, path)
         spec.pattern = _string_pattern(schema, path)
         return spec
 
@@ -169,24 +174,29 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _integer_bounds(schema: dict, kinds: frozenset, path: str) -> tuple[Optional[int], Optional[int]]:
-    """minimum/maximum (and their exclusive forms) as an integer's inclusive bounds. A number with a
-    fraction or exponent cannot be bounded byte by byte here, so bounds need type integer."""
+def _number_bounds(schema: dict, kinds: frozenset, path: str) -> tuple[Optional[Bound], Optional[Bound]]:
+    """minimum/maximum and their exclusive forms as exact (value, inclusive) bounds; an integer's are
+    whole numbers, inclusive. A bounded number is written without an exponent, so that its bytes say
+    its size as they come."""
     given = [key for key in BOUNDS if key in schema]
     if not given:
         return None, None
-    if "integer" not in kinds or "number" in kinds:
-        raise SchemaError(_join(path, given[0]), "is enforced for integers only (type: integer)")
     for key in given:
-        if isinstance(schema[key], bool) or not isinstance(schema[key], (int, float)):
-            raise SchemaError(_join(path, key), "must be a number")
-    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
-    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
-    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
-    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
-    low, high = max(lows, default=None), min(highs, default=None)
-    if low is not None and high is not None and high < low:
-        raise SchemaError(_join(path, given[-1]), "leaves no integer between the bounds")
+        if isinstance(schema[key], bool) or not isinstance(schema[key], (int, float)) or not math.isfinite(schema[key]):
+            raise SchemaError(_join(path, key), "must be a finite number")
+    if not kinds & {"integer", "number"}:
+        raise SchemaError(_join(path, given[0]), "bounds a number: the type must include number or integer")
+    exact = {key: Fraction(repr(schema[key])) for key in given}  # 0.1 as the decimal written, not the float
+    lows = [(exact[key], key == "minimum") for key in ("minimum", "exclusiveMinimum") if key in exact]
+    highs = [(exact[key], key == "maximum") for key in ("maximum", "exclusiveMaximum") if key in exact]
+    if "number" not in kinds:  # integers: whole, inclusive bounds
+        lows = [(math.ceil(v) if inclusive else math.floor(v) + 1, True) for v, inclusive in lows]
+        highs = [(math.floor(v) if inclusive else math.ceil(v) - 1, True) for v, inclusive in highs]
+    low = max(lows, key=lambda b: (b[0], not b[1]), default=None)  # the tighter; exclusive if equal
+    high = min(highs, key=lambda b: (b[0], b[1]), default=None)
+    if low and high and (high[0] < low[0] or (high[0] == low[0] and not (low[1] and high[1]))):
+        raise SchemaError(_join(path, given[-1]), f"leaves no {'number' if 'number' in kinds else 'integer'} "
+                                                  "between the bounds")
     return low, high
 
 
@@ -384,7 +394,7 @@ def _can_end(state) -> bool:
     if state is None:
         return True
     frame, rest = state
-    if frame[0] == "int":
+    if frame[0] == "bnum":
         return _in_bounds(frame[1], frame[2]) and _can_end(rest)
     if frame[0] == "rx":
         return frame[1].accepts(frame[2]) and _can_end(rest)
@@ -420,7 +430,7 @@ def _start(spec: Spec, rest, b: int) -> list:
         out.append((("arr", spec, 0, "first", 0), rest))
     elif (b in _DIGITS or b == 0x2D) and kinds & {"number", "integer"}:
         if spec.low is not None or spec.high is not None:
-            return _bounded_integer(spec, b"", rest, b)
+            return _bounded_number(spec, b"", rest, b)
         phase = "sign" if b == 0x2D else "zero" if b == 0x30 else "int"
         out.append((("num", phase, "number" not in kinds, 1), rest))
     else:
@@ -476,7 +486,8 @@ def _pattern_string(frame, rest, b):
     elif b == 0x22:
         return [rest] if spec.pattern.accepts(at) and count >= spec.min_len else []
     elif b == 0x5C:  # only where some escape's character may come next
-        return [(("pstr", spec, at, 1, count), rest)] if any(
+        room = spec.max_len is None or count < spec.max_len
+        return [(("pstr", spec, at, 1, count), rest)] if room and any(
             spec.pattern.step(at, c) >= 0 for c in _JSON_ESCAPES.values()) else []
     elif b < 0x20:
         b = -1  # a control character must be escaped
@@ -521,43 +532,71 @@ def _number(frame, rest, b):
     return []
 
 
-def _bounded_integer(spec: Spec, text: bytes, rest, b: int) -> list:
-    """An integer with bounds, written so far as `text`: a byte is allowed where some way to go on
-    (more digits, or the end) lands within them."""
-    if (b == 0x2D and not text) or (b in _DIGITS and text not in (b"0", b"-0")):
-        longer = text + bytes([b])
-        return [(("int", spec, longer), rest)] if _reachable(spec, longer) else []
+_BOUNDED_PREFIX = {False: re.compile(rb"-?(0|[1-9][0-9]*)?"), True: re.compile(rb"-?((0|[1-9][0-9]*)(\.[0-9]*)?)?")}
+_BOUNDED_WHOLE = re.compile(rb"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
+def _bounded_number(spec: Spec, text: bytes, rest, b: int) -> list:
+    """A number with bounds, written so far as `text` (no exponent; a fraction where the type is number):
+    a byte is allowed where some way to go on (more digits, or the end) lands within them."""
+    longer = text + bytes([b])
+    fits = len(longer) < MAX_NUMBER_BYTES or (len(longer) == MAX_NUMBER_BYTES and _BOUNDED_WHOLE.fullmatch(longer))
+    if fits and _BOUNDED_PREFIX["number" in spec.types].fullmatch(longer):
+        return [(("bnum", spec, longer), rest)] if _reachable(spec, longer) else []
     if _in_bounds(spec, text) and rest is not None:
-        return _step(rest, b)  # the integer ended; the byte belongs to what holds it
+        return _step(rest, b)  # the number ended; the byte belongs to what holds it
     return []
 
 
-def _integer(frame, rest, b):
-    return _bounded_integer(frame[1], frame[2], rest, b)
+def _bounded(frame, rest, b):
+    return _bounded_number(frame[1], frame[2], rest, b)
 
 
 def _in_bounds(spec: Spec, text: bytes) -> bool:
-    if not text.lstrip(b"-"):
+    if not _BOUNDED_WHOLE.fullmatch(text):
         return False
-    value = int(text)
-    return (spec.low is None or value >= spec.low) and (spec.high is None or value <= spec.high)
+    return _meets(spec, Fraction(text.decode()), True, Fraction(text.decode()), True)
+
+
+def _meets(spec: Spec, lo, lo_in: bool, hi, hi_in: bool) -> bool:
+    """Whether the span of values lo..hi (each end inclusive or not; None: unbounded) meets the bounds."""
+    if spec.low is not None:
+        if lo is None or lo < spec.low[0]:
+            lo, lo_in = spec.low
+        elif lo == spec.low[0]:
+            lo_in = lo_in and spec.low[1]
+    if spec.high is not None:
+        if hi is None or hi > spec.high[0]:
+            hi, hi_in = spec.high
+        elif hi == spec.high[0]:
+            hi_in = hi_in and spec.high[1]
+    return lo is None or hi is None or lo < hi or (lo == hi and lo_in and hi_in)
 
 
 def _reachable(spec: Spec, text: bytes) -> bool:
-    """Whether `text` (a sign, then digits) or some longer integer it begins is within the bounds."""
-    low = -math.inf if spec.low is None else spec.low
-    high = math.inf if spec.high is None else spec.high
-    negative, digits = text.startswith(b"-"), text.lstrip(b"-")
-    if not digits:
-        return low <= min(high, -1)
-    value = int(digits)
-    for more in range(MAX_NUMBER_BYTES - len(text) + 1):  # the integers of len(digits) + more digits
-        if more and value == 0:
+    """Whether `text` (a prefix of a number) or some number it begins is within the bounds: the values
+    it may still become are spans, one per count of integer digits to come."""
+    negative, fraction = text.startswith(b"-"), "number" in spec.types
+    whole, dot, digits = text.lstrip(b"-").partition(b".")
+    if not whole:  # a sign at most: any size
+        spans = [(Fraction(0), True, None, False)]
+    elif dot:  # 12.3 -> [12.3, 12.4)
+        least = Fraction(f"{whole.decode()}.{digits.decode() or 0}")
+        spans = [(least, True, least + Fraction(1, 10 ** len(digits)), False)]
+    elif whole == b"0":
+        spans = [(Fraction(0), True, Fraction(1) if fraction else Fraction(0), not fraction)]
+    else:  # 12 -> 12..12.99, 120..129.99, ...: a span per count of digits still to come
+        value, room = int(whole), MAX_NUMBER_BYTES - len(text)
+        spans = [(Fraction(value * 10 ** more), True, Fraction((value + 1) * 10 ** more - (0 if fraction else 1)),
+                  not fraction) for more in range(room + 1)]
+    # Spans grow in size: past the bound on the far side, no later one meets.
+    far = spec.low if negative else spec.high
+    for lo, lo_in, hi, hi_in in spans:
+        if far is not None and lo > abs(far[0]) and (far[0] < 0) == negative:
             break
-        least = value * 10 ** more
-        most = least + 10 ** more - 1 if more else least
-        least, most = (-most, -least) if negative else (least, most)
-        if least <= high and most >= low:
+        if negative:  # below zero: a minus sign is never how zero is written here
+            lo, lo_in, hi, hi_in = (None if hi is None else -hi), hi_in, -lo, lo_in and lo != 0
+        if _meets(spec, lo, lo_in, hi, hi_in):
             return True
     return False
 
@@ -612,4 +651,4 @@ def _array(frame, rest, b):
 _KEY = Spec()
 _KEY.types = frozenset({"string"})
 _HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text,
-             "num": _number, "int": _integer, "obj": _object, "key": _key, "arr": _array}
+             "num": _number, "bnum": _bounded, "obj": _object, "key": _key, "arr": _array}

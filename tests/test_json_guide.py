@@ -3,7 +3,9 @@ byte; unsupported schema keywords are refused by name; a model with random weigh
 are noise, still writes documents that parse and match the schema through the engine."""
 
 import json
+import random
 import re
+from fractions import Fraction
 
 import pytest
 import torch
@@ -53,6 +55,46 @@ def test_the_grammar_accepts_exactly_what_the_schema_allows(text, ok):
     assert accepts_whole(JsonGrammar(PERSON), text) is ok
 
 
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "number", "minimum": 0, "maximum": 1}, ["0", "1", "0.25", "1.0", "0.999"], ["1.01", "-0.1", "2", "1e-3", "01"]),
+    ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5}, ["0.1", "0.4999"], ["0", "0.0", "0.5", "-1"]),
+    ({"type": "number", "minimum": -2.5, "maximum": 30}, ["-2.5", "-2", "29.9", "30", "7"], ["-2.51", "30.01", "31", "-3"]),
+    ({"type": ["integer", "number"], "maximum": -0.5}, ["-1", "-0.5", "-12.75"], ["0", "-0.4", "-0"]),
+    ({"type": "integer", "exclusiveMinimum": 1.5, "maximum": 20}, ["2", "20", "15"], ["1", "2.0", "21", "200"]),
+])
+def test_bounded_numbers_are_written_within_their_bounds(schema, good, bad):
+    """Decimal bounds, inclusive and exclusive, exact (0.1 is the decimal 0.1); written without an exponent."""
+    grammar = JsonGrammar({"type": "array", "items": schema})
+    assert all(accepts_whole(grammar, f"[{text}]") for text in good), good
+    assert not any(accepts_whole(grammar, f"[{text}]") for text in bad), bad
+
+
+def test_random_walks_under_random_bounds_never_stick_and_end_within_them():
+    rng = random.Random(1)
+    for _ in range(150):
+        kind, ends = rng.choice(["integer", "number"]), sorted(round(rng.uniform(-50, 50), rng.choice([0, 1, 2])) for _ in "ab")
+        schema = {"type": kind, rng.choice(["minimum", "exclusiveMinimum"]): ends[0]}
+        if rng.random() < 0.7:
+            schema[rng.choice(["maximum", "exclusiveMaximum"])] = ends[1]
+        try:
+            grammar = JsonGrammar({"type": "array", "items": schema, "minItems": 1, "maxItems": 1})
+        except SchemaError:  # bounds that leave nothing between
+            continue
+        guide, text = grammar.guide(), b"["
+        guide.advance(text)
+        while not guide.done:
+            options = [c for c in b"-0123456789.]" if guide.allows(bytes([c]))]
+            assert options, (schema, text)
+            text += bytes([rng.choice(options)])
+            guide.advance(text[-1:])
+        value = Fraction(text[1:-1].decode())
+        assert kind == "number" or value.denominator == 1 and b"." not in text, (schema, text)
+        low, high = Fraction(repr(ends[0])), Fraction(repr(ends[1]))
+        assert value > low if "exclusiveMinimum" in schema else value >= low, (schema, text)
+        assert "maximum" not in schema or value <= high, (schema, text)
+        assert "exclusiveMaximum" not in schema or value < high, (schema, text)
+
+
 def test_json_object_mode_takes_any_object_and_numbers_end_only_where_they_may():
     any_object = JsonGrammar(None)
     assert accepts_whole(any_object, '{"a": [1, -2.5E-3, {"b": null}], "c": true, "d": "x"}')
@@ -68,7 +110,8 @@ def test_json_object_mode_takes_any_object_and_numbers_end_only_where_they_may()
 CODED = {"type": "object", "properties": {
     "code": {"type": "string", "pattern": r"^[A-Z]{2}-\d{2,3}$"}, "quote": {"type": "string", "pattern": r'a"b\\c\n', "maxLength": 6},
     "note": {"type": "string", "pattern": r"[^x]+", "minLength": 3, "maxLength": 4},
-    "day": {"type": "string", "format": "date"}, "host": {"type": "string", "format": "hostname"}}, "required": ["code"]}
+    "day": {"type": "string", "format": "date"}, "host": {"type": "string", "format": "hostname"},
+    "score": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}, "required": ["code"]}
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -105,7 +148,10 @@ def test_local_references_and_recursion():
 
 @pytest.mark.parametrize("schema, message", [
     ({"type": "string", "pattern": "(?=a)a"}, "pattern: '(?=' at position 0: lookaround"),
-    ({"properties": {"age": {"type": "number", "minimum": 0}}}, "properties.age.minimum: is enforced for integers only"),
+    ({"properties": {"age": {"type": "string", "minimum": 0}}},
+     "properties.age.minimum: bounds a number: the type must include number or integer"),
+    ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "exclusiveMaximum: leaves no number between"),
+    ({"type": "number", "maximum": "1"}, "maximum: must be a finite number"),
     ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "exclusiveMaximum: leaves no integer between"),
     ({"type": "integer", "multipleOf": 2}, "multipleOf: is not supported"),
     ({"type": "strng"}, "type: must be one of object, array, string"),
@@ -141,7 +187,7 @@ def test_token_bytes_spell_what_each_token_decodes_to():
 
 ROOMY = {"type": "object", "properties": {"name": {"type": "string", "minLength": 30, "maxLength": 40}}}
 PREFIXES = [b"", b'{"name": "', b'{"name": "x\\', b'{"name": "\xc3', b'{"name": "a", "age": 1', b'{"tags": ["',
-            b'{"code": "AB-1', b'{"quote": "a\\', b'{"note": "\xc3\xa9']
+            b'{"code": "AB-1', b'{"quote": "a\\', b'{"note": "\xc3\xa9', b'{"code": "AB-12", "score": 0.9']
 
 
 @pytest.mark.parametrize("schema, prefix", [(schema, prefix) for schema in (None, PERSON, ROOMY, CODED) for prefix in PREFIXES
@@ -191,16 +237,16 @@ def test_a_random_model_guided_by_a_schema_writes_documents_that_match_it():
     assert again.text == seqs[0].text  # the same seed, the same guided sample
 
 
-def test_a_random_model_guided_by_patterns_and_a_regex_writes_what_they_match():
+def test_a_random_model_guided_by_patterns_bounds_and_a_regex_writes_what_they_match():
     engine = Engine(random_model(), TOKENIZER, max_batch_size=4)
-    schema = {"type": "object", "properties": {"code": CODED["properties"]["code"], "day": {"type": "string", "format": "date"},
-                                               "note": CODED["properties"]["note"]}, "required": ["code", "day", "note"]}
+    schema = {"type": "object", "required": ["code", "day", "note", "score"], "properties": {
+        name: CODED["properties"][name] for name in ("code", "day", "note", "score")}}
     documents = engine.generate(["x", "{"], [SamplingParams(max_tokens=200, temperature=1.0, seed=s,
                                                             grammar=JsonGrammar(schema)) for s in range(2)])
     for seq in documents:
         value = json.loads(seq.text)
         assert re.fullmatch(r"[A-Z]{2}-\d{2,3}", value["code"]) and re.fullmatch(r"\d{4}-\d\d-\d\d", value["day"])
-        assert 3 <= len(value["note"]) <= 4 and "x" not in value["note"]
+        assert 3 <= len(value["note"]) <= 4 and "x" not in value["note"] and 0 <= value["score"] < 1
     pattern = r"(\d{1,3}|many) (cats|dogs)\.?"
     texts = engine.generate(["a", "b", "c"], [SamplingParams(max_tokens=30, temperature=1.0, seed=s,
                                                              grammar=JsonGrammar.regex(pattern)) for s in range(3)])
