@@ -202,10 +202,10 @@ def test_a_forced_call_is_guided_to_the_tools_schemas():
     assert reply["finish_reason"] == "stop" and reply["message"]["content"] is None  # named: "stop", as OpenAI's
     assert json.loads(reply["message"]["tool_calls"][0]["function"]["arguments"]) == {"zone": "CET"}
     unenforceable = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}
+        "type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}}
     with pytest.raises(APIError) as refused:
         forced_tool_call({"tool_choice": "required"}, [WEATHER, unenforceable])
-    assert refused.value.param == "tools" and "tools[1].function.parameters.properties.n.minimum" in refused.value.message
+    assert refused.value.param == "tools" and "tools[1].function.parameters.properties.n.multipleOf" in refused.value.message
 
 
 def test_a_reply_with_calls_is_answered_as_openai_answers_it():
