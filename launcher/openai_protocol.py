@@ -59,10 +59,30 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's `logit_bias`: {"<token id>": bias}, JSON's keys being strings."""
+    value = body.get("logit_bias") or {}
+    try:
+        bias = {int(key): float(v) for key, v in value.items() if not isinstance(v, bool)}
+        if len(bias) == len(value) and all(-100 <= v <= 100 for v in bias.values()):
+            return bias
+    except (AttributeError, TypeError, ValueError):
+        pass
+    raise APIError(400, "'logit_bias' must map token ids to numbers between -100 and 100", "logit_bias")
+
+
+def _id_list(body: dict, name: str) -> list[int]:
+    value = body.get(name) or []
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise APIError(400, f"'{name}' must be a list of token ids", name)
+    return value
+
+
 def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None) -> SamplingParams:
     """Completions default to 16 tokens, as OpenAI's do; chat replies (`chat`: the model's template) to
     as many as the context holds (OpenAI's chat default), with `max_completion_tokens` (its newer name)
-    before `max_tokens`, and end where the template ends a reply."""
+    before `max_tokens`, and end where the template ends a reply. Besides OpenAI's parameters, vLLM's
+    sampling extras: `repetition_penalty`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`."""
     length = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, length, None if chat else 16, int)
     temperature = float(_number(body, "temperature", 1.0))
@@ -77,6 +97,16 @@ def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None) 
             raise APIError(400, f"'{name}' must be between -2 and 2", name)
     if temperature < 0:
         raise APIError(400, "'temperature' must be >= 0", "temperature")
+    extras = {"repetition_penalty": float(_number(body, "repetition_penalty", 1.0)),
+              "min_p": float(_number(body, "min_p", 0.0)), "min_tokens": _number(body, "min_tokens", 0, int),
+              "ignore_eos": _flag(body, "ignore_eos"), "stop_token_ids": _id_list(body, "stop_token_ids"),
+              "logit_bias": _logit_bias(body)}
+    if extras["repetition_penalty"] <= 0:
+        raise APIError(400, "'repetition_penalty' must be > 0", "repetition_penalty")
+    if not 0 <= extras["min_p"] <= 1:
+        raise APIError(400, "'min_p' must be between 0 and 1", "min_p")
+    if not 0 <= extras["min_tokens"] <= (max_tokens or context):
+        raise APIError(400, f"'min_tokens' must be between 0 and {length}", "min_tokens")
     if not 0 < top_p <= 1:
         raise APIError(400, "'top_p' must be in (0, 1]", "top_p")
     stop = body.get("stop") or []
@@ -85,7 +115,7 @@ def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None) 
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           stop=stop + ([chat.end_of_turn] if chat and chat.end_of_turn else []), seed=seed,
-                          **penalties)
+                          **penalties, **extras)
 
 
 def choice_count(body: dict, prompts: int = 1) -> int:

@@ -42,6 +42,14 @@ class SamplingParams:
     # OpenAI's penalties on tokens already generated: logits -= frequency x count + presence x (count > 0).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
+    # vLLM's (and Hugging Face's): a seen token's logit (prompt or output) is divided by this where
+    # positive and multiplied where negative; 1: off.
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # vLLM's: tokens less likely than min_p x the most likely one are dropped
+    min_tokens: int = 0  # vLLM's: no end (end-of-text, stop_token_ids) before this many tokens
+    ignore_eos: bool = False  # vLLM's: end-of-text is never sampled, so the reply runs to max_tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: these end the reply too (not in its text)
     # Guided decoding: the output is text this grammar accepts (a JSON Schema's documents, or one of a
     # list of strings), and the sequence ends when it is complete (lm.json_guide).
     grammar: Optional[JsonGrammar] = None
@@ -113,15 +121,35 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
-    """In place: lower the logits of tokens the sequence has generated, by count and by presence."""
-    if not seq.output_ids:
-        return
-    counts = torch.bincount(torch.tensor(seq.output_ids), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
-    logits -= seq.params.frequency_penalty * counts + seq.params.presence_penalty * (counts > 0).to(logits.dtype)
+def adjusts_logits(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.repetition_penalty != 1
+                or p.ignore_eos or len(seq.output_ids) < p.min_tokens)
+
+
+def adjust_logits(logits: torch.Tensor, seq: Sequence, end_ids: set[int]) -> None:
+    """In place, before sampling: logit_bias, then the repetition, frequency and presence penalties,
+    then the ends a request may not reach yet (`end_ids`: the engine's end-of-text tokens)."""
+    p = seq.params
+    if p.logit_bias:
+        logits[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(seq.prompt_ids).union(seq.output_ids)))
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if seq.output_ids and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    barred = set(end_ids) if p.ignore_eos else set()
+    if len(seq.output_ids) < p.min_tokens:
+        barred |= set(end_ids) | set(p.stop_token_ids)
+    if barred:
+        logits[sorted(barred)] = float("-inf")
 
 
 class Engine:
@@ -177,6 +205,17 @@ class Engine:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(params, name) <= 2:
                 raise RequestError(name, "must be between -2 and 2")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if not all(0 <= i < self.vocab_limit for i in ids):
+                raise RequestError(name, f"token ids must be between 0 and {self.vocab_limit - 1}")
+        if not all(-100 <= bias <= 100 for bias in params.logit_bias.values()):
+            raise RequestError("logit_bias", "biases must be between -100 and 100")
+        if params.repetition_penalty <= 0:
+            raise RequestError("repetition_penalty", "must be > 0")
+        if not 0 <= params.min_p <= 1:
+            raise RequestError("min_p", "must be between 0 and 1")
+        if not 0 <= params.min_tokens <= (params.max_tokens or room):
+            raise RequestError("min_tokens", f"must be between 0 and max_tokens ({params.max_tokens or room})")
 
     def submit(self, prompt: str | list[int], params: SamplingParams, add_special_tokens: bool = True) -> Sequence:
         """A text prompt is encoded as transformers' `tokenizer(prompt)` would (BOS first, for a Llama
@@ -281,11 +320,11 @@ class Engine:
         """Greedy rows in one argmax; sampled rows each with their own generator (seeded reproducibility);
         guided rows keep that choice when their grammar allows it."""
         logits = logits.cpu()
-        penalized = [i for i, seq in enumerate(batch) if seq.params.presence_penalty or seq.params.frequency_penalty]
-        if penalized:
+        adjusted = [i for i, seq in enumerate(batch) if adjusts_logits(seq)]
+        if adjusted:
             logits = logits.clone()  # the caller's logits stay the model's own (logprobs report those)
-            for i in penalized:
-                apply_penalties(logits[i], batch[i])
+            for i in adjusted:
+                adjust_logits(logits[i], batch[i], self.stop_ids)
         greedy = logits.argmax(dim=-1).tolist()
         chosen = [greedy[i] if seq.params.temperature == 0 else sample_next(logits[i], seq.params, seq.generator)
                   for i, seq in enumerate(batch)]
@@ -313,7 +352,7 @@ class Engine:
         return self.tokenizer.token_bytes()
 
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        if token in self.stop_ids or token < 0:
+        if token in self.stop_ids or token < 0 or token in seq.params.stop_token_ids:
             self._finish(seq, "stop")
             return
         if seq.params.logprobs is not None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, padded_vocab_size
-from lm.engine import Engine, RequestError, SamplingParams, sample_next
+from lm.engine import Engine, RequestError, SamplingParams, Sequence, adjust_logits, sample_next
 from lm.model import GPT
-from lm.tokenizer import CharTokenizer
+from lm.tokenizer import ByteBPETokenizer, CharTokenizer
 
 TOKENIZER = CharTokenizer(sorted(set(string.ascii_lowercase + " .,\n")))
 PROMPTS = ["hello world", "a", "the quick brown fox jumps", "xyz. abc,\nq"]
@@ -147,6 +147,47 @@ def test_penalties_lower_the_logits_of_generated_tokens_by_count_and_presence():
     assert len(set(seq.output_ids)) > len(set(unpenalized.output_ids)), "fewer repeats"
 
 
+def test_logit_bias_and_the_ends_a_request_may_or_may_not_reach():
+    """OpenAI's logit_bias shifts a token's logit; vLLM's stop_token_ids end a reply at a token (not in
+    its text), min_tokens holds every end off that long, ignore_eos holds end-of-text off for good."""
+    tokenizer = ByteBPETokenizer.train(["hello world, the quick brown fox.\n"] * 20, 300)
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(name="t", n_layer=1, n_head=2, n_embd=32, block_size=48,
+                        vocab_size=padded_vocab_size(tokenizer.vocab_size))).eval()
+    engine, eot, z = Engine(m, tokenizer, max_batch_size=4), tokenizer.eot_id, tokenizer.encode("z")[0]
+    free = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0))[0]
+    forced, barred = engine.generate(["hello"] * 2, [SamplingParams(max_tokens=8, temperature=0, logit_bias={z: 100}),
+                                                     SamplingParams(max_tokens=8, temperature=0,
+                                                                    logit_bias={free.output_ids[0]: -100})])
+    assert forced.text == "z" * 8 and barred.output_ids[0] != free.output_ids[0]
+    ending = {eot: 100}
+    ends_now, held, never, at_z = engine.generate(["hello"] * 4, [
+        SamplingParams(max_tokens=10, temperature=1.0, seed=1, logit_bias=ending),
+        SamplingParams(max_tokens=10, temperature=1.0, seed=1, logit_bias=ending, min_tokens=4),
+        SamplingParams(max_tokens=10, temperature=1.0, seed=1, logit_bias=ending, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, logit_bias={z: 100}, stop_token_ids=[z])])
+    assert (ends_now.finish_reason, ends_now.output_ids) == ("stop", [])
+    assert held.finish_reason == "stop" and len(held.output_ids) == 4 and eot not in held.output_ids
+    assert never.finish_reason == "length" and len(never.output_ids) == 10 and eot not in never.output_ids
+    assert (at_z.finish_reason, at_z.output_ids, at_z.text) == ("stop", [], "")
+
+
+def test_repetition_penalty_and_min_p_as_transformers_computes_them():
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(TOKENIZER.vocab_size)
+    seq = Sequence(0, [1, 2, 3], SamplingParams(repetition_penalty=1.3), torch.Generator(), output_ids=[3, 5])
+    ours = logits.clone()
+    adjust_logits(ours, seq, set())  # the prompt's tokens and the output's, each once
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[1, 2, 3, 3, 5]]), logits[None].clone())[0]
+    assert torch.equal(ours, theirs) and not torch.equal(ours, logits)
+    kept = set(torch.nonzero(MinPLogitsWarper(0.3)(None, logits[None].clone())[0] > float("-inf")).flatten().tolist())
+    generator = torch.Generator().manual_seed(0)
+    drawn = {sample_next(logits, SamplingParams(temperature=1.0, min_p=0.3), generator) for _ in range(400)}
+    assert drawn == kept and 1 < len(kept) < TOKENIZER.vocab_size // 2
+
+
 def test_max_tokens_none_decodes_until_the_context_is_full():
     seq = Engine(model("gpt2"), TOKENIZER, max_batch_size=2).generate(["hello"], SamplingParams(max_tokens=None,
                                                                                                temperature=0))[0]
@@ -189,6 +230,12 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy():
     ("hello", SamplingParams(logprobs=21), "logprobs"),
     ("hello", SamplingParams(frequency_penalty=2.5), "frequency_penalty"),
     ("hello", SamplingParams(presence_penalty=-3), "presence_penalty"),
+    ("hello", SamplingParams(logit_bias={30: 1.0}), "logit_bias"),  # past the vocabulary
+    ("hello", SamplingParams(logit_bias={3: 101.0}), "logit_bias"),
+    ("hello", SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+    ("hello", SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+    ("hello", SamplingParams(min_p=1.5), "min_p"),
+    ("hello", SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
 ])
 def test_bad_requests_name_their_field_and_are_not_truncated(prompt, params, field):
     engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=2)

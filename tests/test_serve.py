@@ -78,7 +78,8 @@ def test_chat_streaming_and_not_agree(server, client):
 
 def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
     """OpenAI's chat default: no max_tokens means as many as fit; max_completion_tokens (its newer name)
-    limits them. Penalties are accepted and change a greedy reply."""
+    limits them. Penalties are accepted and change a greedy reply; so are logit_bias and vLLM's sampling
+    extras (ignore_eos: the reply runs to max_tokens)."""
     _, model = server
     messages = [{"role": "user", "content": "Write a long loop."}]
     free = client.chat.completions.create(model=model, messages=messages, temperature=0)
@@ -94,6 +95,14 @@ def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, clien
                                           frequency_penalty=2.0, presence_penalty=2.0)
     plain = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0)
     assert penalized.choices[0].text != plain.choices[0].text
+    (x,) = httpx.post(f"{server[0]}/tokenize", json={"model": model, "prompt": "x"},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()["tokens"]
+    biased = client.completions.create(model=model, prompt="def main(", max_tokens=6, temperature=0,
+                                       logit_bias={str(x): 100})  # OpenAI's
+    assert biased.choices[0].text == "x" * 6
+    extras = client.completions.create(model=model, prompt="def main(", max_tokens=24, temperature=0.8, seed=1,
+                                       extra_body={"repetition_penalty": 1.2, "min_p": 0.1, "ignore_eos": True})
+    assert extras.choices[0].finish_reason == "length" and extras.usage.completion_tokens == 24  # vLLM's
 
 
 def test_openai_newer_request_forms_content_parts_developer_role_and_model_retrieval(server, client):
@@ -341,6 +350,15 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
     ("completions", json.dumps({"prompt": "a", "presence_penalty": 3}).encode(), 400, "presence_penalty"),
     ("completions", json.dumps({"prompt": "a", "frequency_penalty": "high"}).encode(), 400, "frequency_penalty"),
+    ("completions", json.dumps({"prompt": "a", "logit_bias": {"x": 1}}).encode(), 400, "logit_bias"),
+    ("completions", json.dumps({"prompt": "a", "logit_bias": {"5": 101}}).encode(), 400, "logit_bias"),
+    ("completions", json.dumps({"prompt": "a", "logit_bias": {"999999": 1}}).encode(), 400, "logit_bias"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0})
+     .encode(), 400, "repetition_penalty"),
+    ("completions", json.dumps({"prompt": "a", "min_p": 2}).encode(), 400, "min_p"),
+    ("completions", json.dumps({"prompt": "a", "max_tokens": 4, "min_tokens": 5}).encode(), 400, "min_tokens"),
+    ("completions", json.dumps({"prompt": "a", "ignore_eos": "yes"}).encode(), 400, "ignore_eos"),
+    ("completions", json.dumps({"prompt": "a", "stop_token_ids": "7"}).encode(), 400, "stop_token_ids"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})
      .encode(), 400, "max_completion_tokens"),
     ("completions", json.dumps({"prompt": "a", "echo": "yes"}).encode(), 400, "echo"),
