@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="as Hugging Face's generate() takes it")
     parser.add_argument("--seed", type=int, default=0)
     guided = parser.add_mutually_exclusive_group()
     guided.add_argument("--json-schema", type=Path, help="a JSON Schema file: samples are guided to JSON that matches "
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed + i, stop=stop, grammar=grammar)
+                                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                 seed=args.seed + i, stop=stop, grammar=grammar)
                   for i in range(args.num_samples)]
         samples = engine.generate([prompt] * args.num_samples, params)
     except (FileNotFoundError, RequestError, ConfigError, ChatTemplateError) as error:

@@ -170,7 +170,8 @@ def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, 
     root, checkpoints, prepared = trained
     export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "e", "bf16", prepared.tokens("val"))
     for source in (tmp_path / "e", checkpoints["gpt2-trained"]):
-        main([str(source), "--prompt", "def ", "--max-tokens", "8", "--num-samples", "2"])
+        main([str(source), "--prompt", "def ", "--max-tokens", "8", "--num-samples", "2", "--repetition-penalty", "1.2",
+              "--min-p", "0.05"])
         samples = [s.lstrip("\n") for s in capsys.readouterr().out.split("-" * 60 + "\n") if s.strip()]
         assert len(samples) == 2 and all(s.startswith("def ") for s in samples)
     (tmp_path / "point.json").write_text(json.dumps({"type": "object", "required": ["x", "y"], "properties": {
