@@ -78,11 +78,15 @@ def _id_list(body: dict, name: str) -> list[int]:
     return value
 
 
-def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None) -> SamplingParams:
+def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None,
+                    defaults: dict | None = None) -> SamplingParams:
     """Completions default to 16 tokens, as OpenAI's do; chat replies (`chat`: the model's template) to
     as many as the context holds (OpenAI's chat default), with `max_completion_tokens` (its newer name)
     before `max_tokens`, and end where the template ends a reply. Besides OpenAI's parameters, vLLM's
-    sampling extras: `repetition_penalty`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`."""
+    sampling extras: `repetition_penalty`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`.
+    `defaults` (the model's generation_config.json values, as vLLM takes them) stand in for what a
+    request leaves out or sends as null."""
+    body = {**(defaults or {}), **{key: value for key, value in body.items() if value is not None}}
     length = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, length, None if chat else 16, int)
     temperature = float(_number(body, "temperature", 1.0))

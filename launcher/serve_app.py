@@ -130,8 +130,9 @@ class OpenAIServer:
         grammar, forced = guided_decoding(body, tools)
         tool_form = forced or (template.tool_format if tools else None)  # replies are read for tool calls
         prompts = [chat_prompt(body, template, tools=tools)] if chat else completion_prompts(body)
-        params = replace(sampling_params(body, await self._context(), template), logprobs=logprobs_count(body, chat),
-                         grammar=grammar)
+        context = await self._context()
+        params = replace(sampling_params(body, context, template, self.model_info["sampling_defaults"]),
+                         logprobs=logprobs_count(body, chat), grammar=grammar)
         echo = not chat and echoes(body)
         add_special_tokens = adds_special_tokens(body, chat)
         n = choice_count(body, len(prompts))

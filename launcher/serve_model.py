@@ -61,14 +61,16 @@ class LanguageModel:
         from launcher.run_dir import local_directory
         from lm.engine import Engine
         from lm.export import load_export
-        from lm.pretrained import load_hf_directory
+        from lm.pretrained import load_hf_directory, sampling_defaults
 
         torch.set_num_threads(threads)
         # An export in an object store is downloaded once per node (the replicas there share it).
         local = local_directory(export_dir, f"{tempfile.gettempdir()}/lmstack-exports")
         device = "cuda" if use_gpu else "cpu"
+        hf_directory = local
         if (Path(local) / "export.json").exists():
             model, tokenizer, _, precision = load_export(local, device=device)
+            hf_directory = Path(local) / "hf"
         else:  # a Hugging Face model directory, served as it is, in serve.dtype
             model, tokenizer = load_hf_directory(local)
             precision = hf_serving_dtype(local, dtype, use_gpu)
@@ -81,7 +83,8 @@ class LanguageModel:
         self.stream_events_per_s = stream_events_per_s
         template = tokenizer.chat_template
         self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir,
-                      "chat_template": None if template is None else template.to_json()}
+                      "chat_template": None if template is None else template.to_json(),
+                      "sampling_defaults": sampling_defaults(hf_directory)}
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.grammars: dict = {}  # guided decoding's compiled schemas, by schema text
@@ -89,7 +92,8 @@ class LanguageModel:
         self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
 
     def info(self) -> dict:
-        """The model's context, precision and chat template (None: the built-in one), and this replica's
+        """The model's context, precision, chat template (None: the built-in one) and sampling defaults
+        (its generation_config.json's, as vLLM takes them), and this replica's
         load: sequences decoding and waiting for a slot, and how many requests were abandoned by their
         clients mid-decode."""
         return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),

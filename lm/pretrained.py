@@ -146,6 +146,23 @@ def load_hf_directory(path: str | Path):
     return model.eval(), source.tokenizer()
 
 
+# What vLLM (`--generation-config auto`, its default) takes from a model's generation_config.json as
+# the defaults of requests that do not set them.
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(directory: str | Path) -> dict[str, float]:
+    """The sampling values a model directory's generation_config.json sets (Qwen's: temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05); a top_k of 0 or less is transformers' "off"."""
+    path = Path(directory) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    values = {key: config[key] for key in SAMPLING_DEFAULTS
+              if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}
+    if values.get("top_k", 1) <= 0:
+        del values["top_k"]
+    return values
+
+
 def load_pretrained(model: GPT, init_from: str) -> None:
     """Fine-tuning: start from pretrained weights (a full model on this rank)."""
     state = load_pretrained_state_dict(init_from, model.cfg)

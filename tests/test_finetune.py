@@ -186,7 +186,8 @@ def test_generate_chats_with_the_models_own_template(hf_dirs, tmp_path, capsys):
 def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     """serve.export_dir may name a Hugging Face directory, as `vllm serve <dir>` takes one: named for
     itself, its context known before any replica starts, served in fp32 with transformers' greedy
-    tokens and its own chat template; a directory that is neither is one line naming the setting."""
+    tokens, its own chat template and its generation_config.json's sampling values as the defaults of
+    requests (vLLM's --generation-config auto); a directory that is neither is one line naming the setting."""
     import shutil
 
     from launcher.serve_app import served_model
@@ -198,9 +199,20 @@ def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     directory = tmp_path / "llama3-instruct"
     shutil.copytree(root / "llama3-style", directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "do_sample": True, "temperature": 0.6,
+                                                                  "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}))
     assert served_model(str(directory)) == ("llama3-instruct", 64)
     replica = LanguageModel.func_or_class(str(directory), 2, 1)
     assert replica.info()["precision"] == "fp32" and replica.tokenizer_info()["chat_template"] == CHATML
+    defaults = replica.info()["sampling_defaults"]
+    assert defaults == {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}  # top_k 0: transformers' "off"
+    from launcher.openai_protocol import sampling_params
+
+    taken = sampling_params({"prompt": "x"}, 64, None, defaults)
+    assert (taken.temperature, taken.top_p, taken.top_k, taken.repetition_penalty) == (0.6, 0.9, None, 1.1)
+    overridden = sampling_params({"prompt": "x", "temperature": 0, "top_p": None}, 64, None, defaults)
+    assert (overridden.temperature, overridden.top_p) == (0, 0.9)  # null: the default
     prompt = replica.tokenize("def walk(self):")  # BOS first, as transformers' tokenizer(text)
     assert prompt[0] == replica.tokenize("<|begin_of_text|>", add_special_tokens=False)[0]
     served = replica.engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
