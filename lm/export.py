@@ -118,6 +118,18 @@ def validation_perplexity(model: GPT, val_tokens: np.ndarray, seq_len: int, batc
     return math.exp(total / count)
 
 
+def inherited_sampling_defaults(train_cfg) -> dict:
+    """A fine-tune keeps its pretrained model's sampling defaults (generation_config.json's temperature,
+    top_p, ...), as transformers' save_pretrained keeps a model's generation config; read where
+    trainer.init_from is a local directory (a Hugging Face one, or an export's hf/)."""
+    from lm.pretrained import sampling_defaults
+
+    init_from = train_cfg.trainer.init_from
+    if not (init_from and Path(init_from).is_dir()):
+        return {}
+    return sampling_defaults(Path(init_from) / "hf" if is_complete_export(init_from) else init_from)
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: str, val_tokens: np.ndarray,
                       max_ppl_increase: float = 0.02, force: bool = False, eval_batches: int = 16) -> dict:
     """Write an export of `checkpoint` to `out_dir` (atomically) and return its report."""
@@ -166,8 +178,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
         shutil.copyfile(checkpoint / "tokenizer.json", staging / "hf" / "tokenizer.json")  # its template: below
         if isinstance(tokenizer, ByteBPETokenizer):  # (a character vocabulary is ours alone, not a HF tokenizer)
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
-            (staging / "hf" / "generation_config.json").write_text(json.dumps(hf_generation_config(tokenizer, hf),
-                                                                               indent=2))
+            generation = {**inherited_sampling_defaults(train_cfg), **hf_generation_config(tokenizer, hf)}
+            (staging / "hf" / "generation_config.json").write_text(json.dumps(generation, indent=2))
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
     return report
 

@@ -71,6 +71,8 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     config = json.loads((pretrained / "tokenizer_config.json").read_text())
     (pretrained / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML,
                                                                   "eos_token": "<|im_end|>"}))
+    generation = json.loads((pretrained / "generation_config.json").read_text())
+    (pretrained / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.7, "top_p": 0.8}))
     pairs = qa_pairs(40)
     write_chats(tmp_path / "qa.jsonl", pairs)
     storage = tmp_path / "runs"
@@ -96,9 +98,11 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     question = [{"role": "user", "content": "What is the capital of Foo?"}]
     assert AutoTokenizer.from_pretrained(os.path.join(export_dir, "hf")).apply_chat_template(
         question, tokenize=False, add_generation_prompt=True) == template.render(question)
-    # and its generate() stops where our engine does: at end-of-text and at the reply's <|im_end|>
-    assert GenerationConfig.from_pretrained(os.path.join(export_dir, "hf")).eos_token_id == sorted(
-        [tokenizer.eot_id, tokenizer.encode("<|im_end|>")[0]])
+    # and its generate() stops where our engine does: at end-of-text and at the reply's <|im_end|>, sampling
+    # as the pretrained model did by default
+    generation = GenerationConfig.from_pretrained(os.path.join(export_dir, "hf"))
+    assert generation.eos_token_id == sorted([tokenizer.eot_id, tokenizer.encode("<|im_end|>")[0]])
+    assert (generation.temperature, generation.top_p) == (0.7, 0.8)  # the pretrained model's sampling defaults
     conversations = list(iter_conversations([tmp_path / "qa.jsonl"], [], template))
     trained_on = chat_splits(conversations, 0.05, template)["train"]  # 38 of 40; the other 2 are the val split
     train_pairs = [(c[0]["content"], c[1]["content"]) for c in trained_on]
