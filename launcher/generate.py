@@ -6,6 +6,7 @@
     python -m launcher.generate ~/models/Qwen2.5-0.5B-Instruct --chat "Capital of France?"  # its chat template
     python -m launcher.generate <model> --chat "A city as JSON" --json-schema city.json  # guided: JSON matching it
     python -m launcher.generate <model> --prompt "Date: " --regex '\d{4}-\d{2}-\d{2}'   # guided: text it matches
+    python -m launcher.generate <model> --prompt "Answer: " --grammar answer.gbnf      # guided: a GBNF grammar
 
 A run directory means its newest export, or else its latest checkpoint. Any of the three may be in
 an object store (`s3://bucket/runs/<run>`): it is downloaded to a temporary directory first. A local
@@ -72,6 +73,8 @@ def guided_grammar(args: argparse.Namespace):
 
     if args.json_schema:
         return JsonGrammar(json.loads(args.json_schema.read_text()))
+    if args.grammar:
+        return JsonGrammar.ebnf(args.grammar.read_text())
     return JsonGrammar.regex(args.regex) if args.regex is not None else None
 
 
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          "it, as serving's response_format (lm/json_guide.py)")
     guided.add_argument("--regex", help="samples are guided to text the regex matches whole, as serving's "
                                         "structured_outputs.regex (lm/regex_guide.py)")
+    guided.add_argument("--grammar", type=Path, help="a GBNF grammar file: samples are guided to text it matches, as "
+                                                     "serving's structured_outputs.grammar (lm/ebnf_guide.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lm.chat_template import BUILTIN, ChatTemplateError
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except (SchemaError, json.JSONDecodeError) as error:
-        given = f"--json-schema {args.json_schema}" if args.json_schema else f"--regex {args.regex}"
+        given = (f"--json-schema {args.json_schema}" if args.json_schema else f"--grammar {args.grammar}"
+                 if args.grammar else f"--regex {args.regex}")
         print(f"error: {given}: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {source}", file=sys.stderr)

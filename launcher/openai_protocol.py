@@ -301,21 +301,22 @@ def response_format(body: dict) -> JsonGrammar | None:
     return _grammar(spec["schema"], "response_format.json_schema.schema", "response_format")
 
 
-def _grammar(schema, where: str, param: str, regex: bool = False) -> JsonGrammar:
-    """A request's schema (or regex) compiled, or a 400 naming where in it (`where`: its place in the body)."""
+def _grammar(schema, where: str, param: str, build=JsonGrammar) -> JsonGrammar:
+    """A request's schema (or regex, or grammar: `build`) compiled, or a 400 naming where in it (`where`:
+    its place in the body)."""
     try:
-        return JsonGrammar.regex(schema) if regex else JsonGrammar(schema)
+        return build(schema)
     except SchemaError as error:
         raise APIError(400, f"{where}.{error}" if error.path else f"{where}: {error}", param) from None
 
 
-STRUCTURED_OUTPUTS = ("json", "json_object", "choice", "regex")
+STRUCTURED_OUTPUTS = ("json", "json_object", "choice", "regex", "grammar")
 
 
 def structured_outputs(body: dict) -> JsonGrammar | None:
     """vLLM's `structured_outputs` (extra_body in the openai client): {"json": schema}, {"json_object":
-    true}, {"choice": [strings]} (the reply is one of them, as written), or {"regex": pattern} (text the
-    pattern matches whole). vLLM's grammar form (EBNF) is refused by name."""
+    true}, {"choice": [strings]} (the reply is one of them, as written), {"regex": pattern} (text the
+    pattern matches whole), or {"grammar": GBNF rules} (text the grammar matches, from its `root`)."""
     value = body.get("structured_outputs")
     if value is None:
         return None
@@ -334,10 +335,11 @@ def structured_outputs(body: dict) -> JsonGrammar | None:
             raise APIError(400, "'structured_outputs.choice' must be a non-empty list of non-empty strings",
                            "structured_outputs")
         return JsonGrammar.choice(spec)
-    if key == "regex":
+    if key in ("regex", "grammar"):
         if not isinstance(spec, str):
-            raise APIError(400, "'structured_outputs.regex' must be a string", "structured_outputs")
-        return _grammar(spec, "structured_outputs.regex", "structured_outputs", regex=True)
+            raise APIError(400, f"'structured_outputs.{key}' must be a string", "structured_outputs")
+        build = JsonGrammar.regex if key == "regex" else JsonGrammar.ebnf
+        return _grammar(spec, f"structured_outputs.{key}", "structured_outputs", build)
     if isinstance(spec, str):  # vLLM takes the schema as JSON text too
         try:
             spec = json.loads(spec)

@@ -1,5 +1,6 @@
 """Guided decoding: only tokens that keep the output a prefix of JSON matching a schema (or of one of
-a list of strings, vLLM's guided choice, or of text a regex matches, vLLM's guided regex) are sampled.
+a list of strings, vLLM's guided choice, or of text a regex or a GBNF grammar matches, vLLM's guided
+regex and grammar) are sampled.
 
 What OpenAI's `response_format` (json_object, json_schema) and a forced tool call (`tool_choice`
 "required" or a named function) need, as vLLM does with xgrammar, here in plain Python. A schema
@@ -28,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from lm.ebnf_guide import Grammar
 from lm.regex_guide import FORMATS, Regex, RegexError
 
 # Keywords that constrain a value, all enforced; annotations (ANNOTATIONS) are read past.
@@ -66,7 +68,7 @@ class Spec:
     """One compiled schema node. Compared by identity: frames hold it, and states are hashed."""
 
     __slots__ = ("types", "literals", "props", "required", "extra", "items", "min_items", "max_items",
-                 "min_len", "max_len", "alternatives", "low", "high", "pattern", "text")
+                 "min_len", "max_len", "alternatives", "low", "high", "pattern", "text", "rules")
 
     def __init__(self):
         self.types: frozenset[str] = frozenset(TYPES)
@@ -82,6 +84,7 @@ class Spec:
         self.high: Optional[Bound] = None
         self.pattern: Optional[Regex] = None  # a string's characters (after JSON's escapes) match it whole
         self.text: Optional[Regex] = None  # not JSON: raw text this regex matches whole (vLLM's guided regex)
+        self.rules: Optional[Grammar] = None  # not JSON: raw text this grammar matches (vLLM's guided grammar)
 
 
 def _any() -> Spec:
@@ -256,6 +259,16 @@ class JsonGrammar:
             raise SchemaError("", str(error)) from None
         return cls(root=root, key="regex:" + pattern)
 
+    @classmethod
+    def ebnf(cls, text: str) -> "JsonGrammar":
+        """Output text a GBNF grammar matches (vLLM's guided grammar; lm.ebnf_guide)."""
+        root = Spec()
+        try:
+            root.rules = Grammar(text)
+        except RegexError as error:
+            raise SchemaError("", str(error)) from None
+        return cls(root=root, key="grammar:" + text)
+
     def guide(self) -> "JsonGuide":
         return JsonGuide(self)
 
@@ -398,6 +411,8 @@ def _can_end(state) -> bool:
         return _in_bounds(frame[1], frame[2]) and _can_end(rest)
     if frame[0] == "rx":
         return frame[1].accepts(frame[2]) and _can_end(rest)
+    if frame[0] == "gb":
+        return frame[1].closure(frame[2], rest)[1]
     return frame[0] == "num" and frame[1] in ("zero", "int", "frac", "exp") and _can_end(rest)
 
 
@@ -421,6 +436,8 @@ def _start(spec: Spec, rest, b: int) -> list:
         return [_literal_from(text, 1, rest) for text in spec.literals if text[0] == b]
     if spec.text is not None:
         return _regex_text(("rx", spec.text, spec.text.start), rest, b)
+    if spec.rules is not None:
+        return _grammar_text(("gb", spec.rules, spec.rules.start), rest, b)
     kinds, out = spec.types, []
     if b == 0x22 and "string" in kinds:  # "
         out.append((("pstr", spec, spec.pattern.start, 0, 0) if spec.pattern else ("str", spec, 0, 0, 0), rest))
@@ -508,6 +525,19 @@ def _regex_text(frame, rest, b):
     if at < 0:
         return []
     return [rest] if regex.ends(at) else [(("rx", regex, at), rest)]
+
+
+def _grammar_text(frame, rest, b):
+    """Raw text a grammar matches: the byte read from every state the rules reach without reading
+    (calls pushed, matched rules popped); complete once nothing may follow."""
+    _, grammar, state = frame
+    out = []
+    for at, stack in grammar.closure(state, rest)[0]:
+        for lo, hi, to in grammar.nfa.edges[at]:
+            if lo <= b <= hi:
+                following, can_end = grammar.closure(to, stack)
+                out.append((("gb", grammar, to), stack) if following or not can_end else None)
+    return out
 
 
 _NUMBER_MOVES = {  # phase -> (digit, '.', 'e'/'E', sign) successors; None: not allowed
@@ -650,5 +680,5 @@ def _array(frame, rest, b):
 
 _KEY = Spec()
 _KEY.types = frozenset({"string"})
-_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text,
+_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text, "gb": _grammar_text,
              "num": _number, "bnum": _bounded, "obj": _object, "key": _key, "arr": _array}

@@ -66,13 +66,13 @@ _SPACE = _normalize(_chars("\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u300
 _CLASS_ESCAPES = {"d": _DIGIT, "w": _WORD, "s": _SPACE,
                   "D": _complement(_DIGIT), "W": _complement(_WORD), "S": _complement(_SPACE)}
 _CONTROL_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "0": 0x00}
-_ANY = _complement(_chars("\n\r\u2028\u2029"))  # `.`: any character but a line terminator
+ANY_CHARACTER = _complement(_chars("\n\r\u2028\u2029"))  # `.`: any character but a line terminator
 _REPEAT = re.compile(r"\{(\d+)(,(\d*))?\}")
 _NO_LEAST = re.compile(r"\{,(\d+)\}")  # Python's {,n}; a literal in ECMAScript: refused as ambiguous
 _HEX_ESCAPES = {"x": 2, "u": 4}
 
 
-class _Parser:
+class PatternParser:
     """Recursive descent into nodes: ("set", ranges), ("cat", [nodes]), ("alt", [nodes]),
     ("rep", node, least, most or None)."""
 
@@ -114,7 +114,7 @@ class _Parser:
         if c == "[":
             return ("set", self.char_class(start))
         if c == ".":
-            return ("set", _ANY)
+            return ("set", ANY_CHARACTER)
         if c == "\\":
             return ("set", self.escape(in_class=False))
         if c in "^$":
@@ -232,12 +232,14 @@ def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     return [list(zip(a, b))]
 
 
-class _Nfa:
-    """States 0..n-1, each with byte-range edges (lo, hi, target) and empty moves."""
+class ByteNfa:
+    """States 0..n-1, each with byte-range edges (lo, hi, target), empty moves, and (in a grammar,
+    lm.ebnf_guide) calls of other rules: (rule name, the state the call returns to)."""
 
     def __init__(self):
         self.edges: list[list[tuple[int, int, int]]] = []
         self.empty: list[list[int]] = []
+        self.calls: list[list[tuple[str, int]]] = []
 
     def new(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -245,6 +247,7 @@ class _Nfa:
                              "large counted repeats multiply)")
         self.edges.append([])
         self.empty.append([])
+        self.calls.append([])
         return len(self.edges) - 1
 
     def build(self, node, start: int) -> int:
@@ -258,6 +261,10 @@ class _Nfa:
                     to = end if i == len(sequence) - 1 else self.new()
                     self.edges[at].append((lo, hi, to))
                     at = to
+            return end
+        if kind == "ref":  # a grammar's rule, matched where the call is made
+            end = self.new()
+            self.calls[start].append((node[1], end))
             return end
         if kind == "cat":
             for item in node[1]:
@@ -291,9 +298,9 @@ class Regex:
         if not isinstance(pattern, str):
             raise RegexError("a pattern must be a string")
         self.pattern = pattern
-        self._nfa = _Nfa()
+        self._nfa = ByteNfa()
         begin = self._nfa.new()
-        self._final = self._nfa.build(_Parser(pattern).parse(), begin)
+        self._final = self._nfa.build(PatternParser(pattern).parse(), begin)
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
         self._steps: list[dict[int, int]] = []  # per DFA state: byte -> next state, as computed

@@ -190,6 +190,9 @@ def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, 
     assert capsys.readouterr().err.strip().splitlines() == [  # one line, naming the file and the keyword
         f"error: --json-schema {tmp_path / 'bad.json'}: multipleOf: is not supported in guided decoding; supported: "
         f"{', '.join(SUPPORTED)}"]
+    (tmp_path / "answer.gbnf").write_text('root ::= ("yes" | "no") "."\n')
+    main([str(tmp_path / "e"), "--prompt", "So: ", "--max-tokens", "8", "--grammar", str(tmp_path / "answer.gbnf")])
+    assert capsys.readouterr().out.split("-" * 60)[0].strip() in ("So: yes.", "So: no.")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "e"), "--regex", "(?=a)b"])
     assert capsys.readouterr().err.strip().splitlines() == [

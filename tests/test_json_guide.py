@@ -278,7 +278,10 @@ def test_a_choice_grammar_writes_one_of_its_strings_as_written():
     ({"response_format": {"type": "xml"}}, "response_format", "{type: json_object}"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(a)\\1"}}}},
      "response_format", "response_format.json_schema.schema.pattern: '\\1' at position 3 is not supported"),
-    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "'structured_outputs.grammar' is not supported"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs",
+     "'structured_outputs.structural_tag' is not supported"),
+    ({"structured_outputs": {"grammar": 'root ::= root "x" | "y"'}}, "structured_outputs",
+     "structured_outputs.grammar: rule 'root' is left-recursive"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "structured_outputs.regex: missing ']' for the class"),
     ({"structured_outputs": {"regex": 7}}, "structured_outputs", "'structured_outputs.regex' must be a string"),
     ({"structured_outputs": {"json": {"type": "object"}, "choice": ["a"]}}, "structured_outputs", "one of json"),
@@ -303,7 +306,8 @@ def test_the_request_forms_give_their_grammars():
                            "type": "integer"}}}}, b"-12"),
                        ({"structured_outputs": {"json": '{"type": "boolean"}'}}, b"false"),
                        ({"structured_outputs": {"choice": ["red", "green"]}}, b"green"),
-                       ({"structured_outputs": {"regex": r"\d+ (apples|pears)"}}, b"12 pears")]:
+                       ({"structured_outputs": {"regex": r"\d+ (apples|pears)"}}, b"12 pears"),
+                       ({"structured_outputs": {"grammar": 'root ::= "a" [0-9]+'}}, b"a12")]:
         grammar, forced = guided_decoding(body, None)
         guide = grammar.guide()
         assert forced is None and guide.allows(text) and (guide.advance(text) or guide.can_end), body

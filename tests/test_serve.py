@@ -290,7 +290,7 @@ def test_a_client_that_disconnects_frees_its_decode_slots(server):
 def test_response_format_guides_replies_to_json_that_matches_the_schema(server, client):
     """OpenAI's structured outputs: a model trained on prose and code answers with JSON matching the
     schema, chat and completions, streamed and not (the stream's text is the same document); vLLM's
-    guided choice and regex."""
+    guided choice, regex and grammar."""
     _, model = server
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8}, "n": {"type": "integer"},
                                                "unit": {"enum": ["s", "ms"]}}, "required": ["answer", "n"]}
@@ -320,6 +320,9 @@ def test_response_format_guides_replies_to_json_that_matches_the_schema(server, 
     timed = client.completions.create(model=model, prompt="took", max_tokens=12, temperature=0.8, seed=4,
                                       extra_body={"structured_outputs": {"regex": r" \d{1,4} ?(ms|s)"}})
     assert re.fullmatch(r" \d{1,4} ?(ms|s)", timed.choices[0].text)  # vLLM's guided regex
+    said = client.completions.create(model=model, prompt="took", max_tokens=12, temperature=0.8, seed=5,
+                                     extra_body={"structured_outputs": {"grammar": 'root ::= " " ("fast" | "slow") "."'}})
+    assert said.choices[0].text in (" fast.", " slow.")  # vLLM's guided grammar (GBNF)
 
 
 def test_32_concurrent_requests_all_succeed(server, client):
