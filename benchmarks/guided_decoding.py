@@ -1,6 +1,7 @@
 """What guided decoding (response_format, forced tool calls; lm/json_guide.py) costs the engine: decode
-tokens/s with a JSON Schema, in json_object mode, with strings under patterns and formats, and with
-a regex (structured_outputs.regex), against the same requests unguided, in one run.
+tokens/s with a JSON Schema, in json_object mode, with strings under patterns and formats, with a
+regex (structured_outputs.regex) and with a GBNF grammar of the same language (structured_outputs.grammar),
+against the same requests unguided, in one run.
 
     .venv/bin/python benchmarks/guided_decoding.py [--threads 2] [--new-tokens 64] [--repeats 3]
 
@@ -40,6 +41,7 @@ PATTERNED = {"type": "object", "required": ["id", "day", "code"], "properties": 
     "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"},
     "code": {"type": "string", "pattern": r"^[A-Z]{3}-\d{4}$"}}}
 REGEX = r"[a-z]+( [a-z]+){0,15}\."  # structured_outputs.regex: raw text, mostly free
+GBNF = 'root ::= word (" " word){0,15} "."\nword ::= [a-z]+'  # structured_outputs.grammar: the same language
 WORDS = ["alpha", "beta", "gamma", "delta", "name", "age", "value", "items", "true", "false", "null", "return",
          "def", "class", "import", "weather", "city", "Paris", "Rome", "celsius", "tags", "unit"]
 
@@ -93,7 +95,8 @@ def main() -> None:
     warm_schema = JsonGrammar(SCHEMA)
     cases = {"unguided": lambda: None, "json_schema, cold": lambda: JsonGrammar(SCHEMA),
              "json_schema, warm": lambda: warm_schema, "json_object, cold": lambda: JsonGrammar(None),
-             "patterns, cold": lambda: JsonGrammar(PATTERNED), "regex, cold": lambda: JsonGrammar.regex(REGEX)}
+             "patterns, cold": lambda: JsonGrammar(PATTERNED), "regex, cold": lambda: JsonGrammar.regex(REGEX),
+             "grammar, cold": lambda: JsonGrammar.ebnf(GBNF)}
     results, shares, samples = {}, {}, {}
     tokens_per_second(engine, 1, 8, None)  # warm-up
     tokens_per_second(engine, 1, args.new_tokens, warm_schema)  # fills the warm grammar's cache
