@@ -115,9 +115,9 @@ class Grammar:
             except RegexError as error:  # positions count from the rule's '::='
                 raise RegexError(f"rule '{name}': {error}") from None
             self.finals.add(self.nfa.build(tree, self.starts[name]))
-        called = {rule for calls in self.nfa.calls for rule, _ in calls}
-        for rule in sorted(called - set(self.starts)):
-            raise RegexError(f"rule '{rule}' is used but not defined")
+        undefined = sorted({rule for calls in self.nfa.calls for rule, _ in calls} - set(self.starts))
+        if undefined:
+            raise RegexError(f"rule '{undefined[0]}' is used but not defined")
         if "root" not in self.starts:
             raise RegexError("no 'root' rule: output starts there")
         self._check_left_recursion()
