@@ -253,24 +253,26 @@ class JsonGrammar:
     def regex(cls, pattern: str) -> "JsonGrammar":
         """Output text the regex matches whole (vLLM's guided regex: raw text, not JSON)."""
         root = Spec()
-        try:
-            root.text = Regex(pattern)
-        except RegexError as error:
-            raise SchemaError("", str(error)) from None
+        root.text = _compiled(Regex, pattern)
         return cls(root=root, key="regex:" + pattern)
 
     @classmethod
     def ebnf(cls, text: str) -> "JsonGrammar":
         """Output text a GBNF grammar matches (vLLM's guided grammar; lm.ebnf_guide)."""
         root = Spec()
-        try:
-            root.rules = Grammar(text)
-        except RegexError as error:
-            raise SchemaError("", str(error)) from None
+        root.rules = _compiled(Grammar, text)
         return cls(root=root, key="grammar:" + text)
 
     def guide(self) -> "JsonGuide":
         return JsonGuide(self)
+
+
+def _compiled(build, source: str):
+    """A regex or grammar for raw text, its errors as SchemaErrors."""
+    try:
+        return build(source)
+    except RegexError as error:
+        raise SchemaError("", str(error)) from None
 
 
 class JsonGuide:

@@ -8,7 +8,7 @@ import pytest
 
 from lm.engine import Engine, SamplingParams
 from lm.json_guide import JsonGrammar, SchemaError
-from test_json_guide import TOKENIZER, random_model
+from test_json_guide import TOKENIZER, accepts_whole, assert_the_mask_is_what_the_grammar_allows, random_model
 
 ANSWER = r'''
 root   ::= answer ("." | "!")?
@@ -18,14 +18,6 @@ number ::= [1-9] [0-9]{0,3}
 ANSWER_RE = r"(yes|no|[1-9][0-9]{0,3})[.!]?"
 NESTED = r'''root ::= "[" (item ("," item)*)? "]"
 item ::= root | "x" | "\"q\\n\""'''
-
-
-def accepts_whole(grammar: JsonGrammar, text: str) -> bool:
-    guide = grammar.guide()
-    if not guide.allows(text.encode()):
-        return False
-    guide.advance(text.encode())
-    return guide.can_end
 
 
 @pytest.mark.parametrize("text", ["yes", "yes.", "no!", "12", "9999!", "", "maybe", "yes..", "0", "12345", "no?"])
@@ -88,11 +80,7 @@ def test_a_grammar_it_cannot_follow_is_refused_by_name(text, message):
 
 @pytest.mark.parametrize("grammar, prefix", [(ANSWER, b""), (ANSWER, b"1"), (NESTED, b"[x,["), (NESTED, b'["q')])
 def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(grammar, prefix):
-    table = TOKENIZER.token_bytes()
-    guide = JsonGrammar.ebnf(grammar).guide()
-    guide.advance(prefix)
-    expected = [data is not None and guide.allows(data) for data in table]
-    assert guide.mask(table).tolist() == expected and any(expected)
+    assert_the_mask_is_what_the_grammar_allows(JsonGrammar.ebnf(grammar), prefix)
 
 
 def test_a_random_model_guided_by_a_grammar_writes_what_it_matches():

@@ -195,23 +195,23 @@ PREFIXES = [b"", b'{"name": "', b'{"name": "x\\', b'{"name": "\xc3', b'{"name": 
 def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(schema, prefix):
     """Free strings (None), length-bounded ones with and without room for a plain token, escapes,
     half a UTF-8 character, numbers, keys, lists, strings under a pattern."""
-    table = TOKENIZER.token_bytes()
-    guide = JsonGrammar(schema).guide()
-    guide.advance(prefix)
-    expected = [data is not None and guide.allows(data) for data in table]
-    assert guide.mask(table).tolist() == expected and any(expected)
-    assert guide.mask(table).tolist() == expected  # cached
+    assert_the_mask_is_what_the_grammar_allows(JsonGrammar(schema), prefix)
 
 
 @pytest.mark.parametrize("pattern, prefix", [(r"[a-z ]{0,30}\.", b"de"), (r"(\d+|many) (cats|dogs)!?", b"12 cat"),
                                              (r"(yes|no)!?", b"n"), (r"\w+\s\w+", b"")])
 def test_a_regex_grammars_mask_allows_exactly_the_tokens_it_accepts(pattern, prefix):
     """Read by the regex's DFA alone, and by the whole machine past a match that nothing may extend."""
+    assert_the_mask_is_what_the_grammar_allows(JsonGrammar.regex(pattern), prefix)
+
+
+def assert_the_mask_is_what_the_grammar_allows(grammar: JsonGrammar, prefix: bytes) -> None:
     table = TOKENIZER.token_bytes()
-    guide = JsonGrammar.regex(pattern).guide()
+    guide = grammar.guide()
     guide.advance(prefix)
     expected = [data is not None and guide.allows(data) for data in table]
     assert guide.mask(table).tolist() == expected and any(expected)
+    assert guide.mask(table).tolist() == expected  # cached
 
 
 def check_person(value: dict) -> None:
