@@ -95,6 +95,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     aborted: bool = False
+    prompt_seen: Optional[torch.Tensor] = None  # the prompt's tokens as a mask, once (repetition_penalty)
     guide: Optional[JsonGuide] = None  # where the output stands in params.grammar
 
     @property
@@ -138,8 +139,12 @@ def adjust_logits(logits: torch.Tensor, seq: Sequence, end_ids: set[int]) -> Non
     p = seq.params
     if p.logit_bias:
         logits[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
-    if p.repetition_penalty != 1:
-        seen = torch.tensor(sorted(set(seq.prompt_ids).union(seq.output_ids)))
+    if p.repetition_penalty != 1:  # on by default for models whose generation_config sets it: kept cheap
+        if seq.prompt_seen is None:
+            seq.prompt_seen = torch.zeros(logits.numel(), dtype=torch.bool)
+            seq.prompt_seen[seq.prompt_ids] = True
+        seen = seq.prompt_seen.clone()
+        seen[seq.output_ids] = True
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if seq.output_ids and (p.frequency_penalty or p.presence_penalty):

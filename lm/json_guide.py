@@ -587,7 +587,8 @@ def _bounded(frame, rest, b):
 def _in_bounds(spec: Spec, text: bytes) -> bool:
     if not _BOUNDED_WHOLE.fullmatch(text):
         return False
-    return _meets(spec, Fraction(text.decode()), True, Fraction(text.decode()), True)
+    value = Fraction(text.decode())
+    return _meets(spec, value, True, value, True)
 
 
 def _meets(spec: Spec, lo, lo_in: bool, hi, hi_in: bool) -> bool:
@@ -682,5 +683,5 @@ def _array(frame, rest, b):
 
 _KEY = Spec()
 _KEY.types = frozenset({"string"})
-_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text, "gb": _grammar_text,
-             "num": _number, "bnum": _bounded, "obj": _object, "key": _key, "arr": _array}
+_HANDLERS = {"val": _value, "lit": _literal_byte, "str": _string, "pstr": _pattern_string, "rx": _regex_text,
+             "gb": _grammar_text, "num": _number, "bnum": _bounded, "obj": _object, "key": _key, "arr": _array}
