@@ -46,7 +46,7 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
             "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len,
-            "dtype": s.dtype}
+            "dtype": s.dtype, "generation_config": s.generation_config}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

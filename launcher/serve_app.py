@@ -289,6 +289,15 @@ def check_dtype(dtype: str, export_dir: str) -> None:
                           f"exported in (export.precision={dtype} makes one); allowed: auto")
 
 
+def check_generation_config(value: str) -> None:
+    """serve.generation_config: auto, none, or a local directory with a generation_config.json."""
+    from lm.config import ConfigError
+
+    if value not in ("auto", "none") and not (Path(value) / "generation_config.json").is_file():
+        raise ConfigError(f"serve.generation_config={value!r} is invalid: allowed are auto (the model's "
+                          "generation_config.json), none, or a directory holding a generation_config.json")
+
+
 def check_max_model_len(max_model_len: int, context: int | None) -> None:
     """max_model_len fits the model's context (None: not known here; a replica checks it as it loads)."""
     from lm.config import ConfigError
@@ -300,7 +309,7 @@ def check_max_model_len(max_model_len: int, context: int | None) -> None:
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
               "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
-              "max_model_len", "dtype"}
+              "max_model_len", "dtype", "generation_config"}
 
 
 def build(args: dict):
@@ -311,7 +320,8 @@ def build(args: dict):
     cpus_per_replica; gpus_per_replica (> 0 places replicas on GPUs); stream_interval_ms; stream_events_per_s;
     compile (compile the decode step ahead of time when a replica starts); max_model_len (tokens a
     sequence may hold; default: the model's context); dtype (auto, fp32, bf16: a Hugging Face
-    directory's weights as served)."""
+    directory's weights as served); generation_config (auto, none or a directory: where requests'
+    unset sampling values come from)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -324,6 +334,10 @@ def build(args: dict):
     model_name, context = served_model(export_dir)
     dtype = args.get("dtype") or "auto"
     check_dtype(dtype, export_dir)
+    generation_config = str(args.get("generation_config") or "auto")
+    if generation_config not in ("auto", "none"):
+        generation_config = str(absolute(generation_config))
+    check_generation_config(generation_config)
     max_model_len = args.get("max_model_len")
     if max_model_len is not None:
         check_max_model_len(int(max_model_len), context)
@@ -337,11 +351,12 @@ def build(args: dict):
                                          "target_ongoing_requests": batch}
     else:
         options["num_replicas"] = replicas
-    model = LanguageModel.options(**options).bind(str(export_dir), batch, max(1, int(cpus)), gpus > 0,
-                                                   int(args.get("stream_interval_ms", 40)),
-                                                   int(args.get("stream_events_per_s", 100)),
-                                                   bool(args.get("compile", False)),
-                                                   None if max_model_len is None else int(max_model_len), dtype)
+    model = LanguageModel.options(**options).bind(
+        str(export_dir), batch, max(1, int(cpus)), use_gpu=gpus > 0,
+        stream_interval_ms=int(args.get("stream_interval_ms", 40)),
+        stream_events_per_s=int(args.get("stream_events_per_s", 100)), compile=bool(args.get("compile", False)),
+        max_model_len=None if max_model_len is None else int(max_model_len), dtype=dtype,
+        generation_config=generation_config)
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

@@ -51,7 +51,7 @@ def hf_serving_dtype(directory: str, dtype: str, use_gpu: bool) -> str:
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
-                 max_model_len: int | None = None, dtype: str = "auto"):
+                 max_model_len: int | None = None, dtype: str = "auto", generation_config: str = "auto"):
         import tempfile
 
         import torch
@@ -84,7 +84,8 @@ class LanguageModel:
         template = tokenizer.chat_template
         self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir,
                       "chat_template": None if template is None else template.to_json(),
-                      "sampling_defaults": sampling_defaults(hf_directory)}
+                      "sampling_defaults": {} if generation_config == "none" else
+                      sampling_defaults(hf_directory if generation_config == "auto" else generation_config)}
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.grammars: dict = {}  # guided decoding's compiled schemas, by schema text

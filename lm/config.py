@@ -212,6 +212,10 @@ class ServeConfig:
     # A Hugging Face directory's weights as served (vLLM's dtype): auto is its config's dtype (bf16 for
     # most) on GPUs and fp32 on CPUs; an export serves in the precision it was exported in.
     dtype: str = "auto"
+    # Where requests' unset sampling values come from (vLLM's --generation-config): auto, the model's
+    # generation_config.json (Qwen's temperature 0.7, top_p 0.8, ...); none, the API's own defaults
+    # (vLLM's `vllm`); or a directory holding a generation_config.json to take them from instead.
+    generation_config: str = "auto"
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")

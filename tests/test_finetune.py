@@ -207,6 +207,18 @@ def test_a_hugging_face_directory_is_served_as_it_is(hf_dirs, tmp_path):
     assert replica.info()["precision"] == "fp32" and replica.tokenizer_info()["chat_template"] == CHATML
     defaults = replica.info()["sampling_defaults"]
     assert defaults == {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}  # top_k 0: transformers' "off"
+    # serve.generation_config: none leaves the API's defaults; a directory's file replaces the model's
+    own = tmp_path / "house-defaults"
+    own.mkdir()
+    (own / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 99}))
+    for setting, expected_defaults in (("none", {}), (str(own), {"temperature": 0.3})):
+        other = LanguageModel.func_or_class(str(directory), 2, 1, generation_config=setting)
+        assert other.info()["sampling_defaults"] == expected_defaults
+    from launcher.serve_app import check_generation_config
+
+    check_generation_config(str(own))
+    with pytest.raises(ConfigError, match=rf"^serve.generation_config='{tmp_path}' is invalid: allowed are auto "):
+        check_generation_config(str(tmp_path))
     from launcher.openai_protocol import sampling_params
 
     taken = sampling_params({"prompt": "x"}, 64, None, defaults)
