@@ -96,18 +96,11 @@ def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None,
     penalties = {name: float(_number(body, name, 0.0)) for name in ("presence_penalty", "frequency_penalty")}
     if max_tokens is not None and not 0 < max_tokens < context:
         raise APIError(400, f"'{length}' must be between 1 and {context - 1} (the context is {context})", length)
-    for name, value in penalties.items():
-        if not -2 <= value <= 2:
-            raise APIError(400, f"'{name}' must be between -2 and 2", name)
-    if temperature < 0:
-        raise APIError(400, "'temperature' must be >= 0", "temperature")
     # Types here; their ranges (and token ids against the vocabulary) the engine checks, naming the field.
     extras = {"repetition_penalty": float(_number(body, "repetition_penalty", 1.0)),
               "min_p": float(_number(body, "min_p", 0.0)), "min_tokens": _number(body, "min_tokens", 0, int),
               "ignore_eos": _flag(body, "ignore_eos"), "stop_token_ids": _id_list(body, "stop_token_ids"),
               "logit_bias": _logit_bias(body)}
-    if not 0 < top_p <= 1:
-        raise APIError(400, "'top_p' must be in (0, 1]", "top_p")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
