@@ -67,14 +67,18 @@ class SchemaError(ValueError):
 class Spec:
     """One compiled schema node. Compared by identity: frames hold it, and states are hashed."""
 
-    __slots__ = ("types", "literals", "props", "required", "extra", "items", "min_items", "max_items",
+    __slots__ = ("types", "literals", "props", "next_keys", "closable", "extra", "items", "min_items", "max_items",
                  "min_len", "max_len", "alternatives", "low", "high", "pattern", "text", "rules")
 
     def __init__(self):
         self.types: frozenset[str] = frozenset(TYPES)
         self.literals: Optional[list[bytes]] = None  # enum/const: the value's JSON text, exactly
         self.props: Optional[dict[bytes, Spec]] = None  # declared properties (JSON-escaped names); None: any keys
-        self.required: frozenset[bytes] = frozenset()
+        # Properties are written in the schema's order, as OpenAI's structured outputs (and xgrammar)
+        # write them, optional ones skippable: with the first i declared names behind, next_keys[i]
+        # maps each name that may come next to the position after it; closable[i]: none required left.
+        self.next_keys: tuple[dict[bytes, int], ...] = ({},)
+        self.closable: tuple[bool, ...] = (True,)
         self.extra: Optional[Spec] = None  # the value of any key, where props is None
         self.items: Optional[Spec] = None
         self.min_items, self.max_items = 0, None
@@ -142,7 +146,8 @@ class _Compiler:
         required = schema.get("required", [])
         if not isinstance(required, list) or any(r not in (schema.get("properties") or {}) for r in required):
             raise SchemaError(_join(path, "required"), "must list names from 'properties'")
-        spec.required = frozenset(_json_text(r)[1:-1] for r in required)
+        if spec.props is not None:
+            spec.next_keys, spec.closable = _property_order(list(spec.props), {_json_text(r)[1:-1] for r in required})
         extra = schema.get("additionalProperties", True)
         if spec.props is None:
             spec.extra = _any() if extra is True else (None if extra is False else
@@ -171,6 +176,19 @@ class _Compiler:
             self.refs[ref] = placeholder
             placeholder.alternatives.append(self.compile(target, ref[2:].replace("/", ".")))
         return self.refs[ref]
+
+
+def _property_order(names: list[bytes], required: set[bytes]) -> tuple[tuple, tuple]:
+    next_keys, closable = [], []
+    for i in range(len(names) + 1):
+        eligible = {}
+        for j in range(i, len(names)):
+            eligible[names[j]] = j + 1
+            if names[j] in required:  # nothing after a required property before it is written
+                break
+        next_keys.append(eligible)
+        closable.append(not required & set(names[i:]))
+    return tuple(next_keys), tuple(closable)
 
 
 def _join(path: str, key: str) -> str:
@@ -444,7 +462,7 @@ def _start(spec: Spec, rest, b: int) -> list:
     if b == 0x22 and "string" in kinds:  # "
         out.append((("pstr", spec, spec.pattern.start, 0, 0) if spec.pattern else ("str", spec, 0, 0, 0), rest))
     elif b == 0x7B and "object" in kinds:  # {
-        out.append((("obj", spec, frozenset(), "first", 0, None), rest))
+        out.append((("obj", spec, 0, "first", 0, None), rest))
     elif b == 0x5B and "array" in kinds:  # [
         out.append((("arr", spec, 0, "first", 0), rest))
     elif (b in _DIGITS or b == 0x2D) and kinds & {"number", "integer"}:
@@ -635,33 +653,34 @@ def _reachable(spec: Spec, text: bytes) -> bool:
 
 
 def _object(frame, rest, b):
-    _, spec, seen, phase, ws, pending = frame
+    _, spec, at, phase, ws, pending = frame  # at: declared properties behind (spec.next_keys)
     if b in _WS:
-        return [(("obj", spec, seen, phase, ws + 1, pending), rest)] if ws < MAX_WHITESPACE else []
+        return [(("obj", spec, at, phase, ws + 1, pending), rest)] if ws < MAX_WHITESPACE else []
     if phase in ("first", "key") and b == 0x22:
         if spec.props is None:  # any key: a plain string, then its value is spec.extra
-            return [(("str", _KEY, 0, 0, 0), (("obj", spec, seen, "colon", 0, None), rest))]
-        return [(("key", spec, seen, b""), rest)] if any(k not in seen for k in spec.props) else []
+            return [(("str", _KEY, 0, 0, 0), (("obj", spec, at, "colon", 0, None), rest))]
+        return [(("key", spec, at, b""), rest)] if spec.next_keys[at] else []
     if phase == "colon" and b == 0x3A:
         value = spec.extra if pending is None else spec.props[pending]
-        return [(("val", value, 0), (("obj", spec, seen, "next", 0, None), rest))]
+        return [(("val", value, 0), (("obj", spec, at, "next", 0, None), rest))]
     if phase == "next" and b == 0x2C:
-        more = spec.props is None or any(k not in seen for k in spec.props)
-        return [(("obj", spec, seen, "key", 0, None), rest)] if more else []
+        more = spec.props is None or spec.next_keys[at]
+        return [(("obj", spec, at, "key", 0, None), rest)] if more else []
     if phase in ("first", "next") and b == 0x7D:
-        return [rest] if spec.required <= seen else []
+        return [rest] if spec.props is None or spec.closable[at] else []
     return []
 
 
 def _key(frame, rest, b):
-    """A declared property's name, byte by byte: only names not yet written fit."""
-    _, spec, seen, prefix = frame
+    """A declared property's name, byte by byte: only names that may come next (in schema order) fit."""
+    _, spec, at, prefix = frame
+    eligible = spec.next_keys[at]
     out = []
-    if b == 0x22 and prefix in spec.props and prefix not in seen:
-        out.append((("obj", spec, seen | {prefix}, "colon", 0, prefix), rest))
+    if b == 0x22 and prefix in eligible:
+        out.append((("obj", spec, eligible[prefix], "colon", 0, prefix), rest))
     longer = prefix + bytes([b])
-    if any(k.startswith(longer) for k in spec.props if k not in seen):
-        out.append((("key", spec, seen, longer), rest))
+    if any(k.startswith(longer) for k in eligible):
+        out.append((("key", spec, at, longer), rest))
     return out
 
 

@@ -33,7 +33,10 @@ def accepts_whole(grammar: JsonGrammar, text: str) -> bool:
 
 @pytest.mark.parametrize("text, ok", [
     ('{"name": "Ada", "age": 36, "unit": "celsius"}', True),
-    ('{"unit":"fahrenheit","age":-4,"name":"x","ok":false,"tags":["a","bc"]}', True),
+    ('{"name":"x","age":-4,"unit":"fahrenheit","ok":false,"tags":["a","bc"]}', True),
+    ('{"name":"x","age":-4,"unit":"fahrenheit","tags":[]}', True),  # an optional property skipped
+    ('{"unit":"fahrenheit","age":-4,"name":"x"}', False),  # the schema's order, as OpenAI writes it
+    ('{"name":"x","age":-4,"unit":"celsius","tags":[],"ok":true}', False),
     ('{ "name": "\\u00e9\\n", "age": 0, "unit": "celsius" }', True),
     ('{\n  "name": "A",\n  "age": 0,\n  "unit": "celsius"\n}', False),  # compact: one space at most
     ('{"name":  "A", "age": 0, "unit": "celsius"}', False),
