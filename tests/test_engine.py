@@ -319,8 +319,8 @@ def test_compiled_programs_are_cached_by_shape_and_read_each_models_own_weights(
     """A second engine of the same shape loads the cached programs (nothing compiles) and decodes with
     its own weights, which are not in the programs."""
     params = SamplingParams(max_tokens=12, temperature=0)
-    # The shape of the first compiled test's engine: run after it, nothing compiles here at all.
-    first = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, compile=True).generate(PROMPTS[:2], params)
+    # The model and batch of the first compiled test's engine: run after it, nothing compiles here at all.
+    first = Engine(model("llama-gqa"), TOKENIZER, max_batch_size=4, compile=True).generate(PROMPTS[:2], params)
     cached = sorted(compile_cache.glob("*.pt2"))
     assert cached and not list(compile_cache.glob("*.partial.pt2"))
 
@@ -328,10 +328,10 @@ def test_compiled_programs_are_cached_by_shape_and_read_each_models_own_weights(
         raise AssertionError("compiled again instead of loading the cached program")
 
     def other_weights() -> GPT:  # same shape
-        m = model("gpt2")
+        m = model("llama-gqa")
         with torch.no_grad():
             for p in m.parameters():
-                p.mul_(1.5)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         return m
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
