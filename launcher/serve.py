@@ -17,6 +17,7 @@ from launcher.run_dir import is_uri
 from launcher.schema import fail
 from launcher.storage import check_object_store
 from lm.config import SERVE_DTYPES, ConfigError, ServeAppConfig
+from lm.prefix_cache import BLOCK_TOKENS
 
 ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
 
@@ -36,6 +37,9 @@ def builder_args(cfg: ServeAppConfig) -> dict:
                           "an answer token), or null for the model's context")
     if s.dtype not in SERVE_DTYPES:
         raise ConfigError(f"serve.dtype={s.dtype!r} is invalid: allowed are {', '.join(SERVE_DTYPES)}")
+    if s.prefix_cache_tokens is not None and s.prefix_cache_tokens < BLOCK_TOKENS:
+        raise ConfigError(f"serve.prefix_cache_tokens={s.prefix_cache_tokens} is invalid: must be >= {BLOCK_TOKENS} "
+                          "(one block), or null for 4 x max_model_len")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
@@ -46,7 +50,8 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "max_batch_size": s.max_batch_size, "cpus_per_replica": s.cpus_per_replica,
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
             "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len,
-            "dtype": s.dtype, "generation_config": s.generation_config}
+            "dtype": s.dtype, "generation_config": s.generation_config,
+            "prefix_cache_tokens": s.prefix_cache_tokens if s.enable_prefix_caching else 0}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

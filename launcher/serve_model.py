@@ -51,7 +51,8 @@ def hf_serving_dtype(directory: str, dtype: str, use_gpu: bool) -> str:
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
-                 max_model_len: int | None = None, dtype: str = "auto", generation_config: str = "auto"):
+                 max_model_len: int | None = None, dtype: str = "auto", generation_config: str = "auto",
+                 prefix_cache_tokens: int | None = None):
         import tempfile
 
         import torch
@@ -75,7 +76,10 @@ class LanguageModel:
             model, tokenizer = load_hf_directory(local)
             precision = hf_serving_dtype(local, dtype, use_gpu)
             model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len)
+        if prefix_cache_tokens is None:  # about four whole sequences' keys and values
+            prefix_cache_tokens = 4 * (max_model_len or model.cfg.block_size)
+        self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len,
+                             prefix_cache_tokens=prefix_cache_tokens)
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many
         # streams each one's interval grows so that together they send about stream_events_per_s.
@@ -95,10 +99,12 @@ class LanguageModel:
     def info(self) -> dict:
         """The model's context, precision, chat template (None: the built-in one) and sampling defaults
         (its generation_config.json's, as vLLM takes them), and this replica's
-        load: sequences decoding and waiting for a slot, and how many requests were abandoned by their
-        clients mid-decode."""
+        load: sequences decoding and waiting for a slot, how many requests were abandoned by their
+        clients mid-decode, and the share of prompt tokens found in the prefix cache (None: off)."""
+        cache = self.engine.prefix_cache
         return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "abandoned": self.abandoned}
+                "abandoned": self.abandoned,
+                "prefix_cache_hit_rate": None if cache is None else cache.hits / max(cache.queries, 1)}
 
     def tokenizer_info(self) -> dict:
         """What vLLM's /tokenizer_info tells clients that tokenize on the server (lm-evaluation-harness)."""

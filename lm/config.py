@@ -216,6 +216,10 @@ class ServeConfig:
     # generation_config.json (Qwen's temperature 0.7, top_p 0.8, ...); none, the API's own defaults
     # (vLLM's `vllm`); or a directory holding a generation_config.json to take them from instead.
     generation_config: str = "auto"
+    # Prefix caching (vLLM's enable_prefix_caching): the keys and values of earlier prompts and replies are
+    # kept, so a shared system prompt or a conversation's earlier turns are not prefilled again.
+    enable_prefix_caching: bool = True
+    prefix_cache_tokens: Optional[int] = None  # tokens each replica keeps; None: 4 x max_model_len
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")

@@ -7,7 +7,8 @@ instead of waiting for a batch to finish, and a finished sequence frees its slot
 sequence moves into it, so the running batch always sits in slots 0..B-1 and is read as one view).
 Each request samples with its own generator, so the same seed gives the same text whatever else is
 in the batch. A request with a grammar (SamplingParams.grammar) is guided: only tokens the grammar
-allows are sampled.
+allows are sampled. With a prefix cache (lm.prefix_cache), a prompt that begins as an earlier
+prompt or reply did is prefilled only after the cached blocks, which are copied into its slot.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lm.config import kv_heads
 from lm.inference import optimize_for_decoding
 from lm.json_guide import JsonGrammar, JsonGuide
 from lm.model import GPT
+from lm.prefix_cache import PrefixCache
 from lm.tokenizer import stop_ids
 
 
@@ -161,7 +163,7 @@ class Engine:
     """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
 
     def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, compile: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, prefix_cache_tokens: int = 0):
         self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
@@ -179,6 +181,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._ids = itertools.count()
+        # prefix_cache_tokens > 0: keys and values of prompts and replies are kept (lm.prefix_cache), so a
+        # prompt that starts as an earlier one did prefills only what follows the shared blocks.
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         # compile: the decode step as an ahead-of-time compiled program (lm.compiled_decode), built
         # here, before any request: one program for every batch size up to max_batch_size.
         self.decode = CompiledDecodeStep(self.model, max_batch_size, self.k_caches, self.v_caches) if compile \
@@ -252,6 +257,8 @@ class Engine:
             seq.finish_reason = seq.finish_reason or "abort"
         self.waiting.clear()
         self.running.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def has_work(self) -> bool:
@@ -284,22 +291,37 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         """Move waiting requests into free slots and prefill all their prompts in one forward,
         right-padded to the longest; each gets its first token."""
-        admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting.popleft()
+        taken = []
+        while self.waiting and len(self.running) + len(taken) < self.max_batch_size:
+            taken.append(self.waiting.popleft())
+        if not taken:
+            return []
+        cached = [self.prefix_cache.match(s.prompt_ids) if self.prefix_cache else [] for s in taken]
+        fresh = [s for s, blocks in zip(taken, cached) if not blocks]  # prefilled together, in the first slots
+        hits = [(s, blocks) for s, blocks in zip(taken, cached) if blocks]  # each after its cached prefix
+        admitted = fresh + [s for s, _ in hits]
+        for seq in admitted:
             seq.slot = len(self.running)
             self.running.append(seq)
-            admitted.append(seq)
-        if admitted:
-            longest = max(len(s.prompt_ids) for s in admitted)
-            ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in admitted],
-                               device=self.device)
-            logits = self.model.prefill(ids, [len(s.prompt_ids) for s in admitted], admitted[0].slot,
-                                        self.k_caches, self.v_caches)[:, :self.vocab_limit]
-            for seq, token, row in zip(admitted, self._sample(admitted, logits), logits):
-                self._append(seq, token, row)
-            for seq in [s for s in admitted if s.finished]:
-                self._release(seq)
+        logits = []
+        if fresh:
+            longest = max(len(s.prompt_ids) for s in fresh)
+            ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in fresh], device=self.device)
+            logits.append(self.model.prefill(ids, [len(s.prompt_ids) for s in fresh], fresh[0].slot,
+                                             self.k_caches, self.v_caches))
+        for seq, blocks in hits:
+            start = self.prefix_cache.copy_into(blocks, seq.slot, self.k_caches, self.v_caches)
+            ids = torch.tensor([seq.prompt_ids[start:]], device=self.device)
+            logits.append(self.model.prefill(ids, [len(seq.prompt_ids) - start], seq.slot, self.k_caches,
+                                             self.v_caches, start=start))
+        logits = torch.cat(logits)[:, :self.vocab_limit]
+        if self.prefix_cache is not None:
+            for seq in admitted:
+                self.prefix_cache.store(seq.prompt_ids, seq.slot, self.k_caches, self.v_caches)
+        for seq, token, row in zip(admitted, self._sample(admitted, logits), logits):
+            self._append(seq, token, row)
+        for seq in [s for s in admitted if s.finished]:
+            self._release(seq)
         return admitted
 
     @torch.no_grad()
@@ -400,6 +422,9 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's slot; the last running sequence moves into it, so slots stay 0..B-1."""
         slot, last = seq.slot, self.running[-1]
+        if self.prefix_cache is not None:  # the prompt and the reply so far: a next turn starts with them
+            self.prefix_cache.store((seq.prompt_ids + seq.output_ids)[:seq.position], slot, self.k_caches,
+                                    self.v_caches)
         self.running.pop()
         if last is not seq:
             for cache in (*self.k_caches, *self.v_caches):

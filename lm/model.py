@@ -141,15 +141,23 @@ class CausalSelfAttention(nn.Module):
     # KV-cache paths for serving. Caches are (slots, n_kv_head, max_len, head_dim); the engine keeps
     # its running sequences in slots 0..B-1, so decoding reads them as one view, without a gather.
 
-    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int) -> torch.Tensor:
-        """Whole prompts (B, T, C) from position 0, right-padded to T: causal attention over
-        themselves (padding comes after every real token, so it is never attended), keys stored in
-        slots first_slot..first_slot+B-1."""
+    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int,
+                start: int = 0) -> torch.Tensor:
+        """Prompts (B, T, C) from position `start`, right-padded to T: causal attention over
+        themselves and the `start` keys already in their slots (a cached prefix; padding comes after
+        every real token, so it is never attended), keys stored in slots first_slot..first_slot+B-1."""
         B, T, C = x.shape
         q, k, v = self._qkv(x, rope)
-        k_cache[first_slot:first_slot + B, :, :T] = k
-        v_cache[first_slot:first_slot + B, :, :T] = v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        slots = slice(first_slot, first_slot + B)
+        k_cache[slots, :, start:start + T] = k
+        v_cache[slots, :, start:start + T] = v
+        gqa = self.n_kv_head != self.n_head
+        if start:
+            seen = torch.arange(start + T, device=x.device) <= start + torch.arange(T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k_cache[slots, :, :start + T], v_cache[slots, :, :start + T],
+                                               attn_mask=seen, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def decode(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
@@ -202,8 +210,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
-    def prefill(self, x, rope, k_cache, v_cache, first_slot) -> torch.Tensor:
-        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, first_slot)
+    def prefill(self, x, rope, k_cache, v_cache, first_slot, start=0) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, first_slot, start)
         return x + self.mlp(self.ln_2(x))
 
     def decode(self, x, rope, k_cache, v_cache, rows, positions, length, mask) -> torch.Tensor:
@@ -277,20 +285,22 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: list[int], first_slot: int, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor]) -> torch.Tensor:
+                v_caches: list[torch.Tensor], start: int = 0) -> torch.Tensor:
         """Next-token logits (B, vocab) after B prompts in one forward: ids (B, T) right-padded,
-        prompt b of lengths[b] tokens; caches filled in slots first_slot.. (one pair per layer)."""
+        prompt b of lengths[b] tokens after the `start` tokens whose keys and values the slots hold
+        already (a cached prefix); caches filled in slots first_slot.. (one pair per layer)."""
         B, T = ids.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        end = start + T
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence length {end} exceeds model.block_size={self.cfg.block_size}")
         x = self.wte(ids)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe.weight[:T]
+            x = x + self.wpe.weight[start:end]
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = (self.rope_cos[start:end], self.rope_sin[start:end])
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
-            x = block.prefill(x, rope, k_cache, v_cache, first_slot)
+            x = block.prefill(x, rope, k_cache, v_cache, first_slot, start)
         last = x[torch.arange(B, device=ids.device), torch.tensor(lengths, device=ids.device) - 1]
         return self.lm_head(self.ln_f(last)).float()
 

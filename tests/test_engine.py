@@ -16,10 +16,11 @@ TOKENIZER = CharTokenizer(sorted(set(string.ascii_lowercase + " .,\n")))
 PROMPTS = ["hello world", "a", "the quick brown fox jumps", "xyz. abc,\nq"]
 
 
-def model(variant: str) -> GPT:
+def model(variant: str, block_size: int = 48) -> GPT:
     """gpt2, llama, or llama-gqa: llama with grouped-query attention (2 key/value heads for 4 query heads)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name="t", variant=variant.removesuffix("-gqa"), n_layer=2, n_head=4, n_embd=64, block_size=48,
+    cfg = ModelConfig(name="t", variant=variant.removesuffix("-gqa"), n_layer=2, n_head=4, n_embd=64,
+                      block_size=block_size,
                       n_kv_head=2 if variant.endswith("-gqa") else None,
                       vocab_size=padded_vocab_size(TOKENIZER.vocab_size), bias=variant == "gpt2")
     return GPT(cfg).eval()
@@ -256,6 +257,57 @@ def test_incremental_text_equals_decoding_the_whole_output_for_byte_level_bpe():
     assert any(ord(c) > 127 for s in seqs for c in s.text), "the samples exercise multi-byte characters"
     for seq in seqs:
         assert seq.text == tokenizer.decode(seq.output_ids)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_a_cached_prefix_is_not_prefilled_again_and_decoding_is_unchanged(variant):
+    """Prefix caching: requests that share a system prompt, and a next turn that resends the first turn
+    and its reply, prefill only what follows the cached blocks, and decode what a full prefill does."""
+    from lm.prefix_cache import BLOCK_TOKENS
+
+    system = "you are helpful, be brief. "  # 27 tokens: one whole block
+    prompts = [system + p for p in PROMPTS]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    reference = Engine(model(variant, 160), TOKENIZER, max_batch_size=4)
+    engine = Engine(model(variant, 160), TOKENIZER, max_batch_size=4, prefix_cache_tokens=1000)
+    first = engine.generate(prompts[:1], params)[0]
+    assert engine.prefix_cache.hits == 0
+    together = engine.generate(prompts, params)  # prompt 0 again, and three that share its first block
+    assert [s.output_ids for s in together] == [s.output_ids for s in reference.generate(prompts, params)]
+    lengths = [len(TOKENIZER.encode(p)) for p in prompts]
+    again = (lengths[0] + len(first.output_ids) - 1) // BLOCK_TOKENS  # its prompt and reply were stored
+    assert engine.prefix_cache.hits == BLOCK_TOKENS * (min(again, (lengths[0] - 1) // BLOCK_TOKENS) + 3)
+    follow_up = prompts[0] + first.text + " and"
+    hits = engine.prefix_cache.hits
+    assert engine.generate([follow_up], params)[0].output_ids == reference.generate([follow_up], params)[0].output_ids
+    assert engine.prefix_cache.hits - hits == BLOCK_TOKENS * again
+
+    # The prefilled rest attends to the copied keys as a whole prefill would: same logits.
+    m, ids = engine.model, torch.tensor([TOKENIZER.encode(follow_up)])
+    caches = [torch.zeros_like(c[:1]) for c in engine.k_caches], [torch.zeros_like(c[:1]) for c in engine.v_caches]
+    whole = m.prefill(ids, [ids.shape[1]], 0, *caches)
+    m.prefill(ids[:, :20], [20], 0, *caches)
+    rest = m.prefill(ids[:, 20:], [ids.shape[1] - 20], 0, *caches, start=20)
+    torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prefix_cache_keeps_the_most_recently_used_blocks_within_its_size():
+    from lm.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+    engine = Engine(model("gpt2", 160), TOKENIZER, max_batch_size=2, prefix_cache_tokens=3 * BLOCK_TOKENS)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    old, new = "a" * 40, "b" * 40  # two blocks each cached (the reply's token is never fed in)
+    engine.generate([old], params)
+    engine.generate([new], params)
+    assert len(engine.prefix_cache.blocks) == 3, "at most its size"
+    hits = engine.prefix_cache.hits
+    engine.generate([new + "c"], params)
+    assert engine.prefix_cache.hits - hits == 2 * BLOCK_TOKENS, "the newest prompt's blocks were kept"
+    engine.generate([old + "c"], params)
+    assert engine.prefix_cache.hits - hits == 3 * BLOCK_TOKENS, "of the oldest prompt, its last block went first"
+    engine.cancel_all()
+    assert not engine.prefix_cache.blocks, "after a failed step nothing cached is trusted"
+    assert PrefixCache(BLOCK_TOKENS - 1).max_blocks == 0
 
 
 def test_an_aborted_request_frees_its_slot_and_the_others_continue():

@@ -74,6 +74,11 @@ def test_chat_streaming_and_not_agree(server, client):
                                                    stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == message.content
+    # The second request found the first's prompt in the replica's prefix cache (serve.enable_prefix_caching).
+    from ray import serve
+
+    info = serve.get_deployment_handle("LanguageModel", app_name="lm").info.remote().result()
+    assert info["prefix_cache_hit_rate"] > 0
 
 
 def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
@@ -432,7 +437,8 @@ def test_serve_config_errors_name_the_field():
     from launcher.serve import builder_args
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
-    for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000)):
+    for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000),
+                         ("prefix_cache_tokens", 8)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
