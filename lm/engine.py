@@ -289,31 +289,31 @@ class Engine:
         return admitted + batch
 
     def _admit(self) -> list[Sequence]:
-        """Move waiting requests into free slots and prefill all their prompts in one forward,
-        right-padded to the longest; each gets its first token."""
+        """Move waiting requests into free slots and prefill their prompts, right-padded to the longest,
+        in one forward per length of cached prefix (0 without a prefix cache); each gets its first token."""
         taken = []
         while self.waiting and len(self.running) + len(taken) < self.max_batch_size:
             taken.append(self.waiting.popleft())
         if not taken:
             return []
-        cached = [self.prefix_cache.match(s.prompt_ids) if self.prefix_cache else [] for s in taken]
-        fresh = [s for s, blocks in zip(taken, cached) if not blocks]  # prefilled together, in the first slots
-        hits = [(s, blocks) for s, blocks in zip(taken, cached) if blocks]  # each after its cached prefix
-        admitted = fresh + [s for s, _ in hits]
+        # Grouped by cached blocks (a group's slots are consecutive), each prefilled after the blocks
+        # copied into its slot.
+        groups: dict[int, list[tuple[Sequence, list]]] = {}
+        for seq in taken:
+            blocks = self.prefix_cache.match(seq.prompt_ids) if self.prefix_cache else []
+            groups.setdefault(len(blocks), []).append((seq, blocks))
+        admitted = [seq for group in groups.values() for seq, _ in group]
         for seq in admitted:
             seq.slot = len(self.running)
             self.running.append(seq)
         logits = []
-        if fresh:
-            longest = max(len(s.prompt_ids) for s in fresh)
-            ids = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) for s in fresh], device=self.device)
-            logits.append(self.model.prefill(ids, [len(s.prompt_ids) for s in fresh], fresh[0].slot,
-                                             self.k_caches, self.v_caches))
-        for seq, blocks in hits:
-            start = self.prefix_cache.copy_into(blocks, seq.slot, self.k_caches, self.v_caches)
-            ids = torch.tensor([seq.prompt_ids[start:]], device=self.device)
-            logits.append(self.model.prefill(ids, [len(seq.prompt_ids) - start], seq.slot, self.k_caches,
-                                             self.v_caches, start=start))
+        for group in groups.values():
+            start = self.prefix_cache.copy_into([b for _, b in group], [s.slot for s, _ in group], self.k_caches,
+                                                self.v_caches) if self.prefix_cache else 0
+            lengths = [len(seq.prompt_ids) - start for seq, _ in group]
+            ids = torch.tensor([seq.prompt_ids[start:] + [0] * (max(lengths) - n) for (seq, _), n in zip(group, lengths)],
+                               device=self.device)
+            logits.append(self.model.prefill(ids, lengths, group[0][0].slot, self.k_caches, self.v_caches, start=start))
         logits = torch.cat(logits)[:, :self.vocab_limit]
         if self.prefix_cache is not None:
             for seq in admitted:
