@@ -44,6 +44,7 @@ bench: install  ## the speed benchmarks (benchmarks/*.py): tables printed, JSON 
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/decode_throughput.py
 	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/chunked_prefill.py
 	$(PY) benchmarks/int8_kernels.py
 	$(PY) benchmarks/guided_decoding.py
 	$(PY) benchmarks/serve_throughput.py

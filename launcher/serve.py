@@ -40,6 +40,9 @@ def builder_args(cfg: ServeAppConfig) -> dict:
     if s.prefix_cache_tokens is not None and s.prefix_cache_tokens < BLOCK_TOKENS:
         raise ConfigError(f"serve.prefix_cache_tokens={s.prefix_cache_tokens} is invalid: must be >= {BLOCK_TOKENS} "
                           "(one block), or null for 4 x max_model_len")
+    if s.max_num_batched_tokens is not None and s.max_num_batched_tokens < 1:
+        raise ConfigError(f"serve.max_num_batched_tokens={s.max_num_batched_tokens} is invalid: must be >= 1, or "
+                          "null for 256 on CPUs and 2048 on GPUs")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
@@ -51,7 +54,8 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "gpus_per_replica": s.gpus_per_replica, "stream_interval_ms": s.stream_interval_ms,
             "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len,
             "dtype": s.dtype, "generation_config": s.generation_config,
-            "prefix_cache_tokens": s.prefix_cache_tokens if s.enable_prefix_caching else 0}
+            "prefix_cache_tokens": s.prefix_cache_tokens if s.enable_prefix_caching else 0,
+            "max_num_batched_tokens": s.max_num_batched_tokens}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

@@ -309,7 +309,7 @@ def check_max_model_len(max_model_len: int, context: int | None) -> None:
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
               "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
-              "max_model_len", "dtype", "generation_config", "prefix_cache_tokens"}
+              "max_model_len", "dtype", "generation_config", "prefix_cache_tokens", "max_num_batched_tokens"}
 
 
 def build(args: dict):
@@ -322,7 +322,8 @@ def build(args: dict):
     sequence may hold; default: the model's context); dtype (auto, fp32, bf16: a Hugging Face
     directory's weights as served); generation_config (auto, none or a directory: where requests'
     unset sampling values come from); prefix_cache_tokens (the prefix cache's size per replica, 0: off;
-    default: 4 x max_model_len)."""
+    default: 4 x max_model_len); max_num_batched_tokens (chunked prefill's tokens per step; default:
+    256 on CPUs, 2048 on GPUs)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
@@ -357,7 +358,8 @@ def build(args: dict):
         stream_interval_ms=int(args.get("stream_interval_ms", 40)),
         stream_events_per_s=int(args.get("stream_events_per_s", 100)), compile=bool(args.get("compile", False)),
         max_model_len=None if max_model_len is None else int(max_model_len), dtype=dtype,
-        generation_config=generation_config, prefix_cache_tokens=args.get("prefix_cache_tokens"))
+        generation_config=generation_config, prefix_cache_tokens=args.get("prefix_cache_tokens"),
+        max_num_batched_tokens=args.get("max_num_batched_tokens"))
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

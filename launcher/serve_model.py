@@ -52,7 +52,7 @@ class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
                  max_model_len: int | None = None, dtype: str = "auto", generation_config: str = "auto",
-                 prefix_cache_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None):
         import tempfile
 
         import torch
@@ -79,7 +79,8 @@ class LanguageModel:
         if prefix_cache_tokens is None:  # about four whole sequences' keys and values
             prefix_cache_tokens = 4 * (max_model_len or model.cfg.block_size)
         self.engine = Engine(model, tokenizer, max_batch_size, compile=compile, max_model_len=max_model_len,
-                             prefix_cache_tokens=prefix_cache_tokens)
+                             prefix_cache_tokens=prefix_cache_tokens,
+                             max_num_batched_tokens=max_num_batched_tokens or (2048 if use_gpu else 256))
         # Every streamed item crosses two actors and becomes an SSE event; under load that costs more
         # CPU than decoding. Tokens that arrive within the interval go out together, and with many
         # streams each one's interval grows so that together they send about stream_events_per_s.
@@ -99,10 +100,11 @@ class LanguageModel:
     def info(self) -> dict:
         """The model's context, precision, chat template (None: the built-in one) and sampling defaults
         (its generation_config.json's, as vLLM takes them), and this replica's
-        load: sequences decoding and waiting for a slot, how many requests were abandoned by their
+        load: sequences in a slot (prefilling or decoding) and waiting for one, how many requests were abandoned by their
         clients mid-decode, and the share of prompt tokens found in the prefix cache (None: off)."""
-        cache = self.engine.prefix_cache
-        return {**self.info_, "running": len(self.engine.running), "waiting": len(self.engine.waiting),
+        engine = self.engine
+        cache = engine.prefix_cache
+        return {**self.info_, "running": len(engine.running) + len(engine.prefilling), "waiting": len(engine.waiting),
                 "abandoned": self.abandoned,
                 "prefix_cache_hit_rate": None if cache is None else cache.hits / max(cache.queries, 1)}
 
@@ -136,7 +138,7 @@ class LanguageModel:
                     self._hand_over([seq for seq in advanced if seq.id not in prefilled])
                 except Exception as error:  # a failed step fails the requests in flight, not the replica
                     traceback.print_exc()
-                    ids = [seq.id for seq in (*self.engine.waiting, *self.engine.running)]
+                    ids = [seq.id for seq in self.engine.in_flight]
                     self.engine.cancel_all()
                     self.loop.call_soon_threadsafe(self._deliver, [(i, RuntimeError(f"decoding failed: {error}"))
                                                                    for i in ids])

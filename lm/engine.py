@@ -1,14 +1,16 @@
 """Batched decoding with a KV cache and continuous batching, for serving and sampling.
 
 The engine owns `max_batch_size` cache slots. Each `step()` admits waiting requests into free
-slots, prefilling all their prompts in one forward, then decodes one token for every sequence that
+slots, prefilling their prompts together, then decodes one token for every sequence that
 was already running in a single batched forward. New requests therefore join between decode steps
 instead of waiting for a batch to finish, and a finished sequence frees its slot at once (the last running
 sequence moves into it, so the running batch always sits in slots 0..B-1 and is read as one view).
 Each request samples with its own generator, so the same seed gives the same text whatever else is
 in the batch. A request with a grammar (SamplingParams.grammar) is guided: only tokens the grammar
 allows are sampled. With a prefix cache (lm.prefix_cache), a prompt that begins as an earlier
-prompt or reply did is prefilled only after the cached blocks, which are copied into its slot.
+prompt or reply did is prefilled only after the cached blocks, which are copied into its slot. With
+a token budget per step (chunked prefill), a long prompt is prefilled over several steps in a slot
+above the running batch's, and moves next to them when it is whole.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Sequence:
     finish_reason: Optional[str] = None  # "stop", "length", or "abort" (client gone)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs is set
     slot: Optional[int] = None
+    prefilled: int = 0  # prompt tokens whose keys and values are in the slot (a cached prefix, chunks)
     # Incremental detokenization: text is extended from the last few tokens, never re-decoded whole.
     prefix_offset: int = 0
     read_offset: int = 0
@@ -163,7 +166,8 @@ class Engine:
     """Owns the model it is given: its linear layers are re-laid out for decoding (lm.inference)."""
 
     def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, compile: bool = False,
-                 max_model_len: int | None = None, prefix_cache_tokens: int = 0):
+                 max_model_len: int | None = None, prefix_cache_tokens: int = 0,
+                 max_num_batched_tokens: int | None = None):
         self.model = optimize_for_decoding(model)
         self.tokenizer = tokenizer
         self.vocab_limit = tokenizer.vocab_size  # padded embedding rows are never sampled
@@ -179,7 +183,14 @@ class Engine:
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i] lives in cache slot i
+        self.running: list[Sequence] = []  # decoding; running[i] lives in cache slot i
+        self.prefilling: list[Sequence] = []  # admitted, their prompts not yet all in their slots (>= len(running))
+        # Chunked prefill (vLLM's max_num_batched_tokens): a step prefills at most this many prompt
+        # tokens besides its decode tokens, so a long prompt is prefilled over several steps while the
+        # running sequences keep decoding, instead of stalling them for its whole prefill. None: no limit.
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= 1")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self._ids = itertools.count()
         # prefix_cache_tokens > 0: keys and values of prompts and replies are kept (lm.prefix_cache), so a
         # prompt that starts as an earlier one did prefills only what follows the shared blocks.
@@ -191,7 +202,13 @@ class Engine:
 
     @property
     def free_slots(self) -> list[int]:
-        return list(range(len(self.running), self.max_batch_size))
+        held = {seq.slot for seq in self.prefilling}
+        return [slot for slot in range(len(self.running), self.max_batch_size) if slot not in held]
+
+    @property
+    def in_flight(self) -> list[Sequence]:
+        """Every request not finished: waiting for a slot, prefilling, decoding."""
+        return [*self.waiting, *self.prefilling, *self.running]
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -253,32 +270,37 @@ class Engine:
 
     def cancel_all(self) -> None:
         """Finish every request at once (after a failed step, whose state is unknown); all slots free."""
-        for seq in (*self.waiting, *self.running):
+        for seq in self.in_flight:
             seq.finish_reason = seq.finish_reason or "abort"
         self.waiting.clear()
+        self.prefilling.clear()
         self.running.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     def step(self, on_prefilled: Callable[[list[Sequence]], None] | None = None) -> list[Sequence]:
-        """Admit waiting requests into free slots (prefilling their prompts in one forward), then decode
-        one token for every sequence that was already running, in one batched forward; return the
-        sequences that advanced. New requests go first, so their first token never waits for a decode
-        step; `on_prefilled` gets them as soon as it exists (a server streams it out meanwhile)."""
-        for seq in [s for s in (*self.waiting, *self.running) if s.aborted and not s.finished]:
+        """Admit waiting requests into free slots and prefill their prompts (within the step's token
+        budget: a long one over several steps), then decode one token for every sequence that was
+        already running, in one batched forward; return the sequences that advanced. Prefills go
+        first, so a first token never waits for a decode step; `on_prefilled` gets the sequences whose
+        first token this step sampled as soon as it exists (a server streams it out meanwhile)."""
+        for seq in [s for s in self.in_flight if s.aborted and not s.finished]:
             seq.finish_reason = "abort"
             if seq in self.waiting:
                 self.waiting.remove(seq)
+            elif seq in self.prefilling:
+                self.prefilling.remove(seq)
             else:
                 self._release(seq)
-        batch = list(self.running)  # slots 0..len(batch)-1; admitted sequences take the slots after
-        admitted = self._admit()
-        if admitted and on_prefilled is not None:
-            on_prefilled(admitted)
+        batch = list(self.running)  # slots 0..len(batch)-1; sequences that finish their prefill take the next
+        started = self._prefill(budget=None if self.max_num_batched_tokens is None
+                                else max(1, self.max_num_batched_tokens - len(batch)))
+        if started and on_prefilled is not None:
+            on_prefilled(started)
         if batch:
             ids = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)
             logits = self.decode(ids, [s.position for s in batch], self.k_caches, self.v_caches)[:, :self.vocab_limit]
@@ -286,43 +308,69 @@ class Engine:
                 self._append(seq, token, row)
             for seq in [s for s in batch if s.finished]:
                 self._release(seq)
-        return admitted + batch
+        return started + batch
 
-    def _admit(self) -> list[Sequence]:
-        """Move waiting requests into free slots and prefill their prompts, right-padded to the longest,
-        in one forward per length of cached prefix (0 without a prefix cache); each gets its first token."""
-        taken = []
-        while self.waiting and len(self.running) + len(taken) < self.max_batch_size:
-            taken.append(self.waiting.popleft())
-        if not taken:
-            return []
-        # Grouped by cached blocks (a group's slots are consecutive), each prefilled after the blocks
-        # copied into its slot.
-        groups: dict[int, list[tuple[Sequence, list]]] = {}
-        for seq in taken:
-            blocks = self.prefix_cache.match(seq.prompt_ids) if self.prefix_cache else []
-            groups.setdefault(len(blocks), []).append((seq, blocks))
-        admitted = [seq for group in groups.values() for seq, _ in group]
-        for seq in admitted:
-            seq.slot = len(self.running)
-            self.running.append(seq)
-        logits = []
-        for group in groups.values():
-            start = self.prefix_cache.copy_into([b for _, b in group], [s.slot for s, _ in group], self.k_caches,
-                                                self.v_caches) if self.prefix_cache else 0
-            lengths = [len(seq.prompt_ids) - start for seq, _ in group]
-            ids = torch.tensor([seq.prompt_ids[start:] + [0] * (max(lengths) - n) for (seq, _), n in zip(group, lengths)],
+    def _prefill(self, budget: int | None) -> list[Sequence]:
+        """Admit waiting requests into free slots (after their cached prefix, if any), then prefill up
+        to `budget` prompt tokens, oldest first, right-padded in one forward per starting position.
+        Sequences whose prompts are now whole sample their first token and join the running batch;
+        they are returned."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            seq = self.waiting.popleft()
+            seq.slot = max(self.free_slots)  # from the top: the running batch grows from slot 0
+            if self.prefix_cache is not None:
+                seq.prefilled = self.prefix_cache.copy_into(self.prefix_cache.match(seq.prompt_ids), seq.slot,
+                                                            self.k_caches, self.v_caches)
+            self.prefilling.append(seq)
+        groups: dict[int, list[tuple[Sequence, int]]] = {}  # start -> (sequence, tokens this step)
+        for seq in self.prefilling:
+            if budget is not None and budget <= 0:
+                break
+            count = len(seq.prompt_ids) - seq.prefilled if budget is None else min(len(seq.prompt_ids) - seq.prefilled,
+                                                                                    budget)
+            groups.setdefault(seq.prefilled, []).append((seq, count))
+            budget = None if budget is None else budget - count
+        whole = []  # (sequence, its first token's logits)
+        for start, group in groups.items():
+            longest = max(count for _, count in group)
+            ids = torch.tensor([seq.prompt_ids[start:start + count] + [0] * (longest - count) for seq, count in group],
                                device=self.device)
-            logits.append(self.model.prefill(ids, lengths, group[0][0].slot, self.k_caches, self.v_caches, start=start))
-        logits = torch.cat(logits)[:, :self.vocab_limit]
-        if self.prefix_cache is not None:
-            for seq in admitted:
+            logits = self.model.prefill(ids, [count for _, count in group], [seq.slot for seq, _ in group],
+                                        self.k_caches, self.v_caches, start=start)
+            for (seq, count), row in zip(group, logits):
+                seq.prefilled += count
+                if seq.prefilled == len(seq.prompt_ids):
+                    whole.append((seq, row))
+        if not whole:
+            return []
+        started = [seq for seq, _ in whole]
+        for seq in started:
+            self.prefilling.remove(seq)
+            if self.prefix_cache is not None:
                 self.prefix_cache.store(seq.prompt_ids, seq.slot, self.k_caches, self.v_caches)
-        for seq, token, row in zip(admitted, self._sample(admitted, logits), logits):
+            self._start_running(seq)
+        logits = torch.stack([row for _, row in whole])[:, :self.vocab_limit]
+        for seq, token, row in zip(started, self._sample(started, logits), logits):
             self._append(seq, token, row)
-        for seq in [s for s in admitted if s.finished]:
+        for seq in [s for s in started if s.finished]:
             self._release(seq)
-        return admitted
+        return started
+
+    def _start_running(self, seq: Sequence) -> None:
+        """Move a sequence whose prompt is whole into the slot after the running batch's, swapping
+        with the prefilling sequence there, if any."""
+        target = len(self.running)
+        if seq.slot != target:
+            other = next((s for s in self.prefilling if s.slot == target), None)
+            for cache in (*self.k_caches, *self.v_caches):
+                held = cache[target, :, :other.prefilled].clone() if other is not None else None
+                cache[target, :, :seq.prefilled] = cache[seq.slot, :, :seq.prefilled]
+                if other is not None:
+                    cache[seq.slot, :, :other.prefilled] = held
+            if other is not None:
+                other.slot = seq.slot
+            seq.slot = target
+        self.running.append(seq)
 
     @torch.no_grad()
     def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:

@@ -141,14 +141,13 @@ class CausalSelfAttention(nn.Module):
     # KV-cache paths for serving. Caches are (slots, n_kv_head, max_len, head_dim); the engine keeps
     # its running sequences in slots 0..B-1, so decoding reads them as one view, without a gather.
 
-    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int,
-                start: int = 0) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slots: slice | torch.Tensor, start: int = 0) -> torch.Tensor:
         """Prompts (B, T, C) from position `start`, right-padded to T: causal attention over
-        themselves and the `start` keys already in their slots (a cached prefix; padding comes after
-        every real token, so it is never attended), keys stored in slots first_slot..first_slot+B-1."""
+        themselves and the `start` keys already in their slots (a cached prefix or an earlier chunk;
+        padding comes after every real token, so it is never attended), keys stored in `slots`."""
         B, T, C = x.shape
         q, k, v = self._qkv(x, rope)
-        slots = slice(first_slot, first_slot + B)
         k_cache[slots, :, start:start + T] = k
         v_cache[slots, :, start:start + T] = v
         gqa = self.n_kv_head != self.n_head
@@ -210,8 +209,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
-    def prefill(self, x, rope, k_cache, v_cache, first_slot, start=0) -> torch.Tensor:
-        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, first_slot, start)
+    def prefill(self, x, rope, k_cache, v_cache, slots, start=0) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln_1(x), rope, k_cache, v_cache, slots, start)
         return x + self.mlp(self.ln_2(x))
 
     def decode(self, x, rope, k_cache, v_cache, rows, positions, length, mask) -> torch.Tensor:
@@ -284,12 +283,14 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, lengths: list[int], first_slot: int, k_caches: list[torch.Tensor],
+    def prefill(self, ids: torch.Tensor, lengths: list[int], slots: list[int], k_caches: list[torch.Tensor],
                 v_caches: list[torch.Tensor], start: int = 0) -> torch.Tensor:
-        """Next-token logits (B, vocab) after B prompts in one forward: ids (B, T) right-padded,
-        prompt b of lengths[b] tokens after the `start` tokens whose keys and values the slots hold
-        already (a cached prefix); caches filled in slots first_slot.. (one pair per layer)."""
+        """Next-token logits (B, vocab) after B prompts (or chunks of them) in one forward: ids (B, T)
+        right-padded, row b of lengths[b] tokens after the `start` tokens whose keys and values its
+        cache slot, slots[b], holds already; caches filled in those slots (one pair per layer)."""
         B, T = ids.shape
+        consecutive = slots == list(range(slots[0], slots[0] + B))
+        slots = slice(slots[0], slots[0] + B) if consecutive else torch.tensor(slots, device=ids.device)
         end = start + T
         if end > self.cfg.block_size:
             raise ValueError(f"sequence length {end} exceeds model.block_size={self.cfg.block_size}")
@@ -300,7 +301,7 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start:end], self.rope_sin[start:end])
         for block, k_cache, v_cache in zip(self.h, k_caches, v_caches):
-            x = block.prefill(x, rope, k_cache, v_cache, first_slot, start)
+            x = block.prefill(x, rope, k_cache, v_cache, slots, start)
         last = x[torch.arange(B, device=ids.device), torch.tensor(lengths, device=ids.device) - 1]
         return self.lm_head(self.ln_f(last)).float()
 

@@ -57,16 +57,14 @@ class PrefixCache:
         return [self.blocks[digest] for digest in found]
 
     @staticmethod
-    def copy_into(matches: list[list[tuple[torch.Tensor, torch.Tensor]]], slots: list[int],
-                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> int:
-        """Write each sequence's matched blocks (all as many) into its slot from position 0; return how
-        many tokens they hold."""
-        length = len(matches[0]) * BLOCK_TOKENS
-        for blocks, slot in zip(matches, slots):
-            if blocks:
-                for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
-                    k_cache[slot, :, :length] = torch.cat([k[layer] for k, _ in blocks], dim=1)
-                    v_cache[slot, :, :length] = torch.cat([v[layer] for _, v in blocks], dim=1)
+    def copy_into(blocks: list[tuple[torch.Tensor, torch.Tensor]], slot: int, k_caches: list[torch.Tensor],
+                  v_caches: list[torch.Tensor]) -> int:
+        """Write matched blocks into a cache slot from position 0; return how many tokens they hold."""
+        length = len(blocks) * BLOCK_TOKENS
+        if blocks:
+            for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
+                k_cache[slot, :, :length] = torch.cat([k[layer] for k, _ in blocks], dim=1)
+                v_cache[slot, :, :length] = torch.cat([v[layer] for _, v in blocks], dim=1)
         return length
 
     def store(self, tokens: list[int], slot: int, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 same seed gives the same sample; requests join a running batch; bad parameters name their field;
 the compiled decode step (serve.compile) decodes as the eager one does."""
 
+import math
 import string
 
 import pytest
@@ -285,10 +286,42 @@ def test_a_cached_prefix_is_not_prefilled_again_and_decoding_is_unchanged(varian
     # The prefilled rest attends to the copied keys as a whole prefill would: same logits.
     m, ids = engine.model, torch.tensor([TOKENIZER.encode(follow_up)])
     caches = [torch.zeros_like(c[:1]) for c in engine.k_caches], [torch.zeros_like(c[:1]) for c in engine.v_caches]
-    whole = m.prefill(ids, [ids.shape[1]], 0, *caches)
-    m.prefill(ids[:, :20], [20], 0, *caches)
-    rest = m.prefill(ids[:, 20:], [ids.shape[1] - 20], 0, *caches, start=20)
+    whole = m.prefill(ids, [ids.shape[1]], [0], *caches)
+    m.prefill(ids[:, :20], [20], [0], *caches)
+    rest = m.prefill(ids[:, 20:], [ids.shape[1] - 20], [0], *caches, start=20)
     torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_chunked_prefill_decodes_as_a_whole_prefill_while_the_running_sequences_keep_stepping(variant):
+    """max_num_batched_tokens: a step prefills at most that many prompt tokens besides its decode tokens;
+    a prompt whose prefill finishes moves into the slot after the running batch's, swapping with a
+    prompt still prefilling there."""
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (12, 5, 9, 7)]
+    expected = [s.output_ids for s in Engine(model(variant), TOKENIZER, max_batch_size=2).generate(PROMPTS, params)]
+    for options in ({"max_num_batched_tokens": 4}, {"max_num_batched_tokens": 5, "prefix_cache_tokens": 500}):
+        engine = Engine(model(variant), TOKENIZER, max_batch_size=2, **options)  # 4 requests through 2 slots
+        assert [s.output_ids for s in engine.generate(PROMPTS, params)] == expected
+        assert engine.free_slots == [0, 1] and not engine.has_work
+
+    engine = Engine(model(variant), TOKENIZER, max_batch_size=2, max_num_batched_tokens=8)
+    running = engine.submit("hello", SamplingParams(max_tokens=30, temperature=0))
+    engine.step()
+    long_prompt = "the quick brown fox jumps over"  # 30 tokens: 7 a step beside the running one's token
+    arriving = engine.submit(long_prompt, SamplingParams(max_tokens=3, temperature=0))
+    steps = 0
+    while not arriving.output_ids:
+        before = len(running.output_ids)
+        engine.step()
+        steps += 1
+        assert len(running.output_ids) == before + 1, "the running sequence decodes every step meanwhile"
+    assert steps == math.ceil(len(long_prompt) / 7)
+    while engine.has_work:
+        engine.step()
+    assert running.output_ids == greedy_without_cache(engine.model, "hello", 30)
+    assert arriving.output_ids == greedy_without_cache(engine.model, long_prompt, 3)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=0 must be >= 1"):
+        Engine(model(variant), TOKENIZER, max_num_batched_tokens=0)
 
 
 def test_the_prefix_cache_keeps_the_most_recently_used_blocks_within_its_size():
