@@ -159,6 +159,12 @@ class _Compiler:
         spec.min_len, spec.max_len = _bounds(schema, "minLength", "maxLength", path)
         spec.low, spec.high = _number_bounds(schema, spec.types, path)
         spec.pattern = _string_pattern(schema, path)
+        if spec.pattern is not None and "string" in spec.types and (spec.min_len or spec.max_len is not None) \
+                and not _length_can_fit(spec, spec.pattern.start, 0):
+            key = "pattern" if "pattern" in schema else "format"
+            length = (f"at least {spec.min_len}" if spec.max_len is None else
+                      f"{spec.min_len} to {spec.max_len}" if spec.min_len else f"at most {spec.max_len}")
+            raise SchemaError(_join(path, key), f"no string of {length} characters (minLength, maxLength) matches it")
         return spec
 
     def ref(self, ref: Any, path: str) -> Spec:
@@ -531,11 +537,20 @@ def _pattern_string(frame, rest, b):
     at = spec.pattern.step(at, b) if b >= 0 else -1
     if at < 0:
         return []
-    if (spec.min_len or spec.max_len is not None) and not 0x80 <= b < 0xC0:  # a character's first byte
-        count += 1
-        if spec.max_len is not None and count > spec.max_len:
+    if spec.min_len or spec.max_len is not None:
+        count += not 0x80 <= b < 0xC0  # a character's first byte
+        if not _length_can_fit(spec, at, count):
             return []
     return [(("pstr", spec, at, 0, count), rest)]
+
+
+def _length_can_fit(spec: Spec, at: int, count: int) -> bool:
+    """Some whole match of the pattern from DFA state `at`, `count` characters written, ends within the
+    string's length bounds: a character that leaves none is refused, so the string never dead-ends."""
+    pattern = spec.pattern
+    if spec.max_len is not None and count + pattern.fewest_chars_to_match(at) > spec.max_len:
+        return False
+    return count >= spec.min_len or count + pattern.most_chars_to_match(at, spec.min_len) >= spec.min_len
 
 
 def _regex_text(frame, rest, b):

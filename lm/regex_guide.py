@@ -17,7 +17,10 @@ pattern) is a RegexError naming it, never read as something else.
 
 from __future__ import annotations
 
+import math
 import re
+from collections import deque
+from typing import Optional
 
 MAX_NFA_STATES = 20_000  # NFA states; a pattern past this (large counted repeats) is refused
 MAX_DFA_STATES = 100_000  # built lazily; past this a pattern's transitions are computed again as needed
@@ -305,6 +308,8 @@ class Regex:
         self._ids: dict[frozenset[int], int] = {}
         self._steps: list[dict[int, int]] = []  # per DFA state: byte -> next state, as computed
         self._ends: dict[int, bool] = {}
+        self._fewest: Optional[list[float]] = None  # per NFA state: fewest characters to the final state
+        self._most: dict[int, list[int]] = {}  # per cap: per NFA state, most characters to it (capped)
         self.start = self._state({begin})
 
     def _state(self, nfa_states: set[int]) -> int:
@@ -341,6 +346,49 @@ class Regex:
         if found is None:
             found = self._ends[state] = self.accepts(state) and not any(self._nfa.edges[s] for s in self._sets[state])
         return found
+
+    # Characters still to write, for a string whose length is bounded too (a JSON Schema's pattern with
+    # minLength/maxLength): taken on the NFA, as a DFA state's completions are its NFA states'. A byte
+    # edge counts one character unless it is a UTF-8 continuation byte.
+
+    def _weighted_edges(self, state: int):
+        for lo, hi, to in self._nfa.edges[state]:
+            yield to, 0 if 0x80 <= lo and hi <= 0xBF else 1
+        for to in self._nfa.empty[state]:
+            yield to, 0
+
+    def fewest_chars_to_match(self, state: int) -> float:
+        """The fewest characters after which what was read is a whole match (inf: never)."""
+        if self._fewest is None:
+            reverse: list[list[tuple[int, int]]] = [[] for _ in self._nfa.edges]
+            for s in range(len(self._nfa.edges)):
+                for to, weight in self._weighted_edges(s):
+                    reverse[to].append((s, weight))
+            fewest = [math.inf] * len(reverse)
+            fewest[self._final], todo = 0, deque([self._final])
+            while todo:  # 0-1 breadth-first search from the final state, backwards
+                t = todo.popleft()
+                for s, weight in reverse[t]:
+                    if fewest[t] + weight < fewest[s]:
+                        fewest[s] = fewest[t] + weight
+                        todo.append(s) if weight else todo.appendleft(s)
+            self._fewest = fewest
+        return min(self._fewest[s] for s in self._sets[state])
+
+    def most_chars_to_match(self, state: int, cap: int) -> int:
+        """The most characters, up to `cap`, after which what was read is a whole match (-1: never)."""
+        most = self._most.get(cap)
+        if most is None:
+            most = [-1] * len(self._nfa.edges)
+            most[self._final], changed = 0, True
+            while changed:  # values only grow, and stay <= cap: this ends
+                changed = False
+                for s in reversed(range(len(most))):  # edges mostly lead to later states
+                    for to, weight in self._weighted_edges(s):
+                        if most[to] >= 0 and min(cap, most[to] + weight) > most[s]:
+                            most[s], changed = min(cap, most[to] + weight), True
+            self._most[cap] = most
+        return max(most[s] for s in self._sets[state])
 
     def fullmatch(self, data: bytes) -> bool:
         state = self.start

@@ -14,6 +14,7 @@ from lm.config import ModelConfig, padded_vocab_size
 from lm.engine import Engine, SamplingParams
 from lm.json_guide import JsonGrammar, SchemaError
 from lm.model import GPT
+from lm.regex_guide import FORMATS
 from lm.tokenizer import ByteBPETokenizer
 
 PERSON = {"type": "object",
@@ -96,6 +97,36 @@ def test_random_walks_under_random_bounds_never_stick_and_end_within_them():
         assert value > low if "exclusiveMinimum" in schema else value >= low, (schema, text)
         assert "maximum" not in schema or value <= high, (schema, text)
         assert "exclusiveMaximum" not in schema or value < high, (schema, text)
+
+
+def test_random_walks_in_patterns_with_length_bounds_never_stick_and_end_within_them():
+    """A character that leaves the pattern no whole match within minLength..maxLength is refused, so a
+    string never dead-ends (a free `[A-Z]+` cut off by maxLength before the `-\\d+` it still needs)."""
+    rng = random.Random(2)
+    patterns = [r"^[A-Z]+-\d+$", r"^(x|yzz|é{2,})$", r"^(ab)+c?$", "email"]
+    for _ in range(120):
+        pattern, low = rng.choice(patterns), rng.randint(0, 6)
+        schema = {"type": "string", "minLength": low, "maxLength": low + rng.randint(0, 8)}
+        schema.update({"format": "email"} if pattern == "email" else {"pattern": pattern})
+        try:
+            grammar = JsonGrammar(schema)
+        except SchemaError as error:  # bounds no match fits
+            assert "characters (minLength, maxLength) matches it" in str(error)
+            continue
+        guide, text = grammar.guide(), b'"'
+        guide.advance(text)
+        while not guide.done:
+            options = [c for c in ['"', "A", "Z", "-", "1", "x", "y", "z", "a", "b", "c", "é", "@", "."]
+                       if guide.allows(c.encode())]
+            assert options, (schema, text)
+            chosen = rng.choice(options).encode()
+            guide.advance(chosen)
+            text += chosen
+        value = json.loads(text)
+        assert schema["minLength"] <= len(value) <= schema["maxLength"], (schema, value)
+        assert re.fullmatch(FORMATS["email"] if pattern == "email" else pattern.strip("^$"), value), (schema, value)
+    with pytest.raises(SchemaError, match=r"^pattern: no string of at most 3 characters \(minLength, maxLength\) "):
+        JsonGrammar({"type": "string", "pattern": "^a{5}$", "maxLength": 3})
 
 
 def test_json_object_mode_takes_any_object_and_numbers_end_only_where_they_may():
