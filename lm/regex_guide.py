@@ -310,6 +310,7 @@ class Regex:
         self._ends: dict[int, bool] = {}
         self._fewest: Optional[list[float]] = None  # per NFA state: fewest characters to the final state
         self._most: dict[int, list[int]] = {}  # per cap: per NFA state, most characters to it (capped)
+        self._to_match: dict[tuple, float] = {}  # the two below, per (cap or None, DFA state)
         self.start = self._state({begin})
 
     def _state(self, nfa_states: set[int]) -> int:
@@ -359,6 +360,9 @@ class Regex:
 
     def fewest_chars_to_match(self, state: int) -> float:
         """The fewest characters after which what was read is a whole match (inf: never)."""
+        found = self._to_match.get((None, state))
+        if found is not None:
+            return found
         if self._fewest is None:
             reverse: list[list[tuple[int, int]]] = [[] for _ in self._nfa.edges]
             for s in range(len(self._nfa.edges)):
@@ -373,10 +377,14 @@ class Regex:
                         fewest[s] = fewest[t] + weight
                         todo.append(s) if weight else todo.appendleft(s)
             self._fewest = fewest
-        return min(self._fewest[s] for s in self._sets[state])
+        found = self._to_match[None, state] = min(self._fewest[s] for s in self._sets[state])
+        return found
 
     def most_chars_to_match(self, state: int, cap: int) -> int:
         """The most characters, up to `cap`, after which what was read is a whole match (-1: never)."""
+        found = self._to_match.get((cap, state))
+        if found is not None:
+            return found
         most = self._most.get(cap)
         if most is None:
             most = [-1] * len(self._nfa.edges)
@@ -388,7 +396,8 @@ class Regex:
                         if most[to] >= 0 and min(cap, most[to] + weight) > most[s]:
                             most[s], changed = min(cap, most[to] + weight), True
             self._most[cap] = most
-        return max(most[s] for s in self._sets[state])
+        found = self._to_match[cap, state] = max(most[s] for s in self._sets[state])
+        return found
 
     def fullmatch(self, data: bytes) -> bool:
         state = self.start
