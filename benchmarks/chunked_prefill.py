@@ -17,17 +17,12 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
-from lm.config import ModelConfig
 from lm.engine import Engine, SamplingParams
-from lm.model import GPT
 
 from decode_throughput import TokenIds
-from prefix_cache import random_ids
+from prefix_cache import SHAPE, long_context_model, random_ids
 from report import write_report  # benchmarks/ (run as a script)
 
-SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=8192)
 ARRIVALS = (10, 40, 70, 100)  # steps at which a long prompt arrives
 STEPS = 130
 
@@ -63,9 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/chunked_prefill.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**SHAPE)).eval()
+    model = long_context_model(args.threads)
     settings = {"whole prefills": None, **{f"max_num_batched_tokens={b}": b for b in args.budgets}}
     samples = {name: [] for name in settings}
     for repeat in range(args.repeats + 1):  # the first is a warm-up

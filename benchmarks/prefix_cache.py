@@ -31,6 +31,13 @@ SHAPE = dict(name="bench", variant="gpt2", n_layer=6, n_head=6, n_embd=384, bloc
 MESSAGE_TOKENS = 32  # a user's message, and a reply's length
 
 
+def long_context_model(threads: int) -> GPT:
+    """The benchmarks' model (random weights), with torch on `threads` threads."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**SHAPE)).eval()
+
+
 def random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, SHAPE["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -73,9 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix_cache.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**SHAPE)).eval()
+    model = long_context_model(args.threads)
     context = SHAPE["block_size"]
     workloads = {"shared system prompt": lambda e, s: shared_system_prompt(e, args.system_tokens, args.requests, s),
                  "multi-turn chat": lambda e, s: multi_turn(e, args.system_tokens, args.turns, s)}
