@@ -305,7 +305,11 @@ class JsonGuide:
     def __init__(self, grammar: JsonGrammar):
         self.grammar = grammar
         # No whitespace before the value: a reply is the document (or the choice) from its first byte.
-        self.states: frozenset = frozenset({(("val", grammar.root, MAX_WHITESPACE), None)})
+        # Raw text starts in its regex's or grammar's own frame, which may end before any byte.
+        root = grammar.root
+        first = (("rx", root.text, root.text.start) if root.text is not None else
+                 ("gb", root.rules, root.rules.start) if root.rules is not None else ("val", root, MAX_WHITESPACE))
+        self.states: frozenset = frozenset({(first, None)})
         self._tried: tuple[Optional[bytes], frozenset] = (None, frozenset())  # the last token allows() walked
 
     def after(self, data: bytes, states: Optional[frozenset] = None) -> frozenset:

@@ -25,6 +25,13 @@ def test_a_grammar_accepts_what_the_same_language_as_a_regex_accepts(text):
     assert accepts_whole(JsonGrammar.ebnf(ANSWER), text) == bool(re.fullmatch(ANSWER_RE, text))
 
 
+def test_a_grammar_or_regex_that_matches_empty_text_may_end_before_any_byte():
+    for grammar in (JsonGrammar.ebnf('root ::= ("a" "b")*'), JsonGrammar.regex("(ab)*")):
+        guide = grammar.guide()
+        assert guide.can_end and guide.allows(b"ab") and not guide.allows(b"b")
+    assert not JsonGrammar.regex("a+").guide().can_end and not JsonGrammar.ebnf('root ::= "a"+').guide().can_end
+
+
 def balanced(text: str) -> bool:
     """NESTED's language, checked by hand: a bracketed, comma-separated list of x, "q\\n" (a backslash
     and an n, as the grammar's escapes write them) or lists."""
