@@ -282,9 +282,13 @@ class JsonGrammar:
 
     @classmethod
     def ebnf(cls, text: str) -> "JsonGrammar":
-        """Output text a GBNF grammar matches (vLLM's guided grammar; lm.ebnf_guide)."""
+        """Output text a GBNF grammar matches (vLLM's guided grammar; lm.ebnf_guide): as one regex where
+        its rules do not recurse, else by the grammar's stack machine."""
         root = Spec()
-        root.rules = _compiled(Grammar, text)
+        grammar = _compiled(Grammar, text)
+        root.text = grammar.as_regex()
+        if root.text is None:
+            root.rules = grammar
         return cls(root=root, key="grammar:" + text)
 
     def guide(self) -> "JsonGuide":

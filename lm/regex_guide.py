@@ -297,13 +297,14 @@ class ByteNfa:
 class Regex:
     """A compiled pattern. DFA states are ints; `step` returns -1 where the byte is refused."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, tree=None):
+        """`tree`: the pattern already parsed (PatternParser's nodes), e.g. a regular grammar's."""
         if not isinstance(pattern, str):
             raise RegexError("a pattern must be a string")
         self.pattern = pattern
         self._nfa = ByteNfa()
         begin = self._nfa.new()
-        self._final = self._nfa.build(PatternParser(pattern).parse(), begin)
+        self._final = self._nfa.build(PatternParser(pattern).parse() if tree is None else tree, begin)
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
         self._steps: list[dict[int, int]] = []  # per DFA state: byte -> next state, as computed

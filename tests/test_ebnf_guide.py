@@ -7,7 +7,8 @@ import re
 import pytest
 
 from lm.engine import Engine, SamplingParams
-from lm.json_guide import JsonGrammar, SchemaError
+from lm.ebnf_guide import Grammar
+from lm.json_guide import JsonGrammar, SchemaError, Spec
 from test_json_guide import TOKENIZER, accepts_whole, assert_the_mask_is_what_the_grammar_allows, random_model
 
 ANSWER = r'''
@@ -20,13 +21,25 @@ NESTED = r'''root ::= "[" (item ("," item)*)? "]"
 item ::= root | "x" | "\"q\\n\""'''
 
 
+def stack_machine(text: str) -> JsonGrammar:
+    """A grammar followed by its stack machine, even where its rules do not recurse."""
+    root = Spec()
+    root.rules = Grammar(text)
+    return JsonGrammar(root=root, key="stack:" + text)
+
+
 @pytest.mark.parametrize("text", ["yes", "yes.", "no!", "12", "9999!", "", "maybe", "yes..", "0", "12345", "no?"])
 def test_a_grammar_accepts_what_the_same_language_as_a_regex_accepts(text):
-    assert accepts_whole(JsonGrammar.ebnf(ANSWER), text) == bool(re.fullmatch(ANSWER_RE, text))
+    """Rules that do not recurse are written out as one regex; the stack machine reads the same."""
+    regular = JsonGrammar.ebnf(ANSWER)
+    assert regular.root.text is not None and JsonGrammar.ebnf(NESTED).root.rules is not None
+    for grammar in (regular, stack_machine(ANSWER)):
+        assert accepts_whole(grammar, text) == bool(re.fullmatch(ANSWER_RE, text))
 
 
 def test_a_grammar_or_regex_that_matches_empty_text_may_end_before_any_byte():
-    for grammar in (JsonGrammar.ebnf('root ::= ("a" "b")*'), JsonGrammar.regex("(ab)*")):
+    for grammar in (JsonGrammar.ebnf('root ::= ("a" "b")*'), stack_machine('root ::= ("a" "b")*'),
+                    JsonGrammar.regex("(ab)*")):
         guide = grammar.guide()
         assert guide.can_end and guide.allows(b"ab") and not guide.allows(b"b")
     assert not JsonGrammar.regex("a+").guide().can_end and not JsonGrammar.ebnf('root ::= "a"+').guide().can_end
@@ -88,6 +101,7 @@ def test_a_grammar_it_cannot_follow_is_refused_by_name(text, message):
 @pytest.mark.parametrize("grammar, prefix", [(ANSWER, b""), (ANSWER, b"1"), (NESTED, b"[x,["), (NESTED, b'["q')])
 def test_the_vocabulary_mask_allows_exactly_the_tokens_the_grammar_accepts(grammar, prefix):
     assert_the_mask_is_what_the_grammar_allows(JsonGrammar.ebnf(grammar), prefix)
+    assert_the_mask_is_what_the_grammar_allows(stack_machine(grammar), prefix)
 
 
 def test_a_random_model_guided_by_a_grammar_writes_what_it_matches():
