@@ -317,7 +317,7 @@ class Engine:
         they are returned."""
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
             seq = self.waiting.popleft()
-            seq.slot = max(self.free_slots)  # from the top: the running batch grows from slot 0
+            seq.slot = min(self.free_slots)  # prompts mostly finish in this order, each then already in place
             if self.prefix_cache is not None:
                 seq.prefilled = self.prefix_cache.copy_into(self.prefix_cache.match(seq.prompt_ids), seq.slot,
                                                             self.k_caches, self.v_caches)
@@ -326,8 +326,8 @@ class Engine:
         for seq in self.prefilling:
             if budget is not None and budget <= 0:
                 break
-            count = len(seq.prompt_ids) - seq.prefilled if budget is None else min(len(seq.prompt_ids) - seq.prefilled,
-                                                                                    budget)
+            left = len(seq.prompt_ids) - seq.prefilled
+            count = left if budget is None else min(left, budget)
             groups.setdefault(seq.prefilled, []).append((seq, count))
             budget = None if budget is None else budget - count
         whole = []  # (sequence, its first token's logits)
