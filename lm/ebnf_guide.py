@@ -18,10 +18,9 @@ out in place, and guided decoding runs it as one regex's DFA instead of the stac
 from __future__ import annotations
 
 import re
-
 from typing import Optional
 
-from lm.regex_guide import ByteNfa, PatternParser, Regex, RegexError
+from lm.regex_guide import MAX_NFA_STATES, ByteNfa, PatternParser, Regex, RegexError
 
 _RULE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9_-]*)[ \t]*::=", re.M)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -170,11 +169,19 @@ class Grammar:
         """The grammar as one regex (guided by a DFA, far cheaper than the stack machine), where no rule
         reaches itself, so every call can be written out in place; None for a recursive grammar, or
         one too large written out."""
+        class NotRegular(Exception):
+            pass
+
+        size = [0]  # nodes written out: rules called from many places multiply
+
         def inline(node, calling: tuple):
             kind = node[0]
+            size[0] += 1
+            if size[0] > MAX_NFA_STATES:
+                raise NotRegular
             if kind == "ref":
                 if node[1] in calling:
-                    raise RecursionError
+                    raise NotRegular
                 return inline(self.trees[node[1]], calling + (node[1],))
             if kind in ("cat", "alt"):
                 return (kind, [inline(item, calling) for item in node[1]])
@@ -184,7 +191,7 @@ class Grammar:
 
         try:
             return Regex(self.text, tree=inline(self.trees["root"], ("root",)))
-        except (RecursionError, RegexError):
+        except (NotRegular, RegexError):
             return None
 
     @property

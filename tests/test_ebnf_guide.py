@@ -45,6 +45,12 @@ def test_a_grammar_or_regex_that_matches_empty_text_may_end_before_any_byte():
     assert not JsonGrammar.regex("a+").guide().can_end and not JsonGrammar.ebnf('root ::= "a"+').guide().can_end
 
 
+def test_a_grammar_too_large_written_out_keeps_its_stack_machine():
+    doubling = "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1} r{i + 1}\n" for i in range(30)) + 'r30 ::= "a"'
+    grammar = JsonGrammar.ebnf(doubling)  # 2^30 a's: its regex would not fit
+    assert grammar.root.rules is not None and grammar.guide().allows(b"aaaa")
+
+
 def balanced(text: str) -> bool:
     """NESTED's language, checked by hand: a bracketed, comma-separated list of x, "q\\n" (a backslash
     and an n, as the grammar's escapes write them) or lists."""
