@@ -311,36 +311,13 @@ class Engine:
         return started + batch
 
     def _prefill(self, budget: int | None) -> list[Sequence]:
-        """Admit waiting requests into free slots (after their cached prefix, if any), then prefill up
-        to `budget` prompt tokens, oldest first, right-padded in one forward per starting position.
-        Sequences whose prompts are now whole sample their first token and join the running batch;
-        they are returned."""
-        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
-            seq = self.waiting.popleft()
-            seq.slot = min(self.free_slots)  # prompts mostly finish in this order, each then already in place
-            if self.prefix_cache is not None:
-                seq.prefilled = self.prefix_cache.copy_into(self.prefix_cache.match(seq.prompt_ids), seq.slot,
-                                                            self.k_caches, self.v_caches)
-            self.prefilling.append(seq)
-        groups: dict[int, list[tuple[Sequence, int]]] = {}  # start -> (sequence, tokens this step)
-        for seq in self.prefilling:
-            if budget is not None and budget <= 0:
-                break
-            left = len(seq.prompt_ids) - seq.prefilled
-            count = left if budget is None else min(left, budget)
-            groups.setdefault(seq.prefilled, []).append((seq, count))
-            budget = None if budget is None else budget - count
+        """Admit waiting requests into free slots, then prefill up to `budget` prompt tokens, oldest
+        first. Sequences whose prompts are now whole sample their first token and join the running
+        batch; they are returned."""
+        self._admit()
         whole = []  # (sequence, its first token's logits)
-        for start, group in groups.items():
-            longest = max(count for _, count in group)
-            ids = torch.tensor([seq.prompt_ids[start:start + count] + [0] * (longest - count) for seq, count in group],
-                               device=self.device)
-            logits = self.model.prefill(ids, [count for _, count in group], [seq.slot for seq, _ in group],
-                                        self.k_caches, self.v_caches, start=start)
-            for (seq, count), row in zip(group, logits):
-                seq.prefilled += count
-                if seq.prefilled == len(seq.prompt_ids):
-                    whole.append((seq, row))
+        for start, chunks in self._schedule(budget).items():
+            whole += self._prefill_chunks(start, chunks)
         if not whole:
             return []
         started = [seq for seq, _ in whole]
@@ -355,6 +332,61 @@ class Engine:
         for seq in [s for s in started if s.finished]:
             self._release(seq)
         return started
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, each after the longest cached prefix of its prompt."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            seq = self.waiting.popleft()
+            seq.slot = min(self.free_slots)  # prompts mostly finish in this order, each then already in place
+            if self.prefix_cache is not None:
+                seq.prefilled = self.prefix_cache.copy_into(self.prefix_cache.match(seq.prompt_ids), seq.slot,
+                                                            self.k_caches, self.v_caches)
+            self.prefilling.append(seq)
+
+    def _schedule(self, budget: int | None) -> dict[int, list[tuple[Sequence, int]]]:
+        """This step's chunks, oldest prompts first, within `budget` tokens (None: every prompt's rest):
+        (sequence, tokens) by the position they start at. A prompt that another at the same position
+        repeats (a request's n choices) takes its chunk along without counting against the budget."""
+        chunks: dict[int, list[tuple[Sequence, int]]] = {}
+        taken: dict[tuple, int] = {}  # (position, prompt) -> tokens this step
+        for seq in self.prefilling:
+            key = (seq.prefilled, tuple(seq.prompt_ids))
+            if key not in taken:
+                if budget is not None and budget <= 0:
+                    continue
+                left = len(seq.prompt_ids) - seq.prefilled
+                taken[key] = left if budget is None else min(left, budget)
+                budget = None if budget is None else budget - taken[key]
+            chunks.setdefault(seq.prefilled, []).append((seq, taken[key]))
+        return chunks
+
+    def _prefill_chunks(self, start: int, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Prefill chunks that start at one position in one forward, right-padded; return the sequences
+        whose prompts are now whole, with their next-token logits. Sequences with the same tokens so far
+        (a request's n choices) are computed once: the others copy its keys and values and logits."""
+        rows: dict[tuple, int] = {}  # tokens through the chunk -> its row in `computed`
+        computed, row_of = [], []
+        for seq, count in chunks:
+            tokens = tuple(seq.prompt_ids[:start + count])
+            if tokens not in rows:
+                rows[tokens] = len(computed)
+                computed.append((seq, count))
+            row_of.append(rows[tokens])
+        longest = max(count for _, count in computed)
+        ids = torch.tensor([seq.prompt_ids[start:start + count] + [0] * (longest - count) for seq, count in computed],
+                           device=self.device)
+        logits = self.model.prefill(ids, [count for _, count in computed], [seq.slot for seq, _ in computed],
+                                    self.k_caches, self.v_caches, start=start)
+        whole = []
+        for (seq, count), row in zip(chunks, row_of):
+            source = computed[row][0]
+            if source is not seq:
+                for cache in (*self.k_caches, *self.v_caches):
+                    cache[seq.slot, :, start:start + count] = cache[source.slot, :, start:start + count]
+            seq.prefilled += count
+            if seq.prefilled == len(seq.prompt_ids):
+                whole.append((seq, logits[row]))
+        return whole
 
     def _start_running(self, seq: Sequence) -> None:
         """Move a sequence whose prompt is whole into the slot after the running batch's, swapping

@@ -324,6 +324,21 @@ def test_chunked_prefill_decodes_as_a_whole_prefill_while_the_running_sequences_
         Engine(model(variant), TOKENIZER, max_num_batched_tokens=0)
 
 
+def test_a_prompt_repeated_in_a_batch_is_prefilled_once_and_each_copy_samples_as_if_alone():
+    """A request's n choices: one row of each prefill forward computes the shared prompt (a chunk at a
+    time, the copies riding along outside the token budget); the others copy its keys and values."""
+    engine = Engine(model("gpt2"), TOKENIZER, max_batch_size=4, max_num_batched_tokens=8)
+    rows = []
+    prefill = engine.model.prefill
+    engine.model.prefill = lambda ids, *args, **kwargs: rows.append(ids.shape[0]) or prefill(ids, *args, **kwargs)
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s) for s in range(3)]
+    together = engine.generate([PROMPTS[2]] * 3, params)
+    assert rows == [1] * math.ceil(len(PROMPTS[2]) / 8), "one row a step: the copies computed nothing"
+    for seq, p in zip(together, params):
+        assert seq.output_ids == Engine(model("gpt2"), TOKENIZER, max_batch_size=1).generate([PROMPTS[2]], p)[0].output_ids
+    assert len({tuple(s.output_ids) for s in together}) > 1, "each copy samples with its own seed"
+
+
 def test_the_prefix_cache_keeps_the_most_recently_used_blocks_within_its_size():
     from lm.prefix_cache import BLOCK_TOKENS, PrefixCache
 
