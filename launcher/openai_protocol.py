@@ -258,11 +258,12 @@ def forced_tool_call(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar,
     if not tools or choice in (None, "auto", "none"):
         return None
     chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+    parallel = parallel_tool_calls(body)
     parameters = [tool["function"].get("parameters") or {"type": "object", "properties": {}} for tool in chosen]
     calls = [{"type": "object", "properties": {"name": {"const": tool["function"]["name"]}, "parameters": schema},
               "required": ["name", "parameters"]} for tool, schema in zip(chosen, parameters)]
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    if choice != "required":
+    if choice != "required" or not parallel:
         schema["maxItems"] = 1
     try:
         return JsonGrammar(schema), "required" if choice == "required" else "named"
@@ -348,12 +349,24 @@ def guided_decoding(body: dict, tools: list[dict] | None) -> tuple[JsonGrammar |
     return (forced[0], forced[1]) if forced else (given[0][1] if given else None, None)
 
 
+def parallel_tool_calls(body: dict) -> bool:
+    """OpenAI's `parallel_tool_calls` (true by default): false allows one call a reply. A forced call is
+    guided to one; otherwise the reply's first call is the one returned, as vLLM does."""
+    return _flag(body, "parallel_tool_calls", True)
+
+
+def read_tool_calls(text: str, form: str, parallel: bool = True) -> tuple[str | None, list[ToolCall]]:
+    """The reply's text before its calls (None if none) and its calls, the first only unless parallel."""
+    content, calls = parse_tool_calls(text, form)
+    return content, calls if parallel else calls[:1]
+
+
 class ToolCallStream:
     """A streamed chat choice's text when tools are offered: text goes out as it comes, up to where the
     model begins a tool call (or may be beginning one), which is held back and read whole at the end."""
 
-    def __init__(self, form: str):
-        self.form, self.text, self.sent = form, "", 0
+    def __init__(self, form: str, parallel: bool = True):
+        self.form, self.parallel, self.text, self.sent = form, parallel, "", 0
 
     def feed(self, delta: str) -> str:
         """The part of the reply that can be sent now."""
@@ -366,7 +379,7 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(text still to send, the reply's tool calls)."""
-        _, calls = parse_tool_calls(self.text, self.form)
+        _, calls = read_tool_calls(self.text, self.form, self.parallel)
         return ("", calls) if calls else (self.text[self.sent:], [])
 
 
@@ -396,14 +409,15 @@ def check_model(body: dict, model_name: str) -> None:
 
 
 def completion_response(model: str, choices: list[tuple[str, str, int, dict | None]], prompt_tokens: int,
-                        chat: bool, tool_form: str | None = None) -> dict:
+                        chat: bool, tool_form: str | None = None, parallel_calls: bool = True) -> dict:
     """`choices`: (text, finish_reason, completion tokens, logprobs object or None) of each; `tool_form`:
-    how the model writes tool calls, when the request offered tools (lm.tool_calls)."""
+    how the model writes tool calls, when the request offered tools (lm.tool_calls); `parallel_calls`:
+    the request's parallel_tool_calls."""
     rendered = []
     for index, (text, finish_reason, _, logprobs) in enumerate(choices):
         choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
         if chat:
-            content, calls = parse_tool_calls(text, tool_form) if tool_form else (text, [])
+            content, calls = read_tool_calls(text, tool_form, parallel_calls) if tool_form else (text, [])
             choice["message"] = {"role": "assistant", "content": content}
             if calls:
                 choice["message"]["tool_calls"] = [call.openai() for call in calls]

@@ -19,7 +19,7 @@ from ray import serve
 from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
                                       check_model, choice_count, choice_params, completion_prompts,
                                       completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
-                                      parse_body, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
+                                      parallel_tool_calls, parse_body, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
                                       usage_chunk, wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
@@ -129,6 +129,7 @@ class OpenAIServer:
         tools = chat_tools(body, template) if chat else None
         grammar, forced = guided_decoding(body, tools)
         tool_form = forced or (template.tool_format if tools else None)  # replies are read for tool calls
+        parallel = parallel_tool_calls(body)
         prompts = [chat_prompt(body, template, tools=tools)] if chat else completion_prompts(body)
         context = await self._context()
         params = replace(sampling_params(body, context, template, self.model_info["sampling_defaults"]),
@@ -148,13 +149,14 @@ class OpenAIServer:
                 raise APIError(400, first["error"], first["param"])
         choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
         if body.get("stream"):
-            return StreamingResponse(self._sse(choices, n, chat, usage, tool_form), media_type="text/event-stream")
+            return StreamingResponse(self._sse(choices, n, chat, usage, tool_form, parallel),
+                                     media_type="text/event-stream")
         finished = await asyncio.gather(*(self._collect(events) for events in choices))
         return completion_response(
             self.model_name,
             [(text, last["finish_reason"], last["completion_tokens"],
               None if params.logprobs is None else logprobs_object(described, chat)) for text, last, described in finished],
-            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form)  # each prompt counts once
+            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel)  # each prompt once
 
     @staticmethod
     async def _chain(first, rest):
@@ -205,7 +207,8 @@ class OpenAIServer:
             for task in tasks:
                 task.cancel()
 
-    async def _sse(self, choices, n: int, chat: bool, usage: bool, tool_form: str | None = None):
+    async def _sse(self, choices, n: int, chat: bool, usage: bool, tool_form: str | None = None,
+                   parallel: bool = True):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         opened, prompt_tokens, completion_tokens = set(), 0, 0
         offsets = {}  # completions' text_offset: where each choice's next token starts
@@ -218,7 +221,7 @@ class OpenAIServer:
                     offsets[index] = offsets.get(index, 0) + sum(len(d["token"]) for d in event["logprobs"])
                 delta = event["delta"]
                 if tool_form:
-                    delta = tool_streams.setdefault(index, ToolCallStream(tool_form)).feed(delta)
+                    delta = tool_streams.setdefault(index, ToolCallStream(tool_form, parallel)).feed(delta)
                     if not delta and logprobs is None and index in opened:
                         continue
                 yield stream_chunk(chunk_id, self.model_name, delta, None, chat, index not in opened, index,

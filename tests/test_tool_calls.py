@@ -219,6 +219,27 @@ def test_a_reply_with_calls_is_answered_as_openai_answers_it():
     assert untouched["choices"][0]["message"] == {"role": "assistant", "content": "<tool_call>x"}
 
 
+def test_parallel_tool_calls_false_allows_one_call():
+    """OpenAI's parallel_tool_calls=false: a forced call is guided to one; a reply's first call is
+    returned, streamed or not (as vLLM does)."""
+    from launcher.openai_protocol import ToolCallStream, forced_tool_call
+
+    second = CALL.replace("Paris", "Oslo")
+    two = f"<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n{second}\n</tool_call>"
+    for parallel, count in ((True, 2), (False, 1)):
+        message = completion_response("m", [(two, "stop", 9, None)], 5, True, "hermes", parallel)["choices"][0]["message"]
+        assert [json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]] == ["Paris", "Oslo"][:count]
+        stream = ToolCallStream("hermes", parallel)
+        assert stream.feed(two) == "" and len(stream.finish()[1]) == count
+    one, _ = forced_tool_call({"tool_choice": "required", "parallel_tool_calls": False}, [WEATHER])
+    guide = one.guide()
+    assert guide.allows(b'[{"name": "get_weather", "parameters": {"city": "Paris"}}') and not guide.allows(
+        b'[{"name": "get_weather", "parameters": {"city": "Paris"}},')
+    with pytest.raises(APIError) as refused:
+        forced_tool_call({"tool_choice": "required", "parallel_tool_calls": "no"}, [WEATHER])
+    assert refused.value.param == "parallel_tool_calls"
+
+
 @pytest.mark.slow
 def test_served_model_calls_tools_over_http(qwen_dir):
     import ray
