@@ -140,6 +140,23 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
     return (top or 0) if wanted else None
 
 
+def refuse_unsupported(body: dict) -> None:
+    """OpenAI parameters this server cannot honour are a 400 naming them, never silently ignored."""
+    if body.get("suffix"):
+        raise APIError(400, "'suffix' is not supported: the models served here do not fill in the middle",
+                       "suffix")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise APIError(400, "'best_of' is not supported (beyond best_of = n): send n and choose among the choices",
+                       "best_of")
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise APIError(400, f"'{legacy}' is not supported: send 'tools' and 'tool_choice'", legacy)
+    if body.get("modalities") not in (None, ["text"]) or body.get("audio") is not None:
+        raise APIError(400, "only text output is supported: 'modalities' may be [\"text\"], 'audio' null",
+                       "audio" if body.get("audio") is not None else "modalities")
+
+
 def echoes(body: dict) -> bool:
     """Completions' `echo`: the prompt comes back before the completion (and, with logprobs, scored)."""
     return _flag(body, "echo")

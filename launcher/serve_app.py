@@ -19,7 +19,7 @@ from ray import serve
 from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
                                       check_model, choice_count, choice_params, completion_prompts,
                                       completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
-                                      parallel_tool_calls, parse_body, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
+                                      parallel_tool_calls, parse_body, refuse_unsupported, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
                                       usage_chunk, wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
@@ -125,6 +125,7 @@ class OpenAIServer:
         self._authorize(request)
         body = parse_body(await request.body())
         check_model(body, self.model_name)
+        refuse_unsupported(body)
         template = await self._chat_template() if chat else None
         tools = chat_tools(body, template) if chat else None
         grammar, forced = guided_decoding(body, tools)

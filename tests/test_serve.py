@@ -370,6 +370,13 @@ BAD = [
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})
      .encode(), 400, "max_completion_tokens"),
     ("completions", json.dumps({"prompt": "a", "echo": "yes"}).encode(), 400, "echo"),
+    # what the server cannot honour is refused by name, never ignored
+    ("completions", json.dumps({"prompt": "def f(", "suffix": "\n    return x"}).encode(), 400, "suffix"),
+    ("completions", json.dumps({"prompt": "a", "best_of": 3}).encode(), 400, "best_of"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "functions": [
+        {"name": "f", "parameters": {}}]}).encode(), 400, "functions"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
+                                     "audio": {"voice": "alloy", "format": "wav"}}).encode(), 400, "audio"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).encode(),
      400, "top_logprobs"),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}).encode(),
