@@ -110,6 +110,10 @@ def main() -> None:
     parser.add_argument("--stream-events-per-s", type=int, default=100, help="0: no cap (each stream every interval)")
     parser.add_argument("--compile", action="store_true", help="serve.compile: the decode step compiled at start-up")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="the served export's")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="serve.prefix_cache_tokens (0: off); "
+                        "default: serving's")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="serve.max_num_batched_tokens; "
+                        "default: serving's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     args = parser.parse_args()
 
@@ -132,7 +136,9 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"export_dir": str(export_dir), "max_batch_size": args.max_batch_size,
                          "cpus_per_replica": args.cpus, "num_replicas": args.replicas, "stream_interval_ms": args.stream_interval_ms,
-                         "stream_events_per_s": args.stream_events_per_s, "compile": args.compile}),
+                         "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,
+                         "prefix_cache_tokens": args.prefix_cache_tokens,
+                         "max_num_batched_tokens": args.max_num_batched_tokens}),
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # One client, its connections reused: a client per request spends the shared cores on setup.
@@ -161,7 +167,8 @@ def main() -> None:
                             "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
                             "stream_interval_ms": args.stream_interval_ms,
                             "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,
-                            "precision": args.precision})
+                            "precision": args.precision, "prefix_cache_tokens": args.prefix_cache_tokens,
+                            "max_num_batched_tokens": args.max_num_batched_tokens})
 
 
 if __name__ == "__main__":
