@@ -19,8 +19,8 @@ from ray import serve
 from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
                                       check_model, choice_count, choice_params, completion_prompts,
                                       completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
-                                      parallel_tool_calls, parse_body, refuse_unsupported, sampling_params, stream_chunk, tokenize_text, tool_calls_chunk,
-                                      usage_chunk, wants_stream_usage)
+                                      parallel_tool_calls, parse_body, refuse_unsupported, sampling_params,
+                                      stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk, wants_stream_usage)
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 from lm.tool_calls import calls_finish_reason

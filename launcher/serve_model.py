@@ -99,8 +99,8 @@ class LanguageModel:
 
     def info(self) -> dict:
         """The model's context, precision, chat template (None: the built-in one) and sampling defaults
-        (its generation_config.json's, as vLLM takes them), and this replica's
-        load: sequences in a slot (prefilling or decoding) and waiting for one, how many requests were abandoned by their
+        (its generation_config.json's, as vLLM takes them), and this replica's load: sequences in a
+        slot (prefilling or decoding) and waiting for one, how many requests were abandoned by their
         clients mid-decode, and the share of prompt tokens found in the prefix cache (None: off)."""
         engine = self.engine
         cache = engine.prefix_cache

@@ -334,8 +334,9 @@ def test_a_prompt_repeated_in_a_batch_is_prefilled_once_and_each_copy_samples_as
     params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s) for s in range(3)]
     together = engine.generate([PROMPTS[2]] * 3, params)
     assert rows == [1] * math.ceil(len(PROMPTS[2]) / 8), "one row a step: the copies computed nothing"
+    alone = Engine(model("gpt2"), TOKENIZER, max_batch_size=1)
     for seq, p in zip(together, params):
-        assert seq.output_ids == Engine(model("gpt2"), TOKENIZER, max_batch_size=1).generate([PROMPTS[2]], p)[0].output_ids
+        assert seq.output_ids == alone.generate([PROMPTS[2]], p)[0].output_ids
     assert len({tuple(s.output_ids) for s in together}) > 1, "each copy samples with its own seed"
 
 

@@ -227,8 +227,10 @@ def test_parallel_tool_calls_false_allows_one_call():
     second = CALL.replace("Paris", "Oslo")
     two = f"<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n{second}\n</tool_call>"
     for parallel, count in ((True, 2), (False, 1)):
-        message = completion_response("m", [(two, "stop", 9, None)], 5, True, "hermes", parallel)["choices"][0]["message"]
-        assert [json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]] == ["Paris", "Oslo"][:count]
+        message = completion_response("m", [(two, "stop", 9, None)], 5, True, "hermes", parallel)["choices"][0][
+            "message"]
+        cities = [json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]]
+        assert cities == ["Paris", "Oslo"][:count]
         stream = ToolCallStream("hermes", parallel)
         assert stream.feed(two) == "" and len(stream.finish()[1]) == count
     one, _ = forced_tool_call({"tool_choice": "required", "parallel_tool_calls": False}, [WEATHER])
