@@ -220,9 +220,9 @@ class ServeConfig:
     # kept, so a shared system prompt or a conversation's earlier turns are not prefilled again.
     enable_prefix_caching: bool = True
     prefix_cache_tokens: Optional[int] = None  # tokens each replica keeps; None: 4 x max_model_len
-    # Chunked prefill (vLLM's name): prompt tokens a decode step may prefill besides its decode tokens, so
-    # a long prompt is prefilled over several steps while the running streams keep decoding.
-    # None: 256 on CPUs, 2048 on GPUs.
+    # Chunked prefill (vLLM's name and meaning): the tokens a step processes, decode tokens included; what
+    # the running streams leave goes to prompts, so a long prompt is prefilled over several steps while
+    # they keep decoding. None: 256 on CPUs, 2048 on GPUs.
     max_num_batched_tokens: Optional[int] = None
 
 

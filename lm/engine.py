@@ -185,9 +185,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # decoding; running[i] lives in cache slot i
         self.prefilling: list[Sequence] = []  # admitted, their prompts not yet all in their slots (>= len(running))
-        # Chunked prefill (vLLM's max_num_batched_tokens): a step prefills at most this many prompt
-        # tokens besides its decode tokens, so a long prompt is prefilled over several steps while the
-        # running sequences keep decoding, instead of stalling them for its whole prefill. None: no limit.
+        # Chunked prefill (vLLM's max_num_batched_tokens): the tokens a step processes, decode tokens
+        # included (at least one prompt token a step), so a long prompt is prefilled over several steps
+        # while the running sequences keep decoding, instead of stalling them. None: no limit.
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= 1")
         self.max_num_batched_tokens = max_num_batched_tokens
