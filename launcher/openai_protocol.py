@@ -425,11 +425,18 @@ def check_model(body: dict, model_name: str) -> None:
                        "model_not_found")
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: the prompt tokens the prefix cache held (not prefilled)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def completion_response(model: str, choices: list[tuple[str, str, int, dict | None]], prompt_tokens: int,
-                        chat: bool, tool_form: str | None = None, parallel_calls: bool = True) -> dict:
+                        chat: bool, tool_form: str | None = None, parallel_calls: bool = True,
+                        cached_tokens: int = 0) -> dict:
     """`choices`: (text, finish_reason, completion tokens, logprobs object or None) of each; `tool_form`:
     how the model writes tool calls, when the request offered tools (lm.tool_calls); `parallel_calls`:
-    the request's parallel_tool_calls."""
+    the request's parallel_tool_calls; `cached_tokens`: prompt tokens found in the prefix cache."""
     rendered = []
     for index, (text, finish_reason, _, logprobs) in enumerate(choices):
         choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
@@ -445,8 +452,7 @@ def completion_response(model: str, choices: list[tuple[str, str, int, dict | No
     completion_tokens = sum(choice[2] for choice in choices)
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": rendered,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def wants_stream_usage(body: dict) -> bool:
@@ -459,11 +465,11 @@ def wants_stream_usage(body: dict) -> bool:
     return options.get("include_usage", False)
 
 
-def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens: int, chat: bool) -> str:
+def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens: int, chat: bool,
+                cached_tokens: int = 0) -> str:
     body = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
     return f"data: {json.dumps(body)}\n\n"
 
 

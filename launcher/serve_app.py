@@ -157,7 +157,8 @@ class OpenAIServer:
             self.model_name,
             [(text, last["finish_reason"], last["completion_tokens"],
               None if params.logprobs is None else logprobs_object(described, chat)) for text, last, described in finished],
-            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel)  # each prompt once
+            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel,  # each prompt once
+            sum(last["cached_tokens"] for _, last, _ in finished[::n]))
 
     @staticmethod
     async def _chain(first, rest):
@@ -211,7 +212,7 @@ class OpenAIServer:
     async def _sse(self, choices, n: int, chat: bool, usage: bool, tool_form: str | None = None,
                    parallel: bool = True):
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        opened, prompt_tokens, completion_tokens = set(), 0, 0
+        opened, prompt_tokens, completion_tokens, cached_tokens = set(), 0, 0, 0
         offsets = {}  # completions' text_offset: where each choice's next token starts
         tool_streams = {}  # with tools offered: each choice's text, held back where a tool call may begin
         async for index, event in self._merged(choices):
@@ -242,9 +243,10 @@ class OpenAIServer:
                 yield stream_chunk(chunk_id, self.model_name, None, finish_reason, chat, index=index)
                 if index % n == 0:  # each prompt counts once
                     prompt_tokens += event["prompt_tokens"]
+                    cached_tokens += event["cached_tokens"]
                 completion_tokens += event["completion_tokens"]
         if usage:
-            yield usage_chunk(chunk_id, self.model_name, prompt_tokens, completion_tokens, chat)
+            yield usage_chunk(chunk_id, self.model_name, prompt_tokens, completion_tokens, chat, cached_tokens)
         yield "data: [DONE]\n\n"
 
 

@@ -173,7 +173,8 @@ class LanguageModel:
                 "top": [(decode([alternative]), value) for alternative, value in logprob.top]}
 
     async def generate(self, prompt, params, echo: bool = False, add_special_tokens: bool = True):
-        """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens"};
+        """Events: {"delta": text} ..., then {"finish_reason", "prompt_tokens", "completion_tokens",
+        "cached_tokens"} (the prompt's tokens found in the prefix cache);
         or one {"error", "param"} for a request the engine cannot serve. With `echo` the first delta
         is the prompt; with params.logprobs each delta carries its tokens' "logprobs"."""
         from lm.engine import RequestError
@@ -223,7 +224,7 @@ class LanguageModel:
                     sent, last_sent = upto, time.monotonic()
                 if finished:
                     yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.prompt_ids),
-                           "completion_tokens": len(seq.output_ids)}
+                           "completion_tokens": len(seq.output_ids), "cached_tokens": seq.cached_tokens}
                     return
         finally:
             self.queues.pop(seq.id, None)

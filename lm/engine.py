@@ -96,6 +96,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs is set
     slot: Optional[int] = None
     prefilled: int = 0  # prompt tokens whose keys and values are in the slot (a cached prefix, chunks)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details)
     # Incremental detokenization: text is extended from the last few tokens, never re-decoded whole.
     prefix_offset: int = 0
     read_offset: int = 0
@@ -339,8 +340,8 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = min(self.free_slots)  # prompts mostly finish in this order, each then already in place
             if self.prefix_cache is not None:
-                seq.prefilled = self.prefix_cache.copy_into(self.prefix_cache.match(seq.prompt_ids), seq.slot,
-                                                            self.k_caches, self.v_caches)
+                seq.prefilled = seq.cached_tokens = self.prefix_cache.copy_into(
+                    self.prefix_cache.match(seq.prompt_ids), seq.slot, self.k_caches, self.v_caches)
             self.prefilling.append(seq)
 
     def _schedule(self, budget: int | None) -> dict[int, list[tuple[Sequence, int]]]:

@@ -278,6 +278,7 @@ def test_a_cached_prefix_is_not_prefilled_again_and_decoding_is_unchanged(varian
     lengths = [len(TOKENIZER.encode(p)) for p in prompts]
     again = (lengths[0] + len(first.output_ids) - 1) // BLOCK_TOKENS  # its prompt and reply were stored
     assert engine.prefix_cache.hits == BLOCK_TOKENS * (min(again, (lengths[0] - 1) // BLOCK_TOKENS) + 3)
+    assert first.cached_tokens == 0 and [s.cached_tokens for s in together[1:]] == [BLOCK_TOKENS] * 3
     follow_up = prompts[0] + first.text + " and"
     hits = engine.prefix_cache.hits
     assert engine.generate([follow_up], params)[0].output_ids == reference.generate([follow_up], params)[0].output_ids

@@ -74,11 +74,17 @@ def test_chat_streaming_and_not_agree(server, client):
                                                    stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == message.content
-    # The second request found the first's prompt in the replica's prefix cache (serve.enable_prefix_caching).
+    # Later requests find the first's prompt in the replica's prefix cache (serve.enable_prefix_caching),
+    # as OpenAI's usage reports it.
     from ray import serve
 
     info = serve.get_deployment_handle("LanguageModel", app_name="lm").info.remote().result()
     assert info["prefix_cache_hit_rate"] > 0
+    again = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.choices[0].message.content == message.content
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0
+    assert full.usage.prompt_tokens_details.cached_tokens <= cached
 
 
 def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
