@@ -340,47 +340,43 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = min(self.free_slots)  # prompts mostly finish in this order, each then already in place
             if self.prefix_cache is not None:
-                seq.prefilled = seq.cached_tokens = self.prefix_cache.copy_into(
-                    self.prefix_cache.match(seq.prompt_ids), seq.slot, self.k_caches, self.v_caches)
+                seq.prefilled = seq.cached_tokens = self.prefix_cache.load(seq.prompt_ids, seq.slot, self.k_caches,
+                                                                           self.v_caches)
             self.prefilling.append(seq)
 
-    def _schedule(self, budget: int | None) -> dict[int, list[tuple[Sequence, int]]]:
+    def _schedule(self, budget: int | None) -> dict[int, list[tuple[Sequence, int, Sequence]]]:
         """This step's chunks, oldest prompts first, within `budget` tokens (None: every prompt's rest):
-        (sequence, tokens) by the position they start at. A prompt that another at the same position
-        repeats (a request's n choices) takes its chunk along without counting against the budget."""
-        chunks: dict[int, list[tuple[Sequence, int]]] = {}
-        taken: dict[tuple, int] = {}  # (position, prompt) -> tokens this step
+        (sequence, tokens, the sequence whose row computes them) by the position they start at. A
+        prompt that repeats the one before it at the same position (a request's n choices, submitted
+        together) takes its chunk along, computed once, without counting against the budget."""
+        chunks: dict[int, list[tuple[Sequence, int, Sequence]]] = {}
+        source, count = None, 0
         for seq in self.prefilling:
-            key = (seq.prefilled, tuple(seq.prompt_ids))
-            if key not in taken:
+            if not (source is not None and seq.prefilled == source.prefilled and seq.prompt_ids == source.prompt_ids):
                 if budget is not None and budget <= 0:
+                    source = None
                     continue
                 left = len(seq.prompt_ids) - seq.prefilled
-                taken[key] = left if budget is None else min(left, budget)
-                budget = None if budget is None else budget - taken[key]
-            chunks.setdefault(seq.prefilled, []).append((seq, taken[key]))
+                source, count = seq, left if budget is None else min(left, budget)
+                budget = None if budget is None else budget - count
+            chunks.setdefault(seq.prefilled, []).append((seq, count, source))
         return chunks
 
-    def _prefill_chunks(self, start: int, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+    def _prefill_chunks(self, start: int,
+                        chunks: list[tuple[Sequence, int, Sequence]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Prefill chunks that start at one position in one forward, right-padded; return the sequences
-        whose prompts are now whole, with their next-token logits. Sequences with the same tokens so far
-        (a request's n choices) are computed once: the others copy its keys and values and logits."""
-        rows: dict[tuple, int] = {}  # tokens through the chunk -> its row in `computed`
-        computed, row_of = [], []
-        for seq, count in chunks:
-            tokens = tuple(seq.prompt_ids[:start + count])
-            if tokens not in rows:
-                rows[tokens] = len(computed)
-                computed.append((seq, count))
-            row_of.append(rows[tokens])
+        whose prompts are now whole, with their next-token logits. A chunk computed by another
+        sequence's row (the same prompt) copies its keys and values and shares its logits."""
+        computed = [(seq, count) for seq, count, source in chunks if source is seq]
+        row_of = {id(seq): row for row, (seq, _) in enumerate(computed)}
         longest = max(count for _, count in computed)
         ids = torch.tensor([seq.prompt_ids[start:start + count] + [0] * (longest - count) for seq, count in computed],
                            device=self.device)
         logits = self.model.prefill(ids, [count for _, count in computed], [seq.slot for seq, _ in computed],
                                     self.k_caches, self.v_caches, start=start)
         whole = []
-        for (seq, count), row in zip(chunks, row_of):
-            source = computed[row][0]
+        for seq, count, source in chunks:
+            row = row_of[id(source)]
             if source is not seq:
                 for cache in (*self.k_caches, *self.v_caches):
                     cache[seq.slot, :, start:start + count] = cache[source.slot, :, start:start + count]

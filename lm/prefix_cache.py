@@ -42,9 +42,11 @@ class PrefixCache:
         self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = self.queries = 0  # prompt tokens found cached / looked up (for the server's stats)
 
-    def match(self, prompt_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The cached blocks of the prompt's longest cached prefix. At least the prompt's last token is
-        left out, to be prefilled: its logits give the first sampled token."""
+    def load(self, prompt_ids: list[int], slot: int, k_caches: list[torch.Tensor],
+             v_caches: list[torch.Tensor]) -> int:
+        """Copy the prompt's longest cached prefix into a cache slot from position 0; return its length
+        in tokens. At least the prompt's last token is left to prefill: its logits give the first
+        sampled token."""
         found = []
         for digest in block_digests(prompt_ids, (len(prompt_ids) - 1) // BLOCK_TOKENS):
             if digest not in self.blocks:
@@ -52,19 +54,13 @@ class PrefixCache:
             found.append(digest)
         for digest in reversed(found):  # a prefix's first blocks stay the most recently used
             self.blocks.move_to_end(digest)
+        length = len(found) * BLOCK_TOKENS
         self.queries += len(prompt_ids)
-        self.hits += len(found) * BLOCK_TOKENS
-        return [self.blocks[digest] for digest in found]
-
-    @staticmethod
-    def copy_into(blocks: list[tuple[torch.Tensor, torch.Tensor]], slot: int, k_caches: list[torch.Tensor],
-                  v_caches: list[torch.Tensor]) -> int:
-        """Write matched blocks into a cache slot from position 0; return how many tokens they hold."""
-        length = len(blocks) * BLOCK_TOKENS
-        if blocks:
+        self.hits += length
+        if found:
             for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
-                k_cache[slot, :, :length] = torch.cat([k[layer] for k, _ in blocks], dim=1)
-                v_cache[slot, :, :length] = torch.cat([v[layer] for _, v in blocks], dim=1)
+                k_cache[slot, :, :length] = torch.cat([self.blocks[d][0][layer] for d in found], dim=1)
+                v_cache[slot, :, :length] = torch.cat([self.blocks[d][1][layer] for d in found], dim=1)
         return length
 
     def store(self, tokens: list[int], slot: int, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
