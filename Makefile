@@ -48,6 +48,7 @@ bench: install  ## the speed benchmarks (benchmarks/*.py): tables printed, JSON 
 	$(PY) benchmarks/int8_kernels.py
 	$(PY) benchmarks/guided_decoding.py
 	$(PY) benchmarks/serve_throughput.py
+	$(PY) benchmarks/prefix_routing.py
 	$(PY) benchmarks/recipe_parity.py $(if $(DATA),--data $(DATA),)
 
 # Wheels for benchmarks/gpu.sh on an offline GPU machine with Python 3.12 and its own CUDA torch.

@@ -39,14 +39,15 @@ from report import scratch_dir, write_report
 STREAMS = (1, 4, 16, 64)
 
 
-def write_export(directory: Path, precision: str) -> None:
+def write_export(directory: Path, precision: str, shape: dict = SHAPE) -> None:
+    """An export of a model of `shape` with random weights (the decode benchmark's by default)."""
     from safetensors.torch import save_file
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:80]]
-    ByteBPETokenizer.train(iter(texts), vocab_size=SHAPE["vocab_size"]).save(directory / "tokenizer.json")
+    ByteBPETokenizer.train(iter(texts), vocab_size=shape["vocab_size"]).save(directory / "tokenizer.json")
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**SHAPE))
+    model = GPT(ModelConfig(**shape))
     save_file(export_state(model.state_dict(), precision), str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.cfg), "precision": precision}))
     (directory / "export.json").write_text(json.dumps({"precision": precision, "note": "benchmark, random weights"}))

@@ -55,7 +55,7 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "stream_events_per_s": s.stream_events_per_s, "compile": s.compile, "max_model_len": s.max_model_len,
             "dtype": s.dtype, "generation_config": s.generation_config,
             "prefix_cache_tokens": s.prefix_cache_tokens if s.enable_prefix_caching else 0,
-            "max_num_batched_tokens": s.max_num_batched_tokens}
+            "max_num_batched_tokens": s.max_num_batched_tokens, "request_router": s.request_router}
 
 
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")

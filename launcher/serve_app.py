@@ -21,6 +21,7 @@ from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tok
                                       completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
                                       parallel_tool_calls, parse_body, refuse_unsupported, sampling_params,
                                       stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk, wants_stream_usage)
+from launcher.prefix_router import PrefixAffinityRouter
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 from lm.tool_calls import calls_finish_reason
@@ -295,6 +296,15 @@ def check_dtype(dtype: str, export_dir: str) -> None:
                           f"exported in (export.precision={dtype} makes one); allowed: auto")
 
 
+def request_router(value: str) -> str:
+    """serve.request_router: how the ingress picks a model replica for each request."""
+    from lm.config import REQUEST_ROUTERS, ConfigError
+
+    if value not in REQUEST_ROUTERS:
+        raise ConfigError(f"serve.request_router={value!r} is invalid: allowed are {', '.join(REQUEST_ROUTERS)}")
+    return value
+
+
 def check_generation_config(value: str) -> None:
     """serve.generation_config: auto, none, or a local directory with a generation_config.json."""
     from lm.config import ConfigError
@@ -315,7 +325,8 @@ def check_max_model_len(max_model_len: int, context: int | None) -> None:
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
               "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
-              "max_model_len", "dtype", "generation_config", "prefix_cache_tokens", "max_num_batched_tokens"}
+              "max_model_len", "dtype", "generation_config", "prefix_cache_tokens", "max_num_batched_tokens",
+              "request_router"}
 
 
 def build(args: dict):
@@ -329,12 +340,14 @@ def build(args: dict):
     directory's weights as served); generation_config (auto, none or a directory: where requests'
     unset sampling values come from); prefix_cache_tokens (the prefix cache's size per replica, 0: off;
     default: 4 x max_model_len); max_num_batched_tokens (chunked prefill's tokens per step; default:
-    256 on CPUs, 2048 on GPUs)."""
+    256 on CPUs, 2048 on GPUs); request_router (prefix_affinity: a prompt goes to the replica holding its
+    prefix, launcher.prefix_router; power_of_two: Serve's default, by load alone)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
 
+    router = request_router(args.get("request_router") or "prefix_affinity")
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])
     else:
@@ -354,6 +367,10 @@ def build(args: dict):
     cpus = float(args.get("cpus_per_replica") or 1)
     gpus = float(args.get("gpus_per_replica") or 0)
     options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}, "max_ongoing_requests": max(4 * batch, 32)}
+    if router == "prefix_affinity":
+        # A replica more than one decode batch busier than the least busy one loses its prefixes' requests.
+        options["request_router_config"] = {"request_router_class": PrefixAffinityRouter,
+                                            "request_router_kwargs": {"max_imbalance": batch}}
     if args.get("autoscaling"):
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": replicas,
                                          "target_ongoing_requests": batch}

@@ -224,9 +224,14 @@ class ServeConfig:
     # the running streams leave goes to prompts, so a long prompt is prefilled over several steps while
     # they keep decoding. None: 256 on CPUs, 2048 on GPUs.
     max_num_batched_tokens: Optional[int] = None
+    # How the ingress picks a model replica for a request: prefix_affinity, the replica that already holds
+    # the prompt's longest prefix in its prefix cache unless it is a decode batch busier than the least
+    # busy one (SGLang's cache-aware routing); power_of_two, Serve's default, by load alone.
+    request_router: str = "prefix_affinity"
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")
+REQUEST_ROUTERS = ("prefix_affinity", "power_of_two")
 
 
 @dataclass

@@ -87,6 +87,39 @@ def test_chat_streaming_and_not_agree(server, client):
     assert full.usage.prompt_tokens_details.cached_tokens <= cached
 
 
+def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holding_the_turns_before(server,
+                                                                                                      trained):
+    """serve.request_router=prefix_affinity (the default). With Serve's own router, each later turn of a
+    conversation would find the turn before it cached with probability 1/2 (all four here: 1/16)."""
+    from openai import OpenAI
+    from ray import serve
+
+    from launcher.serve_app import build
+
+    url, model = server
+    export_dir = trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"
+    # A second app beside the first, on the half CPU each of its two replicas needs.
+    serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "num_replicas": 2, "cpus_per_replica": 0.5,
+                     "max_batch_size": 4}), name="replicas", route_prefix="/replicas")
+    try:
+        replicas = OpenAI(base_url=f"{url}/replicas/v1", api_key=KEY, max_retries=0)
+        conversations = [[{"role": "system", "content": f"You write {language}."}] for language in ("Python", "C")]
+        previous_prompts = [0, 0]
+        for turn in range(3):
+            for i, messages in enumerate(conversations):
+                messages.append({"role": "user", "content": f"Turn {turn}: read a CSV file, return column {turn}."})
+                reply = replicas.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+                messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+                usage, previous_prompt = reply.usage, previous_prompts[i]
+                # Each turn adds more than two blocks: the replica that served only the turn before last
+                # holds too little to pass.
+                assert usage.prompt_tokens - previous_prompt > 2 * 16
+                assert usage.prompt_tokens_details.cached_tokens >= (previous_prompt // 16 - 1) * 16, (i, turn, usage)
+                previous_prompts[i] = usage.prompt_tokens
+    finally:
+        serve.delete("replicas")
+
+
 def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
     """OpenAI's chat default: no max_tokens means as many as fit; max_completion_tokens (its newer name)
     limits them. Penalties are accepted and change a greedy reply; so are logit_bias and vLLM's sampling
@@ -456,6 +489,11 @@ def test_serve_config_errors_name_the_field():
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
         builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16")))
+    from launcher.serve_app import build
+
+    with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are prefix_affinity, "
+                                          r"power_of_two$"):
+        build(builder_args(ServeAppConfig(serve=ServeConfig(request_router="random", export_dir="/nowhere"))))
 
 
 def test_max_model_len_is_checked_against_the_exports_context_before_serving(server, trained):
