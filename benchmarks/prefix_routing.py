@@ -1,14 +1,15 @@
 """Prefix-aware routing across model replicas (`serve.request_router=prefix_affinity`) against Serve's
 own router (`power_of_two`), in one run, through the real Ray Serve app on 127.0.0.1.
 
-    .venv/bin/python benchmarks/prefix_routing.py [--replicas 2] [--conversations 8] [--turns 8] [--repeats 2]
+    .venv/bin/python benchmarks/prefix_routing.py [--replicas 2] [--conversations 8] [--turns 6] [--think-s 0.5] [--repeats 2]
 
 The workload is the one prefix caching is for: concurrent multi-turn conversations that share a
 system prompt, each turn resending the conversation so far plus a new message (token-id prompts,
 so every turn's prompt extends the last exactly). Reported per router: the share of prompt tokens
 found in the serving replica's prefix cache (the server's own `usage.prompt_tokens_details.
 cached_tokens`), time to first token p50/p90, and the workload's wall time; medians of repeats,
-the routers alternating, each on freshly started replicas (empty caches).
+the routers alternating, each on freshly started replicas (empty caches). Each turn follows a pause
+(the user reading and typing), during which other conversations' requests come and go.
 
 The model is the decode benchmark's shape (6 layers, 384 wide, vocab 8192) with a 1,024-token
 context and random weights; each replica has one CPU (serving's default) and the default prefix
@@ -60,9 +61,12 @@ def run_workload(client: httpx.Client, url: str, args, seed: int) -> dict:
     messages = [[[rng.randrange(256, SHAPE["vocab_size"]) for _ in range(args.message_tokens)]
                  for _ in range(args.turns)] for _ in range(args.conversations)]
 
+    pauses = [[rng.uniform(0, 2 * args.think_s) for _ in range(args.turns)] for _ in range(args.conversations)]
+
     def conversation(i: int) -> list[tuple[float, int, int]]:
         prompt, turns = list(system), []
-        for message in messages[i]:
+        for message, pause in zip(messages[i], pauses[i]):
+            time.sleep(pause)  # the user reads and types, while other conversations go on
             prompt += message
             turns.append(one_turn(client, url, prompt, args.max_tokens))
         return turns
@@ -81,10 +85,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=8, help="concurrent conversations")
-    parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--system-tokens", type=int, default=256, help="the shared system prompt's length")
-    parser.add_argument("--message-tokens", type=int, default=64, help="tokens each turn adds")
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--system-tokens", type=int, default=32, help="the shared system prompt's length")
+    parser.add_argument("--message-tokens", type=int, default=128, help="tokens each turn adds")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens each reply generates")
+    parser.add_argument("--think-s", type=float, default=0.5, help="mean pause before each turn (uniform in "
+                        "0..2x): without it a closed loop sends a turn back to the replica that just finished the "
+                        "last one (one request fewer in flight), whatever the router")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of both routers; medians are reported")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix_routing.json"))
     args = parser.parse_args()
@@ -122,8 +129,8 @@ def main() -> None:
             for router in ROUTERS]
     print(f"\n{args.replicas} replicas; {args.conversations} conversations x {args.turns} turns at once, "
           f"{args.system_tokens}-token system prompt, {args.message_tokens} tokens a turn, {args.max_tokens}-token "
-          f"replies; medians of {args.repeats}")
-    print(f"\n{'router':>16} {'cached':>7} {'TTFT p50':>9} {'TTFT p90':>9} {'wall':>7}")
+          f"replies, {args.think_s} s mean pause; medians of {args.repeats}")
+    print(f"\n{'router':>16} {'cached':>7} {'TTFT p50':>9} {'TTFT p90':>9} {'wall':>7}")  # wall: pauses included
     for r in rows:
         print(f"{r['router']:>16} {r['cached_share']:>7.0%} {r['ttft_p50'] * 1000:>7.0f}ms "
               f"{r['ttft_p90'] * 1000:>7.0f}ms {r['seconds']:>6.1f}s")

@@ -9,8 +9,9 @@ router remembers which replica each recent prompt prefix went to (chained digest
 blocks, as the replicas' own prefix caches key them) and prefers the replica with the longest match.
 A prompt nobody has sent goes to a replica chosen by its own first block (rendezvous hashing), so
 the n choices of one request, or the same new prompt sent at once by many clients, meet on one
-replica. Either preference gives way when the replica has `max_imbalance` more requests in flight
-than the least busy one: past a replica's decode batch, waiting there costs more than a prefill.
+replica. Either preference gives way when the replica has more than `max_imbalance` requests in
+flight beyond the least busy one: each sequence in a batch slows the others' steps, so that a few
+more of them cost more than one prefill (on CPUs at once; on GPUs only past a large batch).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class PrefixAffinityRouter(RequestRouter):
     ingress replica's process: prompts go to the replica that holds their prefix (PrefixRoutes).
     Other calls (tokenize, info) are routed by load, as Serve's default router does."""
 
-    def initialize_state(self, max_imbalance: int = 16, max_blocks: int = 100_000):
+    def initialize_state(self, max_imbalance: int = 2, max_blocks: int = 100_000):
         self.max_imbalance = max_imbalance
         self.routes = PrefixRoutes(max_blocks)
 

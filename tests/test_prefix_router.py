@@ -8,7 +8,7 @@ SYSTEM = "You are a helpful assistant who answers briefly and cites the Python d
 IDLE = {"A": 0, "B": 0, "C": 0}
 
 
-def first_choice(routes: PrefixRoutes, prompt, loads=IDLE, max_imbalance=16) -> list:
+def first_choice(routes: PrefixRoutes, prompt, loads=IDLE, max_imbalance=2) -> list:
     return routes.choose(prompt_digests(prompt), dict(loads), max_imbalance)[0]
 
 
@@ -31,7 +31,7 @@ def test_a_conversations_next_turn_goes_where_its_earlier_turns_went():
     holder = next(r for r in IDLE if r != new_choice[0])  # not where hashing alone would send it
     routes.record(prompt_digests(turn1), holder)
     turn2 = turn1 + "Assistant: a mutable sequence.\nUser: and a tuple?\n"
-    ranks = routes.choose(prompt_digests(turn2), dict(IDLE), 16)
+    ranks = routes.choose(prompt_digests(turn2), dict(IDLE), 2)
     assert ranks == [[holder], sorted(set(IDLE) - {holder})]
 
 
@@ -45,15 +45,15 @@ def test_the_longest_match_wins_over_a_shared_system_prompt_and_ties_go_to_every
     assert first_choice(routes, conversation + "User: and a set?\n") == ["B"]
 
 
-def test_a_replica_a_batch_busier_than_the_least_busy_loses_its_prefixes():
+def test_a_replica_busier_than_the_imbalance_allows_loses_its_prefixes():
     routes = PrefixRoutes()
     prompt = SYSTEM + "User: what is a generator?\n"
     routes.record(prompt_digests(prompt), "A")
-    assert first_choice(routes, prompt, {"A": 16, "B": 0, "C": 3}) == ["A"]
-    moved = first_choice(routes, prompt, {"A": 17, "B": 0, "C": 3})
+    assert first_choice(routes, prompt, {"A": 3, "B": 1, "C": 4}, max_imbalance=2) == ["A"]
+    moved = first_choice(routes, prompt, {"A": 4, "B": 1, "C": 2}, max_imbalance=2)
     assert moved in (["B"], ["C"])
-    ranks = routes.choose(prompt_digests(prompt), {"A": 17, "B": 0, "C": 3}, 16)
-    assert sorted(ranks[1]) == sorted({"A", "B", "C"} - set(moved))  # the busy holder still takes it if all else is full
+    ranks = routes.choose(prompt_digests(prompt), {"A": 4, "B": 1, "C": 2}, 2)
+    assert sorted(ranks[1]) == sorted({"A", "B", "C"} - set(moved))  # the busy holder takes it if the rest are full
 
 
 def test_new_prompts_spread_over_the_replicas():
