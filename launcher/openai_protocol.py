@@ -12,7 +12,8 @@ from dataclasses import replace
 from lm.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from lm.engine import MAX_LOGPROBS, SamplingParams
 from lm.json_guide import JsonGrammar, SchemaError
-from lm.tool_calls import ToolCall, calls_finish_reason, calls_start, parse_tool_calls, template_tool_calls
+from lm.tool_calls import (CallScanner, ToolCall, calls_begun, calls_finish_reason, calls_start, parse_tool_calls,
+                           template_tool_calls)
 
 MAX_BODY_BYTES = 1_000_000
 MAX_CHOICES = 16  # per request, prompts x `n`: each choice is a sequence in the replica's batch
@@ -379,25 +380,66 @@ def read_tool_calls(text: str, form: str, parallel: bool = True) -> tuple[str | 
 
 
 class ToolCallStream:
-    """A streamed chat choice's text when tools are offered: text goes out as it comes, up to where the
-    model begins a tool call (or may be beginning one), which is held back and read whole at the end."""
+    """A streamed chat choice when tools are offered. Text goes out as it comes, up to where the model
+    begins a tool call (or may be beginning one); the calls then go out as OpenAI streams them, while
+    the model writes them: a call's id and name once its name is whole, then its arguments in pieces
+    (lm.tool_calls.CallScanner), which add up to the arguments the whole reply's parse returns."""
 
     def __init__(self, form: str, parallel: bool = True):
         self.form, self.parallel, self.text, self.sent = form, parallel, "", 0
+        self.scanner: CallScanner | None = None  # reads the calls from where they begin
+        self.scanned = 0  # text fed to it
+        self.streamed: list[int] = []  # each streamed call's arguments sent, in characters
 
-    def feed(self, delta: str) -> str:
-        """The part of the reply that can be sent now."""
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        """(the text that can be sent now, tool-call deltas as OpenAI's `delta.tool_calls` carries them)."""
         self.text += delta
         start = calls_start(self.text, self.form)
         safe = len(self.text) if start is None else start
         out = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
-        return out
+        if self.scanner is None:
+            begun = calls_begun(self.text, self.form)
+            if begun is None:
+                return out, []
+            self.scanner, self.scanned = CallScanner(), begun
+        self.scanner.feed(self.text[self.scanned:])
+        self.scanned = len(self.text)
+        return out, self._call_deltas()
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(text still to send, the reply's tool calls)."""
+    def _call_deltas(self) -> list[dict]:
+        deltas = []
+        for index, call in enumerate(self.scanner.calls[:None if self.parallel else 1]):
+            if index == len(self.streamed):
+                if call.name is None:
+                    break
+                self.streamed.append(0)
+                deltas.append(ToolCall(call.name, "").openai(index))
+            if len(call.arguments) > self.streamed[index]:
+                piece = call.arguments[self.streamed[index]:]
+                self.streamed[index] = len(call.arguments)
+                if deltas and deltas[-1]["index"] == index:
+                    deltas[-1]["function"]["arguments"] += piece
+                else:
+                    deltas.append({"index": index, "function": {"arguments": piece}})
+        return deltas
+
+    def finish(self) -> tuple[str, list[dict], bool]:
+        """(text still to send, the last tool-call deltas, whether the reply made calls). A reply whose
+        calls began streaming stays calls, as OpenAI's and vLLM's do, even if the whole does not parse."""
         _, calls = read_tool_calls(self.text, self.form, self.parallel)
-        return ("", calls) if calls else (self.text[self.sent:], [])
+        if not self.streamed:
+            return ("", [call.openai(i) for i, call in enumerate(calls)], True) if calls else \
+                (self.text[self.sent:], [], False)
+        deltas = []
+        for index, call in enumerate(calls):
+            if index >= len(self.streamed):
+                deltas.append(call.openai(index))
+                continue
+            sent = self.scanner.calls[index].arguments[:self.streamed[index]]
+            if call.arguments.startswith(sent) and len(call.arguments) > len(sent):  # e.g. a string's text
+                deltas.append({"index": index, "function": {"arguments": call.arguments[len(sent):]}})
+        return "", deltas, bool(calls)
 
 
 def tokenize_text(body: dict, template: ChatTemplate) -> tuple[str, bool]:
@@ -473,10 +515,10 @@ def usage_chunk(chunk_id: str, model: str, prompt_tokens: int, completion_tokens
     return f"data: {json.dumps(body)}\n\n"
 
 
-def tool_calls_chunk(chunk_id: str, model: str, calls: list[ToolCall], index: int = 0) -> str:
-    """A streamed choice's tool calls, whole, in one delta (the client's accumulation reads them as is)."""
-    choice = {"index": index, "delta": {"tool_calls": [call.openai(i) for i, call in enumerate(calls)]},
-              "finish_reason": None}
+def tool_calls_chunk(chunk_id: str, model: str, deltas: list[dict], index: int = 0) -> str:
+    """A streamed choice's tool-call deltas (ToolCallStream's): a client accumulates each call's pieces
+    by their `index`."""
+    choice = {"index": index, "delta": {"tool_calls": deltas}, "finish_reason": None}
     body = {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"

@@ -222,24 +222,26 @@ class OpenAIServer:
                 if "logprobs" in event:
                     logprobs = logprobs_object(event["logprobs"], chat, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(d["token"]) for d in event["logprobs"])
-                delta = event["delta"]
+                delta, call_deltas = event["delta"], []
                 if tool_form:
-                    delta = tool_streams.setdefault(index, ToolCallStream(tool_form, parallel)).feed(delta)
-                    if not delta and logprobs is None and index in opened:
-                        continue
-                yield stream_chunk(chunk_id, self.model_name, delta, None, chat, index not in opened, index,
-                                   logprobs)
-                opened.add(index)
+                    delta, call_deltas = tool_streams.setdefault(index, ToolCallStream(tool_form, parallel)).feed(delta)
+                if delta or logprobs is not None or index not in opened:
+                    yield stream_chunk(chunk_id, self.model_name, delta, None, chat, index not in opened, index,
+                                       logprobs)
+                    opened.add(index)
+                if call_deltas:
+                    yield tool_calls_chunk(chunk_id, self.model_name, call_deltas, index)
             else:
                 if chat and index not in opened:
                     yield stream_chunk(chunk_id, self.model_name, "", None, chat, True, index)
                 finish_reason = event["finish_reason"]
                 if index in tool_streams:
-                    rest, calls = tool_streams[index].finish()
+                    rest, call_deltas, called = tool_streams[index].finish()
                     if rest:
                         yield stream_chunk(chunk_id, self.model_name, rest, None, chat, index=index)
-                    if calls:
-                        yield tool_calls_chunk(chunk_id, self.model_name, calls, index)
+                    if call_deltas:
+                        yield tool_calls_chunk(chunk_id, self.model_name, call_deltas, index)
+                    if called:
                         finish_reason = calls_finish_reason(tool_form, finish_reason)
                 yield stream_chunk(chunk_id, self.model_name, None, finish_reason, chat, index=index)
                 if index % n == 0:  # each prompt counts once

@@ -141,17 +141,73 @@ def test_tool_calls_are_read_from_replies(form, text, content, calls):
     assert [(call.name, json.loads(call.arguments)) for call in found] == calls
 
 
+def streamed(form: str, reply: str, parallel: bool = True, piece: int = 3) -> tuple[str, dict, bool]:
+    """A reply fed to a ToolCallStream `piece` characters at a time, as a client accumulates what it sends:
+    (the text, each call's {"id", "name", "arguments"} by index, whether the reply made calls)."""
+    stream, text, calls = ToolCallStream(form, parallel), "", {}
+
+    def accumulate(deltas):
+        for delta in deltas:
+            call = calls.setdefault(delta["index"], {"id": None, "name": None, "arguments": ""})
+            assert ("id" in delta) == (call["id"] is None)  # the first delta of a call, and only it, names it
+            call["id"] = call["id"] or delta["id"]
+            call["name"] = delta["function"].get("name", call["name"])
+            call["arguments"] += delta["function"]["arguments"]
+
+    for i in range(0, len(reply), piece):
+        out, deltas = stream.feed(reply[i:i + piece])
+        text += out
+        accumulate(deltas)
+    rest, deltas, called = stream.finish()
+    accumulate(deltas)
+    return text + rest, calls, called
+
+
 def test_a_stream_sends_text_and_holds_back_where_a_call_begins():
-    stream = ToolCallStream("hermes")
     reply = "Checking <tool not a call> now.\n<tool_call>\n" + CALL + "\n</tool_call>"
-    sent = [stream.feed(reply[i:i + 3]) for i in range(0, len(reply), 3)]
-    assert "".join(sent) == "Checking <tool not a call> now.\n"
-    assert all("<tool_call>" not in piece for piece in sent)
-    rest, calls = stream.finish()
-    assert rest == "" and [c.name for c in calls] == ["get_weather"]
+    text, calls, called = streamed("hermes", reply)
+    assert text == "Checking <tool not a call> now.\n" and called
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
     plain = ToolCallStream("json")
-    assert plain.feed("{") == "" and plain.feed("oops, JSON-ish text") == ""  # held: it may be a call
-    assert plain.finish() == ("{oops, JSON-ish text", [])
+    assert plain.feed("{") == ("", []) and plain.feed("oops, JSON-ish text") == ("", [])  # held: it may be a call
+    assert plain.finish() == ("{oops, JSON-ish text", [], False)
+    # The start of a tag that turns out to be text: nothing of it, or after it, is read as a call.
+    text, calls, called = streamed("json", '<|pyramid|> is not a tag: {"name": "x", "parameters": {}}')
+    assert text == '<|pyramid|> is not a tag: {"name": "x", "parameters": {}}' and not calls and not called
+
+
+@pytest.mark.parametrize("form,reply", [
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "search", "arguments": {"query": "caf\\u00e9 \\"open\\"",'
+     ' "limit":  10, "near": [48.85,2.35], "open": true, "filters": {}}}\n</tool_call>\n<tool_call>\n'
+     '{"arguments": {"text": "a\\nb \\ud83d\\ude00"}, "name": "echo"}\n</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"query": "x", "limit": 1e1}}, {"name": "now", '
+     '"arguments": {}}]'),
+    ("json", '<|python_tag|>{"name": "search", "parameters": {"query": "x"}}; {"name": "now", "parameters": {}}'),
+    ("required", '[{"name": "search", "parameters": {"query": "x", "limit": -0.50}}]'),
+    ("hermes", '<tool_call>\n{"name": "search", "arguments": "{\\"query\\": \\"x\\"}"}\n</tool_call>'),
+])
+def test_streamed_calls_add_up_to_what_the_whole_reply_returns(form, reply):
+    """A call's id and name go out once its name is whole, its arguments while the model writes them,
+    rewritten as the whole reply's parse writes them; whatever the pieces' sizes."""
+    _, expected = parse_tool_calls(reply, form)
+    for piece in (1, 2, 7, len(reply)):
+        text, calls, called = streamed(form, reply, piece=piece)
+        assert called and text == ("Sure.\n" if reply.startswith("Sure") else "")
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.name, c.arguments) for c in expected]
+    stream = ToolCallStream("hermes")
+    _, first = stream.feed('<tool_call>\n{"name": "search", "arguments": {"query": "caf')
+    assert first == [{"index": 0, "id": first[0]["id"], "type": "function",
+                      "function": {"name": "search", "arguments": '{"query": "caf'}}]  # before the call ends
+    assert stream.feed('e"}}')[1] == [{"index": 0, "function": {"arguments": 'e"}'}}]
+
+
+def test_a_call_that_began_streaming_stays_a_call_if_the_reply_breaks_off():
+    """As OpenAI and vLLM stream it: a reply cut off inside its arguments (max_tokens) has sent its call;
+    it is not sent again as text."""
+    text, calls, called = streamed("hermes", '<tool_call>\n{"name": "search", "arguments": {"query": "ca')
+    assert text == "" and not called and calls[0]["name"] == "search" and calls[0]["arguments"] == '{"query": "ca'
+    text, calls, called = streamed("hermes", '<tool_call>\n{"nam')  # no name yet: nothing sent, the text is
+    assert text == '<tool_call>\n{"nam' and not calls and not called
 
 
 def test_tool_requests_a_server_cannot_honour_are_400s(qwen_dir):
@@ -231,8 +287,8 @@ def test_parallel_tool_calls_false_allows_one_call():
             "message"]
         cities = [json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]]
         assert cities == ["Paris", "Oslo"][:count]
-        stream = ToolCallStream("hermes", parallel)
-        assert stream.feed(two) == "" and len(stream.finish()[1]) == count
+        text, calls, called = streamed("hermes", two, parallel)
+        assert text == "" and called and [json.loads(c["arguments"])["city"] for c in calls.values()] == cities
     one, _ = forced_tool_call({"tool_choice": "required", "parallel_tool_calls": False}, [WEATHER])
     guide = one.guide()
     assert guide.allows(b'[{"name": "get_weather", "parameters": {"city": "Paris"}}') and not guide.allows(
@@ -267,9 +323,9 @@ def test_served_model_calls_tools_over_http(qwen_dir):
                                                      max_tokens=8, temperature=0, stream=True))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert not any(d.content for d in deltas)  # the call's text is not streamed as content
-        (streamed,) = [call for d in deltas for call in (d.tool_calls or [])]
-        assert streamed.index == 0 and streamed.function.name == "get_weather"
-        assert json.loads(streamed.function.arguments) == {"city": "Paris"}
+        pieces = [call for d in deltas for call in (d.tool_calls or [])]
+        assert {piece.index for piece in pieces} == {0} and pieces[0].function.name == "get_weather"
+        assert json.loads("".join(piece.function.arguments for piece in pieces)) == {"city": "Paris"}
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
         # Without tools the same reply is text; with tool_choice="none" the prompt offers none.
@@ -295,8 +351,8 @@ def test_served_model_calls_tools_over_http(qwen_dir):
                                                          tool_choice=choice, max_tokens=64, temperature=0, stream=True))
             deltas = [c.choices[0].delta for c in chunks if c.choices]
             assert not any(d.content for d in deltas)
-            assert [call.function.arguments for d in deltas for call in (d.tool_calls or [])] == \
-                [forced.message.tool_calls[0].function.arguments]
+            assert "".join(call.function.arguments for d in deltas for call in (d.tool_calls or [])) == \
+                forced.message.tool_calls[0].function.arguments
     finally:
         serve.shutdown()
         ray.shutdown()
