@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Hashable
 
 import numpy as np
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 # 8 token ids, or about 15 tokens of English text: finer than the replicas' 16-token blocks, so that a
 # short first turn is remembered too (a prompt's partial last block never matches a longer prompt)
@@ -78,10 +78,18 @@ class PrefixRoutes:
         return [preferred, [replica for replica in loads if replica not in preferred]]
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Ray Serve's request router for the model deployment (`request_router_config`), kept in the
     ingress replica's process: prompts go to the replica that holds their prefix (PrefixRoutes).
-    Other calls (tokenize, info) are routed by load, as Serve's default router does."""
+    Other calls (tokenize, info) are routed by load, as Serve's default router does.
+
+    The replica chosen for a request goes to that request (matched by its id), else to the oldest
+    one waiting (FIFOMixin): a request's n choices are n calls under one id, which an exact match
+    alone would leave waiting forever."""
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None):
+        """FIFOMixin's hook: the request this replica was chosen for, while it waits."""
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def initialize_state(self, max_imbalance: int = 2, max_blocks: int = 100_000):
         self.max_imbalance = max_imbalance

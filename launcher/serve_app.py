@@ -369,7 +369,7 @@ def build(args: dict):
     cpus = float(args.get("cpus_per_replica") or 1)
     gpus = float(args.get("gpus_per_replica") or 0)
     options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}, "max_ongoing_requests": max(4 * batch, 32)}
-    if router == "prefix_affinity":
+    if router == "prefix_affinity" and replicas > 1:
         # A replica more than an eighth of a batch (at least 2) busier than the least busy one loses its
         # prefixes' requests: a closer balance cost time to first token (benchmarks/prefix_routing.py).
         options["request_router_config"] = {"request_router_class": PrefixAffinityRouter,

@@ -116,6 +116,10 @@ def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holdi
                 assert usage.prompt_tokens - previous_prompt > 2 * 16
                 assert usage.prompt_tokens_details.cached_tokens >= (previous_prompt // 16 - 1) * 16, (i, turn, usage)
                 previous_prompts[i] = usage.prompt_tokens
+        # A request's n choices are n calls under one request id: each is routed (to the same replica).
+        three = replicas.completions.create(model=model, prompt="def main(", n=3, max_tokens=4, temperature=1.0,
+                                            seed=5)
+        assert [choice.index for choice in three.choices] == [0, 1, 2]
     finally:
         serve.delete("replicas")
 
