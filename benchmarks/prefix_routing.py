@@ -19,7 +19,6 @@ cache (4 x 1,024 tokens).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -30,7 +29,7 @@ import httpx
 
 from decode_throughput import SHAPE  # benchmarks/ (run as a script)
 from report import scratch_dir, write_report
-from serve_throughput import write_export
+from serve_throughput import streamed_completion, write_export
 
 ROUTERS = ("power_of_two", "prefix_affinity")
 LONG_SHAPE = {**SHAPE, "block_size": 1024}
@@ -38,19 +37,12 @@ LONG_SHAPE = {**SHAPE, "block_size": 1024}
 
 def one_turn(client: httpx.Client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, int, int]:
     """(seconds to the first chunk, prompt tokens, of which cached) for one streaming request."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
     start, first, usage = time.perf_counter(), None, None
-    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif first is None:
-                first = time.perf_counter() - start
+    for chunk in streamed_completion(client, url, prompt, max_tokens):
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        elif first is None:
+            first = time.perf_counter() - start
     return first, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
 
 

@@ -53,24 +53,29 @@ def write_export(directory: Path, precision: str, shape: dict = SHAPE) -> None:
     (directory / "export.json").write_text(json.dumps({"precision": precision, "note": "benchmark, random weights"}))
 
 
-def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, int, int]:
-    """(seconds to the first text chunk, tokens generated, text chunks received) for one streaming
-    request; the token count is the server's own, from the usage chunk (`stream_options.include_usage`)."""
+def streamed_completion(client: httpx.Client, url: str, prompt, max_tokens: int):
+    """The chunks of one greedy streaming completion, each as it arrives, the last carrying the server's
+    own usage (`stream_options.include_usage`)."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first, tokens, chunks = None, 0, 0
     with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"][0]["text"]:
-                first = first if first is not None else time.perf_counter() - start
-                chunks += 1
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, int, int]:
+    """(seconds to the first text chunk, tokens generated, text chunks received) for one streaming
+    request; the token count is the server's own."""
+    start = time.perf_counter()
+    first, tokens, chunks = None, 0, 0
+    for chunk in streamed_completion(client, url, prompt, max_tokens):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"][0]["text"]:
+            first = first if first is not None else time.perf_counter() - start
+            chunks += 1
     return first or 0.0, tokens, chunks
 
 
