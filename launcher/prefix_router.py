@@ -59,8 +59,9 @@ class PrefixRoutes:
 
     def longest_match(self, digests: list[bytes], replicas) -> set:
         """The replicas among `replicas` that were sent the longest prefix of the prompt (empty: none)."""
+        candidates = set(replicas)
         for digest in reversed(digests):  # chained: holding block i means holding blocks 0..i
-            found = set(self.holders.get(digest, ())) & set(replicas)
+            found = candidates.intersection(self.holders.get(digest, ()))
             if found:
                 return found
         return set()

@@ -241,7 +241,7 @@ class CallScanner:
 
     def _value_char(self, char: str) -> None:
         value = self.value
-        if value.depth == 0 and not value.in_string and char in ",}" and value.scalar:
+        if value.depth == 0 and not value.in_string and char in ",}" and (value.scalar or self.value_text):
             self._add(value.flush())  # a number or literal ends at the delimiter after it
             self._end_value()
             self._call_char(char)

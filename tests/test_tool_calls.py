@@ -180,8 +180,8 @@ def test_a_stream_sends_text_and_holds_back_where_a_call_begins():
     ("hermes", 'Sure.\n<tool_call>\n{"name": "search", "arguments": {"query": "caf\\u00e9 \\"open\\"",'
      ' "limit":  10, "near": [48.85,2.35], "open": true, "filters": {}}}\n</tool_call>\n<tool_call>\n'
      '{"arguments": {"text": "a\\nb \\ud83d\\ude00"}, "name": "echo"}\n</tool_call>'),
-    ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"query": "x", "limit": 1e1}}, {"name": "now", '
-     '"arguments": {}}]'),
+    ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"query": "x", "limit": 1e1}, "id": 7 }, {"name": '
+     '"now", "arguments": {}}]'),
     ("json", '<|python_tag|>{"name": "search", "parameters": {"query": "x"}}; {"name": "now", "parameters": {}}'),
     ("required", '[{"name": "search", "parameters": {"query": "x", "limit": -0.50}}]'),
     ("hermes", '<tool_call>\n{"name": "search", "arguments": "{\\"query\\": \\"x\\"}"}\n</tool_call>'),
@@ -194,6 +194,9 @@ def test_streamed_calls_add_up_to_what_the_whole_reply_returns(form, reply):
         text, calls, called = streamed(form, reply, piece=piece)
         assert called and text == ("Sure.\n" if reply.startswith("Sure") else "")
         assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.name, c.arguments) for c in expected]
+    whole = ToolCallStream(form)
+    whole.feed(reply)
+    assert len(whole.streamed) == len(expected)  # every call streamed before the reply's end, not after it
     stream = ToolCallStream("hermes")
     _, first = stream.feed('<tool_call>\n{"name": "search", "arguments": {"query": "caf')
     assert first == [{"index": 0, "id": first[0]["id"], "type": "function",
