@@ -120,6 +120,8 @@ def main() -> None:
                         "default: serving's")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="serve.max_num_batched_tokens; "
                         "default: serving's")
+    parser.add_argument("--request-router", choices=("prefix_affinity", "power_of_two"), default="prefix_affinity",
+                        help="serve.request_router (with several replicas)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     args = parser.parse_args()
 
@@ -144,7 +146,8 @@ def main() -> None:
                          "cpus_per_replica": args.cpus, "num_replicas": args.replicas, "stream_interval_ms": args.stream_interval_ms,
                          "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,
                          "prefix_cache_tokens": args.prefix_cache_tokens,
-                         "max_num_batched_tokens": args.max_num_batched_tokens}),
+                         "max_num_batched_tokens": args.max_num_batched_tokens,
+                         "request_router": args.request_router}),
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # One client, its connections reused: a client per request spends the shared cores on setup.
@@ -174,7 +177,8 @@ def main() -> None:
                             "stream_interval_ms": args.stream_interval_ms,
                             "stream_events_per_s": args.stream_events_per_s, "compile": args.compile,
                             "precision": args.precision, "prefix_cache_tokens": args.prefix_cache_tokens,
-                            "max_num_batched_tokens": args.max_num_batched_tokens})
+                            "max_num_batched_tokens": args.max_num_batched_tokens,
+                            "request_router": args.request_router})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ Serve's default router (power of two choices) spreads requests by load alone: wi
 conversation's next turn finds its earlier turns cached with probability 1/N. Here the ingress's
 router remembers which replica each recent prompt prefix went to (chained digests of fixed-size
 blocks, as the replicas' own prefix caches key them) and prefers the replica with the longest match.
-A prompt nobody has sent goes to a replica chosen by its own first block (rendezvous hashing), so
-the n choices of one request, or the same new prompt sent at once by many clients, meet on one
-replica. Either preference gives way when the replica has more than `max_imbalance` requests in
+A prompt nobody has sent goes to the least busy replica, and is recorded there at once, so that the
+n choices of one request, or the same new prompt sent at once by many clients, meet on it. The
+preference for a holder gives way when the replica has more than `max_imbalance` requests in
 flight beyond the least busy one: each sequence in a batch slows the others' steps, so that a few
 more of them cost more than one prefill (on CPUs at once; on GPUs only past a large batch).
 """
@@ -68,14 +68,17 @@ class PrefixRoutes:
 
     def choose(self, digests: list[bytes], loads: dict[Hashable, int], max_imbalance: int) -> list[list]:
         """Replicas in rank order for a prompt, given each candidate's requests in flight: the holders of
-        its longest cached prefix, else the one its first block hashes to, as long as they are within
-        `max_imbalance` of the least busy; then all the others."""
+        its longest cached prefix, as long as they are within `max_imbalance` of the least busy, else the
+        least busy (ties broken by the prompt's first block, so that concurrent requests for one new
+        prompt agree); then all the others. The choice is recorded at once, so that the next of a
+        request's n choices, routed before the first is confirmed, follows it."""
         least = min(loads.values())
         within = [replica for replica, load in loads.items() if load - least <= max_imbalance]
         preferred = sorted(self.longest_match(digests, within), key=str)
         if not preferred:
-            preferred = [max(within, key=lambda replica: hashlib.blake2b(digests[0] + str(replica).encode(),
-                                                                          digest_size=8).digest())]
+            preferred = [min(loads, key=lambda replica: (loads[replica], hashlib.blake2b(
+                digests[0] + str(replica).encode(), digest_size=8).digest()))]
+            self.record(digests, preferred[0])
         return [preferred, [replica for replica in loads if replica not in preferred]]
 
 

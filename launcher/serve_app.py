@@ -370,10 +370,12 @@ def build(args: dict):
     gpus = float(args.get("gpus_per_replica") or 0)
     options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}, "max_ongoing_requests": max(4 * batch, 32)}
     if router == "prefix_affinity" and replicas > 1:
-        # A replica more than an eighth of a batch (at least 2) busier than the least busy one loses its
-        # prefixes' requests: a closer balance cost time to first token (benchmarks/prefix_routing.py).
+        # A replica with more than 2 requests beyond the least busy one (on GPUs, where a decode batch
+        # costs little more for a few more sequences, an eighth of a batch) loses its prefixes' requests:
+        # looser balances cost time to first token and tokens/s on CPUs (benchmarks/RESULTS.md).
+        imbalance = max(2, batch // 8) if gpus > 0 else 2
         options["request_router_config"] = {"request_router_class": PrefixAffinityRouter,
-                                            "request_router_kwargs": {"max_imbalance": max(2, batch // 8)}}
+                                            "request_router_kwargs": {"max_imbalance": imbalance}}
     if args.get("autoscaling"):
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": replicas,
                                          "target_ongoing_requests": batch}

@@ -225,8 +225,9 @@ class ServeConfig:
     # they keep decoding. None: 256 on CPUs, 2048 on GPUs.
     max_num_batched_tokens: Optional[int] = None
     # How the ingress picks a model replica for a request: prefix_affinity, the replica that already holds
-    # the prompt's longest prefix in its prefix cache unless it has more than max(2, max_batch_size / 8)
-    # requests beyond the least busy one (SGLang's cache-aware routing); power_of_two, Serve's default.
+    # the prompt's longest prefix in its prefix cache unless it has more than 2 requests (on GPUs
+    # max(2, max_batch_size / 8)) beyond the least busy one (SGLang's cache-aware routing); power_of_two,
+    # Serve's default.
     request_router: str = "prefix_affinity"
 
 

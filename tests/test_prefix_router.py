@@ -1,6 +1,6 @@
 """Prefix-aware routing's choice (launcher.prefix_router): a prompt goes to the replica holding its
-longest prefix, a new prompt to the replica its first block hashes to, either unless that replica is
-too much busier than the least busy. (tests/test_serve.py routes real requests across two replicas.)"""
+longest prefix unless that replica is too much busier than the least busy, a new prompt to the least
+busy. (tests/test_serve.py routes real requests across two replicas.)"""
 
 from launcher.prefix_router import BLOCK_BYTES, PrefixRoutes, prompt_digests
 
@@ -24,11 +24,11 @@ def test_digests_are_chained_so_a_shared_start_shares_its_blocks_and_nothing_aft
 
 
 def test_a_conversations_next_turn_goes_where_its_earlier_turns_went():
-    routes = PrefixRoutes()
     turn1 = SYSTEM + "User: what is a list?\n"
-    new_choice = first_choice(routes, turn1)
-    assert len(new_choice) == 1 and first_choice(routes, turn1) == new_choice  # a new prompt: one stable replica
-    holder = next(r for r in IDLE if r != new_choice[0])  # not where hashing alone would send it
+    new_choice = first_choice(PrefixRoutes(), turn1)
+    assert len(new_choice) == 1 and first_choice(PrefixRoutes(), turn1) == new_choice  # ties: a stable choice
+    routes = PrefixRoutes()
+    holder = next(r for r in IDLE if r != new_choice[0])  # not where a tie alone would send it
     routes.record(prompt_digests(turn1), holder)
     turn2 = turn1 + "Assistant: a mutable sequence.\nUser: and a tuple?\n"
     ranks = routes.choose(prompt_digests(turn2), dict(IDLE), 2)
@@ -54,6 +54,15 @@ def test_a_replica_busier_than_the_imbalance_allows_loses_its_prefixes():
     assert moved in (["B"], ["C"])
     ranks = routes.choose(prompt_digests(prompt), {"A": 4, "B": 1, "C": 2}, 2)
     assert sorted(ranks[1]) == sorted({"A", "B", "C"} - set(moved))  # the busy holder takes it if the rest are full
+
+
+def test_a_new_prompt_goes_to_the_least_busy_and_the_next_request_for_it_follows():
+    """A request's n choices are routed one after another, each before the last is confirmed."""
+    routes = PrefixRoutes()
+    prompt = SYSTEM + "User: name three sorting algorithms.\n"
+    assert first_choice(routes, prompt, {"A": 3, "B": 1, "C": 2}) == ["B"]
+    assert first_choice(routes, prompt, {"A": 3, "B": 2, "C": 2}) == ["B"]  # B is still within the imbalance
+    assert first_choice(routes, "User: hello\n" * 8, {"A": 3, "B": 2, "C": 2}) in (["B"], ["C"])
 
 
 def test_new_prompts_spread_over_the_replicas():
