@@ -298,13 +298,12 @@ def check_dtype(dtype: str, export_dir: str) -> None:
                           f"exported in (export.precision={dtype} makes one); allowed: auto")
 
 
-def request_router(value: str) -> str:
+def check_request_router(value: str) -> None:
     """serve.request_router: how the ingress picks a model replica for each request."""
     from lm.config import REQUEST_ROUTERS, ConfigError
 
     if value not in REQUEST_ROUTERS:
         raise ConfigError(f"serve.request_router={value!r} is invalid: allowed are {', '.join(REQUEST_ROUTERS)}")
-    return value
 
 
 def check_generation_config(value: str) -> None:
@@ -349,7 +348,8 @@ def build(args: dict):
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
 
-    router = request_router(args.get("request_router") or "prefix_affinity")
+    router = args.get("request_router") or "prefix_affinity"
+    check_request_router(router)
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])
     else:
