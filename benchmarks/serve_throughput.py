@@ -120,7 +120,7 @@ def main() -> None:
                         "default: serving's")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="serve.max_num_batched_tokens; "
                         "default: serving's")
-    parser.add_argument("--request-router", choices=("prefix_affinity", "power_of_two"), default="prefix_affinity",
+    parser.add_argument("--request-router", choices=("power_of_two", "prefix_affinity"), default="power_of_two",
                         help="serve.request_router (with several replicas)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     args = parser.parse_args()

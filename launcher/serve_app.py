@@ -341,14 +341,14 @@ def build(args: dict):
     directory's weights as served); generation_config (auto, none or a directory: where requests'
     unset sampling values come from); prefix_cache_tokens (the prefix cache's size per replica, 0: off;
     default: 4 x max_model_len); max_num_batched_tokens (chunked prefill's tokens per step; default:
-    256 on CPUs, 2048 on GPUs); request_router (prefix_affinity: a prompt goes to the replica holding its
-    prefix, launcher.prefix_router; power_of_two: Serve's default, by load alone)."""
+    256 on CPUs, 2048 on GPUs); request_router (power_of_two, the default: Serve's, by load alone;
+    prefix_affinity: a prompt goes to the replica holding its prefix, launcher.prefix_router)."""
     unknown = set(args) - BUILD_ARGS
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
 
-    router = args.get("request_router") or "prefix_affinity"
+    router = args.get("request_router") or "power_of_two"
     check_request_router(router)
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])

@@ -224,15 +224,15 @@ class ServeConfig:
     # the running streams leave goes to prompts, so a long prompt is prefilled over several steps while
     # they keep decoding. None: 256 on CPUs, 2048 on GPUs.
     max_num_batched_tokens: Optional[int] = None
-    # How the ingress picks a model replica for a request: prefix_affinity, the replica that already holds
-    # the prompt's longest prefix in its prefix cache unless it has more than 2 requests (on GPUs
-    # max(2, max_batch_size / 8)) beyond the least busy one (SGLang's cache-aware routing); power_of_two,
-    # Serve's default.
-    request_router: str = "prefix_affinity"
+    # How the ingress picks a model replica for a request: power_of_two, Serve's default, by load alone;
+    # prefix_affinity, the replica that already holds the prompt's longest prefix in its prefix cache
+    # unless it has more than 2 requests (on GPUs max(2, max_batch_size / 8)) beyond the least busy one
+    # (SGLang's cache-aware routing). Not the default while its cost where prompts share nothing is unexplained.
+    request_router: str = "power_of_two"
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")
-REQUEST_ROUTERS = ("prefix_affinity", "power_of_two")
+REQUEST_ROUTERS = ("power_of_two", "prefix_affinity")
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_chat_streaming_and_not_agree(server, client):
 
 def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holding_the_turns_before(server,
                                                                                                       trained):
-    """serve.request_router=prefix_affinity (the default). With Serve's own router, each later turn of a
+    """serve.request_router=prefix_affinity. With Serve's own router (the default), each later turn of a
     conversation would find the turn before it cached with probability 1/2 (all four here: 1/16)."""
     from openai import OpenAI
     from ray import serve
@@ -100,7 +100,8 @@ def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holdi
     export_dir = trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"
     # A second app beside the first, on the half CPU each of its two replicas needs.
     serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "num_replicas": 2, "cpus_per_replica": 0.5,
-                     "max_batch_size": 4}), name="replicas", route_prefix="/replicas")
+                     "max_batch_size": 4, "request_router": "prefix_affinity"}), name="replicas",
+              route_prefix="/replicas")
     try:
         replicas = OpenAI(base_url=f"{url}/replicas/v1", api_key=KEY, max_retries=0)
         conversations = [[{"role": "system", "content": f"You write {language}."}] for language in ("Python", "C")]
@@ -495,8 +496,8 @@ def test_serve_config_errors_name_the_field():
         builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16")))
     from launcher.serve_app import build
 
-    with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are prefix_affinity, "
-                                          r"power_of_two$"):
+    with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are power_of_two, "
+                                          r"prefix_affinity$"):
         build(builder_args(ServeAppConfig(serve=ServeConfig(request_router="random", export_dir="/nowhere"))))
 
 
