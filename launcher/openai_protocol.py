@@ -388,7 +388,6 @@ class ToolCallStream:
     def __init__(self, form: str, parallel: bool = True):
         self.form, self.parallel, self.text, self.sent = form, parallel, "", 0
         self.scanner: CallScanner | None = None  # reads the calls from where they begin
-        self.scanned = 0  # text fed to it
         self.streamed: list[int] = []  # each streamed call's arguments sent, in characters
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
@@ -402,9 +401,8 @@ class ToolCallStream:
             begun = calls_begun(self.text, self.form)
             if begun is None:
                 return out, []
-            self.scanner, self.scanned = CallScanner(), begun
-        self.scanner.feed(self.text[self.scanned:])
-        self.scanned = len(self.text)
+            self.scanner, delta = CallScanner(), self.text[begun:]
+        self.scanner.feed(delta)
         return out, self._call_deltas()
 
     def _call_deltas(self) -> list[dict]:
