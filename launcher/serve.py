@@ -43,6 +43,8 @@ def builder_args(cfg: ServeAppConfig) -> dict:
     if s.max_num_batched_tokens is not None and s.max_num_batched_tokens < 1:
         raise ConfigError(f"serve.max_num_batched_tokens={s.max_num_batched_tokens} is invalid: must be >= 1, or "
                           "null for 256 on CPUs and 2048 on GPUs")
+    if s.metrics_port is not None and not 0 < s.metrics_port < 65536:
+        raise ConfigError(f"serve.metrics_port={s.metrics_port} is invalid: must be in 1..65535, or null for a free port")
     if s.gpus_per_replica < 0:
         raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
@@ -73,13 +75,17 @@ def main(dcfg: DictConfig) -> None:
 
     configure_local_ray()
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
-             include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+             include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
+             _metrics_export_port=cfg.serve.metrics_port)
     if cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
         ray.shutdown()
         fail(ConfigError(f"serve.gpus_per_replica={cfg.serve.gpus_per_replica} is invalid: this machine has no GPU; "
                          "allowed: 0 here"))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="lm", route_prefix="/")
+    metrics_port = ray.nodes()[0]["MetricsExportPort"]
+    print(f"Prometheus metrics (Ray's, Serve's and the engine's ray_lm_*) on http://127.0.0.1:{metrics_port}/metrics",
+          flush=True)
     print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)
     try:
         while True:

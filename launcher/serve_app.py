@@ -387,7 +387,7 @@ def build(args: dict):
         stream_events_per_s=int(args.get("stream_events_per_s", 100)), compile=bool(args.get("compile", False)),
         max_model_len=None if max_model_len is None else int(max_model_len), dtype=dtype,
         generation_config=generation_config, prefix_cache_tokens=args.get("prefix_cache_tokens"),
-        max_num_batched_tokens=args.get("max_num_batched_tokens"))
+        max_num_batched_tokens=args.get("max_num_batched_tokens"), model_name=model_name)
     api_key = args.get("api_key") or os.environ.get("LMSTACK_API_KEY")
     print(f"serving {model_name} from {export_dir}", flush=True)
     return OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(model, model_name, api_key)

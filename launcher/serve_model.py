@@ -52,7 +52,8 @@ class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
                  stream_interval_ms: int = 40, stream_events_per_s: int = 100, compile: bool = False,
                  max_model_len: int | None = None, dtype: str = "auto", generation_config: str = "auto",
-                 prefix_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None,
+                 model_name: str = "model"):
         import tempfile
 
         import torch
@@ -60,6 +61,7 @@ class LanguageModel:
         from pathlib import Path
 
         from launcher.run_dir import local_directory
+        from launcher.serve_metrics import EngineMetrics
         from lm.engine import Engine
         from lm.export import load_export
         from lm.pretrained import load_hf_directory, sampling_defaults
@@ -91,6 +93,7 @@ class LanguageModel:
                       "chat_template": None if template is None else template.to_json(),
                       "sampling_defaults": {} if generation_config == "none" else
                       sampling_defaults(hf_directory if generation_config == "auto" else generation_config)}
+        self.metrics = EngineMetrics(model_name, prefix_caching=self.engine.prefix_cache is not None)
         self.abandoned = 0
         self.queues: dict[int, asyncio.Queue] = {}
         self.grammars: dict = {}  # guided decoding's compiled schemas, by schema text
@@ -156,6 +159,11 @@ class LanguageModel:
             queue = self.queues.get(seq_id)  # gone if its client disconnected
             if queue is not None:
                 queue.put_nowait(update)
+        self._report_load()
+
+    def _report_load(self) -> None:
+        engine = self.engine
+        self.metrics.load(len(engine.running) + len(engine.prefilling), len(engine.waiting))
 
     def _interval(self) -> float:
         """Seconds between a stream's chunks: stream_interval_ms, or longer when this replica's
@@ -183,6 +191,7 @@ class LanguageModel:
             if len(self.grammars) >= 32 and params.grammar.key not in self.grammars:  # <= 32 x 16 MiB of masks
                 self.grammars.clear()
             params = replace(params, grammar=self.grammars.setdefault(params.grammar.key, params.grammar))
+        arrived, first_token = time.monotonic(), None
         try:
             seq = self.engine.submit(prompt, params, add_special_tokens)
         except RequestError as error:
@@ -211,6 +220,7 @@ class LanguageModel:
                     update = queue.get_nowait()
                 if isinstance(update, Exception):
                     raise update
+                first_token = first_token or time.monotonic()
                 text, finished, scored = update
                 if not finished and sent and time.monotonic() - last_sent < self._interval():
                     continue  # the text so far goes with the next token
@@ -231,3 +241,5 @@ class LanguageModel:
             if not seq.finished:  # the client went away: stop decoding for it
                 self.engine.abort(seq)
                 self.abandoned += 1
+            self.metrics.request_finished(seq, arrived, first_token, time.monotonic())
+            self._report_load()

@@ -229,6 +229,9 @@ class ServeConfig:
     # unless it has more than 2 requests (on GPUs max(2, max_batch_size / 8)) beyond the least busy one
     # (SGLang's cache-aware routing). Not the default while its cost where prompts share nothing is unexplained.
     request_router: str = "power_of_two"
+    # Where Prometheus scrapes the Ray that `launcher.serve` starts (its metrics export port: Ray's, Serve's
+    # and the replicas' engine metrics, launcher.serve_metrics); None: a free port, printed at start-up.
+    metrics_port: Optional[int] = None
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")

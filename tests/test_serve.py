@@ -28,7 +28,9 @@ def server(trained):
     root, checkpoints, prepared = trained
     export_dir = root / "gpt2-trained" / "exports" / "fp32-step000300"
     export_checkpoint(checkpoints["gpt2-trained"], export_dir, "fp32", prepared.tokens("val"))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    # Metrics reach Ray's Prometheus endpoint every half second (its default: 10 s)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -385,6 +387,81 @@ def test_32_concurrent_requests_all_succeed(server, client):
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
 
 
+def engine_metrics(application: str = "lm") -> dict:
+    """The model replicas' `ray_lm_*` series on Ray's Prometheus endpoint, summed over replicas:
+    {(name, finished_reason or None): value}."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    totals: dict = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        found = re.match(r"(ray_lm_\w+)\{(.*)\} (\S+)$", line)
+        if found:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found[2]))
+            if labels.get("application") == application and "le" not in labels:
+                key = (found[1], labels.get("finished_reason"))
+                totals[key] = totals.get(key, 0.0) + float(found[3])
+    return totals
+
+
+def settled_metrics(until=lambda totals: True, timeout: float = 30) -> dict:
+    """The engine metrics once `until` holds of them and two reads 1.2 s apart agree (every replica's
+    latest counts reported)."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        totals = engine_metrics()
+        if totals == last and until(totals):
+            return totals
+        last = totals
+        time.sleep(1.2)
+    raise AssertionError(f"metrics never settled: {last}")
+
+
+def test_engine_metrics_reach_prometheus_through_rays_metrics_agent(server, client):
+    """Tokens, finished requests by reason, prefix-cache lookups and the latency histograms, as vLLM's
+    /metrics has them, on the Ray node's metrics export port (what a cluster's Prometheus scrapes)."""
+    _, model = server
+    before = settled_metrics()
+    usages, reasons = [], []
+    long = "def main(argv):\n    parser = argparse.ArgumentParser(description='a tool')\n    return parser\n"
+    for prompt, max_tokens in ((long, 6), (long, 9), ("import os\n", 4)):
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        usages.append(reply.usage)
+        reasons.append(reply.choices[0].finish_reason)
+    streamed = list(client.completions.create(model=model, prompt="class A:", max_tokens=5, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    usages.append(streamed[-1].usage)
+    reasons.append(streamed[-2].choices[0].finish_reason)
+    generated = sum(u.completion_tokens for u in usages)
+    after = settled_metrics(lambda t: t.get(("ray_lm_generation_tokens_total", None), 0) >=
+                            before.get(("ray_lm_generation_tokens_total", None), 0) + generated)
+
+    def added(name, reason=None):
+        return after.get((name, reason), 0) - before.get((name, reason), 0)
+
+    assert added("ray_lm_generation_tokens_total") == generated
+    assert added("ray_lm_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert added("ray_lm_prefix_cache_queries_total") == sum(u.prompt_tokens for u in usages)
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in usages)
+    assert cached > 0 and added("ray_lm_prefix_cache_hits_total") == cached  # the long prompt's second time
+    for reason in set(reasons):
+        assert added("ray_lm_requests_total", reason) == reasons.count(reason)
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert added(f"ray_lm_{histogram}_count") == 4
+    assert added("ray_lm_time_per_output_token_seconds_count") == sum(u.completion_tokens > 1 for u in usages)
+    assert after[("ray_lm_num_requests_running", None)] == after[("ray_lm_num_requests_waiting", None)] == 0
+
+    # A client that goes away mid-stream: its request counts as aborted, and no longer as running.
+    with httpx.stream("POST", f"{server[0]}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": model, "prompt": "while True:", "max_tokens": 150, "stream": True}) as response:
+        next(response.iter_lines())
+    aborted = settled_metrics(lambda t: t.get(("ray_lm_requests_total", "abort"), 0) >
+                              after.get(("ray_lm_requests_total", "abort"), 0))
+    assert aborted[("ray_lm_requests_total", "abort")] - after.get(("ray_lm_requests_total", "abort"), 0) == 1
+    assert aborted[("ray_lm_num_requests_running", None)] == 0
+
+
 BAD = [
     ("completions", b"{not json", 400, None),
     ("completions", b"", 400, None),
@@ -489,7 +566,7 @@ def test_serve_config_errors_name_the_field():
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000),
-                         ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0)):
+                         ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0), ("metrics_port", 0)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
@@ -529,6 +606,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
 
     import torch
 
+    from launcher.serve_metrics import EngineMetrics
     from launcher.serve_model import LanguageModel
     from lm.config import ModelConfig
     from lm.engine import Engine, SamplingParams
@@ -542,6 +620,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
     replica = object.__new__(LanguageModel.func_or_class)  # the replica's state without loading an export
     replica.engine, replica.queues, replica.loop, replica.work = engine, {}, None, threading.Event()
     replica.stream_interval, replica.stream_events_per_s = 0.0, 0
+    replica.metrics = EngineMetrics("t", prefix_caching=False)  # outside Ray: records nothing
     step, failures = engine.step, [RuntimeError("out of memory")]
     engine.step = lambda **kw: step(**kw) if not failures else (_ for _ in ()).throw(failures.pop())
 
