@@ -47,6 +47,9 @@ def hf_serving_dtype(directory: str, dtype: str, use_gpu: bool) -> str:
     return "bf16" if use_gpu and saved in ("bfloat16", "float16") else "fp32"
 
 
+FAILED_STEPS_UNHEALTHY = 3  # decode steps failed in a row after which a replica reports itself unhealthy
+
+
 @serve.deployment(max_ongoing_requests=256)
 class LanguageModel:
     def __init__(self, export_dir: str, max_batch_size: int, threads: int, use_gpu: bool = False,
@@ -99,6 +102,17 @@ class LanguageModel:
         self.grammars: dict = {}  # guided decoding's compiled schemas, by schema text
         self.loop: asyncio.AbstractEventLoop | None = None
         self.work = threading.Event()  # set on submit; the decode thread sleeps on it when idle
+        self.decoder: threading.Thread | None = None  # started by the first request
+        self.failed_steps, self.last_failure = 0, ""  # decode steps failed in a row, and the last one's error
+
+    def check_health(self) -> None:
+        """Serve's health check (every 10 s): a replica whose decode thread has stopped, or whose last
+        FAILED_STEPS_UNHEALTHY decode steps all failed (a CUDA error leaves a process unable to compute),
+        raises, and Serve replaces it with a fresh one rather than leave requests hanging or failing."""
+        if self.decoder is not None and not self.decoder.is_alive():
+            raise RuntimeError("the decode thread has stopped")
+        if self.failed_steps >= FAILED_STEPS_UNHEALTHY:
+            raise RuntimeError(f"the last {self.failed_steps} decode steps failed: {self.last_failure}")
 
     def info(self) -> dict:
         """The model's context, precision, chat template (None: the built-in one) and sampling defaults
@@ -139,8 +153,10 @@ class LanguageModel:
                     # New requests' first tokens go out before the running batch's decode step.
                     advanced = self.engine.step(on_prefilled=lambda seqs: prefilled.update(self._hand_over(seqs)))
                     self._hand_over([seq for seq in advanced if seq.id not in prefilled])
+                    self.failed_steps = 0
                 except Exception as error:  # a failed step fails the requests in flight, not the replica
                     traceback.print_exc()
+                    self.failed_steps, self.last_failure = self.failed_steps + 1, repr(error)
                     ids = [seq.id for seq in self.engine.in_flight]
                     self.engine.cancel_all()
                     self.loop.call_soon_threadsafe(self._deliver, [(i, RuntimeError(f"decoding failed: {error}"))
@@ -204,7 +220,8 @@ class LanguageModel:
         self.queues[seq.id] = queue
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-            threading.Thread(target=self._decode_forever, name="decode", daemon=True).start()
+            self.decoder = threading.Thread(target=self._decode_forever, name="decode", daemon=True)
+            self.decoder.start()
         self.work.set()
         sent, last_sent, described = 0, 0.0, 0
         try:

@@ -2,6 +2,7 @@
 and not), 32 concurrent requests, every bad input answered with a 4xx OpenAI error object naming the
 field while the server keeps serving, and the API key enforced."""
 
+import asyncio
 import json
 import re
 import time
@@ -597,10 +598,9 @@ def test_max_model_len_is_checked_against_the_exports_context_before_serving(ser
         check_max_model_len(257, context)
 
 
-def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps_serving():
-    """The replica's decode thread: a step that raises ends its requests with that error (Serve turns
-    it into a failed response); the next request decodes as usual."""
-    import asyncio
+def bare_replica():
+    """A model replica's state around a real engine (1 layer, character vocabulary) without an export or
+    Ray, and its engine's steps, which raise the errors put in the returned list first."""
     import string
     import threading
 
@@ -609,7 +609,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
     from launcher.serve_metrics import EngineMetrics
     from launcher.serve_model import LanguageModel
     from lm.config import ModelConfig
-    from lm.engine import Engine, SamplingParams
+    from lm.engine import Engine
     from lm.model import GPT
     from lm.tokenizer import CharTokenizer
 
@@ -620,21 +620,80 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
     replica = object.__new__(LanguageModel.func_or_class)  # the replica's state without loading an export
     replica.engine, replica.queues, replica.loop, replica.work = engine, {}, None, threading.Event()
     replica.stream_interval, replica.stream_events_per_s = 0.0, 0
+    replica.decoder, replica.failed_steps, replica.last_failure, replica.abandoned = None, 0, "", 0
     replica.metrics = EngineMetrics("t", prefix_caching=False)  # outside Ray: records nothing
-    step, failures = engine.step, [RuntimeError("out of memory")]
+    step, failures = engine.step, []
     engine.step = lambda **kw: step(**kw) if not failures else (_ for _ in ()).throw(failures.pop())
+    return replica, failures
 
-    async def run(prompt):
+
+async def replica_events(replica, prompt: str = "abc", timeout: float = 30) -> list[dict]:
+    from lm.engine import SamplingParams
+
+    async def run():
         return [event async for event in replica.generate(prompt, SamplingParams(max_tokens=5, temperature=0))]
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps_serving():
+    """The replica's decode thread: a step that raises ends its requests with that error (Serve turns
+    it into a failed response); the next request decodes as usual."""
+    from lm.engine import Engine, SamplingParams
+
+    replica, failures = bare_replica()
+    failures.append(RuntimeError("out of memory"))
 
     async def main():
         with pytest.raises(RuntimeError, match="decoding failed: out of memory"):
-            await asyncio.wait_for(run("abc"), 30)
-        return await asyncio.wait_for(run("abc"), 30)
+            await replica_events(replica)
+        return await replica_events(replica)
 
     events = asyncio.run(main())
+    engine = replica.engine
     greedy = SamplingParams(max_tokens=5, temperature=0)
-    expected = Engine(engine.model, tokenizer, max_batch_size=1).generate(["abc"], greedy)
+    expected = Engine(engine.model, engine.tokenizer, max_batch_size=1).generate(["abc"], greedy)
     assert "".join(e.get("delta", "") for e in events) == expected[0].text
     assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 5
     assert not engine.running and not engine.waiting
+    replica.check_health()  # one failed step, then good ones: healthy
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread that ends
+def test_a_replica_whose_steps_keep_failing_or_whose_decode_thread_stopped_fails_serves_health_check():
+    """Serve calls check_health every 10 s and replaces a replica that raises: after 3 failed decode
+    steps in a row (a CUDA error leaves the process unable to compute), or once the decode thread has
+    stopped (its requests would wait forever)."""
+    from launcher.serve_model import FAILED_STEPS_UNHEALTHY
+
+    replica, failures = bare_replica()
+    replica.check_health()  # before any request: no thread yet, nothing failed
+
+    async def failing(count: int):
+        failures.extend(RuntimeError(f"CUDA error: an illegal memory access ({i})") for i in range(count))
+        for _ in range(count):
+            with pytest.raises(RuntimeError, match="decoding failed: CUDA error"):
+                await replica_events(replica)
+
+    def broken():
+        raise RuntimeError("the engine's state is broken")
+
+    async def main():  # one event loop, as a replica has
+        await failing(FAILED_STEPS_UNHEALTHY - 1)
+        replica.check_health()
+        await failing(1)
+        with pytest.raises(RuntimeError, match=rf"^the last {FAILED_STEPS_UNHEALTHY} decode steps failed: "
+                                               r"RuntimeError\('CUDA error: an illegal memory access \(0\)'\)$"):
+            replica.check_health()
+        assert (await replica_events(replica))[-1]["finish_reason"] == "length"
+        replica.check_health()  # a good step again: healthy
+
+        replica.engine.cancel_all = broken  # the thread's own recovery fails: the thread ends
+        failures.append(RuntimeError("CUDA error"))
+        with pytest.raises(asyncio.TimeoutError):
+            await replica_events(replica, timeout=3)
+        replica.decoder.join(timeout=10)
+        with pytest.raises(RuntimeError, match="^the decode thread has stopped$"):
+            replica.check_health()
+
+    asyncio.run(main())
