@@ -14,11 +14,19 @@ trained on 2 cores sped its steps up by ~7% (benchmarks/RESULTS.md):
   every run's start on 2 cores.
 On the launcher's own Ray, the controller also gets Ray's torch configuration from a module that
 imports no torch, so that it imports torch while the workers start rather than before
-(`controller_parts`). A cluster keeps the last two actors and Ray's own configuration. All of this
-is Ray Train internals: where a Ray version has moved them, the trainer keeps Ray's defaults.
+(`controller_parts`). A cluster keeps the last two actors and Ray's own configuration.
+
+Ray Train's first Ctrl-C aborts the run (its workers stopped where they are); given `on_interrupt`,
+the first Ctrl-C calls that instead (the launcher asks for a checkpoint and a clean stop, as on
+SIGTERM) and a second one aborts. All of this is Ray Train internals: where a Ray version has moved
+them, the trainer keeps Ray's defaults.
 """
 
 from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
 
 from ray.train.torch import TorchTrainer
 
@@ -37,8 +45,9 @@ def unused_callback_types(has_datasets: bool, local_ray: bool) -> tuple[type, ..
 class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer; `local_ray`: it runs on a Ray that this process started and will stop."""
 
-    def __init__(self, *args, local_ray: bool, **kwargs):
+    def __init__(self, *args, local_ray: bool, on_interrupt: Callable[[], None] | None = None, **kwargs):
         self.local_ray = local_ray
+        self.on_interrupt = on_interrupt
         # The controller then imports torch while the workers start, not before (controller_parts).
         self.torch_imported_later = (local_ray and controller_parts.TRAIN_INTERNALS_FOUND
                                      and "torch_config" not in kwargs)
@@ -50,6 +59,22 @@ class LeanTorchTrainer(TorchTrainer):
         unused = unused_callback_types(bool(self.datasets), self.local_ray)
         callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
         return callbacks + ([controller_parts.ImportTorchWhileWorkersStart()] if self.torch_imported_later else [])
+
+    def _register_sigint_handler(self, controller):
+        super()._register_sigint_handler(controller)
+        if self.on_interrupt is None:
+            return
+        abort, interrupted = signal.getsignal(signal.SIGINT), False
+
+        def first_stops_then_aborts(signum, frame):
+            nonlocal interrupted
+            if not interrupted:
+                interrupted = True
+                return self.on_interrupt()
+            sys.stderr.write("Ctrl-C again: aborting the run now; the same command resumes from its latest checkpoint\n")
+            abort(signum, frame)
+
+        signal.signal(signal.SIGINT, first_stops_then_aborts)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if self.local_ray and "scaling_policy" in controller_init_kwargs:

@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from launcher.preemption import StopOnSigterm
+from launcher.preemption import CTRL_C, StopOnSignal
 from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
@@ -100,7 +100,7 @@ def start_ray(cfg: TrainConfig) -> None:
         # for its process to come up before it starts the raylet, and its processes then share the
         # cores with the workers' start (3-5 s a run in all on a 2-vCPU VM; benchmarks/RESULTS.md).
         # Ray Train's preemption watcher (an extra actor process) is for cloud nodes being drained;
-        # this one machine has none, and SIGTERM is handled by StopOnSigterm.
+        # this one machine has none, and SIGTERM is handled by StopOnSignal.
         # Train's controller acts on a worker group's changes (started, finished) only when it next
         # polls it, every 2 s by default: ~2.5 s of every run's start and end on one machine. Polling a
         # few local workers 4 times a second costs nothing measurable (benchmarks/RESULTS.md).
@@ -119,7 +119,9 @@ def worker_count(c) -> int | tuple[int, int]:
 FIT_IMPORTS = ("ray.train.torch", "launcher.lean_trainer", "launcher.ray_worker")  # what fit() imports
 
 
-def fit(cfg: TrainConfig, dataset_dir: str) -> dict:
+def fit(cfg: TrainConfig, dataset_dir: str, on_interrupt=None) -> dict:
+    """The run through Ray Train; its final metrics. `on_interrupt`: called on the first Ctrl-C, which
+    otherwise aborts the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from launcher.lean_trainer import LeanTorchTrainer
@@ -128,7 +130,7 @@ def fit(cfg: TrainConfig, dataset_dir: str) -> dict:
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
     trainer = LeanTorchTrainer(
-        train_loop_per_worker, local_ray=not joins_cluster(cfg),
+        train_loop_per_worker, local_ray=not joins_cluster(cfg), on_interrupt=on_interrupt,
         train_loop_config={"config": config_to_dict(cfg), "dataset_dir": dataset_dir,
                            "wandb_group": sweep_group()},
         scaling_config=ScalingConfig(num_workers=worker_count(c), use_gpu=c.use_gpu,
@@ -290,20 +292,23 @@ def run(cfg: TrainConfig, source=None) -> dict:
     print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
 
     start_ray(cfg)
-    stop = StopOnSigterm(run_dir)
+    stop = StopOnSignal(run_dir)
     stop.install()
-    metrics = fit(cfg, str(prepared.directory))
+    metrics = fit(cfg, str(prepared.directory), on_interrupt=lambda: stop.request(CTRL_C))
 
     final = run_dir.latest_checkpoint()
-    if stop.requested:
+    stopped_by = stop.requested
+    if stopped_by:
         stop.clear()
-        print(f"stopped by SIGTERM at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
+        print(f"stopped by {stopped_by} at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
               "rerun the same command to continue", flush=True)
     wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
     copied = offline_copy(wandb_dir) if wandb_dir and copies_offline_run(cfg) else None
     summary = build_summary(run_dir, final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
                             config_to_dict(cfg), run_dir.where(copied) if copied and run_dir.exists(copied) else None)
     print_outcome(cfg, run_dir, final, summary, write_summary(run_dir, summary))
+    if stopped_by == CTRL_C:
+        sys.exit(130)  # interrupted, as shells report it; a multirun sweep ends here too, as on Ray's abort
     return summary
 
 

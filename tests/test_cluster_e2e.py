@@ -1,6 +1,6 @@
 """Real Ray processes on loopback: `make cluster-up` + `ray job submit`, and a 2-node cluster where a
 run loses a worker, a node, and a rank in the middle of a checkpoint save and still ends with the
-weights of an uninterrupted run (resume is exact). SIGTERM is tested end to end in test_train_e2e.py.
+weights of an uninterrupted run (resume is exact). Ctrl-C is tested end to end in test_train_e2e.py, SIGTERM here.
 The uninterrupted run is the same training loop on 2 gloo ranks without Ray, so these tests also
 show that Ray's scheduling changes nothing."""
 

@@ -82,7 +82,7 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
                "data.val_fraction=0.05", "trainer.max_steps=200", "trainer.micro_batch_size=4", "trainer.eval_every=100",
                "trainer.ckpt_every=200", "optim.lr=3e-3", "trainer.sample_tokens=0", "run.name=qa",
                f"run.storage={storage}", f"logging.dir={tmp_path / 'wandb'}", f"data.cache_dir={tmp_path / 'cache'}",
-               "cluster.include_dashboard=false",  # 3-5 s a launch on 2 cores; test_train_e2e's SIGTERM test has it on
+               "cluster.include_dashboard=false",  # 3-5 s a launch on 2 cores; test_train_e2e's Ctrl-C test has it on
                cwd=tmp_path)
     summary = json.loads((storage / "qa" / "summary.json").read_text())
     assert summary["config"]["trainer"]["init_from"] == str(pretrained)
