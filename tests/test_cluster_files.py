@@ -99,3 +99,31 @@ def test_filesystem_type_comes_from_the_longest_mount_point(tmp_path):
     assert filesystem_type("/mnt/shared/runs/x", str(mounts)) == "nfs4"
     assert filesystem_type("/mnt/sharedness", str(mounts)) == "ext4"
     assert filesystem_type("/tmp", str(mounts)) == "ext4"
+
+
+def test_the_grafana_dashboard_charts_every_engine_metric_by_its_exported_name_and_tags():
+    """cluster/grafana/lmstack_serving.json against launcher/serve_metrics.py: each expression names
+    metrics the replicas export (Ray adds `ray_`; histograms are read through `_bucket`) and groups by
+    their tags or Serve's, and every metric has a panel. (The expressions were also checked with a
+    PromQL parser, promql-parser 0.12, when written; it is not a test dependency.)"""
+    import json
+    import re
+
+    from launcher.serve_metrics import EngineMetrics
+
+    dashboard = json.loads((CLUSTER / "grafana" / "lmstack_serving.json").read_text())
+    metrics = {m.info["name"]: m for m in vars(EngineMetrics("m", prefix_caching=True)).values()
+               if hasattr(m, "info")}
+    exported = {f"ray_{name}{'_bucket' if 'boundaries' in m.info else ''}": m for name, m in metrics.items()}
+    charted = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = set(re.findall(r"\bray_\w+", expr))
+            assert names and names <= set(exported), (panel["title"], names - set(exported))
+            charted |= names
+            tags = set().union(*(exported[n].info["tag_keys"] for n in names))
+            grouped = {tag.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for tag in group.split(",")}
+            assert grouped <= tags | {"replica", "application", "deployment", "le"}, (panel["title"], grouped)
+    assert charted == set(exported), set(exported) - charted
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "model_name", "application"}
