@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,11 @@ def fit(cfg: TrainConfig, dataset_dir: str, on_interrupt=None) -> dict:
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
     )
-    return trainer.fit().metrics or {}
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit().metrics or {}
+    finally:  # Ray Train's Ctrl-C handler (and ours, LeanTorchTrainer's) would outlive the run
+        signal.signal(signal.SIGINT, previous)
 
 
 def sample_text(run_dir: RunDir, checkpoint: str, num_tokens: int, seed: int) -> str:
@@ -336,7 +341,12 @@ if __name__ == "__main__":
         check_group_choices(sys.argv[1:], CONFIG_GROUPS)
     except ConfigError as error:
         fail(error)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside the run (before it starts, or after): no traceback
+        sys.stderr.write("interrupted (Ctrl-C); the same command resumes from the run's latest checkpoint, "
+                         "if it has one\n")
+        sys.exit(130)
     # Exit without the interpreter's last collections walking every object torch and Ray made
     # (~0.7 s); nothing left needs them collected (Ray's shutdown still runs at exit).
     gc.freeze()

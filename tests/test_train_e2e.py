@@ -82,6 +82,21 @@ def recompute_val_loss(summary: dict) -> float:
     return total / count
 
 
+def test_ctrl_c_before_the_run_starts_exits_130_in_one_line(tmp_path, corpus_file):
+    """Before Ray Train's handler is in place (here: as Ray starts), Ctrl-C ends the command with one
+    line, not a KeyboardInterrupt traceback."""
+    proc = start(tmp_path, *tiny_overrides(tmp_path, corpus_file), "run.name=early", "cluster.include_dashboard=false")
+    for line in proc.stdout:
+        if line.startswith("run early: "):  # printed just before Ray starts
+            break
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "interrupted (Ctrl-C); the same command resumes from the run's latest checkpoint, if it has one\n" \
+        in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_ctrl_c_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, corpus_file):
     """Ctrl-C checkpoints at the next log step and exits (130, interrupted) where Ray Train's own
     handler would abort the run; SIGTERM does the same with exit 0 (test_cluster_e2e's elastic run)."""
