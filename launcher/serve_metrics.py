@@ -38,8 +38,8 @@ class EngineMetrics:
         self.cache_queries = made(Counter("lm_prefix_cache_queries_total",
                                           "Prompt tokens looked up in the prefix cache", tags))
         self.cache_hits = made(Counter("lm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache", tags))
-        self.finished = made(Counter("lm_requests_total", "Finished requests by finish reason (stop, length, "
-                                     "abort: the client went away)", tags + ("finished_reason",)))
+        self.finished = made(Counter("lm_requests_total", "Finished requests by finish reason (stop, length; abort: "
+                                     "the client went away; error: a decode step failed)", tags + ("finished_reason",)))
         self.first_token = made(Histogram("lm_time_to_first_token_seconds", "Seconds from a request's arrival at "
                                           "the replica to its first token", LATENCY_BUCKETS, tags))
         self.per_token = made(Histogram("lm_time_per_output_token_seconds", "A request's mean seconds between "
@@ -51,13 +51,15 @@ class EngineMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
 
-    def request_finished(self, seq, arrived: float, first_token: float | None, now: float) -> None:
+    def request_finished(self, seq, arrived: float, first_token: float | None, now: float,
+                         reason: str | None = None) -> None:
         """A request's counts and times, once it has ended for any reason (`seq`: its lm.engine Sequence;
-        times from time.monotonic(); `first_token` None if it ended before its first token)."""
+        times from time.monotonic(); `first_token` None if it ended before its first token; `reason`:
+        "error" for a failed decode step, else the sequence's own finish reason)."""
         generated = len(seq.output_ids)
         if generated:
             self.generation_tokens.inc(generated)
-        self.finished.inc(tags={"finished_reason": seq.finish_reason or "abort"})
+        self.finished.inc(tags={"finished_reason": reason or seq.finish_reason or "abort"})
         if seq.finish_reason in ("stop", "length"):
             self.latency.observe(now - arrived)
         if first_token is None:  # never prefilled: an abort while it waited

@@ -207,7 +207,7 @@ class LanguageModel:
             if len(self.grammars) >= 32 and params.grammar.key not in self.grammars:  # <= 32 x 16 MiB of masks
                 self.grammars.clear()
             params = replace(params, grammar=self.grammars.setdefault(params.grammar.key, params.grammar))
-        arrived, first_token = time.monotonic(), None
+        arrived, first_token, failed = time.monotonic(), None, False
         try:
             seq = self.engine.submit(prompt, params, add_special_tokens)
         except RequestError as error:
@@ -236,6 +236,7 @@ class LanguageModel:
                 while not queue.empty():  # text that arrived meanwhile goes out as one delta
                     update = queue.get_nowait()
                 if isinstance(update, Exception):
+                    failed = True
                     raise update
                 first_token = first_token or time.monotonic()
                 text, finished, scored = update
@@ -258,5 +259,5 @@ class LanguageModel:
             if not seq.finished:  # the client went away: stop decoding for it
                 self.engine.abort(seq)
                 self.abandoned += 1
-            self.metrics.request_finished(seq, arrived, first_token, time.monotonic())
+            self.metrics.request_finished(seq, arrived, first_token, time.monotonic(), "error" if failed else None)
             self._report_load()

@@ -643,6 +643,9 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
 
     replica, failures = bare_replica()
     failures.append(RuntimeError("out of memory"))
+    finished = []  # the finish reason each request reported to the replica's metrics
+    replica.metrics.request_finished = lambda seq, arrived, first_token, now, reason=None: finished.append(
+        reason or seq.finish_reason)
 
     async def main():
         with pytest.raises(RuntimeError, match="decoding failed: out of memory"):
@@ -656,6 +659,7 @@ def test_a_failed_decode_step_fails_the_requests_in_flight_and_the_replica_keeps
     assert "".join(e.get("delta", "") for e in events) == expected[0].text
     assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 5
     assert not engine.running and not engine.waiting
+    assert finished == ["error", "length"]
     replica.check_health()  # one failed step, then good ones: healthy
 
 
