@@ -98,6 +98,31 @@ def measure(client: httpx.Client, url: str, streams: int, max_tokens: int, reque
             "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
 
 
+def replica_split() -> list[dict]:
+    """Each model replica's share of the whole run, from its engine metrics on this Ray's Prometheus
+    endpoint (launcher/serve_metrics.py): requests, tokens, mean time to first token and per output token."""
+    import re
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    replicas: dict[str, dict] = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines():
+        found = re.match(r"ray_lm_(\w+)\{(.*)\} (\S+)$", line)
+        replica = found and re.search(r'replica="([^"]+)"', found[2])
+        if replica and 'le="' not in found[2]:
+            values = replicas.setdefault(replica[1], {})
+            values[found[1]] = values.get(found[1], 0.0) + float(found[3])
+    rows = []
+    for replica, v in sorted(replicas.items()):
+        requests = v.get("time_to_first_token_seconds_count", 0)
+        rows.append({"replica": replica, "requests": int(requests), "tokens": int(v.get("generation_tokens_total", 0)),
+                     "ttft_mean": v.get("time_to_first_token_seconds_sum", 0) / max(requests, 1),
+                     "tpot_mean": v.get("time_per_output_token_seconds_sum", 0) /
+                     max(v.get("time_per_output_token_seconds_count", 0), 1)})
+    return rows
+
+
 def median_row(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) if key != "streams" else runs[0][key] for key in runs[0]}
 
@@ -136,10 +161,13 @@ def main() -> None:
     export_dir.mkdir(parents=True)
     write_export(export_dir, args.precision)
     configure_local_ray()
+    # As launcher.serve (make serve) starts Ray; with several replicas their metrics are reported each second
+    # (Ray's default: 10 s), to be read back at the end.
     ray.init(num_cpus=args.replicas * args.cpus + 1, include_dashboard=False,
-             runtime_env={"env_vars": dict(WORKER_ENV)})  # as launcher.serve (make serve) starts Ray
+             runtime_env={"env_vars": dict(WORKER_ENV)},
+             _system_config={"metrics_report_interval_ms": 1000} if args.replicas > 1 else None)
     port = 8000 + (int(time.time()) % 1000)
-    rows = []
+    rows, split = [], []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"export_dir": str(export_dir), "max_batch_size": args.max_batch_size,
@@ -157,6 +185,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for n in args.streams:
                 rows.append(measure(client, url, n, args.max_tokens, args.requests_per_stream))
+        if args.replicas > 1:
+            time.sleep(2.5)  # the replicas' last metrics reported
+            split = replica_split()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -171,7 +202,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['streams']:>7} {r['tokens_per_second']:>9.1f} {r['tokens_per_second'] / single:>10.2f}x "
               f"{r['chunks_per_second']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p99'] * 1000:>7.0f}ms")
-    write_report(args.out, {"rows": rows, "runs": runs, "repeats": args.repeats, "max_tokens": args.max_tokens,
+    if split:  # means are a replica's per request (histogram sums: bucket midpoints, so approximate)
+        print(f"\n{'replica':>10} {'requests':>9} {'tokens':>7} {'TTFT mean':>10} {'per token':>10}   (the whole run)")
+        for r in split:
+            print(f"{r['replica']:>10} {r['requests']:>9} {r['tokens']:>7} {r['ttft_mean'] * 1000:>8.0f}ms "
+                  f"{r['tpot_mean'] * 1000:>8.1f}ms")
+    write_report(args.out, {"rows": rows, "runs": runs, "replica_split": split, "repeats": args.repeats, "max_tokens": args.max_tokens,
                             "requests_per_stream": args.requests_per_stream,
                             "max_batch_size": args.max_batch_size, "cpus": args.cpus, "replicas": args.replicas,
                             "stream_interval_ms": args.stream_interval_ms,

@@ -7,7 +7,9 @@ first token, time per output token and end-to-end latency as histograms. Serve t
 its application, deployment and replica; `model_name` is the name the API serves the model under.
 
 Times are the replica's: from a request's arrival at the model replica, so they leave out the HTTP
-proxy and the ingress (Serve's own `ray_serve_*` latency metrics cover those).
+proxy and the ingress (Serve's own `ray_serve_*` latency metrics cover those). Ray 2.60 exports a
+histogram's `_sum` from its buckets' midpoints, not the observed values: read latencies from the
+buckets (`histogram_quantile`), as cluster/grafana/lmstack_serving.json does.
 """
 
 from __future__ import annotations
