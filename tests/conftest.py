@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sysconfig
 import time
 from pathlib import Path
@@ -131,6 +133,20 @@ def wait_for_checkpoint(run_dir: Path, step: int, proc, timeout: float = 300) ->
         assert proc.poll() is None, "the run ended before it could be interrupted"
         assert time.time() < deadline, f"no {path} after {timeout}s"
         time.sleep(0.05)
+
+
+def interruptible_popen(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen for a command a test sends Ctrl-C (SIGINT) to: the child starts with SIGINT's
+    default action, as a terminal's foreground command does, even when this process ignores SIGINT
+    (`make test` run in the background): an ignored signal stays ignored across exec, a handled one
+    does not."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(*args, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, interruptible_popen
 from lm.export import export_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -22,9 +22,10 @@ def test_serve_command_serves_the_runs_newest_export_and_metrics_until_ctrl_c(tr
     export_checkpoint(checkpoints["gpt2-trained"], tmp_path / "runs" / "cli" / "exports" / "fp32-step000300", "fp32",
                       prepared.tokens("val"))
     port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.serve", "run.name=cli", f"run.storage={tmp_path}/runs",
-                             f"serve.port={port}", f"serve.metrics_port={metrics_port}"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = interruptible_popen([sys.executable, "-m", "launcher.serve", "run.name=cli", f"run.storage={tmp_path}/runs",
+                                f"serve.port={port}", f"serve.metrics_port={metrics_port}"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         lines = []
         deadline = time.time() + 180

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, composed, wait_for_checkpoint
+from conftest import REPO, composed, interruptible_popen, wait_for_checkpoint
 from launcher.summary import SUMMARY_KEYS
 from wandb_offline import read_run
 
@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return interruptible_popen([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
