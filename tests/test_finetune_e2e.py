@@ -1,17 +1,23 @@
 """The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from a Hugging Face
 directory with a chat template of its own (ChatML, as Qwen's) on a made-up Q/A chat set (2 Ray workers,
-ZeRO-3), `launcher.export`'s entry point to int8, and the answers served through `/v1/chat/completions`
-with the template the model was tuned on, which the export hands on to transformers."""
+ZeRO-3), `launcher.export`'s entry point to int8, and the answers served by `python -m launcher.serve`
+as `make serve` runs it (the run's newest export; its Prometheus metrics where it says; Ctrl-C stops it)
+through `/v1/chat/completions`, with the template the model was tuned on, which the export hands on to
+transformers."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+
+import httpx
 
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, interruptible_popen
 from test_chat_template import CHATML
 from test_finetune import qa_pairs, write_chats
 
@@ -42,13 +48,25 @@ def answer_accuracy(model, tokenizer, pairs) -> float:
     return correct / total
 
 
+def serve_command(*overrides: str, cwd) -> tuple[subprocess.Popen, list[str]]:
+    """`python -m launcher.serve` started as `make serve` starts it, and its output up to the line that
+    says the API is up."""
+    proc = interruptible_popen([sys.executable, "-m", "launcher.serve", *overrides], cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines: list[str] = []
+    deadline = time.time() + 180
+    while time.time() < deadline and not any("OpenAI-compatible API on" in line for line in lines):
+        line = proc.stdout.readline()
+        assert line, "".join(lines[-30:])
+        lines.append(line)
+    return proc, lines
+
+
 def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
-    import ray
     from openai import OpenAI
-    from ray import serve
 
     from launcher.export import export_run
-    from launcher.serve_app import build
     from lm.config import ExportAppConfig, ExportConfig, RunConfig
     from lm.chat_data import iter_conversations
     from lm.data import chat_splits
@@ -109,17 +127,27 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
     assert len(train_pairs) == 38
     assert answer_accuracy(model, tokenizer, train_pairs) >= 0.95
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    proc, lines = serve_command("run.name=qa", f"run.storage={storage}", f"serve.port={port}",
+                                f"serve.metrics_port={metrics_port}", cwd=tmp_path)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"export_dir": str(export_dir)}), name="lm", route_prefix="/")
+        assert f"serving qa from {export_dir}\n" in lines  # the run's newest export
+        assert f"OpenAI-compatible API on http://127.0.0.1:{port}/v1 (Ctrl-C stops it)\n" in lines
+        assert f"Prometheus metrics (Ray's, Serve's and the engine's ray_lm_*) on http://127.0.0.1:{metrics_port}" \
+               "/metrics\n" in lines
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["qa"]
         for question, answer in train_pairs[:4]:
             reply = client.chat.completions.create(model="qa", messages=[{"role": "user", "content": question}],
                                                    max_tokens=16, temperature=0)
             assert reply.choices[0].message.content.strip() == answer, (question, reply.choices[0].message.content)
             assert reply.choices[0].finish_reason == "stop"
+        assert "\nray_" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
