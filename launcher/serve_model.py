@@ -119,10 +119,9 @@ class LanguageModel:
         (its generation_config.json's, as vLLM takes them), and this replica's load: sequences in a
         slot (prefilling or decoding) and waiting for one, how many requests were abandoned by their
         clients mid-decode, and the share of prompt tokens found in the prefix cache (None: off)."""
-        engine = self.engine
-        cache = engine.prefix_cache
-        return {**self.info_, "running": len(engine.running) + len(engine.prefilling), "waiting": len(engine.waiting),
-                "abandoned": self.abandoned,
+        cache = self.engine.prefix_cache
+        running, waiting = self._load()
+        return {**self.info_, "running": running, "waiting": waiting, "abandoned": self.abandoned,
                 "prefix_cache_hit_rate": None if cache is None else cache.hits / max(cache.queries, 1)}
 
     def tokenizer_info(self) -> dict:
@@ -177,9 +176,13 @@ class LanguageModel:
                 queue.put_nowait(update)
         self._report_load()
 
-    def _report_load(self) -> None:
+    def _load(self) -> tuple[int, int]:
+        """Sequences in a slot (prefilling or decoding), and waiting for one."""
         engine = self.engine
-        self.metrics.load(len(engine.running) + len(engine.prefilling), len(engine.waiting))
+        return len(engine.running) + len(engine.prefilling), len(engine.waiting)
+
+    def _report_load(self) -> None:
+        self.metrics.load(*self._load())
 
     def _interval(self) -> float:
         """Seconds between a stream's chunks: stream_interval_ms, or longer when this replica's
