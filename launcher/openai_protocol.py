@@ -84,7 +84,8 @@ def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None,
     """Completions default to 16 tokens, as OpenAI's do; chat replies (`chat`: the model's template) to
     as many as the context holds (OpenAI's chat default), with `max_completion_tokens` (its newer name)
     before `max_tokens`, and end where the template ends a reply. Besides OpenAI's parameters, vLLM's
-    sampling extras: `repetition_penalty`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`.
+    sampling extras: `repetition_penalty`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, and
+    `top_k` as vLLM reads it (0 or -1: off).
     `defaults` (the model's generation_config.json values, as vLLM takes them) stand in for what a
     request leaves out or sends as null."""
     body = {**(defaults or {}), **{key: value for key, value in body.items() if value is not None}}
@@ -93,6 +94,9 @@ def sampling_params(body: dict, context: int, chat: ChatTemplate | None = None,
     temperature = float(_number(body, "temperature", 1.0))
     top_p = float(_number(body, "top_p", 1.0))
     top_k = _number(body, "top_k", None, int)
+    if top_k is not None and top_k < -1:
+        raise APIError(400, "'top_k' must be at least 1, or 0 or -1 for no top-k", "top_k")
+    top_k = None if top_k in (0, -1) else top_k  # vLLM's "off": 0, and -1 (its old default), which clients still send
     seed = _number(body, "seed", None, int)
     penalties = {name: float(_number(body, name, 0.0)) for name in ("presence_penalty", "frequency_penalty")}
     if max_tokens is not None and not 0 < max_tokens < context:

@@ -475,6 +475,7 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "temperature": -1}).encode(), 400, "temperature"),
     ("completions", json.dumps({"prompt": "a", "top_p": 0}).encode(), 400, "top_p"),
     ("completions", json.dumps({"prompt": "a", "top_p": 1.5}).encode(), 400, "top_p"),
+    ("completions", json.dumps({"prompt": "a", "top_k": -2}).encode(), 400, "top_k"),
     ("completions", json.dumps({"prompt": "a", "model": "nope"}).encode(), 404, "model"),
     ("completions", json.dumps({"prompt": "a", "n": 0}).encode(), 400, "n"),
     ("completions", json.dumps({"prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
@@ -527,6 +528,13 @@ BAD = [
     ("completions", json.dumps({"prompt": "a", "structured_outputs": {"regex": "a{3,1}"}}).encode(), 400,
      "structured_outputs"),
 ]
+
+
+def test_top_k_zero_or_minus_one_is_off_as_vllm_reads_it():
+    """Clients written for vLLM send top_k -1 (its old default) or 0 for "no top-k"."""
+    from launcher.openai_protocol import sampling_params
+
+    assert [sampling_params({"prompt": "a", "top_k": k}, 64).top_k for k in (-1, 0, 1, 40)] == [None, None, 1, 40]
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{p}-{s}-{i}" for i, (p, _, s, _) in enumerate(BAD)])
