@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.run_dir import RunDir, is_uri
-from launcher.schema import absolute, fail
+from launcher.schema import absolute, check_command_line, fail
 from launcher.storage import check_object_store
 from lm.config import ConfigError, ExportAppConfig, RunConfig, sequence_length
 
@@ -115,4 +115,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(ExportAppConfig)
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -26,23 +27,109 @@ def to_train_config(cfg: DictConfig, check: bool = True) -> TrainConfig:
     return typed
 
 
-def check_group_choices(argv: list[str], groups: tuple[str, ...]) -> None:
-    """Fail with one line on `group=option` overrides that name no file in hydra_conf/<group>/.
+# Hydra's own flags that take the next argument as their value; with a config or help flag the
+# schema below may not be the config (or nothing is composed), so such commands are left to Hydra.
+_FLAGS_WITH_A_VALUE = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+_OTHER_CONFIG_OR_HELP = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--help", "-h",
+                         "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 
-    Hydra itself reports this too, but over several lines; users asked for one line naming the
-    field and the allowed values, before anything else happens.
+
+def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...] = ()) -> None:
+    """Fail with one line on an override Hydra would refuse: `group=option` naming no file in
+    hydra_conf/<group>/, a key the schema does not have, or a value (each of a sweep's) that is not of
+    the key's type.
+
+    Hydra reports these too, but over several lines and after a trace hint; users asked for one line
+    naming the field and the allowed values, before anything else happens. Adding (`+key=...`),
+    deleting (`~key`), `hydra.*` keys and interpolations are left to Hydra.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(arg.split("=")[0] in _OTHER_CONFIG_OR_HELP for arg in argv):
+        return
+    parser = OverridesParser.create()
+    after_flag = False
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+        if after_flag or arg.startswith("-") or "=" not in arg:
+            after_flag = arg in _FLAGS_WITH_A_VALUE
             continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if key not in groups or value in ("", "null"):
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as error:
+            raise ConfigError(f"{arg!r} is not an override Hydra can read: {str(error).splitlines()[0]}") from None
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or key.startswith("hydra") or "/" in key:
             continue
-        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-        for choice in value.split(","):
-            if choice not in options:
-                raise ConfigError(f"{key}={choice!r} is not an option: allowed values are {', '.join(options)}")
+        values = _override_values(override)
+        if key in groups:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            for choice in values:
+                if choice not in (None, "") and choice not in options:
+                    raise ConfigError(f"{key}={choice!r} is not an option: allowed values are {', '.join(options)}")
+        elif not (override.is_add() or override.is_force_add()):
+            _check_key(key, values, schema)
+
+
+def check_command_line(schema: type, groups: tuple[str, ...] = ()) -> None:
+    """check_overrides on this command's arguments: one line and exit 2 for a bad one."""
+    try:
+        check_overrides(sys.argv[1:], schema, groups)
+    except ConfigError as error:
+        fail(error)
+
+
+def _override_values(override) -> list:
+    """The override's value, or each value of its sweep (none for Optuna's intervals and globs)."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.value_type.name in ("INTERVAL_SWEEP", "GLOB_CHOICE_SWEEP"):
+        return []
+    return list(override.sweep_iterator())
+
+
+def _check_key(key: str, values: list, schema: type) -> None:
+    """`key` names a field of the schema's dataclasses, and each value is of the field's type (as
+    OmegaConf converts it, which is how Hydra will merge it)."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    section, path = schema, []
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
+        if part not in names:
+            where = ".".join(path)
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {'.'.join(path + close)}?)" if close else ""
+            keys = f"{where}'s keys" if where else "top-level keys"
+            raise ConfigError(f"{key} is not a config key{hint}: {keys} are {', '.join(names)}")
+        parent, path = section, path + [part]
+        section = typing.get_type_hints(section)[part]
+    node = OmegaConf.structured(parent)
+    for value in values:
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved once the whole config is composed
+        try:
+            node[path[-1]] = value
+        except OmegaConfBaseException:
+            raise ConfigError(f"{key}={value!r} is invalid: must be {_described(section)}") from None
+
+
+def _described(kind) -> str:
+    """A field's type in words, for the error naming it."""
+    import dataclasses
+
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Union:
+        return f"{_described(args[0])} or null"
+    if typing.get_origin(kind) is list:
+        return f"a list of {_described(args[0]).split(' ', 1)[1]}s"
+    if dataclasses.is_dataclass(kind):
+        return f"a section, set by its keys ({', '.join(f.name for f in dataclasses.fields(kind))})"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
 
 
 def fail(error: Exception) -> None:

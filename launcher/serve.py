@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.ray_env import WORKER_ENV, configure_local_ray, stop_autoscaler_monitor
 from launcher.run_dir import is_uri
-from launcher.schema import fail
+from launcher.schema import check_command_line, fail
 from launcher.storage import check_object_store
 from lm.config import SERVE_DTYPES, ConfigError, ServeAppConfig
 from lm.prefix_cache import BLOCK_TOKENS
@@ -98,4 +98,5 @@ def main(dcfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    check_command_line(ServeAppConfig)
     main()

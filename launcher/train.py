@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from launcher.preemption import CTRL_C, StopOnSignal
 from launcher.ray_env import WORKER_ENV, init_local_ray
-from launcher.schema import absolute, check_group_choices, fail, register_schema, to_train_config
+from launcher.schema import absolute, check_command_line, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
@@ -337,10 +337,7 @@ def main(dcfg: DictConfig) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        check_group_choices(sys.argv[1:], CONFIG_GROUPS)
-    except ConfigError as error:
-        fail(error)
+    check_command_line(TrainConfig, CONFIG_GROUPS)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the run (before it starts, or after): no traceback

@@ -51,6 +51,9 @@ def test_schema_rejects_unknown_keys():
 BAD_INPUTS = [
     (["model=huge"], "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny"),
     (["model.n_embd=65"], "model.n_embd=65 is invalid: must be divisible by model.n_head=6"),
+    (["trainer.max_step=10"], "trainer.max_step is not a config key (did you mean trainer.max_steps?): "
+                              "trainer's keys are max_steps, micro_batch_size, "),
+    (["-m", "optim.lr=1e-3,3e-3x"], "optim.lr='3e-3x' is invalid: must be a number"),  # each value of a sweep
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     (["cluster.num_workers=0"], "cluster.num_workers=0 is invalid: must be an integer >= 1"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 is invalid: must be an integer >= 1"),
@@ -91,6 +94,45 @@ def test_bad_input_fails_with_one_line_before_ray_starts(tmp_path, overrides, me
     assert message in error_lines[0]
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists(), "nothing may be written"
+
+
+def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
+    """Unknown keys, values of the wrong type and group options are checked against the schemas as
+    Hydra would merge them; what only Hydra can judge (additions, deletions, its own keys and flags,
+    interpolations, other config files) is left to it."""
+    from launcher.schema import check_overrides
+    from launcher.train import CONFIG_GROUPS
+    from lm.config import ExportAppConfig, ServeAppConfig, TrainConfig
+
+    fine = ["-m", "optim.lr=3e-4,1e-3", "model=tiny,small", "experiment=shakespeare_char", "data.path='a.txt,b/'",
+            "data.weights=[7,3]", "trainer.max_steps=range(10,30,10)", "cluster.address=auto", "logging.tags=[a,b]",
+            "trainer.init_from=null", "model.rope_scaling.factor=2.0", "trainer.compile=yes", "trainer.seed='3'",
+            "+trainer.extra=1", "~logging", "hydra.sweep.dir=/tmp/x", "hydra/launcher=basic", "optim.lr=${oc.env:LR}",
+            "--cfg", "job", "optim.lr=interval(1e-4,1e-2)", "model=null"]
+    check_overrides(fine, TrainConfig, CONFIG_GROUPS)
+    check_overrides(["serve.port=8001", "serve.autoscaling=true", "run.name=x"], ServeAppConfig)
+    check_overrides(["export.precision=int8", "export.max_ppl_increase=0.05"], ExportAppConfig)
+    check_overrides(["-cn", "mine", "anything.at_all=1"], TrainConfig)  # another config: Hydra's to judge
+    refused = {
+        ("trainer.max_steps=abc",): "trainer.max_steps='abc' is invalid: must be an integer",
+        ("model.n_embd=1.5",): "model.n_embd=1.5 is invalid: must be an integer",
+        ("data.weights=[a]",): "data.weights=['a'] is invalid: must be a list of numbers or null",
+        ("trainer.max_steps=null",): "trainer.max_steps=None is invalid: must be an integer",
+        ("optim=3",): "optim=3 is invalid: must be a section, set by its keys (lr, schedule, ",
+        ("nope=1",): "nope is not a config key: top-level keys are model, data, deepspeed, cluster, logging, trainer, ",
+        ("model.rope_scaling.factr=2",): "model.rope_scaling.factr is not a config key (did you mean "
+                                         "model.rope_scaling.factor?): model.rope_scaling's keys are ",
+        ("-m", "model=tiny,huge"): "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny",
+        ("a=[1,2",): "'a=[1,2' is not an override Hydra can read: no viable alternative at input '[1,2'",
+    }
+    for overrides, message in refused.items():
+        with pytest.raises(ConfigError) as error:
+            check_overrides(list(overrides), TrainConfig, CONFIG_GROUPS)
+        assert str(error.value).startswith(message), error.value
+    with pytest.raises(ConfigError, match=r"^serve.num_replica is not a config key \(did you mean serve.num_replicas\?\)"):
+        check_overrides(["serve.num_replica=2"], ServeAppConfig)
+    with pytest.raises(ConfigError, match=r"^export.precison is not a config key \(did you mean export.precision\?\)"):
+        check_overrides(["export.precison=int8"], ExportAppConfig)
 
 
 def heavy_modules_imported_by(statement: str, heavy: tuple[str, ...]) -> list[str]:
