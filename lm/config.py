@@ -9,6 +9,7 @@ Derived values (global batch, sequence length, padded vocab) are computed here a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -363,9 +364,15 @@ def validate(cfg: TrainConfig) -> None:
                  "RoPE needs an even head size (n_embd / n_head)")
     _validate_rope_scaling(m)
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _require(m.mlp_hidden is None or m.mlp_hidden >= 1, "model.mlp_hidden", m.mlp_hidden,
+             "must be an integer >= 1, or null (4 x n_embd for gpt2, ~8/3 x n_embd for llama)")
+    for name in ("model.rope_theta", "model.norm_eps"):
+        _require(0 < _get(cfg, name) < math.inf, name, _get(cfg, name), "must be a finite number > 0")
 
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage,
              "allowed values are 0, 1, 2, 3")
+    for name in ("deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size"):
+        _require(_get(cfg, name) >= 1, name, _get(cfg, name), "must be an integer >= 1 (elements)")
     _require(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params",
              ds.offload_params, "parameter offload needs deepspeed.zero_stage=3")
     _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
@@ -392,17 +399,20 @@ def validate(cfg: TrainConfig) -> None:
         _require(1 <= t.stop_at_step <= t.max_steps, "trainer.stop_at_step", t.stop_at_step,
                  f"must be between 1 and trainer.max_steps={t.max_steps}, or null")
     _require(t.profile_steps >= 1, "trainer.profile_steps", t.profile_steps, "must be an integer >= 1")
+    _require(t.seed >= 0, "trainer.seed", t.seed, "must be an integer >= 0")
+    _require(t.sample_tokens >= 0, "trainer.sample_tokens", t.sample_tokens, "must be an integer >= 0 (0: no sample)")
     if t.profile_at is not None:
         last = t.max_steps - t.profile_steps + 1
         _require(2 <= t.profile_at <= last, "trainer.profile_at", t.profile_at,
                  f"must be between 2 (step 1 warms the profiler up) and trainer.max_steps - trainer.profile_steps "
                  f"+ 1 = {last}, or null (no profile)")
 
-    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 < o.lr < math.inf, "optim.lr", o.lr, "must be a finite number > 0")
     if o.min_lr is not None:
         _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}], or null for lr/10")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be a finite number >= 0")
+    _require(0 < o.eps < math.inf, "optim.eps", o.eps, "must be a finite number > 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
@@ -430,6 +440,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(d.val_path is None or d.source in ("files", "chat"), "data.val_path", d.val_path,
              "applies to data=text and data=chat; the default corpus is split by data.val_fraction")
     _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")
+    _require(d.tokenizer_train_bytes >= 1, "data.tokenizer_train_bytes", d.tokenizer_train_bytes,
+             "must be an integer >= 1")
+    _require(d.max_bytes is None or d.max_bytes >= 1, "data.max_bytes", d.max_bytes,
+             "must be an integer >= 1, or null (all of the corpus)")
 
 
 # ---------------------------------------------------------------------------------------------

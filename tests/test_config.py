@@ -78,6 +78,28 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=inf", "optim.lr=inf is invalid: must be a finite number > 0"),
+    ("optim.eps=0", "optim.eps=0.0 is invalid: must be a finite number > 0"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf is invalid: must be a finite number >= 0"),
+    ("model.norm_eps=0", "model.norm_eps=0.0 is invalid: must be a finite number > 0"),
+    ("model.rope_theta=-1", "model.rope_theta=-1.0 is invalid: must be a finite number > 0"),
+    ("model.mlp_hidden=0", "model.mlp_hidden=0 is invalid: must be an integer >= 1, or null"),
+    ("trainer.seed=-2", "trainer.seed=-2 is invalid: must be an integer >= 0"),
+    ("trainer.sample_tokens=-1", "trainer.sample_tokens=-1 is invalid: must be an integer >= 0 (0: no sample)"),
+    ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size=0 is invalid: must be an integer >= 1"),
+    ("data.max_bytes=0", "data.max_bytes=0 is invalid: must be an integer >= 1, or null"),
+    ("data.tokenizer_train_bytes=0", "data.tokenizer_train_bytes=0 is invalid: must be an integer >= 1"),
+])
+def test_values_that_would_fail_on_the_workers_or_train_nothing_are_refused_by_validate(override, message):
+    """Found by trying edge values on every key: each of these used to pass validation, to fail later on
+    the workers (numpy refuses a negative seed) or to make training meaningless (an infinite learning
+    rate, a zero epsilon to divide by, empty DeepSpeed buckets)."""
+    with pytest.raises(ConfigError) as error:
+        to_train_config(composed(override))
+    assert str(error.value).startswith(message), error.value
+
+
 def run_launcher(tmp_path, *overrides):
     args = [sys.executable, "-m", "launcher.train", *overrides, "logging=none",
             f"run.storage={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache"]
