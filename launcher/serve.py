@@ -24,8 +24,9 @@ ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
 
 def builder_args(cfg: ServeAppConfig) -> dict:
     s = cfg.serve
-    if s.num_replicas < 1 or s.max_batch_size < 1 or s.cpus_per_replica < 1:
-        raise ConfigError("serve.num_replicas, serve.max_batch_size and serve.cpus_per_replica must be >= 1")
+    for name in ("num_replicas", "max_batch_size", "cpus_per_replica"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"serve.{name}={getattr(s, name)} is invalid: must be an integer >= 1")
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
     if s.stream_interval_ms < 0:

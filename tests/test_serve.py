@@ -575,7 +575,8 @@ def test_serve_config_errors_name_the_field():
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000),
-                         ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0), ("metrics_port", 0)):
+                         ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0), ("metrics_port", 0),
+                         ("num_replicas", 0), ("max_batch_size", 0), ("cpus_per_replica", 0)):
         with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
             builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
