@@ -52,8 +52,10 @@ def export_run(cfg: ExportAppConfig) -> str:
     e = cfg.export
     if e.precision not in PRECISIONS:
         raise ConfigError(f"export.precision={e.precision!r} is invalid: allowed values are {', '.join(PRECISIONS)}")
-    if e.max_ppl_increase < 0:
-        raise ConfigError(f"export.max_ppl_increase={e.max_ppl_increase} is invalid: must be >= 0")
+    if not e.max_ppl_increase >= 0:  # NaN too, which would pass every gate
+        raise ConfigError(f"export.max_ppl_increase={e.max_ppl_increase} is invalid: must be a number >= 0")
+    if e.eval_batches < 1:
+        raise ConfigError(f"export.eval_batches={e.eval_batches} is invalid: must be an integer >= 1")
     run_dir = resolve_run_dir(cfg.run)
     with tempfile.TemporaryDirectory(prefix="lmstack-export-") as scratch:  # used for an object store only
         if e.checkpoint:

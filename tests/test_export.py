@@ -126,6 +126,22 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_one_line_and_writes_nothin
     assert bad.returncode == 2 and len(lines) == 1 and "is corrupt" in lines[0], bad.stderr[-2000:]
     assert not (corrupt_run / "exports").exists()
 
+    # Settings that cannot be honoured, before the checkpoint is read: a typo'd key, no batches to
+    # measure the gate on, a NaN tolerance (which every artifact would pass)
+    typo = run_export(tmp_path, f"run.storage={root}", "run.name=gpt2-trained", "export.precison=int8")
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        "config error: export.precison is not a config key (did you mean export.precision?): export's keys are "
+        "precision, max_ppl_increase, force, eval_batches, checkpoint"]
+    from launcher.export import export_run
+    from lm.config import ConfigError, ExportAppConfig, ExportConfig, RunConfig
+
+    for setting, message in (({"eval_batches": 0}, "export.eval_batches=0 is invalid: must be an integer >= 1"),
+                             ({"max_ppl_increase": float("nan")}, "export.max_ppl_increase=nan is invalid: must be a")):
+        with pytest.raises(ConfigError) as error:
+            export_run(ExportAppConfig(run=RunConfig(name="gpt2-trained", storage=str(root)),
+                                       export=ExportConfig(**setting)))
+        assert str(error.value).startswith(message)
+
 
 def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained, corpus_file, tmp_path, capsys):
     from launcher.evaluate import main
