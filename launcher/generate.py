@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=50, help="0: no top-k, as Hugging Face's generate() takes it")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="as Hugging Face's generate() takes it")
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     guided.add_argument("--grammar", type=Path, help="a GBNF grammar file: samples are guided to text it matches, as "
                                                      "serving's structured_outputs.grammar (lm/ebnf_guide.py)")
     args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.top_k < 0:
+        bad = f"--num-samples={args.num_samples}: must be >= 1" if args.num_samples < 1 else \
+            f"--top-k={args.top_k}: must be >= 0 (0: no top-k)"
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lm.chat_template import BUILTIN, ChatTemplateError
     from lm.config import ConfigError
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         needed = len(prompt) + args.max_tokens
         fits = args.max_tokens >= 1 and needed <= model.cfg.block_size  # else the engine names what does not fit
         engine = Engine(model, tokenizer, max_batch_size=args.num_samples, max_model_len=needed if fits else None)
-        params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                  top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                  seed=args.seed + i, stop=stop, grammar=grammar)
                   for i in range(args.num_samples)]

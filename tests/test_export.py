@@ -190,6 +190,12 @@ def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, 
               "--min-p", "0.05"])
         samples = [s.lstrip("\n") for s in capsys.readouterr().out.split("-" * 60 + "\n") if s.strip()]
         assert len(samples) == 2 and all(s.startswith("def ") for s in samples)
+    main([str(tmp_path / "e"), "--prompt", "def ", "--max-tokens", "8", "--top-k", "0"])  # 0: no top-k
+    assert capsys.readouterr().out.lstrip("\n").startswith("def ")
+    for flag, value, message in (("--num-samples", "0", "must be >= 1"), ("--top-k", "-1", "must be >= 0 (0: no top-k)")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "e"), flag, value])
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag}={value}: {message}"]
     (tmp_path / "point.json").write_text(json.dumps({"type": "object", "required": ["x", "y"], "properties": {
         "x": {"type": "integer"}, "y": {"type": "integer"}}}))
     main([str(tmp_path / "e"), "--chat", "A point?", "--max-tokens", "120", "--json-schema", str(tmp_path / "point.json")])
