@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="--data holds conversations: score the assistant's answers, prompted with the chat "
                              "template")
     args = parser.parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1 or \
-            args.context is not None and args.context < 1:
-        parser.error("--max-tokens, --batch-size and --context must be >= 1")
+    for flag, value in (("--max-tokens", args.max_tokens), ("--batch-size", args.batch_size), ("--context", args.context)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: must be >= 1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import numpy as np
 

@@ -178,6 +178,9 @@ def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained
         main([str(checkpoint), "--data", str(tmp_path / "blank.jsonl")])
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: --data '{tmp_path / 'blank.jsonl'}': the corpus is empty (1 files, no text)")
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--data", str(tmp_path / "blank.jsonl"), "--batch-size", "0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --batch-size 0: must be >= 1")
 
 
 def test_generate_cli_samples_from_an_export_or_a_checkpoint(trained, tmp_path, capsys):
