@@ -16,38 +16,17 @@ from launcher.ray_env import WORKER_ENV, configure_local_ray, stop_autoscaler_mo
 from launcher.run_dir import is_uri
 from launcher.schema import check_command_line, fail
 from launcher.storage import check_object_store
-from lm.config import SERVE_DTYPES, ConfigError, ServeAppConfig
-from lm.prefix_cache import BLOCK_TOKENS
+from lm.config import ConfigError, ServeAppConfig
 
 ConfigStore.instance().store(name="serve_schema", node=ServeAppConfig)
 
 
 def builder_args(cfg: ServeAppConfig) -> dict:
     s = cfg.serve
-    for name in ("num_replicas", "max_batch_size", "cpus_per_replica"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"serve.{name}={getattr(s, name)} is invalid: must be an integer >= 1")
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
-    if s.stream_interval_ms < 0:
-        raise ConfigError(f"serve.stream_interval_ms={s.stream_interval_ms} is invalid: must be >= 0")
-    if s.stream_events_per_s < 0:
-        raise ConfigError(f"serve.stream_events_per_s={s.stream_events_per_s} is invalid: must be >= 0 (0: no cap)")
-    if s.max_model_len is not None and s.max_model_len < 2:
-        raise ConfigError(f"serve.max_model_len={s.max_model_len} is invalid: must be >= 2 (a prompt token and "
-                          "an answer token), or null for the model's context")
-    if s.dtype not in SERVE_DTYPES:
-        raise ConfigError(f"serve.dtype={s.dtype!r} is invalid: allowed are {', '.join(SERVE_DTYPES)}")
-    if s.prefix_cache_tokens is not None and s.prefix_cache_tokens < BLOCK_TOKENS:
-        raise ConfigError(f"serve.prefix_cache_tokens={s.prefix_cache_tokens} is invalid: must be >= {BLOCK_TOKENS} "
-                          "(one block), or null for 4 x max_model_len")
-    if s.max_num_batched_tokens is not None and s.max_num_batched_tokens < 1:
-        raise ConfigError(f"serve.max_num_batched_tokens={s.max_num_batched_tokens} is invalid: must be >= 1, or "
-                          "null for 256 on CPUs and 2048 on GPUs")
     if s.metrics_port is not None and not 0 < s.metrics_port < 65536:
         raise ConfigError(f"serve.metrics_port={s.metrics_port} is invalid: must be in 1..65535, or null for a free port")
-    if s.gpus_per_replica < 0:
-        raise ConfigError(f"serve.gpus_per_replica={s.gpus_per_replica} is invalid: must be >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
         if location and is_uri(location):
             check_object_store(location, field)

@@ -324,6 +324,35 @@ def check_max_model_len(max_model_len: int, context: int | None) -> None:
                          f"context ({context})")
 
 
+def _setting(args: dict, name: str, default):
+    """args[name], or the default where it is missing or null (0 is a value, not a missing one)."""
+    value = args.get(name)
+    return default if value is None else value
+
+
+def check_numbers(args: dict) -> None:
+    """The numeric settings' ranges, for `serve run`'s args as for make serve's serve.* keys."""
+    from lm.config import ConfigError
+    from lm.prefix_cache import BLOCK_TOKENS
+
+    allowed = {"num_replicas": (1, "an integer >= 1"), "max_batch_size": (1, "an integer >= 1"),
+               "max_num_batched_tokens": (1, "an integer >= 1, or null for 256 on CPUs and 2048 on GPUs"),
+               "max_model_len": (2, "an integer >= 2 (a prompt token and an answer token), or null for the model's context"),
+               "gpus_per_replica": (0, "a number >= 0"), "stream_interval_ms": (0, "an integer >= 0"),
+               "stream_events_per_s": (0, "an integer >= 0 (0: no cap)")}
+    for name, (least, described) in allowed.items():
+        value = args.get(name)
+        if value is not None and not value >= least:
+            raise ConfigError(f"serve.{name}={value} is invalid: must be {described}")
+    cpus = args.get("cpus_per_replica")
+    if cpus is not None and not cpus > 0:
+        raise ConfigError(f"serve.cpus_per_replica={cpus} is invalid: must be a number > 0 (a fraction shares a CPU)")
+    cache = args.get("prefix_cache_tokens")
+    if cache is not None and cache != 0 and not cache >= BLOCK_TOKENS:
+        raise ConfigError(f"serve.prefix_cache_tokens={cache} is invalid: must be >= {BLOCK_TOKENS} (one block), "
+                          "0 (off), or null for 4 x max_model_len")
+
+
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",
               "cpus_per_replica", "gpus_per_replica", "stream_interval_ms", "stream_events_per_s", "compile",
               "max_model_len", "dtype", "generation_config", "prefix_cache_tokens", "max_num_batched_tokens",
@@ -348,15 +377,16 @@ def build(args: dict):
         raise ValueError(f"unknown serve args {sorted(unknown)}: allowed are {sorted(BUILD_ARGS)}")
     from launcher.schema import absolute
 
+    check_numbers(args)
     router = args.get("request_router") or "power_of_two"
     check_request_router(router)
     if args.get("export_dir"):
         export_dir = absolute(args["export_dir"])
     else:
         export_dir = newest_export(absolute(args.get("storage") or "outputs/runs"), args.get("run_name"))
-    model_name, context = served_model(export_dir)
     dtype = args.get("dtype") or "auto"
     check_dtype(dtype, export_dir)
+    model_name, context = served_model(export_dir)
     generation_config = str(args.get("generation_config") or "auto")
     if generation_config not in ("auto", "none"):
         generation_config = str(absolute(generation_config))
@@ -364,10 +394,10 @@ def build(args: dict):
     max_model_len = args.get("max_model_len")
     if max_model_len is not None:
         check_max_model_len(int(max_model_len), context)
-    replicas = int(args.get("num_replicas") or 1)
-    batch = int(args.get("max_batch_size") or 16)
-    cpus = float(args.get("cpus_per_replica") or 1)
-    gpus = float(args.get("gpus_per_replica") or 0)
+    replicas = int(_setting(args, "num_replicas", 1))
+    batch = int(_setting(args, "max_batch_size", 16))
+    cpus = float(_setting(args, "cpus_per_replica", 1))
+    gpus = float(_setting(args, "gpus_per_replica", 0))
     options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}, "max_ongoing_requests": max(4 * batch, 32)}
     if router == "prefix_affinity" and replicas > 1:
         # A replica with more than 2 requests beyond the least busy one (on GPUs, where a decode batch
@@ -383,8 +413,8 @@ def build(args: dict):
         options["num_replicas"] = replicas
     model = LanguageModel.options(**options).bind(
         str(export_dir), batch, max(1, int(cpus)), use_gpu=gpus > 0,
-        stream_interval_ms=int(args.get("stream_interval_ms", 40)),
-        stream_events_per_s=int(args.get("stream_events_per_s", 100)), compile=bool(args.get("compile", False)),
+        stream_interval_ms=int(_setting(args, "stream_interval_ms", 40)),
+        stream_events_per_s=int(_setting(args, "stream_events_per_s", 100)), compile=bool(args.get("compile", False)),
         max_model_len=None if max_model_len is None else int(max_model_len), dtype=dtype,
         generation_config=generation_config, prefix_cache_tokens=args.get("prefix_cache_tokens"),
         max_num_batched_tokens=args.get("max_num_batched_tokens"), model_name=model_name)

@@ -81,6 +81,7 @@ def test_rayservice_runs_the_real_serve_builder_with_arguments_it_accepts():
         build = getattr(importlib.import_module(module), name)
         documented = inspect.getdoc(build)
         assert all(key in documented for key in app["args"]), "every arg is one the builder documents"
+        importlib.import_module(module).check_numbers(app["args"])  # and in the ranges it takes
 
 
 def test_multi_node_refuses_node_local_storage(tmp_path):

@@ -571,30 +571,32 @@ def test_each_streams_interval_grows_so_a_replica_keeps_to_its_chunk_budget(stre
 
 
 def test_serve_config_errors_name_the_field():
+    """make serve's serve.* keys and `serve run`'s args (cluster/serve.yaml) are checked alike, before
+    the export is looked for."""
     from launcher.serve import builder_args
+    from launcher.serve_app import build
     from lm.config import ConfigError, ServeAppConfig, ServeConfig
 
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000),
                          ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0), ("metrics_port", 0),
-                         ("num_replicas", 0), ("max_batch_size", 0), ("cpus_per_replica", 0)):
-        with pytest.raises(ConfigError, match=f"serve.{field}={value} is invalid"):
-            builder_args(ServeAppConfig(serve=ServeConfig(**{field: value})))
+                         ("num_replicas", 0), ("max_batch_size", 0), ("cpus_per_replica", 0),
+                         ("max_model_len", 1)):
+        with pytest.raises(ConfigError, match=f"^serve.{field}={value} is invalid"):
+            build(builder_args(ServeAppConfig(serve=ServeConfig(**{field: value}, export_dir="/nowhere"))))
+    for field, value in (("num_replicas", 0), ("max_batch_size", -2), ("gpus_per_replica", -1)):  # serve run's args
+        with pytest.raises(ConfigError, match=f"^serve.{field}={value} is invalid"):
+            build({"export_dir": "/nowhere", field: value})
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
-        builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16")))
-    from launcher.serve_app import build
-
+        build(builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16", export_dir="/nowhere"))))
     with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are power_of_two, "
                                           r"prefix_affinity$"):
         build(builder_args(ServeAppConfig(serve=ServeConfig(request_router="random", export_dir="/nowhere"))))
 
 
 def test_max_model_len_is_checked_against_the_exports_context_before_serving(server, trained):
-    from launcher.serve import builder_args
     from launcher.serve_app import build, check_max_model_len, served_model
-    from lm.config import ConfigError, ServeAppConfig, ServeConfig
+    from lm.config import ConfigError
 
-    with pytest.raises(ConfigError, match="serve.max_model_len=1 is invalid: must be >= 2"):
-        builder_args(ServeAppConfig(serve=ServeConfig(max_model_len=1)))
     export = str(trained[0] / "gpt2-trained" / "exports" / "fp32-step000300")  # the server's
     with pytest.raises(ConfigError, match=r"^serve.dtype=bf16 is invalid for an export, which serves in the "):
         build({"export_dir": export, "dtype": "bf16"})  # before any replica starts
