@@ -344,22 +344,23 @@ def check_numbers(args: dict) -> None:
     from lm.config import ConfigError
     from lm.prefix_cache import BLOCK_TOKENS
 
-    allowed = {"num_replicas": (1, "an integer >= 1"), "max_batch_size": (1, "an integer >= 1"),
-               "max_num_batched_tokens": (1, "an integer >= 1, or null for 256 on CPUs and 2048 on GPUs"),
-               "max_model_len": (2, "an integer >= 2 (a prompt token and an answer token), or null for the model's context"),
-               "gpus_per_replica": (0, "a number >= 0"), "stream_interval_ms": (0, "an integer >= 0"),
-               "stream_events_per_s": (0, "an integer >= 0 (0: no cap)")}
-    for name, (least, described) in allowed.items():
+    rules = {
+        "num_replicas": (lambda v: v >= 1, "an integer >= 1"),
+        "max_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+        "cpus_per_replica": (lambda v: v > 0, "a number > 0 (a fraction shares a CPU)"),
+        "gpus_per_replica": (lambda v: v >= 0, "a number >= 0"),
+        "stream_interval_ms": (lambda v: v >= 0, "an integer >= 0"),
+        "stream_events_per_s": (lambda v: v >= 0, "an integer >= 0 (0: no cap)"),
+        "max_model_len": (lambda v: v >= 2, "an integer >= 2 (a prompt token and an answer token), or null for "
+                                            "the model's context"),
+        "max_num_batched_tokens": (lambda v: v >= 1, "an integer >= 1, or null for 256 on CPUs and 2048 on GPUs"),
+        "prefix_cache_tokens": (lambda v: v == 0 or v >= BLOCK_TOKENS,
+                                f"at least {BLOCK_TOKENS} (one block), 0 (off), or null for 4 x max_model_len"),
+    }
+    for name, (ok, described) in rules.items():
         value = args.get(name)
-        if value is not None and not value >= least:
-            raise ConfigError(f"serve.{name}={value} is invalid: must be {described}")
-    cpus = args.get("cpus_per_replica")
-    if cpus is not None and not cpus > 0:
-        raise ConfigError(f"serve.cpus_per_replica={cpus} is invalid: must be a number > 0 (a fraction shares a CPU)")
-    cache = args.get("prefix_cache_tokens")
-    if cache is not None and cache != 0 and not cache >= BLOCK_TOKENS:
-        raise ConfigError(f"serve.prefix_cache_tokens={cache} is invalid: must be >= {BLOCK_TOKENS} (one block), "
-                          "0 (off), or null for 4 x max_model_len")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
+            raise ConfigError(f"serve.{name}={value!r} is invalid: must be {described}")
 
 
 BUILD_ARGS = {"export_dir", "run_name", "storage", "api_key", "num_replicas", "autoscaling", "max_batch_size",

@@ -618,8 +618,9 @@ def test_serve_config_errors_name_the_field():
                          ("max_model_len", 1)):
         with pytest.raises(ConfigError, match=f"^serve.{field}={value} is invalid"):
             build(builder_args(ServeAppConfig(serve=ServeConfig(**{field: value}, export_dir="/nowhere"))))
-    for field, value in (("num_replicas", 0), ("max_batch_size", -2), ("gpus_per_replica", -1)):  # serve run's args
-        with pytest.raises(ConfigError, match=f"^serve.{field}={value} is invalid"):
+    for field, value in (("num_replicas", 0), ("max_batch_size", -2), ("gpus_per_replica", -1),  # serve run's args
+                         ("num_replicas", "two"), ("cpus_per_replica", 0)):
+        with pytest.raises(ConfigError, match=f"^serve.{field}={value!r} is invalid"):
             build({"export_dir": "/nowhere", field: value})
     with pytest.raises(ConfigError, match=r"^serve.dtype='fp16' is invalid: allowed are auto, fp32, bf16$"):
         build(builder_args(ServeAppConfig(serve=ServeConfig(dtype="fp16", export_dir="/nowhere"))))
