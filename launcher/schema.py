@@ -40,8 +40,9 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...] = ())
     the key's type.
 
     Hydra reports these too, but over several lines and after a trace hint; users asked for one line
-    naming the field and the allowed values, before anything else happens. Adding (`+key=...`),
-    deleting (`~key`), `hydra.*` keys and interpolations are left to Hydra.
+    naming the field and the allowed values, before anything else happens. `+key=...` names a key the
+    schema lacks (Hydra would add it, and the run would ignore it) or one it has (Hydra refuses).
+    Deleting (`~key`), `hydra.*` keys and interpolations are left to Hydra.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -67,8 +68,10 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...] = ())
             for choice in values:
                 if choice not in (None, "") and choice not in options:
                     raise ConfigError(f"{key}={choice!r} is not an option: allowed values are {', '.join(options)}")
-        elif not (override.is_add() or override.is_force_add()):
+        else:  # the schemas are closed: `+key` or `++key` adds nothing Hydra's merge would keep quietly
             _check_key(key, values, schema)
+            if override.is_add():
+                raise ConfigError(f"+{key}: {key} is already a config key; set it without the +")
 
 
 def check_command_line(schema: type, groups: tuple[str, ...] = ()) -> None:

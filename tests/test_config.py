@@ -120,7 +120,7 @@ def test_bad_input_fails_with_one_line_before_ray_starts(tmp_path, overrides, me
 
 def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
     """Unknown keys, values of the wrong type and group options are checked against the schemas as
-    Hydra would merge them; what only Hydra can judge (additions, deletions, its own keys and flags,
+    Hydra would merge them; what only Hydra can judge (deletions, its own keys and flags,
     interpolations, other config files) is left to it."""
     from launcher.schema import check_overrides
     from launcher.train import CONFIG_GROUPS
@@ -129,7 +129,7 @@ def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
     fine = ["-m", "optim.lr=3e-4,1e-3", "model=tiny,small", "experiment=shakespeare_char", "data.path='a.txt,b/'",
             "data.weights=[7,3]", "trainer.max_steps=range(10,30,10)", "cluster.address=auto", "logging.tags=[a,b]",
             "trainer.init_from=null", "model.rope_scaling.factor=2.0", "trainer.compile=yes", "trainer.seed='3'",
-            "+trainer.extra=1", "~logging", "hydra.sweep.dir=/tmp/x", "hydra/launcher=basic", "optim.lr=${oc.env:LR}",
+            "++trainer.seed=4", "~logging", "hydra.sweep.dir=/tmp/x", "hydra/launcher=basic", "optim.lr=${oc.env:LR}",
             "--cfg", "job", "optim.lr=interval(1e-4,1e-2)", "model=null"]
     check_overrides(fine, TrainConfig, CONFIG_GROUPS)
     check_overrides(["serve.port=8001", "serve.autoscaling=true", "run.name=x"], ServeAppConfig)
@@ -142,6 +142,10 @@ def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
         ("trainer.max_steps=null",): "trainer.max_steps=None is invalid: must be an integer",
         ("optim=3",): "optim=3 is invalid: must be a section, set by its keys (lr, schedule, ",
         ("nope=1",): "nope is not a config key: top-level keys are model, data, deepspeed, cluster, logging, trainer, ",
+        # `+` adds a key Hydra's merge keeps and the run would silently ignore; on an existing key Hydra refuses
+        ("+trainer.max_step=5",): "trainer.max_step is not a config key (did you mean trainer.max_steps?)",
+        ("+trainer.max_steps=5",): "+trainer.max_steps: trainer.max_steps is already a config key; set it without the +",
+        ("++trainer.max_steps=x",): "trainer.max_steps='x' is invalid: must be an integer",
         ("model.rope_scaling.factr=2",): "model.rope_scaling.factr is not a config key (did you mean "
                                          "model.rope_scaling.factor?): model.rope_scaling's keys are ",
         ("-m", "model=tiny,huge"): "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny",
