@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from launcher.preemption import CTRL_C, StopOnSignal
 from launcher.ray_env import WORKER_ENV, init_local_ray
-from launcher.schema import absolute, check_command_line, fail, register_schema, to_train_config
+from launcher.schema import CONF_DIR, absolute, check_command_line, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
@@ -317,6 +317,33 @@ def run(cfg: TrainConfig, source=None) -> dict:
     return summary
 
 
+def check_sweep_jobs(argv: list[str]) -> None:
+    """A `-m` sweep's jobs, each composed and validated before the first starts: a bad value in its
+    third job fails now, in one line, rather than after two jobs have trained. Hydra's basic sweeper
+    only (the one that expands command-line lists); fine-tunes are checked as each job starts, since
+    their architecture comes from the pretrained model."""
+    flags = {a for a in argv if a.startswith("-")}
+    if not flags & {"-m", "--multirun"} or flags - {"-m", "--multirun"} or \
+            any(a.startswith("hydra/sweeper=") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    if len(jobs) < 2:
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for number, job in enumerate(jobs):
+            cfg = to_train_config(compose(config_name="config", overrides=job), check=False)
+            if not cfg.trainer.init_from:
+                try:
+                    validate(cfg)
+                except ConfigError as error:
+                    raise ConfigError(f"{error} (in sweep job #{number} of {len(jobs)}; no job was started)") from None
+
+
 register_schema()
 
 
@@ -338,6 +365,10 @@ def main(dcfg: DictConfig) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     check_command_line(TrainConfig, CONFIG_GROUPS)
+    try:
+        check_sweep_jobs(sys.argv[1:])
+    except ConfigError as error:
+        fail(error)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the run (before it starts, or after): no traceback

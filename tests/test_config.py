@@ -54,6 +54,8 @@ BAD_INPUTS = [
     (["trainer.max_step=10"], "trainer.max_step is not a config key (did you mean trainer.max_steps?): "
                               "trainer's keys are max_steps, micro_batch_size, "),
     (["-m", "optim.lr=1e-3,3e-3x"], "optim.lr='3e-3x' is invalid: must be a number"),  # each value of a sweep
+    (["-m", "optim.lr=1e-3,2e-3", "trainer.micro_batch_size=4,0"],  # every job, before the first starts
+     "trainer.micro_batch_size=0 is invalid: must be an integer >= 1 (in sweep job #1 of 4; no job was started)"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     (["cluster.num_workers=0"], "cluster.num_workers=0 is invalid: must be an integer >= 1"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 is invalid: must be an integer >= 1"),
