@@ -43,11 +43,15 @@ def parse_body(raw: bytes) -> dict:
 
 
 def _number(body: dict, name: str, default, kind=(int, float)):
+    """body[name] as a number of `kind`; an integer field takes a whole float (16.0), as vLLM's does."""
     value = body.get(name, default)
     if value is None:
         return default
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", name)
+        wanted = "an integer" if kind is int else "a number"
+        raise APIError(400, f"'{name}' must be {wanted}, got {type(value).__name__} {repr(value)[:40]}", name)
     return value
 
 
