@@ -336,7 +336,10 @@ def check_sweep_jobs(argv: list[str]) -> None:
         return
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for number, job in enumerate(jobs):
-            cfg = to_train_config(compose(config_name="config", overrides=job), check=False)
+            try:
+                cfg = to_train_config(compose(config_name="config", overrides=job), check=False)
+            except Exception:  # what Hydra refuses (a deletion, a missing value) it reports itself
+                return
             if not cfg.trainer.init_from:
                 try:
                     validate(cfg)
