@@ -388,20 +388,26 @@ def test_32_concurrent_requests_all_succeed(server, client):
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
 
 
-def engine_metrics(application: str = "lm") -> dict:
-    """The model replicas' `ray_lm_*` series on Ray's Prometheus endpoint, summed over replicas:
-    {(name, finished_reason or None): value}."""
+def prometheus_series(prefix: str, application: str = "lm"):
+    """(name, labels, value) of each series named `prefix`... of the application on Ray's Prometheus
+    endpoint (histogram buckets left out)."""
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    totals: dict = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        found = re.match(r"(ray_lm_\w+)\{(.*)\} (\S+)$", line)
+        found = re.match(rf"({prefix}\w*)\{{(.*)\}} (\S+)$", line)
         if found:
             labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found[2]))
             if labels.get("application") == application and "le" not in labels:
-                key = (found[1], labels.get("finished_reason"))
-                totals[key] = totals.get(key, 0.0) + float(found[3])
+                yield found[1], labels, float(found[3])
+
+
+def engine_metrics() -> dict:
+    """The model replicas' `ray_lm_*` series, summed over replicas: {(name, finished_reason or None): value}."""
+    totals: dict = {}
+    for name, labels, value in prometheus_series("ray_lm_"):
+        key = (name, labels.get("finished_reason"))
+        totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
@@ -565,16 +571,11 @@ def test_api_key_is_enforced(server):
 
 
 def http_requests_by_status(route: str) -> dict[str, float]:
-    """Serve's own request counter for one route of the application on Ray's metrics endpoint."""
-    import ray
-
-    port = ray.nodes()[0]["MetricsExportPort"]
+    """Serve's own request counter for one route of the application: {status code: requests}."""
     counts: dict[str, float] = {}
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        if line.startswith("ray_serve_num_http_requests_total{") and f'route="{route}"' in line \
-                and 'application="lm"' in line:
-            status = re.search(r'status_code="(\d+)"', line)[1]
-            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    for _, labels, value in prometheus_series("ray_serve_num_http_requests_total"):
+        if labels.get("route") == route:
+            counts[labels["status_code"]] = counts.get(labels["status_code"], 0) + value
     return counts
 
 
