@@ -76,9 +76,11 @@ class OpenAIServer:
         return await self._model_object()
 
     async def _model_object(self) -> dict:
-        """OpenAI's model object, with vLLM's max_model_len (the tokens a sequence may hold)."""
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lmstack",
-                "max_model_len": await self._context()}
+        """OpenAI's model object (created: when the export was written), with vLLM's max_model_len (the
+        tokens a sequence may hold)."""
+        max_model_len = await self._context()
+        return {"id": self.model_name, "object": "model", "created": self.model_info["created"],
+                "owned_by": "lmstack", "max_model_len": max_model_len}
 
     async def _context(self) -> int:
         """The replicas' context (serve.max_model_len, or the model's), asked once."""

@@ -47,6 +47,17 @@ def hf_serving_dtype(directory: str, dtype: str, use_gpu: bool) -> str:
     return "bf16" if use_gpu and saved in ("bfloat16", "float16") else "fp32"
 
 
+def model_created(directory) -> int:
+    """The model object's `created` (unix seconds): when the export was written (its export.json says;
+    older exports and Hugging Face directories: their config.json's modification time)."""
+    import json
+
+    report = directory / "export.json"
+    if report.exists() and "created" in (fields := json.loads(report.read_text())):
+        return int(fields["created"])
+    return int((directory / "config.json").stat().st_mtime)
+
+
 FAILED_STEPS_UNHEALTHY = 3  # decode steps failed in a row after which a replica reports itself unhealthy
 
 
@@ -93,6 +104,7 @@ class LanguageModel:
         self.stream_events_per_s = stream_events_per_s
         template = tokenizer.chat_template
         self.info_ = {"context": self.engine.context, "precision": precision, "export_dir": export_dir,
+                      "created": model_created(Path(local)),
                       "chat_template": None if template is None else template.to_json(),
                       "sampling_defaults": {} if generation_config == "none" else
                       sampling_defaults(hf_directory if generation_config == "auto" else generation_config)}

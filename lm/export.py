@@ -5,7 +5,7 @@ An export directory holds
     model.safetensors   our parameter names, in the export precision (int8: weight + weight_scale)
     config.json         the model config (ours), and the precision
     tokenizer.json      the run's tokenizer (chat_template.json beside it: a pretrained model's own template)
-    export.json         precision, source checkpoint, step, perplexity before/after
+    export.json         precision, source checkpoint, step, perplexity before/after, when it was written
     hf/                 the same weights in Hugging Face layout (config.json, model.safetensors,
                         tokenizer.json, and for BPE tokenizer_config.json with the chat template and
                         generation_config.json with the tokens that end a reply)
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
             (staging / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tokenizer, cfg), indent=2))
             generation = {**inherited_sampling_defaults(train_cfg), **hf_generation_config(tokenizer, hf)}
             (staging / "hf" / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        report["created"] = int(time.time())  # unix seconds, as OpenAI's model objects give it
         (staging / "export.json").write_text(json.dumps(report, indent=2))  # last: marks complete
     return report
 

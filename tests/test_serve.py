@@ -157,7 +157,7 @@ def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, clien
     assert extras.choices[0].finish_reason == "length" and extras.usage.completion_tokens == 24  # vLLM's
 
 
-def test_openai_newer_request_forms_content_parts_developer_role_and_model_retrieval(server, client):
+def test_openai_newer_request_forms_content_parts_developer_role_and_model_retrieval(server, client, trained):
     _, model = server
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A loop?"}]
     newer = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
@@ -165,7 +165,9 @@ def test_openai_newer_request_forms_content_parts_developer_role_and_model_retri
     answers = [client.chat.completions.create(model=model, messages=m, max_tokens=8, temperature=0) for m in (plain, newer)]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
-    assert client.models.retrieve(model).id == model
+    retrieved = client.models.retrieve(model)
+    export = json.loads((trained[0] / model / "exports" / "fp32-step000300" / "export.json").read_text())
+    assert retrieved.id == model and retrieved.created == export["created"] > 1.7e9  # when it was exported
     with pytest.raises(Exception) as error:
         client.models.retrieve("nope")
     assert getattr(error.value, "status_code", None) == 404
