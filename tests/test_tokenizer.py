@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from lm.tokenizer import ByteBPETokenizer, CharTokenizer, load_tokenizer
+from lm.tokenizer import LONGEST_TRAINING_WORD, ByteBPETokenizer, CharTokenizer, _short_words, load_tokenizer
 
 TRAINING_TEXT = ["def main(argv):\n    return sorted(set(argv))\n" * 20, "The quick brown fox. " * 30]
 
@@ -37,6 +37,22 @@ def test_byte_bpe_learns_merges_and_keeps_every_byte(bpe):
     assert 256 < bpe.vocab_size <= 300
     assert len(bpe.encode("def main(argv):")) < len("def main(argv):".encode())
     assert bpe.eot_id is not None
+
+
+def test_bpe_training_learns_from_overlong_runs_in_pieces_and_encodes_them_whole():
+    """One word of a few megabytes (a base64 blob, a minified line) kept HF's BPE trainer busy for
+    hours (its time grows with the square of a word's length): runs are learned from in pieces of
+    LONGEST_TRAINING_WORD characters, so no token is longer, and the text is still encoded whole."""
+    rng = random.Random(0)
+    blob = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(3 * 10**5))
+    texts = ["x" * 3 * 10**5, f"data = '{blob}'\n", " " * 3 * 10**5 + "end", *TRAINING_TEXT]
+    tok = ByteBPETokenizer.train(iter(texts), vocab_size=400)
+    longest = max(len(piece) for piece in tok.token_bytes() if piece is not None)
+    assert tok.vocab_size == 400 and 16 <= longest <= LONGEST_TRAINING_WORD  # merges were learned in the runs
+    for text in texts[:3]:
+        assert tok.decode(tok.encode(text)) == text
+    assert ["".join(_short_words([text])) for text in texts] == texts  # the pieces are all of the text
+    assert list(_short_words(TRAINING_TEXT)) == TRAINING_TEXT  # and text without such runs trains as it is
 
 
 def test_tokenizer_file_reloads_to_the_same_ids(bpe, tmp_path):
