@@ -101,6 +101,10 @@ def _file_text(path: Path) -> list[str]:
     return [text] if (text := read_text(path)).strip() else []
 
 
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object",
+               bytes: "bytes"}
+
+
 def _record_texts(path: Path, text_field: str) -> Iterator[str]:
     table = file_format(path) in TABLE_FORMATS
     if table and text_field not in (columns := table_columns(path)):
@@ -109,8 +113,12 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
         if not isinstance(record, dict) or text_field not in record:
             raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
                               "string field")
-        if record[text_field] is not None:
-            yield str(record[text_field])
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):  # str() of it would train on "[...]" or "b'...'"
+            kind = _JSON_TYPES.get(type(text), type(text).__name__)
+            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} has {kind} there, not a string (or null)")
+        if text is not None:
+            yield text
 
 
 def read_chats(files: list[Path], data: DataConfig, field: str = "data.path", template: ChatTemplate = BUILTIN

@@ -148,6 +148,11 @@ def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
     cfg = DataConfig(source="files", path=str(tmp_path / "c.jsonl"))
     with pytest.raises(ConfigError, match=r"data.text_field='text'.*c.jsonl:2"):
         read_documents(corpus_files(cfg), cfg)
+    for value, kind in (("5", "a number"), ('["a"]', "an array"), ('{"t": "a"}', "an object"), ("true", "a boolean")):
+        (tmp_path / "c.jsonl").write_text(f'{{"text": "ok"}}\n{{"text": null}}\n{{"text": {value}}}\n')
+        with pytest.raises(ConfigError) as error:  # not trained on as "5" or "['a']"
+            read_documents(corpus_files(cfg), cfg)
+        assert str(error.value) == f"data.text_field='text': {tmp_path}/c.jsonl:3 has {kind} there, not a string (or null)"
 
 
 def test_parquet_arrow_and_gzipped_files_read_as_their_plain_counterparts(tmp_path):
