@@ -75,7 +75,7 @@ class DataConfig:
     # source), its share of the training windows; each source keeps its own val split. None: one corpus.
     weights: Optional[list[float]] = None
     cache_dir: str = "outputs/cache"
-    max_bad_fraction: float = 0.01  # chat: skip (and report) bad lines; more than this stops the run
+    max_bad_fraction: float = 0.01  # skip (and report) chat's bad lines, text files not in UTF-8; more stops the run
     # chat: auto renders with the pretrained model's own template (trainer.init_from's tokenizer_config.json)
     # where it has one, else the built-in one; builtin always uses the built-in one (lm/chat_template.py)
     chat_template: str = "auto"

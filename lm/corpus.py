@@ -17,8 +17,8 @@ from lm.chat_data import BadLine, iter_conversations
 from lm.chat_template import BUILTIN, ChatTemplate
 from lm.config import ConfigError, DataConfig, path_items
 from lm.remote_files import is_uri, mirror
-from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, UnreadableFile, file_format, read_records,
-                        read_text, table_columns)
+from lm.records import (FORMATS, RECORD_FORMATS, TABLE_FORMATS, NotUTF8, UnreadableFile, file_format,
+                        read_records, read_text, table_columns)
 
 
 def stdlib_files() -> list[Path]:
@@ -64,11 +64,13 @@ def item_files(item: str, downloads: Path, field: str = "data.path") -> list[Pat
     raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")
 
 
-def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path") -> Iterator[str]:
+def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path",
+                   not_utf8: dict[Path, str] | None = None) -> Iterator[str]:
     """One string per document, in order: a whole text file, or each JSONL line's or Parquet/Arrow
     row's `data.text_field` (a null one is skipped). Files are read one at a time, and records one
     at a time, so a corpus never has to fit in memory. `data.max_bytes` stops after the file that
-    reaches it."""
+    reaches it. A text file that is not UTF-8 is a config error, or, given `not_utf8`, is skipped
+    and recorded there (see `check_text_files`)."""
     budget = data.max_bytes
     for path in files:
         try:
@@ -77,6 +79,10 @@ def iter_documents(files: list[Path], data: DataConfig, field: str = "data.path"
                 yield text
                 if budget is not None:
                     budget -= len(text.encode("utf-8"))
+        except NotUTF8 as error:
+            if not_utf8 is None:
+                raise ConfigError(f"{field}: {error}") from None
+            not_utf8[path] = error.detail
         except UnreadableFile as error:
             raise ConfigError(f"{field}: {error}") from None
         if budget is not None and budget <= 0:
@@ -89,6 +95,21 @@ def read_documents(files: list[Path], data: DataConfig, field: str = "data.path"
     if not any(d.strip() for d in docs):
         empty_corpus(files, data, field)
     return docs
+
+
+def check_text_files(not_utf8: dict[Path, str], files: int, data: DataConfig) -> None:
+    """Text files that are not UTF-8 (a Latin-1 test fixture in a code tree) are skipped and reported
+    as chat data's bad lines are: more than data.max_bad_fraction of the files stops the run. The
+    embedded corpus's few (the standard library's tests of other encodings) go unmentioned."""
+    if not not_utf8 or data.source == "stdlib":
+        return
+    listed = ", ".join(f"{path} ({detail})" for path, detail in list(not_utf8.items())[:5]) + \
+        (f" and {len(not_utf8) - 5} more" if len(not_utf8) > 5 else "")
+    if len(not_utf8) > data.max_bad_fraction * files:
+        raise ConfigError(f"data.path={data.path!r}: {len(not_utf8)} of {files} files are not UTF-8 text, more than "
+                          f"data.max_bad_fraction={data.max_bad_fraction}: {listed}; allowed: UTF-8 text (or UTF-16 "
+                          "with a byte-order mark): convert them, e.g. iconv -f latin1 -t utf-8, or leave them out")
+    print(f"data: skipped {len(not_utf8)} of {files} files, not UTF-8 text: {listed}", file=sys.stderr, flush=True)
 
 
 def empty_corpus(files: list[Path], data: DataConfig, field: str) -> NoReturn:

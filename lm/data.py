@@ -25,8 +25,8 @@ import numpy as np
 from lm.chat_data import render_with_answer_spans, tokenize_conversation
 from lm.chat_template import BUILTIN, ChatTemplate, ChatTemplateError
 from lm.config import ConfigError, DataConfig, path_items
-from lm.corpus import (chat_conversations, check_chats, corpus_files, empty_corpus, iter_documents, read_chats,
-                       read_documents, source_files)
+from lm.corpus import (chat_conversations, check_chats, check_text_files, corpus_files, empty_corpus,
+                       iter_documents, read_chats, read_documents, source_files)
 from lm.records import FORMATS
 from lm.tokenizer import Tokenizer, bos_ids, load_tokenizer, train_tokenizer, with_chat_template
 
@@ -306,8 +306,10 @@ def _prepare_text(sources: list[list[Path]], val_files: list[Path] | None, data:
     mixture (data.weights) keeps its sources apart: one after another in train.bin, and in val.bin
     each one's held-out tail; the weights are the loader's, so changing them reuses the cache."""
     val_docs = read_documents(val_files, data, "data.val_path") if val_files else None
-    corpus = _CorpusIndex([functools.partial(iter_documents, files, data) for files in sources])
+    not_utf8: dict[Path, str] = {}  # skipped by every pass
+    corpus = _CorpusIndex([functools.partial(iter_documents, files, data, not_utf8=not_utf8) for files in sources])
     key = cache_key(corpus.scan(), data, tokenizer, None, val_docs)
+    check_text_files(not_utf8, sum(map(len, sources)), data)
     if not corpus.has_text:
         empty_corpus([f for files in sources for f in files], data, "data.path")
     if data.weights:

@@ -8,6 +8,7 @@ with the same row numbers in their error messages.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from contextlib import contextmanager
@@ -24,6 +25,15 @@ class UnreadableFile(ValueError):
     """A whole file that cannot be read as its format (a corrupt Parquet file, a bad gzip stream)."""
 
 
+class NotUTF8(UnreadableFile):
+    """A text file that is binary or in another encoding than UTF-8."""
+
+    def __init__(self, path: Path, detail: str):
+        self.path, self.detail = path, detail
+        super().__init__(f"{path}: not UTF-8 text ({detail}); allowed: UTF-8 text (or UTF-16 with a byte-order "
+                         "mark): convert it, e.g. iconv -f latin1 -t utf-8, or leave it out")
+
+
 def file_format(path: Path) -> str:
     """The format a file's name says, under a .gz: ".txt", ".jsonl", ... or "" for none of them.
     Tables are read in place (memory-mapped, compressed inside), so .parquet.gz is none."""
@@ -33,26 +43,44 @@ def file_format(path: Path) -> str:
     return path.suffix if path.suffix in FORMATS else ""
 
 
+# A file where more than this share of bytes is not UTF-8 is binary or in another encoding (Latin-1,
+# cp1252): trained on, it would be U+FFFD characters. Fewer (a stray byte) read as U+FFFD.
+MAX_UNDECODABLE = 0.01
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def read_text(path: Path) -> str:
-    """The file's text, in text mode (universal newlines: \r\n and \r read as \n), gunzipped if .gz."""
-    with _opened_text(path) as f:
-        return f.read()
+    """The file's text, gunzipped if .gz, newlines as text mode reads them (\r\n and \r as \n): UTF-8,
+    or UTF-16 with a byte-order mark (Windows editors' "Unicode"). More than MAX_UNDECODABLE of bytes
+    that are not UTF-8 is NotUTF8, naming the first."""
+    with _opened(path, binary=True) as f:
+        raw = f.read()
+    encoding = next((codec for mark, codec in _BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8")
+    text = raw.decode(encoding, errors="replace")
+    undecodable = text.count("\ufffd") - raw.count("\ufffd".encode(encoding.removesuffix("-sig")))
+    if undecodable > MAX_UNDECODABLE * len(raw):
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as error:
+            raise NotUTF8(path, f"{undecodable} undecodable byte sequences in {len(raw)} bytes, the first at "
+                                f"byte {error.start}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _text_lines(path: Path) -> Iterator[str]:
     """The file's lines in text mode, read as they are needed (a JSONL file need not fit in memory)."""
-    with _opened_text(path) as f:
+    with _opened(path) as f:
         yield from f
 
 
 @contextmanager
-def _opened_text(path: Path):
-    """The file open in text mode, gunzipped if .gz; a bad gzip stream, met wherever it is read, is
-    UnreadableFile."""
-    gzipped = path.suffix == ".gz"
+def _opened(path: Path, binary: bool = False):
+    """The file open in text mode (UTF-8, undecodable bytes as U+FFFD) or binary, gunzipped if .gz; a
+    bad gzip stream, met wherever it is read, is UnreadableFile."""
+    gzipped, text = path.suffix == ".gz", {} if binary else {"encoding": "utf-8", "errors": "replace"}
+    mode = "rb" if binary else "rt" if gzipped else "r"
     try:
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") if gzipped else \
-                open(path, encoding="utf-8", errors="replace") as f:
+        with gzip.open(path, mode, **text) if gzipped else open(path, mode, **text) as f:
             yield f
     except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
         if not gzipped:

@@ -215,6 +215,38 @@ def test_unreadable_parquet_and_gzip_files_and_a_missing_column_are_one_line_err
         assert "\n" not in str(error.value)
 
 
+def test_text_in_utf16_or_with_a_bom_reads_as_its_text_and_files_not_in_utf8_are_skipped_or_refused(tmp_path, capsys):
+    """Windows editors' "Unicode" (UTF-16 with a byte-order mark) and UTF-8 with a BOM read as their text;
+    a stray undecodable byte reads as U+FFFD; a Latin-1 or binary file (trained on, U+FFFD characters) is
+    skipped and reported as chat data's bad lines are, and more than data.max_bad_fraction stops the run."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(150):
+        (corpus / f"{i:03d}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog.\n")
+    (corpus / "utf16.txt").write_text("naïve café, written by Notepad\r\n", encoding="utf-16")
+    (corpus / "bom.md").write_bytes(b"\xef\xbb\xbfwith a byte-order mark\r\n")
+    (corpus / "stray.txt").write_bytes(b"one stray \xe9 byte " + b"in a long file " * 10)
+    cfg = DataConfig(source="files", path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    docs = read_documents(corpus_files(cfg), cfg)
+    assert "naïve café, written by Notepad\n" in docs and "with a byte-order mark\n" in docs
+    assert any(d.startswith("one stray \ufffd byte") for d in docs)
+
+    (corpus / "latin1.txt").write_bytes("façade, déjà vu, señor".encode("latin-1"))
+    with pytest.raises(ConfigError) as error:  # read alone, as validation files and evaluation read, it is refused
+        read_documents([corpus / "latin1.txt"], cfg)
+    assert str(error.value) == (f"data.path: {corpus}/latin1.txt: not UTF-8 text (4 undecodable byte sequences in "
+                                "22 bytes, the first at byte 2); allowed: UTF-8 text (or UTF-16 with a byte-order "
+                                "mark): convert it, e.g. iconv -f latin1 -t utf-8, or leave it out")
+    prepared = prepare_data(cfg, progress=False)  # 1 of 154 files: skipped, and said once
+    assert capsys.readouterr().err.strip() == (f"data: skipped 1 of 154 files, not UTF-8 text: {corpus}/latin1.txt "
+                                               "(4 undecodable byte sequences in 22 bytes, the first at byte 2)")
+    assert prepared.meta["documents"] == 153
+    (corpus / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"^data.path='.*corpus': 2 of 155 files are not UTF-8 text, more than "
+                                          r"data.max_bad_fraction=0.01: .*binary.txt \(512 .*latin1.txt \(4 "):
+        prepare_data(cfg, progress=False)
+
+
 def test_default_corpus_is_the_python_standard_library():
     files = corpus_files(DataConfig())
     names = {f.name for f in files}
