@@ -6,6 +6,7 @@ Documents are read one file and one record at a time, so a corpus never has to f
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import sys
@@ -58,7 +59,18 @@ def item_files(item: str, downloads: Path, field: str = "data.path") -> list[Pat
             raise ConfigError(f"{field}={item!r} matches no files: pass existing files, directories or globs")
         return [m for m in matches if m.is_file()]
     if os.path.isdir(expanded):
-        return sorted(p for p in Path(expanded).rglob("*") if p.is_file() and file_format(p))
+        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file())
+        known = [p for p in files if file_format(p)]
+        if files and not known:  # a tree of source code, say: name its files with a glob
+            suffixes = collections.Counter(p.suffix for p in files if p.suffix and not p.name.startswith("."))
+            if suffixes:
+                common = suffixes.most_common(1)[0][0]
+                kinds = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
+                kinds += ", ..." if len(suffixes) > 3 else ""
+                raise ConfigError(f"{field}: the directory {item!r} holds none of the formats it is read for "
+                                  f"({', '.join(FORMATS)}); its files: {kinds}: name them with a glob to read them "
+                                  f"as text, e.g. '{item.rstrip('/')}/**/*{common}'")
+        return known
     if os.path.isfile(expanded):
         return [Path(expanded)]
     raise ConfigError(f"{field}={item!r} does not exist: pass existing files, directories or globs")

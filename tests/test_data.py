@@ -143,6 +143,20 @@ def test_directories_globs_and_jsonl_text_fields(tmp_path):
     assert read_documents(corpus_files(cfg), cfg) == ["line one", "line two"]
 
 
+def test_a_directory_of_source_code_is_refused_with_the_glob_that_reads_it(tmp_path):
+    (tmp_path / "repo" / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py", "pkg/c.py", "setup.cfg"):
+        (tmp_path / "repo" / name).write_text("def f():\n    return 1\n")
+    cfg = DataConfig(source="files", path=f"{tmp_path}/repo/")
+    with pytest.raises(ConfigError) as error:
+        corpus_files(cfg)
+    assert str(error.value) == (f"data.path: the directory '{tmp_path}/repo/' holds none of the formats it is read for "
+                                f"(.txt, .md, .jsonl, .parquet, .arrow); its files: 3 .py, 1 .cfg: name them with a glob "
+                                f"to read them as text, e.g. '{tmp_path}/repo/**/*.py'")
+    cfg = DataConfig(source="files", path=f"{tmp_path}/repo/**/*.py")  # as the message says
+    assert len(read_documents(corpus_files(cfg), cfg)) == 3
+
+
 def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n')
     cfg = DataConfig(source="files", path=str(tmp_path / "c.jsonl"))
@@ -311,6 +325,11 @@ def test_a_mixture_cache_keeps_each_source_apart_with_its_own_val_tail_and_serve
 
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "x.py").write_text("print(1)\n")  # not a corpus format: the source is empty
+    with pytest.raises(ConfigError, match=r"^data.path: the directory '.*code' holds none of the formats .* "
+                                          r"e.g. '.*code/\*\*/\*.py'$"):
+        prepare_data(DataConfig(**{**cfg.__dict__, "path": f"{path},{tmp_path / 'code'}", "weights": [1, 1, 1]}),
+                     progress=False)
+    (tmp_path / "code" / "notes.txt").write_text("  \n")  # a corpus format, but no text in it
     with pytest.raises(ConfigError, match=r"its source '.*code' holds no documents; allowed: .txt"):
         prepare_data(DataConfig(**{**cfg.__dict__, "path": f"{path},{tmp_path / 'code'}", "weights": [1, 1, 1]}),
                      progress=False)
