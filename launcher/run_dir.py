@@ -22,6 +22,7 @@ from lm.remote_files import is_uri, split_query
 from lm.staging import node_lock, staged_directory
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
 def open_storage(storage: str):
     """(pyarrow filesystem, path on it) for run.storage."""
@@ -109,6 +110,48 @@ class RunDir:
             if self.is_complete(name):
                 return name
         return None
+
+    def damaged_file(self, checkpoint: str) -> str | None:
+        """The first of a checkpoint's torch files (.pt, zip archives) whose archive directory cannot be
+        read, with why: bytes a crash or a disk lost (zeroed, or cut and padded) that the sizes in its
+        manifests do not show. Reads only each archive's directory, not its tensors."""
+        import zipfile
+
+        for name in sorted(self.sizes(checkpoint)):
+            if name.endswith(".pt"):
+                try:
+                    with self.fs.open_input_file(self._path(f"{checkpoint}/{name}")) as f, zipfile.ZipFile(f):
+                        pass
+                except (zipfile.BadZipFile, OSError, ValueError) as error:
+                    return f"{name} ({error})"
+        return None
+
+    def reconcile_ray_snapshot(self) -> str | None:
+        """Ray Train will not start in a run directory whose list of checkpoints (its
+        checkpoint_manager_snapshot.json) names one that is gone (moved aside as damaged, deleted by
+        hand) or that another Ray version wrote. Resuming reads the checkpoints in storage, not that
+        list (launcher.ray_worker), so such a list is removed, and why is returned. Ray then rotates
+        (trainer.keep_checkpoints) only the checkpoints written after: the older ones stay."""
+        import ray
+
+        if not self.exists(RAY_SNAPSHOT):
+            return None
+        try:
+            snapshot = json.loads(self.read_text(RAY_SNAPSHOT))
+            version = snapshot["ray_version"]
+            named = [result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]]
+        except (ValueError, KeyError, TypeError):
+            why = "it could not be read"
+        else:
+            gone = [name for name in named if not self.exists(name)]
+            if version != ray.__version__:
+                why = f"Ray {version} wrote it, this is Ray {ray.__version__}"
+            elif gone:
+                why = f"it names {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} gone"
+            else:
+                return None
+        self.delete(RAY_SNAPSHOT)
+        return why
 
     def trainer_state(self, checkpoint: str) -> dict:
         return json.loads(self.read_text(f"{checkpoint}/{TRAINER_STATE}"))

@@ -235,6 +235,12 @@ def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: RunDir) -> str | None
         if conflict:
             raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir.where()}; "
                               "choose another run.name to start a new run)")
+        damaged = run_dir.damaged_file(latest)
+        if damaged:  # every worker group would fail loading it, and with cluster.max_failures retry it
+            moved = run_dir.where(f"damaged_{latest}")
+            raise ConfigError(f"run.name={cfg.run.name!r}: its latest checkpoint {run_dir.where(latest)} is damaged: "
+                              f"{damaged}; move it aside to resume from the one before it "
+                              f"(mv {run_dir.where(latest)} {moved}), or choose another run.name")
         print(f"resuming run {cfg.run.name} from {run_dir.where(latest)}", flush=True)
         if saved.cluster.num_workers != cfg.cluster.num_workers:
             print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: state that "
@@ -294,6 +300,9 @@ def run(cfg: TrainConfig, source=None) -> dict:
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
     latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
+    if why := run_dir.reconcile_ray_snapshot():
+        print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
+              f"{run_dir.where()} are what the run resumes from", flush=True)
     print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
 
     start_ray(cfg)

@@ -1,6 +1,7 @@
 """A run's directory in an object store (a local S3 server) reads as one on a filesystem does:
 the same checkpoints count, files are written whole, and downloads are shared and reused."""
 
+import dataclasses
 import json
 import os
 import threading
@@ -59,6 +60,58 @@ def test_a_short_file_in_the_store_does_not_count(s3_storage, tmp_path):
     run_dir.upload(newer, "checkpoint_000020")
     assert not run_dir.is_complete("checkpoint_000020")
     assert run_dir.latest_checkpoint() == "checkpoint_000010"
+
+
+def test_a_damaged_latest_checkpoint_is_refused_by_name_and_a_stale_ray_checkpoint_list_removed(storage, tmp_path):
+    """Bytes a crash or a disk lost (zeroed, the size kept) pass the manifests' size check; every worker
+    group would fail loading them (and retry, with cluster.max_failures), so the driver names the file
+    and the way on. Moved aside, the checkpoint is gone from Ray Train's own list of the run's checkpoints,
+    which then would stop every run there: that list is removed, as is one another Ray version wrote."""
+    import ray
+    import torch
+
+    from launcher.run_dir import RAY_SNAPSHOT
+    from launcher.train import latest_resumable_checkpoint
+    from lm.checkpoint import write_part_manifest
+
+    run_dir = RunDir(storage, "run")
+    cfg = to_train_config(composed(f"run.storage={storage}", "run.name=run"))
+    source = tmp_path / "checkpoint"
+    for step in (10, 20):
+        (source / "deepspeed").mkdir(parents=True, exist_ok=True)
+        (source / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (source / "trainer_state.json").write_text(json.dumps({"step": step}))
+        for rank in (0, 1):
+            torch.save({"weights": torch.ones(100)}, source / "deepspeed" / f"shard_{rank}.pt")
+            write_part_manifest(source, rank)
+        if step == 20:
+            shard = source / "deepspeed" / "shard_1.pt"
+            shard.write_bytes(bytes(shard.stat().st_size))
+        run_dir.upload(source, f"checkpoint_{step:06d}")
+    assert run_dir.damaged_file("checkpoint_000010") is None
+    assert run_dir.latest_checkpoint() == "checkpoint_000020"  # its sizes are right
+    with pytest.raises(ConfigError) as error:
+        latest_resumable_checkpoint(cfg, run_dir)
+    latest = run_dir.where("checkpoint_000020")
+    assert str(error.value) == (
+        f"run.name='run': its latest checkpoint {latest} is damaged: deepspeed/shard_1.pt (File is not a zip file); "
+        f"move it aside to resume from the one before it (mv {latest} {run_dir.where('damaged_checkpoint_000020')}), "
+        "or choose another run.name")
+
+    def ray_list(version: str, *names: str) -> None:
+        run_dir.write_text(RAY_SNAPSHOT, json.dumps({"ray_version": version, "checkpoint_results": [
+            {"checkpoint_dir_name": name} for name in names]}))
+
+    ray_list(ray.__version__, "checkpoint_000010", "checkpoint_000020")
+    assert run_dir.reconcile_ray_snapshot() is None and run_dir.exists(RAY_SNAPSHOT)  # it agrees: kept
+    run_dir.fs.delete_dir(f"{run_dir.path}/checkpoint_000020")  # moved aside, or deleted by hand
+    assert run_dir.reconcile_ray_snapshot() == "it names checkpoint_000020, which is gone"
+    assert not run_dir.exists(RAY_SNAPSHOT)
+    ray_list("2.9.0", "checkpoint_000010")
+    assert run_dir.reconcile_ray_snapshot() == f"Ray 2.9.0 wrote it, this is Ray {ray.__version__}"
+    run_dir.write_text(RAY_SNAPSHOT, "{")
+    assert run_dir.reconcile_ray_snapshot() == "it could not be read" and not run_dir.exists(RAY_SNAPSHOT)
+    assert latest_resumable_checkpoint(cfg, run_dir) == "checkpoint_000010"
 
 
 def test_a_download_is_shared_by_a_nodes_processes_and_reused_until_the_source_changes(s3_storage, tmp_path):
