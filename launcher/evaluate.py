@@ -43,7 +43,8 @@ def flag_message(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}" if __spec__ else None, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
                                      "or a local Hugging Face model directory")
     parser.add_argument("--data", required=True,

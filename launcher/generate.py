@@ -79,7 +79,8 @@ def guided_grammar(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}" if __spec__ else None, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an export, a training checkpoint or a run directory (a path or a URI), "
                                      "or a local Hugging Face model directory")
     prompt = parser.add_mutually_exclusive_group()

@@ -270,6 +270,8 @@ def newest_export(storage: str, run_name: str | None) -> str:
 
     names = [run_name] if run_name else RunDir(storage, "").listdir()
     exports = [e for name in names for e in RunDir(storage, name).exports()]
+    if run_name and not RunDir(storage, run_name).exists():
+        raise FileNotFoundError(f"run.name={run_name!r} has no run directory under run.storage={storage!r}")
     if not exports:
         where = RunDir(storage, run_name).where("exports") if run_name else storage
         raise FileNotFoundError(f"no export under {where}: train, then run `python -m launcher.export "

@@ -636,6 +636,10 @@ def test_serve_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are power_of_two, "
                                           r"prefix_affinity$"):
         build(builder_args(ServeAppConfig(serve=ServeConfig(request_router="random", export_dir="/nowhere"))))
+    from launcher.serve_app import newest_export
+
+    with pytest.raises(FileNotFoundError, match=r"^run.name='nope' has no run directory under run.storage='/nowhere'$"):
+        newest_export("/nowhere", "nope")  # as export says it
 
 
 def test_max_model_len_is_checked_against_the_exports_context_before_serving(server, trained):
