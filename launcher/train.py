@@ -26,6 +26,7 @@ from launcher.preemption import CTRL_C, StopOnSignal
 from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import CONF_DIR, absolute, check_command_line, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
+from launcher.run_lock import training_lock
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
 from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size,
@@ -299,31 +300,32 @@ def run(cfg: TrainConfig, source=None) -> dict:
     run_dir = RunDir(cfg.run.storage, cfg.run.name)
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
-    latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
-    if why := run_dir.reconcile_ray_snapshot():
-        print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
-              f"{run_dir.where()} are what the run resumes from", flush=True)
-    print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
+    with training_lock(run_dir, cfg.run.name):  # before anything in the run directory is read or changed
+        latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
+        if why := run_dir.reconcile_ray_snapshot():
+            print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
+                  f"{run_dir.where()} are what the run resumes from", flush=True)
+        print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
 
-    start_ray(cfg)
-    stop = StopOnSignal(run_dir)
-    stop.install()
-    metrics = fit(cfg, str(prepared.directory), on_interrupt=lambda: stop.request(CTRL_C))
+        start_ray(cfg)
+        stop = StopOnSignal(run_dir)
+        stop.install()
+        metrics = fit(cfg, str(prepared.directory), on_interrupt=lambda: stop.request(CTRL_C))
 
-    final = run_dir.latest_checkpoint()
-    stopped_by = stop.requested
-    if stopped_by:
-        stop.clear()
-        print(f"stopped by {stopped_by} at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
-              "rerun the same command to continue", flush=True)
-    wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
-    copied = offline_copy(wandb_dir) if wandb_dir and copies_offline_run(cfg) else None
-    summary = build_summary(run_dir, final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
-                            config_to_dict(cfg), run_dir.where(copied) if copied and run_dir.exists(copied) else None)
-    print_outcome(cfg, run_dir, final, summary, write_summary(run_dir, summary))
-    if stopped_by == CTRL_C:
-        sys.exit(130)  # interrupted, as shells report it; a multirun sweep ends here too, as on Ray's abort
-    return summary
+        final = run_dir.latest_checkpoint()
+        stopped_by = stop.requested
+        if stopped_by:
+            stop.clear()
+            print(f"stopped by {stopped_by} at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
+                  "rerun the same command to continue", flush=True)
+        wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)
+        copied = offline_copy(wandb_dir) if wandb_dir and copies_offline_run(cfg) else None
+        summary = build_summary(run_dir, final, time.time() - started, prepared.meta["vocab_size"], wandb_dir,
+                                config_to_dict(cfg), run_dir.where(copied) if copied and run_dir.exists(copied) else None)
+        print_outcome(cfg, run_dir, final, summary, write_summary(run_dir, summary))
+        if stopped_by == CTRL_C:
+            sys.exit(130)  # interrupted, as shells report it; a multirun sweep ends here too, as on Ray's abort
+        return summary
 
 
 def check_sweep_jobs(argv: list[str]) -> None:

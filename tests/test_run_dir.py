@@ -114,6 +114,38 @@ def test_a_damaged_latest_checkpoint_is_refused_by_name_and_a_stale_ray_checkpoi
     assert latest_resumable_checkpoint(cfg, run_dir) == "checkpoint_000010"
 
 
+def test_a_run_is_trained_by_one_process_at_a_time_and_a_killed_ones_lock_is_gone(tmp_path):
+    """A second `make train` of a run still training would resume from its checkpoints and write the same
+    ones beside it: the driver holds the run directory's lock, which the kernel releases however it ends."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from launcher.run_lock import training_lock
+
+    run_dir = RunDir(str(tmp_path / "runs"), "run")
+    with training_lock(run_dir, "run"):
+        with pytest.raises(ConfigError, match=rf"^run.name='run' is being trained by pid {os.getpid()} on .+ since "
+                                              r"[-0-9: ]+: wait for it to end, stop it \(Ctrl-C or SIGTERM: it "
+                                              r"checkpoints first\), or choose another run.name$"):
+            with training_lock(run_dir, "run"):
+                pass
+    holder = subprocess.Popen([sys.executable, "-c", "from launcher.run_dir import RunDir\n"
+                               "from launcher.run_lock import training_lock\n"
+                               f"with training_lock(RunDir({str(tmp_path / 'runs')!r}, 'run'), 'run'):\n"
+                               "    print('held', flush=True); input()"],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(ConfigError, match=rf"being trained by pid {holder.pid} "):
+        with training_lock(run_dir, "run"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with training_lock(run_dir, "run"):  # no stale lock
+        pass
+
+
 def test_a_download_is_shared_by_a_nodes_processes_and_reused_until_the_source_changes(s3_storage, tmp_path):
     run_dir = RunDir(s3_storage, "run")
     name = put_checkpoint(run_dir, tmp_path / "src", 10)
