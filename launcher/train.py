@@ -345,6 +345,7 @@ def check_sweep_jobs(argv: list[str]) -> None:
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
     if len(jobs) < 2:
         return
+    named: dict[tuple[str, str], tuple[int, str]] = {}  # (storage, run.name) -> (first job, what it trains)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for number, job in enumerate(jobs):
             try:
@@ -356,6 +357,13 @@ def check_sweep_jobs(argv: list[str]) -> None:
                     validate(cfg)
                 except ConfigError as error:
                     raise ConfigError(f"{error} (in sweep job #{number} of {len(jobs)}; no job was started)") from None
+            if cfg.run.name:  # jobs training differently under one name: each would resume the one before
+                first, trains = named.setdefault((absolute(cfg.run.storage), cfg.run.name), (number, derive_run_name(cfg)))
+                if trains != derive_run_name(cfg):
+                    raise ConfigError(f"run.name={cfg.run.name!r} names sweep jobs #{first} and #{number}, which train "
+                                      "differently: the second would resume the first's finished run; leave run.name out "
+                                      "(each job's name then comes from what it trains) or name what varies, e.g. "
+                                      "'run.name=mine-lr${optim.lr}'; no job was started")
 
 
 register_schema()

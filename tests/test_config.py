@@ -56,6 +56,10 @@ BAD_INPUTS = [
     (["-m", "optim.lr=1e-3,3e-3x"], "optim.lr='3e-3x' is invalid: must be a number"),  # each value of a sweep
     (["-m", "optim.lr=1e-3,2e-3", "trainer.micro_batch_size=4,0"],  # every job, before the first starts
      "trainer.micro_batch_size=0 is invalid: must be an integer >= 1 (in sweep job #1 of 4; no job was started)"),
+    (["-m", "optim.lr=1e-3,2e-3", "run.name=mine"],  # job #1 would resume job #0's finished run
+     "run.name='mine' names sweep jobs #0 and #1, which train differently: the second would resume the first's "
+     "finished run; leave run.name out (each job's name then comes from what it trains) or name what varies, e.g. "
+     "'run.name=mine-lr${optim.lr}'; no job was started"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     (["cluster.num_workers=0"], "cluster.num_workers=0 is invalid: must be an integer >= 1"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 is invalid: must be an integer >= 1"),
