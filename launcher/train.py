@@ -300,22 +300,27 @@ def run(cfg: TrainConfig, source=None) -> dict:
     run_dir = RunDir(cfg.run.storage, cfg.run.name)
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
-    with training_lock(run_dir, cfg.run.name):  # before anything in the run directory is read or changed
-        latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
+    latest = latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
+    with training_lock(run_dir, cfg.run.name):  # before anything in the run directory is changed
         if why := run_dir.reconcile_ray_snapshot():
             print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
                   f"{run_dir.where()} are what the run resumes from", flush=True)
         print(f"run {cfg.run.name}: {run_dir.where()}", flush=True)
 
-        start_ray(cfg)
-        stop = StopOnSignal(run_dir)
-        stop.install()
-        metrics = fit(cfg, str(prepared.directory), on_interrupt=lambda: stop.request(CTRL_C))
-
+        metrics, stopped_by = {}, None
+        if latest and (step := run_dir.trainer_state(latest)["step"]) >= cfg.trainer.max_steps:
+            print(f"run {cfg.run.name} is at step {step}, trainer.max_steps={cfg.trainer.max_steps}: nothing to train",
+                  flush=True)  # no Ray to start
+        else:
+            start_ray(cfg)
+            stop = StopOnSignal(run_dir)
+            stop.install()
+            metrics = fit(cfg, str(prepared.directory), on_interrupt=lambda: stop.request(CTRL_C))
+            stopped_by = stop.requested
+            if stopped_by:
+                stop.clear()
         final = run_dir.latest_checkpoint()
-        stopped_by = stop.requested
         if stopped_by:
-            stop.clear()
             print(f"stopped by {stopped_by} at step {run_dir.trainer_state(final)['step']} of {cfg.trainer.max_steps}; "
                   "rerun the same command to continue", flush=True)
         wandb_dir = metrics.get("wandb_dir") or previous_wandb_dir(run_dir)

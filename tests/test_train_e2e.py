@@ -177,6 +177,13 @@ def test_ctrl_c_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, c
     assert "config error: model.n_embd=128 differs from the checkpoint's 256" in clash.stderr
     assert tree_digest(run_dir) == before
 
+    # The finished run's command once more: nothing to train, so no Ray; the same checkpoint and metrics.
+    again = launch(tmp_path, *base, "trainer.sample_tokens=0")
+    assert again.returncode == 0 and "run e2e is at step 45, trainer.max_steps=45: nothing to train" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
+    assert f"checkpoint: {run_dir}/checkpoint_000045" in again.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+
 
 def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_exports_there(
         tmp_path, corpus_file, s3_storage):
