@@ -28,7 +28,8 @@ from launcher.schema import CONF_DIR, absolute, check_command_line, fail, regist
 from launcher.run_dir import RunDir
 from launcher.run_lock import training_lock
 from launcher.storage import check_run_storage
-from launcher.wandb_logger import check_credentials as check_wandb_credentials, copies_offline_run, offline_copy
+from launcher.wandb_logger import (check_credentials as check_wandb_credentials, check_server as check_wandb_server,
+                                     copies_offline_run, offline_copy)
 from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size,
                        padded_vocab_size, resume_conflict, sequence_length, validate)
 
@@ -384,6 +385,7 @@ def main(dcfg: DictConfig) -> dict:
         check_gpu_request(cfg)
         if not joins_cluster(cfg):  # on a cluster, rank 0's node may hold a key the driver's does not
             check_wandb_credentials(cfg.logging)
+            check_wandb_server(cfg.logging)
         return run(cfg, source)
     except ConfigError as error:
         fail(error)

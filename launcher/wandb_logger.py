@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import netrc
 import os
+import socket
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from lm.config import ConfigError, LoggingConfig, TrainConfig
 from lm.remote_files import is_uri
+
+
+def wandb_hosts() -> list[str]:
+    """The hosts `wandb login` keeps a key for in netrc: WANDB_BASE_URL's, or W&B's default server
+    (api.forge.coreweave.com since wandb 0.31, whose key W&B also finds under api.wandb.ai, the server
+    behind it; before, api.wandb.ai itself)."""
+    base = os.environ.get("WANDB_BASE_URL")
+    try:
+        from wandb.sdk.lib import urls
+    except ImportError:  # an older wandb
+        return [urlparse(base or "https://api.wandb.ai").hostname]
+    base = base or urls.DEFAULT_BASE_URL
+    upstream = getattr(urls, "forge_upstream_url", lambda url: url)(base)
+    return list(dict.fromkeys([urlparse(base).hostname, urlparse(upstream).hostname]))
 
 
 def check_credentials(cfg: LoggingConfig) -> None:
@@ -20,12 +35,13 @@ def check_credentials(cfg: LoggingConfig) -> None:
         return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    hosts = wandb_hosts()
     try:
-        if netrc.netrc(os.environ.get("NETRC") or None).authenticators(host):
+        if any(netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) for host in hosts):
             return
     except (OSError, netrc.NetrcParseError):
         pass
+    host = hosts[0]
     config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
     for settings in (config_dir / "settings", Path(cfg.dir) / "wandb" / "settings", Path("wandb") / "settings"):
         try:
@@ -36,6 +52,22 @@ def check_credentials(cfg: LoggingConfig) -> None:
     raise ConfigError(f"logging.mode='online' needs a W&B API key for {host}: set WANDB_API_KEY (on a cluster, "
                       "in the job's runtime_env env_vars) or run `wandb login`; allowed without one: "
                       "logging=wandb_offline or logging=none")
+
+
+def check_server(cfg: LoggingConfig, timeout: float = 5.0) -> None:
+    """Online logging to a W&B server this machine cannot reach failed in rank 0's wandb.init after its
+    90 s timeout, with a traceback: refuse it on the driver (a name that does not resolve, a connection
+    refused or unanswered). Behind a proxy (HTTPS_PROXY, ALL_PROXY) only W&B can tell: not checked."""
+    if cfg.backend != "wandb" or cfg.mode != "online" or \
+            any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    base = os.environ.get("WANDB_BASE_URL") or f"https://{wandb_hosts()[0]}"
+    url = urlparse(base)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError as error:
+        raise ConfigError(f"logging.mode='online': the W&B server {base} cannot be reached from here ({error}); "
+                          "allowed: logging=wandb_offline (`wandb sync` uploads the run later) or logging=none") from None
 
 
 def copies_offline_run(cfg: TrainConfig) -> bool:

@@ -340,7 +340,7 @@ def test_each_schedule_warms_up_alike_then_takes_its_shape():
 
 
 def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, monkeypatch):
-    from launcher.wandb_logger import check_credentials
+    from launcher.wandb_logger import check_credentials, wandb_hosts
     from lm.config import LoggingConfig
 
     for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "NETRC"):
@@ -349,14 +349,20 @@ def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, 
     monkeypatch.chdir(tmp_path)
     online, offline = LoggingConfig(mode="online", dir=str(tmp_path / "w")), LoggingConfig(dir=str(tmp_path / "w"))
     check_credentials(offline)
-    with pytest.raises(ConfigError, match=r"^logging.mode='online' needs a W&B API key for api.wandb.ai: set WANDB_API_KEY"):
+    hosts = wandb_hosts()  # wandb 0.31 logs in to api.forge.coreweave.com and reads api.wandb.ai's key too
+    assert "api.wandb.ai" in hosts
+    with pytest.raises(ConfigError, match=rf"^logging.mode='online' needs a W&B API key for {hosts[0]}: set WANDB_API_KEY"):
+        check_credentials(online)
+    for host in hosts:  # what `wandb login` wrote, with this wandb or an older one
+        (tmp_path / ".netrc").write_text(f"machine {host} login user password " + "y" * 40 + "\n")
+        (tmp_path / ".netrc").chmod(0o600)
         check_credentials(online)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     check_credentials(online)
     monkeypatch.delenv("WANDB_API_KEY")
     (tmp_path / ".netrc").write_text("machine wandb.example.com login user password " + "y" * 40 + "\n")
     (tmp_path / ".netrc").chmod(0o600)
-    with pytest.raises(ConfigError, match="for api.wandb.ai"):
+    with pytest.raises(ConfigError, match=f"for {hosts[0]}"):
         check_credentials(online)  # a key for another host is not W&B's
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
     check_credentials(online)  # `wandb login --host` wrote it
@@ -365,13 +371,34 @@ def test_online_wandb_without_an_api_key_is_refused_before_ray_starts(tmp_path, 
     (tmp_path / ".config" / "wandb" / "settings").write_text("[default]\napi_key = " + "z" * 40 + "\n")
     check_credentials(online)
 
+    # A key, but a server this machine cannot reach: refused here, not after wandb.init's 90 s in rank 0.
+    import socket
+
+    from conftest import free_port
+    from launcher.wandb_logger import check_server
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    check_server(offline)
+    with pytest.raises(ConfigError, match=rf"^logging.mode='online': the W&B server http://127.0.0.1:{port} cannot be "
+                                          r"reached from here \(.*refused.*\); allowed: logging=wandb_offline"):
+        check_server(online)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
+    check_server(online)  # only W&B, through its proxy, can tell
+    monkeypatch.delenv("HTTPS_PROXY")
+    with socket.create_server(("127.0.0.1", port)):
+        check_server(online)
+    monkeypatch.delenv("WANDB_BASE_URL")
+
     result = subprocess.run([sys.executable, "-m", "launcher.train", "logging=wandb_online", f"run.storage={tmp_path}/runs",
                              f"data.cache_dir={tmp_path}/cache"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
                             | {"PYTHONPATH": str(REPO), "HOME": str(tmp_path / "empty_home")})
     assert result.returncode == 2, result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
-        "config error: logging.mode='online' needs a W&B API key for api.wandb.ai: set WANDB_API_KEY (on a cluster, in "
+        f"config error: logging.mode='online' needs a W&B API key for {hosts[0]}: set WANDB_API_KEY (on a cluster, in "
         "the job's runtime_env env_vars) or run `wandb login`; allowed without one: logging=wandb_offline or logging=none"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists(), "nothing may be written"
 
