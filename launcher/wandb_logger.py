@@ -21,7 +21,7 @@ def wandb_hosts() -> list[str]:
         from wandb.sdk.lib import urls
     except ImportError:  # an older wandb
         return [urlparse(base or "https://api.wandb.ai").hostname]
-    base = base or urls.DEFAULT_BASE_URL
+    base = base or getattr(urls, "DEFAULT_BASE_URL", "https://api.wandb.ai")
     upstream = getattr(urls, "forge_upstream_url", lambda url: url)(base)
     return list(dict.fromkeys([urlparse(base).hostname, urlparse(upstream).hostname]))
 
