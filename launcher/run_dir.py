@@ -24,6 +24,7 @@ from lm.staging import node_lock, staged_directory
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)$")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
+
 def open_storage(storage: str):
     """(pyarrow filesystem, path on it) for run.storage."""
     import pyarrow.fs as pafs

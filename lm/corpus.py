@@ -47,6 +47,9 @@ def source_files(data: DataConfig, field: str = "data.path") -> list[list[Path]]
     return [item_files(item, downloads, field) for item in path_items(_setting(data, field))]
 
 
+_ITEMS_NOTED: set[tuple[str, str]] = set()  # directories whose unread files were mentioned (once a process)
+
+
 def item_files(item: str, downloads: Path, field: str = "data.path") -> list[Path]:
     """The files one item of data.path names: a file, a directory (its files of known formats,
     recursively) or a glob; a URI's are mirrored under `downloads` first (lm.remote_files)."""
@@ -61,15 +64,21 @@ def item_files(item: str, downloads: Path, field: str = "data.path") -> list[Pat
     if os.path.isdir(expanded):
         files = sorted(p for p in Path(expanded).rglob("*") if p.is_file())
         known = [p for p in files if file_format(p)]
-        if files and not known:  # a tree of source code, say: name its files with a glob
-            suffixes = collections.Counter(p.suffix for p in files if p.suffix and not p.name.startswith("."))
-            if suffixes:
-                common = suffixes.most_common(1)[0][0]
-                kinds = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
-                kinds += ", ..." if len(suffixes) > 3 else ""
+        # A tree of source code, say: its .py files are not read unless a glob names them. None read is
+        # an error; most not read (a README among them) is said once.
+        others = collections.Counter(p.suffix for p in files if p.suffix and not file_format(p)
+                                     and not p.name.startswith("."))
+        if others and sum(others.values()) > len(known) and (field, item) not in _ITEMS_NOTED:
+            common = others.most_common(1)[0][0]
+            kinds = ", ".join(f"{count} {suffix}" for suffix, count in others.most_common(3))
+            kinds += ", ..." if len(others) > 3 else ""
+            glob_hint = f"name them with a glob to read them as text, e.g. '{item.rstrip('/')}/**/*{common}'"
+            if not known:
                 raise ConfigError(f"{field}: the directory {item!r} holds none of the formats it is read for "
-                                  f"({', '.join(FORMATS)}); its files: {kinds}: name them with a glob to read them "
-                                  f"as text, e.g. '{item.rstrip('/')}/**/*{common}'")
+                                  f"({', '.join(FORMATS)}); its files: {kinds}: {glob_hint}")
+            _ITEMS_NOTED.add((field, item))
+            print(f"data: {field} item {item!r}: {len(known)} of its files are read ({', '.join(FORMATS)}), not "
+                  f"its {kinds} files: {glob_hint}", file=sys.stderr, flush=True)
         return known
     if os.path.isfile(expanded):
         return [Path(expanded)]

@@ -143,7 +143,7 @@ def test_directories_globs_and_jsonl_text_fields(tmp_path):
     assert read_documents(corpus_files(cfg), cfg) == ["line one", "line two"]
 
 
-def test_a_directory_of_source_code_is_refused_with_the_glob_that_reads_it(tmp_path):
+def test_a_directory_of_source_code_is_refused_with_the_glob_that_reads_it(tmp_path, capsys):
     (tmp_path / "repo" / "pkg").mkdir(parents=True)
     for name in ("a.py", "b.py", "pkg/c.py", "setup.cfg"):
         (tmp_path / "repo" / name).write_text("def f():\n    return 1\n")
@@ -155,6 +155,12 @@ def test_a_directory_of_source_code_is_refused_with_the_glob_that_reads_it(tmp_p
                                 f"to read them as text, e.g. '{tmp_path}/repo/**/*.py'")
     cfg = DataConfig(source="files", path=f"{tmp_path}/repo/**/*.py")  # as the message says
     assert len(read_documents(corpus_files(cfg), cfg)) == 3
+    (tmp_path / "repo" / "README.md").write_text("# A package\n")  # read, and the code beside it said once
+    cfg = DataConfig(source="files", path=f"{tmp_path}/repo/")
+    assert corpus_files(cfg) == corpus_files(cfg) == [tmp_path / "repo" / "README.md"]
+    assert capsys.readouterr().err == (f"data: data.path item '{tmp_path}/repo/': 1 of its files are read (.txt, .md, "
+                                       ".jsonl, .parquet, .arrow), not its 3 .py, 1 .cfg files: name them with a glob "
+                                       f"to read them as text, e.g. '{tmp_path}/repo/**/*.py'\n")
 
 
 def test_jsonl_without_the_text_field_names_the_field_and_line(tmp_path):
