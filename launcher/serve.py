@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import hydra
@@ -40,11 +41,27 @@ def builder_args(cfg: ServeAppConfig) -> dict:
             "max_num_batched_tokens": s.max_num_batched_tokens, "request_router": s.request_router}
 
 
+def check_port_free(host: str, port: int, field: str) -> None:
+    """A port in use (a `make serve` still running) failed in Serve's proxy, with a traceback a second,
+    after Ray had started: one line first. Bound as uvicorn binds (SO_REUSEADDR: a port a server just
+    left, in TIME_WAIT, is free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"{field}={port} is invalid: {host}:{port} is in use ({error.strerror}); stop what "
+                              f"listens there (a `make serve` still running?) or choose another {field}") from None
+
+
 @hydra.main(config_path="../hydra_conf", config_name="serve", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg: ServeAppConfig = OmegaConf.to_object(dcfg)
     try:
         args = builder_args(cfg)
+        check_port_free(cfg.serve.host, cfg.serve.port, "serve.port")
+        if cfg.serve.metrics_port is not None:
+            check_port_free("127.0.0.1", cfg.serve.metrics_port, "serve.metrics_port")
         from launcher.serve_app import build
 
         app = build(args)

@@ -636,6 +636,17 @@ def test_serve_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^serve.request_router='random' is invalid: allowed are power_of_two, "
                                           r"prefix_affinity$"):
         build(builder_args(ServeAppConfig(serve=ServeConfig(request_router="random", export_dir="/nowhere"))))
+    import socket
+
+    from launcher.serve import check_port_free
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a `make serve` still running, say
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^serve.port={port} is invalid: 127.0.0.1:{port} is in use \(.+\); "
+                                              r"stop what listens there \(a `make serve` still running\?\) or "
+                                              r"choose another serve.port$"):
+            check_port_free("127.0.0.1", port, "serve.port")
+    check_port_free("127.0.0.1", port, "serve.port")  # free again
     from launcher.serve_app import newest_export
 
     with pytest.raises(FileNotFoundError, match=r"^run.name='nope' has no run directory under run.storage='/nowhere'$"):
