@@ -1,8 +1,8 @@
 """One training process per run. A second `make train` of a run.name still training would resume
 from the first one's checkpoints, write checkpoints of the same names beside it, and share its
 staging directory and stop-request file; so the driver holds an exclusive lock on the run directory
-while it trains (flock, which the kernel releases however the process ends). Runs in an object store
-are not locked: it has no locks."""
+while it trains (flock, which the kernel releases however the process ends). Runs in an object store,
+or on a filesystem without locks, are not locked."""
 
 from __future__ import annotations
 
@@ -28,15 +28,19 @@ def training_lock(run_dir: RunDir, run_name: str):
     os.makedirs(run_dir.path, exist_ok=True)
     fd = os.open(os.path.join(run_dir.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
             raise ConfigError(f"run.name={run_name!r} is being trained by {holder}: wait for it to end, stop it "
                               "(Ctrl-C or SIGTERM: it checkpoints first), or choose another run.name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
+        except OSError:  # a filesystem without locks (NFS mounted nolock): train unlocked, as before
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
