@@ -25,8 +25,11 @@ def training_lock(run_dir: RunDir, run_name: str):
         return
     import fcntl
 
-    os.makedirs(run_dir.path, exist_ok=True)
-    fd = os.open(os.path.join(run_dir.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(run_dir.path, exist_ok=True)
+        fd = os.open(os.path.join(run_dir.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # what storage.check_writable_directory could not foresee (/proc, a full disk)
+        raise ConfigError(f"run.storage={os.path.dirname(run_dir.path)!r} cannot be written: {error}") from None
     try:
         locked = True
         try:

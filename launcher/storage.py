@@ -44,6 +44,7 @@ def check_run_storage(cfg: TrainConfig) -> None:
     if is_uri(storage):
         check_object_store(storage)
         return
+    check_writable_directory(storage, "run.storage")
     if not cfg.cluster.multi_node:
         return
     shared = cfg.cluster.shared_storage
@@ -54,6 +55,19 @@ def check_run_storage(cfg: TrainConfig) -> None:
                           "cluster.multi_node=true puts workers on several nodes: allowed: a path on a "
                           "filesystem every node mounts (NFS, EFS, FSx, Lustre, ...), or "
                           "cluster.shared_storage=true if this path is shared")
+
+
+def check_writable_directory(path: str, field: str) -> None:
+    """A directory this user can write or create (nothing is made here): checked before the token cache
+    is built, where a file in the way or a read-only directory failed with a traceback after it."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = (f"{existing} is a file" if not existing.is_dir() else
+               f"{existing} is not writable by this user" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise ConfigError(f"{field}={path!r} cannot be written: {problem}; allowed: a directory this user can "
+                          "create and write")
 
 
 def check_object_store(storage: str, field: str = "run.storage") -> None:

@@ -206,6 +206,18 @@ def test_storage_that_cannot_be_used_is_refused_in_one_line(s3_storage):
             check_run_storage(cfg)
 
 
+def test_a_storage_path_that_cannot_be_written_is_refused_before_the_data_is_prepared(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    check_run_storage(to_train_config(composed(f"run.storage={tmp_path}/new/runs")))
+    assert not (tmp_path / "new").exists(), "checked, not made"
+    with pytest.raises(ConfigError, match=rf"^run.storage='{tmp_path}/a_file/runs' cannot be written: {tmp_path}/a_file "
+                                          r"is a file; allowed: a directory this user can create and write$"):
+        check_run_storage(to_train_config(composed(f"run.storage={tmp_path}/a_file/runs")))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only directory (root may write anywhere)
+    with pytest.raises(ConfigError, match=rf"cannot be written: {tmp_path} is not writable by this user"):
+        check_run_storage(to_train_config(composed(f"run.storage={tmp_path}/runs")))
+
+
 def test_export_and_serve_refuse_a_missing_bucket_in_one_line(s3_storage, tmp_path):
     import subprocess
     import sys
