@@ -268,10 +268,10 @@ def newest_export(storage: str, run_name: str | None) -> str:
     """The newest export of the named run, or the newest of any run, under run.storage (a path or a URI)."""
     from launcher.run_dir import RunDir
 
-    names = [run_name] if run_name else RunDir(storage, "").listdir()
-    exports = [e for name in names for e in RunDir(storage, name).exports()]
     if run_name and not RunDir(storage, run_name).exists():
         raise FileNotFoundError(f"run.name={run_name!r} has no run directory under run.storage={storage!r}")
+    names = [run_name] if run_name else RunDir(storage, "").listdir()
+    exports = [e for name in names for e in RunDir(storage, name).exports()]
     if not exports:
         where = RunDir(storage, run_name).where("exports") if run_name else storage
         raise FileNotFoundError(f"no export under {where}: train, then run `python -m launcher.export "

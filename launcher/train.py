@@ -364,8 +364,9 @@ def check_sweep_jobs(argv: list[str]) -> None:
                 except ConfigError as error:
                     raise ConfigError(f"{error} (in sweep job #{number} of {len(jobs)}; no job was started)") from None
             if cfg.run.name:  # jobs training differently under one name: each would resume the one before
-                first, trains = named.setdefault((absolute(cfg.run.storage), cfg.run.name), (number, derive_run_name(cfg)))
-                if trains != derive_run_name(cfg):
+                trains = derive_run_name(cfg)
+                first, first_trains = named.setdefault((absolute(cfg.run.storage), cfg.run.name), (number, trains))
+                if trains != first_trains:
                     raise ConfigError(f"run.name={cfg.run.name!r} names sweep jobs #{first} and #{number}, which train "
                                       "differently: the second would resume the first's finished run; leave run.name out "
                                       "(each job's name then comes from what it trains) or name what varies, e.g. "

@@ -124,13 +124,17 @@ def check_text_files(not_utf8: dict[Path, str], files: int, data: DataConfig) ->
     embedded corpus's few (the standard library's tests of other encodings) go unmentioned."""
     if not not_utf8 or data.source == "stdlib":
         return
-    listed = ", ".join(f"{path} ({detail})" for path, detail in list(not_utf8.items())[:5]) + \
-        (f" and {len(not_utf8) - 5} more" if len(not_utf8) > 5 else "")
+    listed = _first_of([f"{path} ({detail})" for path, detail in not_utf8.items()], 5)
     if len(not_utf8) > data.max_bad_fraction * files:
         raise ConfigError(f"data.path={data.path!r}: {len(not_utf8)} of {files} files are not UTF-8 text, more than "
                           f"data.max_bad_fraction={data.max_bad_fraction}: {listed}; allowed: UTF-8 text (or UTF-16 "
                           "with a byte-order mark): convert them, e.g. iconv -f latin1 -t utf-8, or leave them out")
     print(f"data: skipped {len(not_utf8)} of {files} files, not UTF-8 text: {listed}", file=sys.stderr, flush=True)
+
+
+def _first_of(items: list, shown: int) -> str:
+    """The first `shown` items, and how many more: a report that stays one line."""
+    return ", ".join(map(str, items[:shown])) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def empty_corpus(files: list[Path], data: DataConfig, field: str) -> NoReturn:
@@ -186,7 +190,7 @@ def check_chats(count: int, bad: list[BadLine], data: DataConfig, field: str = "
     `data.val_path`, validation takes some of the `count` conversations, so at least 2 are needed."""
     value, total = _setting(data, field), count + len(bad)
     if bad:
-        listed = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        listed = _first_of(bad, 10)
         if len(bad) > data.max_bad_fraction * total:
             hint = ("; data.chat_template=builtin renders conversations with the built-in template instead"
                     if any(b.reason.startswith("the chat template") for b in bad) else "")

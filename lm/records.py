@@ -57,7 +57,7 @@ def read_text(path: Path) -> str:
         raw = f.read()
     encoding = next((codec for mark, codec in _BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8")
     text = raw.decode(encoding, errors="replace")
-    undecodable = text.count("\ufffd") - raw.count("\ufffd".encode(encoding.removesuffix("-sig")))
+    undecodable = text.count("\ufffd") - (raw.count("\ufffd".encode()) if encoding != "utf-16" else 0)  # less U+FFFD written
     if undecodable > MAX_UNDECODABLE * len(raw):
         try:
             raw.decode(encoding)
