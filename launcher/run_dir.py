@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from lm.checkpoint import TRAINER_STATE, manifest_complete
+from lm.checkpoint import TRAINER_STATE, damaged_archive, manifest_complete
 from lm.remote_files import is_uri, split_query
 from lm.staging import node_lock, staged_directory
 
@@ -113,19 +113,9 @@ class RunDir:
         return None
 
     def damaged_file(self, checkpoint: str) -> str | None:
-        """The first of a checkpoint's torch files (.pt, zip archives) whose archive directory cannot be
-        read, with why: bytes a crash or a disk lost (zeroed, or cut and padded) that the sizes in its
-        manifests do not show. Reads only each archive's directory, not its tensors."""
-        import zipfile
-
-        for name in sorted(self.sizes(checkpoint)):
-            if name.endswith(".pt"):
-                try:
-                    with self.fs.open_input_file(self._path(f"{checkpoint}/{name}")) as f, zipfile.ZipFile(f):
-                        pass
-                except (zipfile.BadZipFile, OSError, ValueError) as error:
-                    return f"{name} ({error})"
-        return None
+        """lm.checkpoint.damaged_archive of a checkpoint here, local or in an object store."""
+        return damaged_archive(self.sizes(checkpoint),
+                               lambda name: self.fs.open_input_file(self._path(f"{checkpoint}/{name}")))
 
     def reconcile_ray_snapshot(self) -> str | None:
         """Ray Train will not start in a run directory whose list of checkpoints (its

@@ -26,12 +26,12 @@ from launcher.preemption import CTRL_C, StopOnSignal
 from launcher.ray_env import WORKER_ENV, init_local_ray
 from launcher.schema import CONF_DIR, absolute, check_command_line, fail, register_schema, to_train_config
 from launcher.run_dir import RunDir
-from launcher.run_lock import training_lock
 from launcher.storage import check_run_storage
 from launcher.wandb_logger import (check_credentials as check_wandb_credentials, check_server as check_wandb_server,
                                      copies_offline_run, offline_copy)
 from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size,
                        padded_vocab_size, resume_conflict, sequence_length, validate)
+from lm.run_lock import training_lock
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
 # Settings that do not change what is trained, so they do not change the derived run name.
@@ -302,7 +302,7 @@ def run(cfg: TrainConfig, source=None) -> dict:
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
     latest = latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
-    with training_lock(run_dir, cfg.run.name):  # before anything in the run directory is changed
+    with training_lock(run_dir.path, cfg.run.name, remote=run_dir.remote):  # before anything in the run directory is changed
         if why := run_dir.reconcile_ray_snapshot():
             print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
                   f"{run_dir.where()} are what the run resumes from", flush=True)

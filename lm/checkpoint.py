@@ -183,6 +183,31 @@ def manifest_complete(read_text, size_of) -> bool:
     return True
 
 
+def damaged_file(path: str | Path) -> str | None:
+    """The first of a checkpoint directory's torch files that cannot be read, with why (see
+    `damaged_archive`), or None."""
+    path = Path(path)
+    names = [str(p.relative_to(path)) for p in path.rglob("*.pt")]
+    return damaged_archive(names, lambda name: open(path / name, "rb"))
+
+
+def damaged_archive(names, open_binary) -> str | None:
+    """The first of a checkpoint's torch files (.pt, zip archives) among `names` whose archive
+    directory cannot be read through `open_binary(name)`, with why: bytes a crash or a lost disk
+    zeroed (or cut and padded) that the sizes in its manifests do not show. Reads only each archive's
+    directory, not its tensors, so it is cheap enough to run before every resume."""
+    import zipfile
+
+    for name in sorted(names):
+        if name.endswith(".pt"):
+            try:
+                with open_binary(name) as f, zipfile.ZipFile(f):
+                    pass
+            except (zipfile.BadZipFile, OSError, ValueError) as error:
+                return f"{name} ({error})"
+    return None
+
+
 def read_trainer_state(path: str | Path) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 

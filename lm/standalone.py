@@ -10,11 +10,13 @@ by rank 0 once every rank has written its part. Rerunning resumes from the lates
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
-from lm.checkpoint import commit_checkpoint_dir, find_latest_checkpoint, remove_checkpoint
+from lm.checkpoint import commit_checkpoint_dir, damaged_file, find_latest_checkpoint, load_config, remove_checkpoint
 
 
 def local_hooks(run_dir: str | Path, rank: int, keep: int, log=None):
@@ -51,21 +53,49 @@ def _print_metrics(metrics: dict, step: int) -> None:
     print(format_metrics(metrics, step), flush=True)
 
 
+def resumable_checkpoint(cfg, run_dir: Path) -> Path | None:
+    """The run's latest checkpoint, after checking that this config can continue it and that its
+    torch files can be read (a damaged one would fail every rank mid-load)."""
+    from lm.config import ConfigError, resume_conflict
+
+    latest = find_latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    conflict = resume_conflict(load_config(latest), cfg)
+    if conflict:
+        raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
+                          "choose another run.name to start a new run)")
+    damaged = damaged_file(latest)
+    if damaged:
+        raise ConfigError(f"run.name={cfg.run.name!r}: its latest checkpoint {latest} is damaged: {damaged}; move "
+                          f"it aside to resume from the one before it (mv {latest} {run_dir}/damaged_{latest.name}), "
+                          "or choose another run.name")
+    return latest
+
+
 def main() -> None:
-    from lm.config import config_from_dict, validate
+    from lm.config import ConfigError, config_from_dict, validate
+    from lm.run_lock import training_lock
     from lm.trainer import train
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="resolved config JSON")
     parser.add_argument("--dataset-dir", required=True, help="token cache directory (has meta.json)")
     args = parser.parse_args()
-    cfg = config_from_dict(json.loads(Path(args.config).read_text()))
-    validate(cfg)
-    cfg.cluster.num_workers = int(os.environ.get("WORLD_SIZE", cfg.cluster.num_workers))
     rank = int(os.environ.get("RANK", 0))
-    run_dir = Path(cfg.run.storage) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = train(cfg, args.dataset_dir, local_hooks(run_dir, rank, cfg.trainer.keep_checkpoints))
+    try:
+        cfg = config_from_dict(json.loads(Path(args.config).read_text()))
+        validate(cfg)
+        cfg.cluster.num_workers = int(os.environ.get("WORLD_SIZE", cfg.cluster.num_workers))
+        run_dir = Path(cfg.run.storage) / cfg.run.name
+        resumable_checkpoint(cfg, run_dir)  # every rank checks, so every rank stops on a bad one
+        # rank 0 commits the checkpoints, so it holds the run: a second launch of it stops here
+        with training_lock(str(run_dir), cfg.run.name) if rank == 0 else contextlib.nullcontext():
+            metrics = train(cfg, args.dataset_dir, local_hooks(run_dir, rank, cfg.trainer.keep_checkpoints))
+    except ConfigError as error:
+        if rank == 0:
+            print(f"config error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
     import torch.distributed as dist

@@ -122,18 +122,17 @@ def test_a_run_is_trained_by_one_process_at_a_time_and_a_killed_ones_lock_is_gon
     import sys
 
     from conftest import REPO
-    from launcher.run_lock import training_lock
+    from lm.run_lock import training_lock
 
-    run_dir = RunDir(str(tmp_path / "runs"), "run")
+    run_dir = str(tmp_path / "runs" / "run")
     with training_lock(run_dir, "run"):
         with pytest.raises(ConfigError, match=rf"^run.name='run' is being trained by pid {os.getpid()} on .+ since "
                                               r"[-0-9: ]+: wait for it to end, stop it \(Ctrl-C or SIGTERM: it "
                                               r"checkpoints first\), or choose another run.name$"):
             with training_lock(run_dir, "run"):
                 pass
-    holder = subprocess.Popen([sys.executable, "-c", "from launcher.run_dir import RunDir\n"
-                               "from launcher.run_lock import training_lock\n"
-                               f"with training_lock(RunDir({str(tmp_path / 'runs')!r}, 'run'), 'run'):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from lm.run_lock import training_lock\n"
+                               f"with training_lock({run_dir!r}, 'run'):\n"
                                "    print('held', flush=True); input()"],
                               cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"

@@ -1,8 +1,9 @@
 """One training process per run. A second `make train` of a run.name still training would resume
 from the first one's checkpoints, write checkpoints of the same names beside it, and share its
-staging directory and stop-request file; so the driver holds an exclusive lock on the run directory
-while it trains (flock, which the kernel releases however the process ends). Runs in an object store,
-or on a filesystem without locks, are not locked."""
+staging directory and stop-request file; so the process that commits checkpoints (the Ray driver,
+or rank 0 under torchrun) holds an exclusive lock on the run directory while it trains (flock, which
+the kernel releases however the process ends). Runs in an object store, or on a filesystem without
+locks, are not locked."""
 
 from __future__ import annotations
 
@@ -11,25 +12,24 @@ import os
 import socket
 import time
 
-from launcher.run_dir import RunDir
 from lm.config import ConfigError
 
 LOCK_FILE = ".train.lock"
 
 
 @contextlib.contextmanager
-def training_lock(run_dir: RunDir, run_name: str):
+def training_lock(run_dir: str, run_name: str, remote: bool = False):
     """Held while the body runs; a run already held elsewhere is a ConfigError naming its holder."""
-    if run_dir.remote:
+    if remote:
         yield
         return
     import fcntl
 
     try:
-        os.makedirs(run_dir.path, exist_ok=True)
-        fd = os.open(os.path.join(run_dir.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:  # what storage.check_writable_directory could not foresee (/proc, a full disk)
-        raise ConfigError(f"run.storage={os.path.dirname(run_dir.path)!r} cannot be written: {error}") from None
+        raise ConfigError(f"run.storage={os.path.dirname(run_dir)!r} cannot be written: {error}") from None
     try:
         locked = True
         try:
