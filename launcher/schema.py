@@ -105,8 +105,10 @@ def _check_key(key: str, values: list, schema: type) -> None:
         names = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
         if part not in names:
             where = ".".join(path)
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f" (did you mean {'.'.join(path + close)}?)" if close else ""
+            nearby = difflib.get_close_matches(part, names, n=1)
+            close = _keys_elsewhere(part, schema, key, exact=True) or (
+                ['.'.join(path + nearby)] if nearby else _keys_elsewhere(part, schema, key, exact=False))
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             keys = f"{where}'s keys" if where else "top-level keys"
             raise ConfigError(f"{key} is not a config key{hint}: {keys} are {', '.join(names)}")
         parent, path = section, path + [part]
@@ -119,6 +121,35 @@ def _check_key(key: str, values: list, schema: type) -> None:
             node[path[-1]] = value
         except OmegaConfBaseException:
             raise ConfigError(f"{key}={value!r} is invalid: must be {_described(section)}") from None
+
+
+def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every settable key of a schema, dotted (`optim.lr`)."""
+    import dataclasses
+
+    keys = []
+    for field in dataclasses.fields(schema):
+        kind = typing.get_type_hints(schema)[field.name]
+        name = prefix + field.name
+        keys += _leaf_keys(kind, name + ".") if dataclasses.is_dataclass(kind) else [name]
+    return keys
+
+
+def _keys_elsewhere(part: str, schema: type, key: str, exact: bool) -> list[str]:
+    """For a key put in the wrong section (`trainer.lr`, or a bare `max_steps`): the keys of that
+    name in the other sections (`optim.lr`), or with `exact=False` of a name it starts or is close to."""
+    import difflib
+
+    if not key.endswith(part):
+        return []  # a misspelt section, not a misplaced key
+    keys = [k for k in _leaf_keys(schema) if k != key]
+    leaves = sorted({k.rsplit(".", 1)[-1] for k in keys})
+    if exact:
+        close = [part] if part in leaves else []
+    else:
+        close = [leaf for leaf in leaves if leaf.startswith(part + "_")][:1] or \
+            difflib.get_close_matches(part, leaves, n=1, cutoff=0.8)
+    return [k for k in keys if close and k.rsplit(".", 1)[-1] == close[0]][:3]
 
 
 def _described(kind) -> str:

@@ -154,6 +154,13 @@ def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
         ("++trainer.max_steps=x",): "trainer.max_steps='x' is invalid: must be an integer",
         ("model.rope_scaling.factr=2",): "model.rope_scaling.factr is not a config key (did you mean "
                                          "model.rope_scaling.factor?): model.rope_scaling's keys are ",
+        # a key in the wrong section, or without one, is found where it is
+        ("trainer.lr=1e-3",): "trainer.lr is not a config key (did you mean optim.lr?): trainer's keys are ",
+        ("max_steps=5",): "max_steps is not a config key (did you mean trainer.max_steps?): top-level keys are ",
+        ("optim.max_steps=5",): "optim.max_steps is not a config key (did you mean trainer.max_steps?)",
+        ("trainer.zero_stage=2",): "trainer.zero_stage is not a config key (did you mean deepspeed.zero_stage?)",
+        ("trainer.warmup=10",): "trainer.warmup is not a config key (did you mean optim.warmup_steps?)",
+        ("trainr.max_steps=5",): "trainr.max_steps is not a config key (did you mean trainer?)",
         ("-m", "model=tiny,huge"): "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny",
         ("a=[1,2",): "'a=[1,2' is not an override Hydra can read: no viable alternative at input '[1,2'",
     }
@@ -165,6 +172,8 @@ def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
         check_overrides(["serve.num_replica=2"], ServeAppConfig)
     with pytest.raises(ConfigError, match=r"^export.precison is not a config key \(did you mean export.precision\?\)"):
         check_overrides(["export.precison=int8"], ExportAppConfig)
+    with pytest.raises(ConfigError, match=r"^run.precision is not a config key \(did you mean export.precision\?\)"):
+        check_overrides(["run.precision=int8"], ExportAppConfig)
 
 
 def heavy_modules_imported_by(statement: str, heavy: tuple[str, ...]) -> list[str]:
