@@ -70,8 +70,15 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...] = ())
                     raise ConfigError(f"{key}={choice!r} is not an option: allowed values are {', '.join(options)}")
         else:  # the schemas are closed: `+key` or `++key` adds nothing Hydra's merge would keep quietly
             _check_key(key, values, schema)
+            if key in DERIVED:
+                raise ConfigError(f"{key} cannot be set: {DERIVED[key]}")
             if override.is_add():
                 raise ConfigError(f"+{key}: {key} is already a config key; set it without the +")
+
+
+# Keys of the schema that the launcher fills in, so a value given for them would be overwritten.
+DERIVED = {"model.vocab_size": "it is the tokenizer's vocabulary, padded to a multiple of 64 (set data.vocab_size, "
+                               "the BPE vocabulary to learn, or trainer.init_from's model brings its own)"}
 
 
 def check_command_line(schema: type, groups: tuple[str, ...] = ()) -> None:

@@ -161,6 +161,8 @@ def test_overrides_hydra_would_refuse_fail_in_one_line_and_the_rest_pass():
         ("trainer.zero_stage=2",): "trainer.zero_stage is not a config key (did you mean deepspeed.zero_stage?)",
         ("trainer.warmup=10",): "trainer.warmup is not a config key (did you mean optim.warmup_steps?)",
         ("trainr.max_steps=5",): "trainr.max_steps is not a config key (did you mean trainer?)",
+        ("model.vocab_size=100",): "model.vocab_size cannot be set: it is the tokenizer's vocabulary, padded to a "
+                                   "multiple of 64 (set data.vocab_size, ",
         ("-m", "model=tiny,huge"): "model='huge' is not an option: allowed values are gpt2-124m, llama-small, small, tiny",
         ("a=[1,2",): "'a=[1,2' is not an override Hydra can read: no viable alternative at input '[1,2'",
     }
