@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lm.config import ConfigError, TrainConfig, validate
+from lm.config import ConfigError, LoggingConfig, TrainConfig, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "hydra_conf"
 
@@ -22,9 +22,25 @@ def register_schema() -> None:
 def to_train_config(cfg: DictConfig, check: bool = True) -> TrainConfig:
     """The composed config as dataclasses, validated unless `check=False` (raises ConfigError)."""
     typed: TrainConfig = OmegaConf.to_object(cfg)
+    apply_wandb_mode(typed.logging)
     if check:
         validate(typed)
     return typed
+
+
+def apply_wandb_mode(logging: LoggingConfig) -> None:
+    """logging.mode as W&B takes it, since WANDB_MODE may set it (hydra_conf/logging/wandb_offline.yaml):
+    `disabled` turns W&B off (as logging=none), `dryrun` and `run` are W&B's old names for offline and
+    online. A WANDB_MODE that is none of these is named as the source of the bad value."""
+    if logging.backend != "wandb":
+        return
+    mode = {"dryrun": "offline", "run": "online"}.get(logging.mode, logging.mode)
+    if mode == "disabled":
+        logging.backend, mode = "none", "offline"
+    elif mode not in ("offline", "online") and mode == os.environ.get("WANDB_MODE"):
+        raise ConfigError(f"logging.mode={mode!r} (from WANDB_MODE) is invalid: allowed values are offline, online, "
+                          "disabled")
+    logging.mode = mode
 
 
 # Hydra's own flags that take the next argument as their value; with a config or help flag the

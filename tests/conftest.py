@@ -16,6 +16,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY"):  # a developer's own would change the defaults tested
+    os.environ.pop(_name, None)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,6 +23,25 @@ def test_defaults_are_the_small_model_on_stdlib_with_two_zero2_workers_and_offli
     assert global_batch_size(cfg) == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * 2
 
 
+def test_wandb_reads_its_own_environment_variables_as_wandb_does_and_the_command_line_wins(monkeypatch):
+    """WANDB_PROJECT, WANDB_ENTITY and WANDB_MODE, as W&B's tools honor them (set in a job's runtime_env
+    on a cluster); `disabled` is logging=none; logging.* on the command line wins."""
+    monkeypatch.setenv("WANDB_PROJECT", "team-lm")
+    monkeypatch.setenv("WANDB_ENTITY", "acme")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = to_train_config(composed())
+    assert (cfg.logging.project, cfg.logging.entity, cfg.logging.backend) == ("team-lm", "acme", "none")
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's old name for offline
+    assert (to_train_config(composed()).logging.backend, to_train_config(composed()).logging.mode) == ("wandb", "offline")
+    assert to_train_config(composed("logging=wandb_online")).logging.mode == "online"
+    cfg = to_train_config(composed("logging.project=mine", "logging.mode=online"))
+    assert (cfg.logging.project, cfg.logging.mode) == ("mine", "online")
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    with pytest.raises(ConfigError, match=r"^logging.mode='onlin' \(from WANDB_MODE\) is invalid: allowed values are "
+                                          r"offline, online, disabled$"):
+        to_train_config(composed())
+
+
 def test_shakespeare_char_is_nanogpts_cpu_recipe():
     cfg = to_train_config(composed("experiment=shakespeare_char", f"data.path={__file__}"))
     m, t, o = cfg.model, cfg.trainer, cfg.optim
