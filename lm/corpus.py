@@ -156,9 +156,15 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
     if table and text_field not in (columns := table_columns(path)):
         raise ConfigError(f"data.text_field={text_field!r}: {path} has no such column; its columns: {columns}")
     for row, record in read_records(path, [text_field] if table else None):
-        if not isinstance(record, dict) or text_field not in record:
-            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is not a JSON object with that "
+        if not isinstance(record, dict):
+            kind = "a string" if isinstance(record, str) else _JSON_TYPES.get(type(record), type(record).__name__)
+            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} is {kind}, not a JSON object with that "
                               "string field")
+        if text_field not in record:
+            strings = [key for key, value in record.items() if isinstance(value, str)]
+            hint = f"; set data.text_field={strings[0]}" if len(strings) == 1 else ""
+            raise ConfigError(f"data.text_field={text_field!r}: {path}:{row} has no such field; its fields: "
+                              f"{', '.join(map(str, record)) or 'none'} (strings: {', '.join(strings) or 'none'}){hint}")
         text = record[text_field]
         if text is not None and not isinstance(text, str):  # str() of it would train on "[...]" or "b'...'"
             kind = _JSON_TYPES.get(type(text), type(text).__name__)
