@@ -163,7 +163,7 @@ def _keys_elsewhere(part: str, schema: type, key: str, exact: bool) -> list[str]
     name in the other sections (`optim.lr`), or with `exact=False` of a name it starts or is close to."""
     import difflib
 
-    if not key.endswith(part):
+    if key.rsplit(".", 1)[-1] != part:
         return []  # a misspelt section, not a misplaced key
     keys = [k for k in _leaf_keys(schema) if k != key]
     leaves = sorted({k.rsplit(".", 1)[-1] for k in keys})

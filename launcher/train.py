@@ -302,7 +302,8 @@ def run(cfg: TrainConfig, source=None) -> dict:
 
     prepared = prepare_dataset(cfg, source.tokenizer() if source else None)
     latest = latest_resumable_checkpoint(cfg, run_dir)  # the workers resume from it
-    with training_lock(run_dir.path, cfg.run.name, remote=run_dir.remote):  # before anything in the run directory is changed
+    # held before anything in the run directory is changed
+    with training_lock(run_dir.path, cfg.run.name, remote=run_dir.remote):
         if why := run_dir.reconcile_ray_snapshot():
             print(f"removed Ray Train's list of this run's checkpoints ({why}): the checkpoints in "
                   f"{run_dir.where()} are what the run resumes from", flush=True)

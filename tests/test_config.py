@@ -32,7 +32,8 @@ def test_wandb_reads_its_own_environment_variables_as_wandb_does_and_the_command
     cfg = to_train_config(composed())
     assert (cfg.logging.project, cfg.logging.entity, cfg.logging.backend) == ("team-lm", "acme", "none")
     monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's old name for offline
-    assert (to_train_config(composed()).logging.backend, to_train_config(composed()).logging.mode) == ("wandb", "offline")
+    cfg = to_train_config(composed())
+    assert (cfg.logging.backend, cfg.logging.mode) == ("wandb", "offline")
     assert to_train_config(composed("logging=wandb_online")).logging.mode == "online"
     cfg = to_train_config(composed("logging.project=mine", "logging.mode=online"))
     assert (cfg.logging.project, cfg.logging.mode) == ("mine", "online")

@@ -21,7 +21,8 @@ def torchrun(config_path, dataset_dir):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_torchrun_trains_checkpoints_resumes_and_refuses_a_held_run_or_a_damaged_checkpoint(tiny_train_config, prepared_tiny, tmp_path):
+def test_torchrun_trains_checkpoints_resumes_and_refuses_a_held_run_or_a_damaged_checkpoint(tiny_train_config,
+                                                                                             prepared_tiny, tmp_path):
     prepared, vocab = prepared_tiny
     cfg = tiny_train_config(max_steps=4, ckpt_every=2, eval_every=2, stop_at_step=2)
     cfg.model.vocab_size = vocab
@@ -38,15 +39,16 @@ def test_torchrun_trains_checkpoints_resumes_and_refuses_a_held_run_or_a_damaged
     second = torchrun(config_path, prepared.directory)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[step 3]" in second.stdout and "[step 1]" not in second.stdout
-    assert sorted(p.name for p in (tmp_path / "standalone").glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000004"]
+    checkpoints = sorted(p.name for p in (tmp_path / "standalone").glob("checkpoint_*"))
+    assert checkpoints == ["checkpoint_000002", "checkpoint_000004"]
 
     # A config that cannot continue the run is named before any rank trains.
     from lm.standalone import resumable_checkpoint
 
     changed = config_from_dict(config_to_dict(cfg))
     changed.model.n_embd *= 2
-    with pytest.raises(ConfigError, match=r"^model.n_embd=\d+ differs from the checkpoint's \d+ \(run.name='standalone' "
-                                          r"already has checkpoints at "):
+    with pytest.raises(ConfigError, match=r"^model.n_embd=\d+ differs from the checkpoint's \d+ "
+                                          r"\(run.name='standalone' already has checkpoints at "):
         resumable_checkpoint(changed, tmp_path / "standalone")
 
     # One process trains a run: a second launch while the first holds it stops in one line.
