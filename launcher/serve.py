@@ -1,4 +1,5 @@
-"""Serve an export over HTTP with Ray Serve (blocks until Ctrl-C):
+"""Serve an export over HTTP with Ray Serve (blocks until Ctrl-C, or the SIGTERM that `docker stop`,
+Kubernetes and systemd send: either shuts Serve and its local Ray down and exits 0):
 
     python -m launcher.serve run.name=<run> serve.port=8000
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
@@ -84,13 +86,21 @@ def main(dcfg: DictConfig) -> None:
     print(f"Prometheus metrics (Ray's, Serve's and the engine's ray_lm_*) on http://127.0.0.1:{metrics_port}/metrics",
           flush=True)
     print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's handler, which dumps a stack and leaves Serve up
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+        print("stopping: Ray Serve and its Ray shut down", flush=True)
         serve.shutdown()
         stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM as Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
