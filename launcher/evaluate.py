@@ -34,11 +34,12 @@ FLAGS = {"data.path": "--data", "data.text_field": "--text-field"}
 
 
 def flag_message(message: str) -> str:
-    """lm.corpus's error, naming this command's flag: "data.path='x' does not exist" -> "--data 'x' ..."."""
+    """lm.corpus's error, naming this command's flags: "data.path='x' does not exist" -> "--data 'x' ...",
+    "... set data.text_field=body" -> "... set --text-field body"."""
     for setting, flag in FLAGS.items():
+        message = message.replace(f"{setting}=", f"{flag} ")
         if message.startswith(setting):
-            rest = message[len(setting):]
-            return flag + (" " + rest[1:] if rest.startswith("=") else rest)
+            message = flag + message[len(setting):]
     return message
 
 

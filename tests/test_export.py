@@ -171,8 +171,8 @@ def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained
     (tmp_path / "held_out.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--data", str(tmp_path / "held_out.jsonl")])
-    assert capsys.readouterr().err.strip() == (f"error: --text-field 'text': {tmp_path / 'held_out.jsonl'}:1 is not a "
-                                               "JSON object with that string field")
+    assert capsys.readouterr().err.strip() == (f"error: --text-field 'text': {tmp_path / 'held_out.jsonl'}:1 has no such "
+                                               "field; its fields: body (strings: body); set --text-field body")
     (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n')
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--data", str(tmp_path / "blank.jsonl")])
