@@ -86,7 +86,7 @@ def main(dcfg: DictConfig) -> None:
     print(f"Prometheus metrics (Ray's, Serve's and the engine's ray_lm_*) on http://127.0.0.1:{metrics_port}/metrics",
           flush=True)
     print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's handler, which dumps a stack and leaves Serve up
+    signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's, which dumps a stack and exits at once
     try:
         while True:
             time.sleep(3600)

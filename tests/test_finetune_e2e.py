@@ -145,7 +145,7 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
         assert "\nray_" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
 
         # `docker stop`, Kubernetes and systemd send SIGTERM: it stops the server as Ctrl-C does (it raises
-        # the KeyboardInterrupt a Ctrl-C raises), where Ray's own handler dumped a stack and left it up.
+        # the KeyboardInterrupt a Ctrl-C raises), where Ray's own handler dumped a stack and exited at once.
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
