@@ -150,9 +150,9 @@ def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
     """Every settable key of a schema, dotted (`optim.lr`)."""
     import dataclasses
 
-    keys = []
+    keys, kinds = [], typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
-        kind = typing.get_type_hints(schema)[field.name]
+        kind = kinds[field.name]
         name = prefix + field.name
         keys += _leaf_keys(kind, name + ".") if dataclasses.is_dataclass(kind) else [name]
     return keys

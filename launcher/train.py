@@ -30,7 +30,8 @@ from launcher.storage import check_run_storage
 from launcher.wandb_logger import (check_credentials as check_wandb_credentials, check_server as check_wandb_server,
                                      copies_offline_run, offline_copy)
 from lm.config import (ConfigError, RopeScalingConfig, TrainConfig, config_to_dict, global_batch_size,
-                       padded_vocab_size, resume_conflict, sequence_length, validate)
+                       padded_vocab_size, sequence_length, validate)
+from lm.checkpoint import check_resumable
 from lm.run_lock import training_lock
 
 CONFIG_GROUPS = ("model", "data", "deepspeed", "cluster", "logging", "experiment")
@@ -233,16 +234,7 @@ def latest_resumable_checkpoint(cfg: TrainConfig, run_dir: RunDir) -> str | None
     latest = run_dir.latest_checkpoint()
     if latest is not None:
         saved = run_dir.config(latest)
-        conflict = resume_conflict(saved, cfg)
-        if conflict:
-            raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir.where()}; "
-                              "choose another run.name to start a new run)")
-        damaged = run_dir.damaged_file(latest)
-        if damaged:  # every worker group would fail loading it, and with cluster.max_failures retry it
-            moved = run_dir.where(f"damaged_{latest}")
-            raise ConfigError(f"run.name={cfg.run.name!r}: its latest checkpoint {run_dir.where(latest)} is damaged: "
-                              f"{damaged}; move it aside to resume from the one before it "
-                              f"(mv {run_dir.where(latest)} {moved}), or choose another run.name")
+        check_resumable(cfg, latest, saved, lambda: run_dir.damaged_file(latest), run_dir.where)
         print(f"resuming run {cfg.run.name} from {run_dir.where(latest)}", flush=True)
         if saved.cluster.num_workers != cfg.cluster.num_workers:
             print(f"  written by {saved.cluster.num_workers} workers, resumed on {cfg.cluster.num_workers}: state that "

@@ -208,6 +208,24 @@ def damaged_archive(names, open_binary) -> str | None:
     return None
 
 
+def check_resumable(cfg: TrainConfig, latest: str, saved: TrainConfig, damaged_file, where) -> None:
+    """Refuse (ConfigError) to continue a run from its latest checkpoint, named `latest` in the run
+    directory and written with config `saved`, when `cfg` cannot continue it, or when
+    `damaged_file()` (`damaged_archive` of it) names a torch file that cannot be read. `where(name)`
+    locates a name in the run directory, `where()` the directory: a path, or a URI in an object store."""
+    from lm.config import ConfigError, resume_conflict
+
+    conflict = resume_conflict(saved, cfg)
+    if conflict:
+        raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {where()}; "
+                          "choose another run.name to start a new run)")
+    damaged = damaged_file()
+    if damaged:  # every rank would fail loading it, and under Ray's max_failures retry it
+        raise ConfigError(f"run.name={cfg.run.name!r}: its latest checkpoint {where(latest)} is damaged: {damaged}; "
+                          f"move it aside to resume from the one before it (mv {where(latest)} "
+                          f"{where(f'damaged_{latest}')}), or choose another run.name")
+
+
 def read_trainer_state(path: str | Path) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from lm.checkpoint import commit_checkpoint_dir, damaged_file, find_latest_checkpoint, load_config, remove_checkpoint
+from lm.checkpoint import (check_resumable, commit_checkpoint_dir, damaged_file, find_latest_checkpoint, load_config,
+                           remove_checkpoint)
 
 
 def local_hooks(run_dir: str | Path, rank: int, keep: int, log=None):
@@ -54,22 +55,11 @@ def _print_metrics(metrics: dict, step: int) -> None:
 
 
 def resumable_checkpoint(cfg, run_dir: Path) -> Path | None:
-    """The run's latest checkpoint, after checking that this config can continue it and that its
-    torch files can be read (a damaged one would fail every rank mid-load)."""
-    from lm.config import ConfigError, resume_conflict
-
+    """The run's latest checkpoint, after `check_resumable` (the Ray driver's checks)."""
     latest = find_latest_checkpoint(run_dir)
-    if latest is None:
-        return None
-    conflict = resume_conflict(load_config(latest), cfg)
-    if conflict:
-        raise ConfigError(f"{conflict} (run.name={cfg.run.name!r} already has checkpoints at {run_dir}; "
-                          "choose another run.name to start a new run)")
-    damaged = damaged_file(latest)
-    if damaged:
-        raise ConfigError(f"run.name={cfg.run.name!r}: its latest checkpoint {latest} is damaged: {damaged}; move "
-                          f"it aside to resume from the one before it (mv {latest} {run_dir}/damaged_{latest.name}), "
-                          "or choose another run.name")
+    if latest is not None:
+        check_resumable(cfg, latest.name, load_config(latest), lambda: damaged_file(latest),
+                        lambda name="": str(run_dir / name) if name else str(run_dir))
     return latest
 
 
