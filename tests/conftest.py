@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sysconfig
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def served(app, **init_kwargs):
+    """A Serve application on a Ray of this process's own, as `make serve` starts it (token auth off, no
+    prestarted workers: two fewer processes on 2 cores while the raylet must register within Ray's 30 s);
+    yields the HTTP URL and shuts Serve and Ray down after. Ray picks its own ports: one taken between
+    a test's choice and Ray's bind would end Ray's start."""
+    import ray
+    from ray import serve
+
+    from launcher.ray_env import configure_local_ray, stop_autoscaler_monitor
+
+    configure_local_ray()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, **init_kwargs)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app, name="lm", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        stop_autoscaler_monitor()
+        ray.shutdown()
 
 
 def _rank_entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:

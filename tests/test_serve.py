@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import served
 from lm.export import export_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -21,27 +21,16 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(trained):
-    import ray
-    from ray import serve
-
     from launcher.serve_app import build
 
     root, checkpoints, prepared = trained
     export_dir = root / "gpt2-trained" / "exports" / "fp32-step000300"
     export_checkpoint(checkpoints["gpt2-trained"], export_dir, "fp32", prepared.tokens("val"))
+    # max_model_len below the model's 256 positions: the served context (tokenizer_info reports it).
+    app = build({"export_dir": str(export_dir), "api_key": KEY, "max_batch_size": 8, "max_model_len": 200})
     # Metrics reach Ray's Prometheus endpoint every half second (its default: 10 s)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # max_model_len below the model's 256 positions: the served context (tokenizer_info reports it).
-        serve.run(build({"export_dir": str(export_dir), "api_key": KEY, "max_batch_size": 8, "max_model_len": 200}),
-                  name="lm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", "gpt2-trained"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(app, _system_config={"metrics_report_interval_ms": 500}) as url:
+        yield url, "gpt2-trained"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import served
 from launcher.openai_protocol import (APIError, ToolCallStream, chat_prompt, chat_tools, completion_response,
                                       tokenize_text)
 from lm.chat_template import BUILTIN, ChatTemplate, hf_chat_template
@@ -303,18 +303,12 @@ def test_parallel_tool_calls_false_allows_one_call():
 
 @pytest.mark.slow
 def test_served_model_calls_tools_over_http(qwen_dir):
-    import ray
     from openai import OpenAI
-    from ray import serve
 
     from launcher.serve_app import build
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"export_dir": str(qwen_dir), "max_batch_size": 4}), name="lm", route_prefix="/")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with served(build({"export_dir": str(qwen_dir), "max_batch_size": 4})) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="qwen-tools", messages=QUESTION, tools=[WEATHER],
                                                max_tokens=8, temperature=0)
         choice = reply.choices[0]
@@ -356,9 +350,6 @@ def test_served_model_calls_tools_over_http(qwen_dir):
             assert not any(d.content for d in deltas)
             assert "".join(call.function.arguments for d in deltas for call in (d.tool_calls or [])) == \
                 forced.message.tool_calls[0].function.arguments
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_tool_calling_conversations_train_on_their_calls(qwen_dir, tmp_path):

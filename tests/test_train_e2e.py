@@ -251,28 +251,22 @@ def serve_from_the_bucket(storage: str, run_name: str, location: str) -> None:
     import shutil
     import tempfile
 
-    import ray
     from openai import OpenAI
     from ray import serve
 
-    from conftest import free_port
+    from conftest import served
     from launcher.serve_app import build
 
     copy = Path(tempfile.gettempdir()) / "lmstack-exports" / re.sub(r"[^A-Za-z0-9_.-]", "_", location)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"storage": storage}), name="lm", route_prefix="/")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        reply = client.completions.create(model=run_name, prompt="def ", max_tokens=4, temperature=0)
-        assert reply.model == run_name and reply.usage.completion_tokens >= 1
-        info = serve.get_deployment_handle("LanguageModel", app_name="lm").info.remote().result()
-        assert info["export_dir"] == location
-        assert (copy / "model.safetensors").is_file(), "the replica's copy"
+        with served(build({"storage": storage})) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            reply = client.completions.create(model=run_name, prompt="def ", max_tokens=4, temperature=0)
+            assert reply.model == run_name and reply.usage.completion_tokens >= 1
+            info = serve.get_deployment_handle("LanguageModel", app_name="lm").info.remote().result()
+            assert info["export_dir"] == location
+            assert (copy / "model.safetensors").is_file(), "the replica's copy"
     finally:
-        serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(copy, ignore_errors=True)
         copy.with_name(copy.name + ".lock").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
