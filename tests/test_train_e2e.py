@@ -1,12 +1,12 @@
-"""End to end through `python -m launcher.train` on a real local Ray cluster with 2 DeepSpeed
-ZeRO-2 workers and W&B offline: a Ctrl-C (as SIGTERM, test_cluster_e2e.py) checkpoints at the next
-log step and exits cleanly, rerunning the command resumes, loss falls, summary.json is complete, the
-checkpoint loads and reproduces the reported val loss, and W&B holds the metrics of both parts.
-(Multirun sweeps run through `ray job submit` in test_cluster_e2e.py: the same entry point, with the
-table, sweep_summary.json and the shared W&B group checked there.)"""
+"""End to end through `python -m launcher.train` on a real local Ray cluster with DeepSpeed ZeRO-3 workers,
+W&B offline and the run in an object store (a local S3 server): a Ctrl-C (as SIGTERM, test_cluster_e2e.py)
+checkpoints at the next log step and exits cleanly, rerunning the command on another number of workers
+resumes, loss falls, summary.json is complete, the checkpoint loads and reproduces the reported val loss,
+W&B holds the metrics of both parts, and the export is served from the bucket. (Multirun sweeps run
+through `ray job submit` in test_cluster_e2e.py: the same entry point, with the table, sweep_summary.json
+and the shared W&B group checked there; runs on a shared filesystem there and in test_finetune_e2e.py.)"""
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -14,12 +14,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, composed, interruptible_popen, wait_for_checkpoint
+from conftest import REPO, composed, interruptible_popen
 from launcher.summary import SUMMARY_KEYS
 from wandb_offline import read_run
 
@@ -52,22 +53,14 @@ def tiny_overrides(tmp_path: Path, corpus_file: Path) -> list[str]:
             f"logging.dir={tmp_path}/wandb", f"data.cache_dir={tmp_path}/cache"]
 
 
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def recompute_val_loss(summary: dict) -> float:
-    """Evaluate the exported weights on the same val windows the trainer used (2 ranks' shards)."""
+def recompute_val_loss(summary: dict, checkpoint: Path) -> float:
+    """Evaluate the checkpoint's weights on the same val windows the trainer used (each rank's shard)."""
     from lm.checkpoint import load_model
     from lm.config import config_from_dict, sequence_length
     from lm.data import PreparedData
     from lm.shard_loader import TokenShardLoader
 
-    model, _, _ = load_model(summary["checkpoint"])
+    model, _, _ = load_model(checkpoint)
     cfg = config_from_dict(summary["config"])
     caches = [p for p in Path(cfg.data.cache_dir).iterdir() if (p / "meta.json").exists()]
     data = PreparedData.load(caches[0])
@@ -98,14 +91,43 @@ def test_ctrl_c_before_the_run_starts_exits_130_in_one_line(tmp_path, corpus_fil
     assert "Traceback" not in result.stderr
 
 
-def test_ctrl_c_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, corpus_file):
-    """Ctrl-C checkpoints at the next log step and exits (130, interrupted) where Ray Train's own
-    handler would abort the run; SIGTERM does the same with exit 0 (test_cluster_e2e's elastic run)."""
-    base = tiny_overrides(tmp_path, corpus_file) + ["run.name=e2e", "trainer.max_steps=45"]
-    run_dir = tmp_path / "runs" / "e2e"
+def wait_for_bucket_checkpoint(run_dir, step: int, proc, timeout: float = 300) -> None:
+    """Poll until the run's latest complete checkpoint in the object store is at `step` or later."""
+    deadline = time.time() + timeout
+    while (run_dir.latest_checkpoint() or "checkpoint_0") < f"checkpoint_{step:06d}":
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"no checkpoint_{step:06d} in {run_dir.where()} after {timeout}s"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_then_rerun_on_one_worker_resumes_from_the_object_store_and_exports_there(tmp_path, corpus_file,
+                                                                                        s3_storage):
+    """run.storage=s3://... and data.path=s3://... (a local S3 server). Ctrl-C checkpoints at the next log
+    step and exits (130, interrupted) where Ray Train's own handler would abort the run; SIGTERM does the
+    same with exit 0 (test_cluster_e2e's elastic run). The same command with `cluster.num_workers=1`
+    downloads the latest checkpoint, reshards its 2-worker ZeRO-3 state and continues (the trainer-level
+    test, test_elastic_resume.py, holds the losses to the uninterrupted run's). The summary, the profile,
+    W&B's copy and the export are written to the bucket, nothing to a local run directory; the checkpoint
+    reproduces the val loss the workers reported, W&B holds both parts as one run, and Serve serves it."""
+    from launcher.export import export_run
+    from launcher.generate import load
+    from launcher.run_dir import RunDir, local_directory
+    from launcher.serve_app import newest_export
+    from lm.config import ExportAppConfig, ExportConfig, RunConfig
+    from lm.export import load_export
+
+    import pyarrow.fs as pafs
+
+    bucket = s3_storage.split("/")[2]  # the corpus too is read from the bucket
+    pafs.copy_files(str(corpus_file), f"{bucket}/data/corpus.txt",
+                    destination_filesystem=pafs.FileSystem.from_uri(s3_storage)[0])
+    base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith(("run.storage=", "data.path="))] + [
+        f"run.storage={s3_storage}", f"data.path=s3://{bucket}/data/", "run.name=e2e", "trainer.max_steps=45",
+        "deepspeed=zero3"]
+    run_dir = RunDir(s3_storage, "e2e")
 
     proc = start(tmp_path, *base)  # interrupted after its first checkpoint: Ctrl-C, as a terminal sends it
-    wait_for_checkpoint(run_dir, 15, proc)
+    wait_for_bucket_checkpoint(run_dir, 15, proc)
     proc.send_signal(signal.SIGINT)
     first = finish(proc)
     assert first.returncode == 130, first.stderr[-3000:]
@@ -113,35 +135,39 @@ def test_ctrl_c_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, c
         in first.stderr
     stopped_at = int(re.search(r"stopped by Ctrl-C at step (\d+) of 45", first.stdout).group(1))
     assert 15 < stopped_at < 45 and stopped_at % 5 == 0  # the first log step after the signal
-    summary_first = json.loads((run_dir / "summary.json").read_text())
+    summary_first = json.loads(run_dir.read_text("summary.json"))
     assert summary_first["steps"] == stopped_at
-    assert Path(summary_first["checkpoint"]).name == f"checkpoint_{stopped_at:06d}"
+    assert summary_first["checkpoint"] == f"{s3_storage}/e2e/checkpoint_{stopped_at:06d}"
 
-    # The same command again continues where the first stopped; Ray's dashboard does not change training,
-    # nor does profiling its last two steps.
-    second = launch(tmp_path, *base, "cluster.include_dashboard=false", "trainer.profile_at=44",
-                    "trainer.profile_steps=2", "logging.log_model=true")
+    # The same command on one worker continues where the first stopped; Ray's dashboard does not change
+    # training, nor does profiling its last two steps.
+    second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8",
+                    "cluster.include_dashboard=false", "trainer.profile_at=44", "trainer.profile_steps=2",
+                    "logging.log_model=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "View the dashboard at" in first.stdout + first.stderr
     assert "View the dashboard at" not in second.stdout + second.stderr
-    assert f"resuming run e2e from {run_dir}/checkpoint_{stopped_at:06d}" in second.stdout
-    assert "sample:" in second.stdout and "checkpoint: " in second.stdout
-    profile = run_dir / "profile" / "steps_44-45"
-    assert f"profile:    {profile}" in second.stdout
-    assert sorted(p.name for p in profile.iterdir()) == ["rank0.ops.txt", "rank0.pt.trace.json",
-                                                         "rank1.ops.txt", "rank1.pt.trace.json"]
+    assert f"resuming run e2e from {s3_storage}/e2e/checkpoint_{stopped_at:06d}" in second.stdout
+    assert "written by 2 workers, resumed on 1: state that ZeRO partitioned by rank is resharded" in second.stdout
+    assert "8 -> 8 sequences per step" in second.stdout
+    assert "sample:" in second.stdout, "from a downloaded copy of the final checkpoint"
+    assert f"profile:    {s3_storage}/e2e/profile/steps_44-45" in second.stdout
+    assert sorted(run_dir.sizes("profile/steps_44-45")) == ["rank0.ops.txt", "rank0.pt.trace.json"]
+    assert f"summary:    {s3_storage}/e2e/summary.json" in second.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "wandb"], "no local run directory"
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(run_dir.read_text("summary.json"))
     assert set(SUMMARY_KEYS) <= set(summary)
-    assert summary["steps"] == 45 and summary["tokens"] == 45 * 4 * 1 * 2 * 64
+    assert summary["steps"] == 45 and summary["tokens"] == 45 * 8 * 1 * 1 * 64
+    assert summary["config"]["cluster"]["num_workers"] == 1
     assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]))
     assert 0 < summary["val_accuracy"] < 1 and summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
     assert summary["wall_seconds"] > 0 and summary["vocab_size"] == 512
     assert summary["config"]["run"]["name"] == "e2e" and summary["config"]["model"]["vocab_size"] == 512
-    assert Path(summary["checkpoint"]).name == "checkpoint_000045"
-
+    assert summary["checkpoint"] == f"{s3_storage}/e2e/checkpoint_000045"
     # The checkpoint loads and reproduces the val loss the workers reported.
-    assert recompute_val_loss(summary) == pytest.approx(summary["val_loss"], abs=1e-4)
+    checkpoint = local_directory(summary["checkpoint"], tmp_path / "checkpoint-copy")
+    assert recompute_val_loss(summary, checkpoint) == pytest.approx(summary["val_loss"], abs=1e-4)
 
     # W&B offline runs hold the logged metrics; the second continues the first's W&B run where it stopped.
     run1, run2 = read_run(summary_first["wandb_dir"]), read_run(summary["wandb_dir"])
@@ -163,86 +189,40 @@ def test_ctrl_c_then_rerun_resumes_with_summary_checkpoint_and_wandb(tmp_path, c
     assert run1["artifacts"] == [] and run2["artifacts"][0] == {
         "name": f"profile-{run1['run_id']}", "type": "profile", "aliases": ["latest", "steps_44-45"],
         "files": ["ops.txt", "trace.pt.trace.json"]}, "rank 0's trace, for W&B's trace viewer"
-    model = run2["artifacts"][1]  # logging.log_model: the final checkpoint, by reference
+    model = run2["artifacts"][1]  # logging.log_model: the final checkpoint, by reference into the bucket
     assert (model["name"], model["type"], model["aliases"]) == ("model-e2e", "model", ["latest", "step_45"])
-    listed = {p.relative_to(run_dir / "checkpoint_000045").as_posix()
-              for p in (run_dir / "checkpoint_000045").rglob("*") if p.is_file()}
-    assert set(model["files"]) == listed and "trainer_state.json" in listed
+    assert set(model["files"]) == set(run_dir.sizes("checkpoint_000045")) and "trainer_state.json" in model["files"]
     assert len(run2["artifacts"]) == 2
+    # Rank 0 copied its offline W&B run into the bucket (its node may be gone after a job on a cluster).
+    copy = f"wandb/{Path(summary['wandb_dir']).name}"
+    assert summary["wandb_copy"] == f"{s3_storage}/e2e/{copy}"
+    assert f"copied to {s3_storage}/e2e/{copy}" in second.stdout
+    assert run_dir.sizes(copy) == {p.relative_to(summary["wandb_dir"]).as_posix(): p.stat().st_size
+                                   for p in Path(summary["wandb_dir"]).rglob("*") if p.is_file()}
 
-    # A contradicting override on the existing run fails before Ray and touches no checkpoint.
-    before = tree_digest(run_dir)
+    # A contradicting override on the existing run fails before Ray and touches nothing in the bucket.
+    before = run_dir.listing("")
     clash = launch(tmp_path, *base, "model.n_embd=128")
     assert clash.returncode == 2
     assert "config error: model.n_embd=128 differs from the checkpoint's 256" in clash.stderr
-    assert tree_digest(run_dir) == before
+    assert run_dir.listing("") == before
 
     # The finished run's command once more: nothing to train, so no Ray; the same checkpoint and metrics.
     again = launch(tmp_path, *base, "trainer.sample_tokens=0")
     assert again.returncode == 0 and "run e2e is at step 45, trainer.max_steps=45: nothing to train" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr
-    assert f"checkpoint: {run_dir}/checkpoint_000045" in again.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    assert f"checkpoint: {s3_storage}/e2e/checkpoint_000045" in again.stdout
+    assert json.loads(run_dir.read_text("summary.json"))["val_loss"] == summary["val_loss"]
 
-
-def test_a_run_in_an_object_store_started_on_two_workers_continues_on_one_and_exports_there(
-        tmp_path, corpus_file, s3_storage):
-    """run.storage=s3://... and data.path=s3://... (a local S3 server): Ray Train uploads the checkpoints; a rerun with
-    `run.name=<run> cluster.num_workers=1` downloads the latest, reshards its 2-worker ZeRO-3 state and
-    continues (the trainer-level test, test_elastic_resume.py, holds the losses to the uninterrupted
-    run's); the summary, the sample's checkpoint and an export are read from and written to the bucket,
-    and nothing is written to a local run directory."""
-    from launcher.export import export_run
-    from launcher.run_dir import RunDir, local_directory
-    from launcher.serve_app import newest_export
-    from lm.config import ExportAppConfig, ExportConfig, RunConfig
-    from lm.export import load_export
-
-    import pyarrow.fs as pafs
-
-    bucket = s3_storage.split("/")[2]  # the corpus too is read from the bucket
-    pafs.copy_files(str(corpus_file), f"{bucket}/data/corpus.txt",
-                    destination_filesystem=pafs.FileSystem.from_uri(s3_storage)[0])
-    base = [o for o in tiny_overrides(tmp_path, corpus_file) if not o.startswith(("run.storage=", "data.path="))] + [
-        f"run.storage={s3_storage}", f"data.path=s3://{bucket}/data/", "run.name=elastic", "trainer.max_steps=30",
-        "deepspeed=zero3", "logging=none", "cluster.include_dashboard=false"]  # 3-5 s a launch; the Ctrl-C test has it on
-    first = launch(tmp_path, *base, "trainer.stop_at_step=15", "trainer.sample_tokens=0")
-    assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = RunDir(s3_storage, "elastic")
-    assert run_dir.latest_checkpoint() == "checkpoint_000015"
-    second = launch(tmp_path, *base, "cluster.num_workers=1", "trainer.micro_batch_size=8", "logging=wandb_offline",
-                    "logging.log_model=true")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming run elastic from {s3_storage}/elastic/checkpoint_000015" in second.stdout
-    assert "written by 2 workers, resumed on 1: state that ZeRO partitioned by rank is resharded" in second.stdout
-    assert "8 -> 8 sequences per step" in second.stdout
-    assert "sample:" in second.stdout, "from a downloaded copy of the final checkpoint"
-    summary = json.loads(run_dir.read_text("summary.json"))
-    assert summary["steps"] == 30 and summary["config"]["cluster"]["num_workers"] == 1
-    assert summary["checkpoint"] == f"{s3_storage}/elastic/checkpoint_000030"
-    assert f"summary:    {s3_storage}/elastic/summary.json" in second.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "wandb"], "no local run directory"
-    # Rank 0 copied its offline W&B run into the bucket (its node may be gone after a job on a cluster).
-    copy = f"wandb/{Path(summary['wandb_dir']).name}"
-    assert summary["wandb_copy"] == f"{s3_storage}/elastic/{copy}"
-    assert f"copied to {s3_storage}/elastic/{copy}" in second.stdout
-    assert run_dir.sizes(copy) == {p.relative_to(summary["wandb_dir"]).as_posix(): p.stat().st_size
-                                   for p in Path(summary["wandb_dir"]).rglob("*") if p.is_file()}
-    model = read_run(summary["wandb_dir"])["artifacts"][0]  # logging.log_model: a reference into the bucket
-    assert (model["name"], model["type"], model["aliases"]) == ("model-elastic", "model", ["latest", "step_30"])
-    assert set(model["files"]) == set(run_dir.sizes("checkpoint_000030")) and "trainer_state.json" in model["files"]
-
-    location = export_run(ExportAppConfig(run=RunConfig(name="elastic", storage=s3_storage),
+    location = export_run(ExportAppConfig(run=RunConfig(name="e2e", storage=s3_storage),
                                           export=ExportConfig(precision="fp32")))
-    assert location == f"{s3_storage}/elastic/exports/fp32-step000030"
-    assert newest_export(s3_storage, None) == location == newest_export(s3_storage, "elastic")
+    assert location == f"{s3_storage}/e2e/exports/fp32-step000045"
+    assert newest_export(s3_storage, None) == location == newest_export(s3_storage, "e2e")
     model, _, cfg, precision = load_export(local_directory(location, tmp_path / "serve-cache"))
     assert precision == "fp32" and cfg.n_embd == 256
-    serve_from_the_bucket(s3_storage, "elastic", location)
-    from launcher.generate import load
-
-    assert load(f"{s3_storage}/elastic")[2] == location, "a run's URI means its newest export"
-    assert load(f"{s3_storage}/elastic/checkpoint_000030")[2] == f"{s3_storage}/elastic/checkpoint_000030"
+    serve_from_the_bucket(s3_storage, "e2e", location)
+    assert load(f"{s3_storage}/e2e")[2] == location, "a run's URI means its newest export"
+    assert load(f"{s3_storage}/e2e/checkpoint_000045")[2] == f"{s3_storage}/e2e/checkpoint_000045"
 
 
 def serve_from_the_bucket(storage: str, run_name: str, location: str) -> None:
