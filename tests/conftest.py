@@ -160,10 +160,10 @@ def free_port() -> int:
 
 @contextmanager
 def served(app, **init_kwargs):
-    """A Serve application on a Ray of this process's own, as `make serve` starts it (token auth off, no
-    prestarted workers: two fewer processes on 2 cores while the raylet must register within Ray's 30 s);
-    yields the HTTP URL and shuts Serve and Ray down after. Ray picks its own ports: one taken between
-    a test's choice and Ray's bind would end Ray's start."""
+    """A Serve application on a Ray of this process's own, started as `make serve` starts it
+    (launcher.ray_env: token auth off, no idle workers prestarted, so two fewer processes on 2 cores
+    while the raylet must register within Ray's fixed 30 s); yields the HTTP URL and shuts Serve and
+    Ray down after. Ray binds its own ports: a port chosen here could be taken before Ray binds it."""
     import ray
     from ray import serve
 
