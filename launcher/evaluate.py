@@ -21,6 +21,8 @@ is measured against.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -34,13 +36,23 @@ FLAGS = {"data.path": "--data", "data.text_field": "--text-field"}
 
 
 def flag_message(message: str) -> str:
-    """lm.corpus's error, naming this command's flags: "data.path='x' does not exist" -> "--data 'x' ...",
-    "... set data.text_field=body" -> "... set --text-field body"."""
+    """lm.corpus's words, naming this command's flags: "data.path='x' does not exist" -> "--data 'x' ...",
+    "... set data.text_field=body" -> "... set --text-field body", "data.path item 'x'" -> "--data item 'x'"."""
     for setting, flag in FLAGS.items():
-        message = message.replace(f"{setting}=", f"{flag} ")
-        if message.startswith(setting):
-            message = flag + message[len(setting):]
+        message = message.replace(f"{setting}=", f"{flag} ").replace(setting, flag)
     return message
+
+
+def data_files(data) -> list[Path]:
+    """lm.corpus.corpus_files, with its note on a directory's unread files naming --data."""
+    from lm.corpus import corpus_files
+
+    note = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(note):
+            return corpus_files(data)
+    finally:
+        print(flag_message(note.getvalue()), end="", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from launcher.generate import load
     from lm.config import ConfigError, DataConfig
-    from lm.corpus import corpus_files, empty_corpus, iter_documents
+    from lm.corpus import empty_corpus, iter_documents
     from lm.data import write_tokens
     from lm.evaluation import evaluate_stream
 
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lmstack-evaluate-") as scratch:
         tokens_file = Path(scratch) / "tokens.bin"
         try:
-            files = corpus_files(data)
+            files = data_files(data)
             seen_text = False
 
             def documents():
@@ -117,13 +129,13 @@ def _score_chats(args) -> None:
     from lm.chat_data import tokenize_conversation
     from lm.chat_template import BUILTIN
     from lm.config import ConfigError, DataConfig
-    from lm.corpus import chat_conversations, corpus_files
+    from lm.corpus import chat_conversations
     from lm.evaluation import evaluate_conversations
 
     data = DataConfig(source="chat", path=args.data)
     bad = []
     try:
-        files = corpus_files(data)
+        files = data_files(data)
         model, tokenizer, source = load(args.path)
         if args.context and args.context > model.cfg.block_size:
             raise ConfigError(f"--context {args.context} exceeds the model's context ({model.cfg.block_size})")

@@ -168,6 +168,15 @@ def test_evaluate_cli_scores_held_out_text_with_the_models_own_tokenizer(trained
         main([str(checkpoint), "--data", str(tmp_path / "missing.txt")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --data '{tmp_path / 'missing.txt'}' does not exist: pass existing files, directories or globs"
+    held_out = tmp_path / "held_out"  # a directory of mostly unread files: said once, with the flag
+    held_out.mkdir()
+    (held_out / "notes.txt").write_text(corpus_file.read_text()[:2000])
+    for name in ("a.py", "b.py"):
+        (held_out / name).write_text("x = 1\n")
+    main([str(checkpoint), "--data", str(held_out), "--max-tokens", "100"])
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"data: --data item '{held_out}': 1 of its files are read (.txt, .md, .jsonl, .parquet, .arrow), not its "
+        f"2 .py files: name them with a glob to read them as text, e.g. '{held_out}/**/*.py'")
     (tmp_path / "held_out.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--data", str(tmp_path / "held_out.jsonl")])
