@@ -126,16 +126,19 @@ def composed(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def wait_for_checkpoint(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
-    """Poll until the run's checkpoint at `step` is complete, while its process `proc` still runs."""
-    from lm.checkpoint import is_complete
+def wait_for_checkpoint(run_dir, step: int, proc, timeout: float = 300) -> None:
+    """Poll until the run's checkpoint at `step` is complete, while its process `proc` still runs.
+    `run_dir`: a local run directory's Path, or a launcher.run_dir.RunDir (an object store's too)."""
+    from launcher.run_dir import RunDir
 
-    path = run_dir / f"checkpoint_{step:06d}"
+    if isinstance(run_dir, Path):
+        run_dir = RunDir(str(run_dir.parent), run_dir.name)
+    name = f"checkpoint_{step:06d}"
     deadline = time.time() + timeout
-    while not is_complete(path):
+    while not run_dir.is_complete(name):
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, f"no {path} after {timeout}s"
-        time.sleep(0.05)
+        assert time.time() < deadline, f"no {run_dir.where(name)} after {timeout}s"
+        time.sleep(0.05 if not run_dir.remote else 0.2)
 
 
 def interruptible_popen(*args, **kwargs) -> subprocess.Popen:

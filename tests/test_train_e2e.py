@@ -14,13 +14,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, composed, interruptible_popen
+from conftest import REPO, composed, interruptible_popen, wait_for_checkpoint
 from launcher.summary import SUMMARY_KEYS
 from wandb_offline import read_run
 
@@ -91,15 +90,6 @@ def test_ctrl_c_before_the_run_starts_exits_130_in_one_line(tmp_path, corpus_fil
     assert "Traceback" not in result.stderr
 
 
-def wait_for_bucket_checkpoint(run_dir, step: int, proc, timeout: float = 300) -> None:
-    """Poll until the run's latest complete checkpoint in the object store is at `step` or later."""
-    deadline = time.time() + timeout
-    while (run_dir.latest_checkpoint() or "checkpoint_0") < f"checkpoint_{step:06d}":
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, f"no checkpoint_{step:06d} in {run_dir.where()} after {timeout}s"
-        time.sleep(0.2)
-
-
 def test_ctrl_c_then_rerun_on_one_worker_resumes_from_the_object_store_and_exports_there(tmp_path, corpus_file,
                                                                                         s3_storage):
     """run.storage=s3://... and data.path=s3://... (a local S3 server). Ctrl-C checkpoints at the next log
@@ -127,7 +117,7 @@ def test_ctrl_c_then_rerun_on_one_worker_resumes_from_the_object_store_and_expor
     run_dir = RunDir(s3_storage, "e2e")
 
     proc = start(tmp_path, *base)  # interrupted after its first checkpoint: Ctrl-C, as a terminal sends it
-    wait_for_bucket_checkpoint(run_dir, 15, proc)
+    wait_for_checkpoint(run_dir, 15, proc)
     proc.send_signal(signal.SIGINT)
     first = finish(proc)
     assert first.returncode == 130, first.stderr[-3000:]
