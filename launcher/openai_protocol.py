@@ -135,8 +135,13 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 def logprobs_count(body: dict, chat: bool) -> int | None:
     """How many alternatives to report with each token's log-probability, or None for no report:
-    completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`."""
+    completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`. Completions also take
+    `logprobs: true` as 1, as vLLM does (the openai client types the field as an int and Python's True
+    is one), and `false` as no report."""
     if not chat:
+        count = body.get("logprobs")
+        if isinstance(count, bool):
+            return 1 if count else None
         count = _number(body, "logprobs", None, int)
         if count is not None and not 0 <= count <= MAX_LOGPROBS:
             raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}", "logprobs")

@@ -528,9 +528,9 @@ BAD = [
 
 
 def test_sampling_fields_read_as_vllm_reads_them():
-    """Clients written for vLLM send top_k -1 (its old default) or 0 for "no top-k", and whole floats
-    (16.0) for integer fields."""
-    from launcher.openai_protocol import APIError, sampling_params
+    """Clients written for vLLM send top_k -1 (its old default) or 0 for "no top-k", whole floats
+    (16.0) for integer fields, and completions' logprobs as a boolean."""
+    from launcher.openai_protocol import APIError, logprobs_count, sampling_params
 
     assert [sampling_params({"prompt": "a", "top_k": k}, 64).top_k for k in (-1, 0, 1, 40)] == [None, None, 1, 40]
     params = sampling_params({"prompt": "a", "max_tokens": 16.0, "top_k": 3.0, "seed": 7.0}, 64)
@@ -538,6 +538,9 @@ def test_sampling_fields_read_as_vllm_reads_them():
     assert all(isinstance(v, int) for v in (params.max_tokens, params.top_k, params.seed))
     with pytest.raises(APIError, match=r"^'max_tokens' must be an integer, got float 16\.5$"):
         sampling_params({"prompt": "a", "max_tokens": 16.5}, 64)
+    # completions' logprobs: true is 1 (the openai client sends Python's True for logprobs=True), false none
+    values = (True, False, None, 0, 3, 2.0)
+    assert [logprobs_count({"logprobs": v}, chat=False) for v in values] == [1, None, None, 0, 3, 2]
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{p}-{s}-{i}" for i, (p, _, s, _) in enumerate(BAD)])
