@@ -73,9 +73,9 @@ def main(dcfg: DictConfig) -> None:
     from ray import serve
 
     configure_local_ray()
-    ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
-             include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
-             _metrics_export_port=cfg.serve.metrics_port)
+    context = ray.init(num_cpus=max(os.cpu_count() or 1, cfg.serve.num_replicas * cfg.serve.cpus_per_replica),
+                       include_dashboard=cfg.serve.include_dashboard, dashboard_host="127.0.0.1",
+                       runtime_env={"env_vars": dict(WORKER_ENV)}, _metrics_export_port=cfg.serve.metrics_port)
     if cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
         ray.shutdown()
         fail(ConfigError(f"serve.gpus_per_replica={cfg.serve.gpus_per_replica} is invalid: this machine has no GPU; "
@@ -85,6 +85,8 @@ def main(dcfg: DictConfig) -> None:
     metrics_port = ray.nodes()[0]["MetricsExportPort"]
     print(f"Prometheus metrics (Ray's, Serve's and the engine's ray_lm_*) on http://127.0.0.1:{metrics_port}/metrics",
           flush=True)
+    if context.dashboard_url:
+        print(f"Ray dashboard on {serve_status_command(context.dashboard_url)}", flush=True)
     print(f"OpenAI-compatible API on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops it)", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's, which dumps a stack and exits at once
     try:
@@ -96,6 +98,14 @@ def main(dcfg: DictConfig) -> None:
         serve.shutdown()
         stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def serve_status_command(dashboard_url: str) -> str:
+    """The dashboard's URL and how Serve's CLI reaches it: `serve status` asks localhost:8265 unless told
+    otherwise (another Ray's dashboard may hold that port)."""
+    address = f"http://{dashboard_url}"
+    flag = "" if dashboard_url.endswith(":8265") else f" --address {address}"
+    return f"{address} (`serve status{flag}` lists the replicas and their health)"
 
 
 def _interrupt(signum, frame) -> None:

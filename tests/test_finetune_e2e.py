@@ -1,9 +1,9 @@
 """The fine-tuning path a user runs, end to end: `launcher.train experiment=finetune` from a Hugging Face
 directory with a chat template of its own (ChatML, as Qwen's) on a made-up Q/A chat set (2 Ray workers,
 ZeRO-3), `launcher.export`'s entry point to int8, and the answers served by `python -m launcher.serve`
-as `make serve` runs it (the run's newest export; its Prometheus metrics where it says; Ctrl-C stops it)
-through `/v1/chat/completions`, with the template the model was tuned on, which the export hands on to
-transformers."""
+as `make serve` runs it (the run's newest export; its Prometheus metrics where it says; `serve status`
+through the dashboard it starts; Ctrl-C stops it) through `/v1/chat/completions`, with the template the
+model was tuned on, which the export hands on to transformers."""
 
 import json
 import os
@@ -16,6 +16,7 @@ import httpx
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, free_port, interruptible_popen
 from test_chat_template import CHATML
@@ -143,6 +144,16 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
             assert reply.choices[0].message.content.strip() == answer, (question, reply.choices[0].message.content)
             assert reply.choices[0].finish_reason == "stop"
         assert "\nray_" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+        # Serve's own CLI reads the application's state from the dashboard, as the line printed says
+        command = next(line for line in lines if line.startswith("Ray dashboard on http://127.0.0.1:"))
+        command = command.split("`")[1].split()
+        assert command[:2] == ["serve", "status"]
+        status = subprocess.run([os.path.join(os.path.dirname(sys.executable), "serve"), *command[1:]],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr[-3000:]
+        deployments = yaml.safe_load(status.stdout)["applications"]["lm"]["deployments"]
+        assert deployments["LanguageModel"]["status"] == "HEALTHY"
+        assert deployments["LanguageModel"]["replica_states"] == {"RUNNING": 1}
 
         # `docker stop`, Kubernetes and systemd send SIGTERM: it stops the server as Ctrl-C does (it raises
         # the KeyboardInterrupt a Ctrl-C raises), where Ray's own handler dumped a stack and exited at once.
