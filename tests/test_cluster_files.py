@@ -71,11 +71,14 @@ def test_rayservice_runs_the_real_serve_builder_with_arguments_it_accepts():
     import importlib
     import inspect
 
+    from ray.serve.schema import ServeDeploySchema
+
     service = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     spec = service["spec"]
     assert "headGroupSpec" in spec["rayClusterConfig"] and spec["rayClusterConfig"]["workerGroupSpecs"]
     for serve_config in (yaml.safe_load(spec["serveConfigV2"]), yaml.safe_load((CLUSTER / "serve.yaml").read_text())):
+        ServeDeploySchema.model_validate(serve_config)  # what `serve deploy` and KubeRay check it against
         app = serve_config["applications"][0]
         module, _, name = app["import_path"].partition(":")
         build = getattr(importlib.import_module(module), name)
