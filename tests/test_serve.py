@@ -4,6 +4,7 @@ field while the server keeps serving, and the API key enforced."""
 
 import asyncio
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,57 @@ def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holdi
         assert [choice.index for choice in three.choices] == [0, 1, 2]
     finally:
         serve.delete("replicas")
+
+
+def test_a_replica_whose_decode_steps_keep_failing_is_replaced_by_serve(server, trained):
+    """End to end: Serve calls the model replica's check_health (here every second, not every 10 s) and,
+    once it raises after 3 failed decode steps in a row, replaces the replica with a fresh one.
+    Meanwhile each request fails at once with a 500 rather than hang, and the next replica serves."""
+    from ray import serve
+
+    from launcher.serve_app import OpenAIServer
+    from launcher.serve_model import FAILED_STEPS_UNHEALTHY, LanguageModel
+
+    class BreakableModel(LanguageModel.func_or_class):
+        """The replica the server runs, with a way to break its engine as a CUDA error would."""
+
+        def break_decoding(self) -> None:
+            def step(*args, **kwargs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            self.engine.step = step
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    url, model_name = server
+    export_dir = trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"
+    model = serve.deployment(BreakableModel).options(health_check_period_s=1, ray_actor_options={"num_cpus": 0.5})
+    serve.run(OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(
+        model.bind(str(export_dir), 4, 1, model_name=model_name), model_name, None), name="breakable",
+        route_prefix="/breakable")
+    try:
+        replica = serve.get_deployment_handle("BreakableModel", app_name="breakable")
+        request = {"model": model_name, "prompt": "def main(", "max_tokens": 4}
+
+        def complete() -> httpx.Response:
+            return httpx.post(f"{url}/breakable/v1/completions", json=request, timeout=60)
+
+        assert complete().status_code == 200
+        broken_pid = replica.pid.remote().result()
+        replica.break_decoding.remote().result()
+        for _ in range(FAILED_STEPS_UNHEALTHY):
+            assert complete().status_code == 500
+        deadline = time.time() + 60
+        while time.time() < deadline and replica.pid.remote().result() == broken_pid:
+            time.sleep(0.5)
+        assert replica.pid.remote().result() != broken_pid, "Serve did not replace the unhealthy replica"
+        answer = complete()
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        status = serve.status().applications["breakable"].deployments["BreakableModel"]
+        assert status.replica_states == {"RUNNING": 1}
+    finally:
+        serve.delete("breakable")
 
 
 def test_chat_replies_run_to_the_end_of_the_context_unless_limited(server, client):
