@@ -152,19 +152,22 @@ def test_a_replica_whose_decode_steps_keep_failing_is_replaced_by_serve(server, 
         def complete() -> httpx.Response:
             return httpx.post(f"{url}/breakable/v1/completions", json=request, timeout=60)
 
+        def replaced() -> bool:
+            """A fresh replica runs and the broken one is gone (from Serve's state, so no longer routed to)."""
+            status = serve.status().applications["breakable"].deployments["BreakableModel"]
+            return status.replica_states == {"RUNNING": 1} and replica.pid.remote().result() != broken_pid
+
         assert complete().status_code == 200
         broken_pid = replica.pid.remote().result()
         replica.break_decoding.remote().result()
         for _ in range(FAILED_STEPS_UNHEALTHY):
             assert complete().status_code == 500
-        deadline = time.time() + 60
-        while time.time() < deadline and replica.pid.remote().result() == broken_pid:
+        deadline = time.time() + 90
+        while time.time() < deadline and not replaced():
             time.sleep(0.5)
-        assert replica.pid.remote().result() != broken_pid, "Serve did not replace the unhealthy replica"
+        assert replaced(), "Serve did not replace the unhealthy replica"
         answer = complete()
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
-        status = serve.status().applications["breakable"].deployments["BreakableModel"]
-        assert status.replica_states == {"RUNNING": 1}
     finally:
         serve.delete("breakable")
 
