@@ -235,7 +235,7 @@ class ServeConfig:
     # and the replicas' engine metrics, launcher.serve_metrics); None: a free port, printed at start-up.
     metrics_port: Optional[int] = None
     # Ray's dashboard for the Ray that `launcher.serve` starts (127.0.0.1:8265, or the next free port):
-    # what Serve's own CLI (`serve status`, `serve config`) and the dashboard's Serve page read.
+    # what Serve's own CLI (`serve status`) and the dashboard's Serve page read.
     include_dashboard: bool = True
 
 
