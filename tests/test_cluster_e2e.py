@@ -1,6 +1,6 @@
-"""Real Ray processes on loopback: `make cluster-up` + `ray job submit`, and a 2-node cluster where a
-run loses a worker, a node, and a rank in the middle of a checkpoint save and still ends with the
-weights of an uninterrupted run (resume is exact). Ctrl-C is tested end to end in test_train_e2e.py, SIGTERM here.
+"""Real Ray processes on loopback: `make cluster-up` + `ray job submit` (and `serve deploy` of a run it
+trained), and a 2-node cluster where a run loses a worker, a node, and a rank in the middle of a
+checkpoint save and still ends with the weights of an uninterrupted run (resume is exact). Ctrl-C is tested end to end in test_train_e2e.py, SIGTERM here.
 The uninterrupted run is the same training loop on 2 gloo ranks without Ray, so these tests also
 show that Ray's scheduling changes nothing."""
 
@@ -283,13 +283,20 @@ def test_job_with_a_bad_override_fails_with_the_config_error(ray_head, workdir, 
     assert not (workdir / "bad" / "runs").exists()
 
 
-def test_job_submit_runs_a_multirun_sweep_on_the_cluster(ray_head, workdir, corpus_file):
-    """`ray job submit -- python -m launcher.train -m ...`: each job trains on the cluster's workers,
-    the sweep's table and summary come back, and the jobs share one W&B group."""
+@pytest.fixture(scope="module")
+def sweep_job(ray_head, workdir, corpus_file) -> tuple[int, str, Path]:
+    """A 2-job Hydra multirun submitted to the cluster: its exit code, its output, and its directory."""
     jobs = workdir / "sweep"
     code, out = submit(ray_head, "-m", "optim.lr=1e-4,1e-3", "cluster=multi_node", "cluster.num_workers=2",
                        "cluster.shared_storage=true", *job_overrides(jobs, corpus_file, "wandb_offline"),
                        f"logging.dir={jobs}/wandb", f"hydra.sweep.dir={jobs}/multirun")
+    return code, out, jobs
+
+
+def test_job_submit_runs_a_multirun_sweep_on_the_cluster(sweep_job):
+    """`ray job submit -- python -m launcher.train -m ...`: each job trains on the cluster's workers,
+    the sweep's table and summary come back, and the jobs share one W&B group."""
+    code, out, jobs = sweep_job
     assert code == 0 and "succeeded" in out, out[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted((jobs / "runs").glob("*/summary.json"))]
     assert sorted(s["config"]["optim"]["lr"] for s in summaries) == [1e-4, 1e-3]
@@ -307,3 +314,47 @@ def test_job_submit_runs_a_multirun_sweep_on_the_cluster(ray_head, workdir, corp
     for s in summaries:
         assert Path(s["wandb_copy"]).parent == Path(s["checkpoint"]).parent / "wandb"
         assert read_run(s["wandb_copy"])["group"] == "sweep-multirun"
+
+
+def test_serve_deploy_serves_a_runs_export_on_the_cluster(ray_head, sweep_job):
+    """`serve deploy cluster/serve.yaml` onto the running cluster, as written but for the HTTP port and the
+    storage (this test's): the newest export there is served, `serve status` reports it running, and
+    `serve shutdown` takes it down."""
+    import httpx
+    import yaml
+
+    from launcher.export import export_run
+    from lm.config import ExportAppConfig, ExportConfig, RunConfig
+
+    code, _, jobs = sweep_job
+    assert code == 0
+    summary = json.loads(next((jobs / "runs").glob("*/summary.json")).read_text())
+    run_name = summary["config"]["run"]["name"]
+    export_run(ExportAppConfig(run=RunConfig(name=run_name, storage=str(jobs / "runs")),
+                               export=ExportConfig(precision="fp32")))
+    config = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["storage"] = str(jobs / "runs")
+    deployed = jobs / "serve.yaml"
+    deployed.write_text(yaml.safe_dump(config))
+
+    def serve_cli(*args: str) -> str:
+        result = subprocess.run([str(BIN / "serve"), *args, "--address", ray_head], env=env(), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stdout
+
+    serve_cli("deploy", str(deployed))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        app = yaml.safe_load(serve_cli("status"))["applications"].get("lm", {})
+        assert app.get("status") != "DEPLOY_FAILED", app.get("message")
+        if app.get("status") == "RUNNING":
+            break
+        time.sleep(1)
+    assert app["status"] == "RUNNING" and app["deployments"]["LanguageModel"]["replica_states"] == {"RUNNING": 1}
+    answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                        json={"model": run_name, "prompt": "def main(", "max_tokens": 4})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+    serve_cli("shutdown", "--yes")
