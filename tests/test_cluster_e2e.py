@@ -318,8 +318,7 @@ def test_job_submit_runs_a_multirun_sweep_on_the_cluster(sweep_job):
 
 def test_serve_deploy_serves_a_runs_export_on_the_cluster(ray_head, sweep_job):
     """`serve deploy cluster/serve.yaml` onto the running cluster, as written but for the HTTP port and the
-    storage (this test's): the newest export there is served, `serve status` reports it running, and
-    `serve shutdown` takes it down."""
+    storage (this test's): the newest export there is served and `serve status` reports it running."""
     import httpx
     import yaml
 
@@ -357,4 +356,4 @@ def test_serve_deploy_serves_a_runs_export_on_the_cluster(ray_head, sweep_job):
     answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                         json={"model": run_name, "prompt": "def main(", "max_tokens": 4})
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
-    serve_cli("shutdown", "--yes")
+    # (no `serve shutdown`: 5 s of graceful teardown here, and the fixture's `make cluster-down` stops all)
