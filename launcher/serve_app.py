@@ -23,6 +23,7 @@ from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tok
                                       parallel_tool_calls, parse_body, refuse_unsupported, sampling_params,
                                       stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk, wants_stream_usage)
 from launcher.prefix_router import PrefixAffinityRouter
+from launcher.responses_api import ModelResponse, chat_request, renamed_error
 from launcher.serve_model import LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 from lm.tool_calls import calls_finish_reason
@@ -133,9 +134,53 @@ class OpenAIServer:
     async def chat_completions(self, request: Request):
         return await self._complete(request, chat=True)
 
+    @api.post("/v1/responses")
+    async def responses(self, request: Request):
+        """OpenAI's Responses API, answered on the chat path (launcher.responses_api)."""
+        self._authorize(request)
+        body = parse_body(await request.body())
+        try:
+            choices, _, _, _ = await self._start(chat_request(body), chat=True)
+        except APIError as error:
+            raise renamed_error(error) from None
+        response = ModelResponse(body, self.model_name)
+        if body.get("stream"):
+            return StreamingResponse(self._response_events(response, choices[0]), media_type="text/event-stream")
+        text, last, _ = await self._collect(choices[0])
+        return response.finished(text, last)
+
+    @staticmethod
+    async def _response_events(response: ModelResponse, events):
+        for event in response.started():
+            yield event
+        async for event in events:
+            if event.get("delta"):
+                yield response.delta(event["delta"])
+            if "finish_reason" in event:
+                for ended in response.ended(event):
+                    yield ended
+
     async def _complete(self, request: Request, chat: bool):
         self._authorize(request)
         body = parse_body(await request.body())
+        usage = bool(body.get("stream")) and wants_stream_usage(body)
+        choices, n, tool_form, parallel = await self._start(body, chat)
+        if body.get("stream"):
+            return StreamingResponse(self._sse(choices, n, chat, usage, tool_form, parallel),
+                                     media_type="text/event-stream")
+        finished = await asyncio.gather(*(self._collect(events) for events in choices))
+        return completion_response(
+            self.model_name,
+            [(text, last["finish_reason"], last["completion_tokens"],
+              None if logprobs_count(body, chat) is None else logprobs_object(described, chat))
+             for text, last, described in finished],
+            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel,  # each prompt once
+            sum(last["cached_tokens"] for _, last, _ in finished[::n]))
+
+    async def _start(self, body: dict, chat: bool) -> tuple[list, int, str | None, bool]:
+        """A request's sequences submitted to the model replicas, once it is checked: each choice's
+        events (its first already read, so that a bad request is a 4xx before any response starts), n,
+        how replies write tool calls (None: no tools offered), and whether calls may be parallel."""
         check_model(body, self.model_name)
         refuse_unsupported(body)
         template = await self._chat_template() if chat else None
@@ -150,7 +195,6 @@ class OpenAIServer:
         echo = not chat and echoes(body)
         add_special_tokens = adds_special_tokens(body, chat)
         n = choice_count(body, len(prompts))
-        usage = bool(body.get("stream")) and wants_stream_usage(body)
         # One sequence per choice, n per prompt (choice index = prompt index x n + i), all decoded
         # in the same batch.
         choices = [self.model.options(stream=True).generate.remote(prompt, choice_params(params, i), echo,
@@ -160,17 +204,7 @@ class OpenAIServer:
         for first in firsts:
             if "error" in first:
                 raise APIError(400, first["error"], first["param"])
-        choices = [self._chain(first, events) for first, events in zip(firsts, choices)]
-        if body.get("stream"):
-            return StreamingResponse(self._sse(choices, n, chat, usage, tool_form, parallel),
-                                     media_type="text/event-stream")
-        finished = await asyncio.gather(*(self._collect(events) for events in choices))
-        return completion_response(
-            self.model_name,
-            [(text, last["finish_reason"], last["completion_tokens"],
-              None if params.logprobs is None else logprobs_object(described, chat)) for text, last, described in finished],
-            sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel,  # each prompt once
-            sum(last["cached_tokens"] for _, last, _ in finished[::n]))
+        return [self._chain(first, events) for first, events in zip(firsts, choices)], n, tool_form, parallel
 
     @staticmethod
     async def _chain(first, rest):

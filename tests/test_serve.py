@@ -1,5 +1,5 @@
-"""Serving over real Ray Serve HTTP on loopback: the openai client (completions and chat, streaming
-and not), 32 concurrent requests, every bad input answered with a 4xx OpenAI error object naming the
+"""Serving over real Ray Serve HTTP on loopback: the openai client (completions, chat and responses,
+streaming and not), 32 concurrent requests, every bad input answered with a 4xx OpenAI error object naming the
 field while the server keeps serving, and the API key enforced."""
 
 import asyncio
@@ -423,6 +423,51 @@ def test_response_format_guides_replies_to_json_that_matches_the_schema(server, 
     assert said.choices[0].text in (" fast.", " slow.")  # vLLM's guided grammar (GBNF)
 
 
+def test_responses_api_answers_as_chat_does_streaming_and_not(server, client):
+    """OpenAI's Responses API through the openai client: `instructions` and `input` are the chat's system
+    and user messages, so the greedy answer is the chat's; the stream's events build the same text;
+    `max_output_tokens` cuts a response to `incomplete`; `text.format` guides it to JSON."""
+    _, model = server
+    question = "Write a loop."
+    chat = client.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "You write Python."}, {"role": "user", "content": question}])
+    answer = client.responses.create(model=model, instructions="You write Python.", input=question,
+                                     max_output_tokens=12, temperature=0)
+    assert answer.object == "response" and answer.output_text == chat.choices[0].message.content
+    assert answer.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                       chat.usage.completion_tokens)
+    # the same conversation as a list of messages, content as text parts
+    listed = client.responses.create(model=model, max_output_tokens=12, temperature=0, reasoning={"effort": None},
+                                     input=[
+        {"role": "developer", "content": "You write Python."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}])
+    assert listed.output_text == answer.output_text
+
+    cut = client.responses.create(model=model, input=question, max_output_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3
+
+    events = list(client.responses.create(model=model, instructions="You write Python.", input=question,
+                                          max_output_tokens=12, temperature=0, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] == f"response.{answer.status}"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer.output_text
+    assert events[-1].response.output_text == answer.output_text
+    assert events[-1].response.usage.output_tokens == answer.usage.output_tokens
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    shaped = client.responses.create(model=model, input="How many? Answer in JSON.", max_output_tokens=40,
+                                     temperature=0, text={"format": {"type": "json_schema", "name": "count",
+                                                                     "schema": schema, "strict": True}})
+    assert shaped.status == "completed" and isinstance(json.loads(shaped.output_text)["n"], int)
+
+
 def test_32_concurrent_requests_all_succeed(server, client):
     _, model = server
 
@@ -579,6 +624,20 @@ BAD = [
         "name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}}}).encode(), 400, "response_format"),
     ("completions", json.dumps({"prompt": "a", "structured_outputs": {"regex": "a{3,1}"}}).encode(), 400,
      "structured_outputs"),
+    # the Responses API's errors name its own fields; what needs stored state or tools is refused by name
+    ("responses", json.dumps({"input": 5}).encode(), 400, "input"),
+    ("responses", json.dumps({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}).encode(),
+     400, "input"),
+    ("responses", json.dumps({"input": [{"role": "robot", "content": "hi"}]}).encode(), 400, "input"),
+    ("responses", json.dumps({"input": "hi", "max_output_tokens": 0}).encode(), 400, "max_output_tokens"),
+    ("responses", json.dumps({"input": "hi", "text": {"format": {"type": "xml"}}}).encode(), 400, "text.format"),
+    ("responses", json.dumps({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": "string", "pattern": "(?=a)"}}}}).encode(), 400, "text.format"),
+    ("responses", json.dumps({"input": "hi", "previous_response_id": "resp_1"}).encode(), 400, "previous_response_id"),
+    ("responses", json.dumps({"input": "hi", "tools": [{"type": "web_search"}]}).encode(), 400, "tools"),
+    ("responses", json.dumps({"input": "hi", "reasoning": {"effort": "high"}}).encode(), 400, "reasoning"),
+    ("responses", json.dumps({"input": "hi", "model": "nope"}).encode(), 404, "model"),
+    ("responses", json.dumps({"input": "def f():\n    pass\n" * 200}).encode(), 400, "input"),
 ]
 
 
