@@ -24,7 +24,7 @@ from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tok
                                       stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk, wants_stream_usage)
 from launcher.prefix_router import PrefixAffinityRouter
 from launcher.responses_api import ModelResponse, chat_request, renamed_error
-from launcher.serve_model import LanguageModel
+from launcher.serve_model import SHUTDOWN_CHECK_S, LanguageModel
 from lm.chat_template import BUILTIN, ChatTemplate
 from lm.tool_calls import calls_finish_reason
 
@@ -45,7 +45,7 @@ async def client_gone(request: Request, error: ClientDisconnect) -> Response:
     return Response(status_code=499)
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S)
 @serve.ingress(api)
 class OpenAIServer:
     def __init__(self, model, model_name: str, api_key: str | None):
