@@ -30,6 +30,9 @@ def builder_args(cfg: ServeAppConfig) -> dict:
         raise ConfigError(f"serve.port={s.port} is invalid: must be in 1..65535")
     if s.metrics_port is not None and not 0 < s.metrics_port < 65536:
         raise ConfigError(f"serve.metrics_port={s.metrics_port} is invalid: must be in 1..65535, or null for a free port")
+    if not s.graceful_shutdown_timeout_s >= 0:
+        raise ConfigError(f"serve.graceful_shutdown_timeout_s={s.graceful_shutdown_timeout_s} is invalid: must be "
+                          "a number of seconds >= 0")
     for field, location in (("run.storage", cfg.run.storage), ("serve.export_dir", s.export_dir)):
         if location and is_uri(location):
             check_object_store(location, field)
@@ -94,10 +97,34 @@ def main(dcfg: DictConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+        finish_requests_in_flight(cfg.serve.graceful_shutdown_timeout_s)
         print("stopping: Ray Serve and its Ray shut down", flush=True)
         serve.shutdown()
         stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def finish_requests_in_flight(timeout_s: float) -> None:
+    """Before Serve shuts down (its proxy closes every connection at once): new requests get a 503 and
+    those in flight finish, for at most timeout_s; a second Ctrl-C stops waiting."""
+    from ray import serve
+
+    try:
+        ingress = serve.get_app_handle("lm")
+        left = ingress.drain.remote().result(timeout_s=10)
+        if left:
+            print(f"stopping: new requests get a 503; waiting up to {timeout_s:g} s for the {left} in flight "
+                  "(Ctrl-C: stop now)", flush=True)
+        deadline = time.monotonic() + timeout_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = ingress.requests_in_flight.remote().result(timeout_s=10)
+        if left:
+            print(f"stopping with {left} requests unfinished after {timeout_s:g} s", flush=True)
+    except KeyboardInterrupt:
+        print("stopping now", flush=True)
+    except Exception as error:  # an ingress that cannot answer: shut down all the same
+        print(f"stopping without waiting for requests in flight: {error!r}"[:300], flush=True)
 
 
 def serve_status_command(dashboard_url: str) -> str:

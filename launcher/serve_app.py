@@ -45,6 +45,33 @@ async def client_gone(request: Request, error: ClientDisconnect) -> Response:
     return Response(status_code=499)
 
 
+class RequestsInFlight:
+    """ASGI middleware: counts HTTP requests until their response has gone out (a stream's last event
+    included), and once the server drains (launcher.serve's Ctrl-C or SIGTERM) answers new ones, /health
+    too, with a 503, so a load balancer stops sending them while those in flight finish."""
+
+    count = 0
+    draining = False
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if RequestsInFlight.draining:
+            error = APIError(503, "the server is shutting down", None, "service_unavailable")
+            return await JSONResponse(error.body(), status_code=503)(scope, receive, send)
+        RequestsInFlight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            RequestsInFlight.count -= 1
+
+
+api.add_middleware(RequestsInFlight)
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S)
 @serve.ingress(api)
 class OpenAIServer:
@@ -64,6 +91,14 @@ class OpenAIServer:
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    def drain(self) -> int:
+        """From now on new requests get a 503; the number still in flight (called through a handle)."""
+        RequestsInFlight.draining = True
+        return RequestsInFlight.count
+
+    def requests_in_flight(self) -> int:
+        return RequestsInFlight.count
 
     @api.get("/v1/models")
     async def models(self, request: Request):

@@ -237,6 +237,10 @@ class ServeConfig:
     # Ray's dashboard for the Ray that `launcher.serve` starts (127.0.0.1:8265, or the next free port):
     # what Serve's own CLI (`serve status`) and the dashboard's Serve page read.
     include_dashboard: bool = True
+    # Seconds a Ctrl-C or SIGTERM (docker stop, Kubernetes) waits for the requests in flight to finish,
+    # new ones answered 503, before Serve and its Ray shut down (Serve's own name and default; keep it
+    # below Kubernetes' terminationGracePeriodSeconds, 30 by default).
+    graceful_shutdown_timeout_s: float = 20.0
 
 
 SERVE_DTYPES = ("auto", "fp32", "bf16")

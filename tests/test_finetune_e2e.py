@@ -5,9 +5,11 @@ as `make serve` runs it (the run's newest export; its Prometheus metrics where i
 through the dashboard it starts; Ctrl-C stops it) through `/v1/chat/completions`, with the template the
 model was tuned on, which the export hands on to transformers."""
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,7 +159,25 @@ def test_finetune_export_and_serve_chat_answers(trained, tmp_path):
 
         # `docker stop`, Kubernetes and systemd send SIGTERM: it stops the server as Ctrl-C does (it raises
         # the KeyboardInterrupt a Ctrl-C raises), where Ray's own handler dumped a stack and exited at once.
-        proc.send_signal(signal.SIGTERM)
+        # A request in flight (here its body half sent) finishes first, while new requests, /health too, get
+        # a 503, so a load balancer stops sending them; Serve's own shutdown would have cut it off.
+        question, answer = train_pairs[0]
+        body = json.dumps({"model": "qa", "messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                           "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as held:
+            held.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            time.sleep(2)  # the request reaches the ingress, which reads its body as it comes
+            proc.send_signal(signal.SIGTERM)
+            stopping = next(line for line in proc.stdout if line.startswith("stopping"))
+            assert stopping == "stopping: new requests get a 503; waiting up to 20 s for the 1 in flight " \
+                               "(Ctrl-C: stop now)\n"
+            assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 503
+            held.sendall(body[10:])
+            reply = http.client.HTTPResponse(held)
+            reply.begin()
+            assert reply.status == 200
+            assert json.loads(reply.read())["choices"][0]["message"]["content"].strip() == answer
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
         assert "stopping: Ray Serve and its Ray shut down\n" in out

@@ -730,7 +730,7 @@ def test_serve_config_errors_name_the_field():
     for field, value in (("stream_events_per_s", -1), ("stream_interval_ms", -5), ("port", 70000),
                          ("prefix_cache_tokens", 8), ("max_num_batched_tokens", 0), ("metrics_port", 0),
                          ("num_replicas", 0), ("max_batch_size", 0), ("cpus_per_replica", 0),
-                         ("max_model_len", 1)):
+                         ("max_model_len", 1), ("graceful_shutdown_timeout_s", -1)):
         with pytest.raises(ConfigError, match=f"^serve.{field}={value} is invalid"):
             build(builder_args(ServeAppConfig(serve=ServeConfig(**{field: value}, export_dir="/nowhere"))))
     for field, value in (("num_replicas", 0), ("max_batch_size", -2), ("gpus_per_replica", -1),  # serve run's args
