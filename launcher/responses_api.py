@@ -2,16 +2,18 @@
 request to the same model and template, and the reply becomes a Response object, or its stream of
 typed events, as the `openai` client's `responses.create` reads them.
 
-Text in, text out: `input` (a string, or messages whose content is text), `instructions` (a system
-message first), `max_output_tokens`, the sampling fields, and `text.format` (JSON or a JSON schema,
-as guided decoding). What needs state kept on the server (`previous_response_id`, `background`,
-`conversation`) or the model to act (`tools`) is a 400 naming the field; nothing is stored, so every
-response reports `store: false`."""
+`input` (a string, or messages whose content is text, and the function calls and their outputs of a
+tool-using conversation), `instructions` (a system message first), `max_output_tokens`, the sampling
+fields, `text.format` (JSON or a JSON schema, as guided decoding), and function `tools` with
+`tool_choice`, for a model whose chat template takes tools: its calls come back as `function_call`
+items. What needs state kept on the server (`previous_response_id`, `background`, `conversation`) is
+a 400 naming the field; nothing is stored, so every response reports `store: false`."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 import uuid
 
@@ -21,7 +23,6 @@ UNSUPPORTED = {
     "previous_response_id": "responses are not stored; send the conversation so far as 'input'",
     "conversation": "conversations are not stored; send the conversation so far as 'input'",
     "background": "send the request and wait for it, or stream it",
-    "tools": "send them to /v1/chat/completions (with a model whose chat template takes tools)",
     "prompt": "stored prompts are not kept; send 'instructions' and 'input'",
     "include": "for log-probabilities, use /v1/chat/completions",
     "top_logprobs": "for log-probabilities, use /v1/chat/completions",
@@ -50,6 +51,12 @@ def chat_request(body: dict) -> dict:
         messages.append({"role": "system", "content": instructions})
     messages += input_messages(body.get("input"))
     request = {"messages": messages, **{name: body[name] for name in SAMPLING if name in body}}
+    if _given(body.get("tools")):
+        request["tools"] = chat_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        request["tool_choice"] = chat_tool_choice(body["tool_choice"])
+    if "parallel_tool_calls" in body:
+        request["parallel_tool_calls"] = body["parallel_tool_calls"]
     if "model" in body:
         request["model"] = body["model"]
     if body.get("max_output_tokens") is not None:
@@ -80,9 +87,22 @@ def input_messages(value) -> list[dict]:
     messages = []
     for i, item in enumerate(value):
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "function_call":
+            call = _function_call(i, item)
+            if messages and messages[-1]["role"] == "assistant":  # the same turn's text, or its other calls
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            if not (isinstance(item.get("call_id"), str) and isinstance(item.get("output"), str)):
+                raise APIError(400, f"input[{i}]: a function_call_output needs a call_id and a string output",
+                               "input")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+            continue
         if kind != "message":
-            raise APIError(400, f"input[{i}] must be a message {{role, content}}; items of type {kind!r} are not "
-                                "supported here", "input")
+            raise APIError(400, f"input[{i}] must be a message {{role, content}}, a function_call or a "
+                                f"function_call_output; items of type {kind!r} are not supported here", "input")
         role, content = item.get("role"), item.get("content")
         if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") in TEXT_PARTS
                                              and isinstance(part.get("text"), str) for part in content):
@@ -92,6 +112,39 @@ def input_messages(value) -> list[dict]:
                                 f"or a list of text parts ({', '.join(TEXT_PARTS)})", "input")
         messages.append({"role": role, "content": content})
     return messages
+
+
+def _function_call(i: int, item: dict) -> dict:
+    """An earlier reply's function call, as chat's assistant `tool_calls` carry it."""
+    if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
+        raise APIError(400, f"input[{i}]: a function_call needs a call_id, a name and arguments (a JSON string)",
+                       "input")
+    return {"id": item["call_id"], "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+
+def chat_tools(tools) -> list[dict]:
+    """Function tools ({type: function, name, description, parameters}) as chat's, the function's
+    fields one level down."""
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list of function tools {type: function, name, parameters}", "tools")
+    converted = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function" or not isinstance(tool.get("name"), str):
+            raise APIError(400, f"tools[{i}] must be a function tool {{type: function, name, parameters}}; tools "
+                                f"of type {kind!r} are not supported here", "tools")
+        converted.append({"type": "function", "function": {key: tool[key] for key in
+                                                            ("name", "description", "parameters", "strict")
+                                                            if tool.get(key) is not None}})
+    return converted
+
+
+def chat_tool_choice(value):
+    """"auto", "none", "required", or {type: function, name} as chat's {type: function, function: {name}}."""
+    if isinstance(value, dict) and value.get("type") == "function":
+        return {"type": "function", "function": {"name": value.get("name")}}
+    return value  # chat's check names what is wrong with anything else
 
 
 def chat_response_format(value) -> dict:
@@ -109,25 +162,28 @@ def chat_response_format(value) -> dict:
 def renamed_error(error: APIError) -> APIError:
     """A chat request's error, naming the Responses request's field it came from."""
     names = {"messages": "input", "prompt": "input", "max_completion_tokens": "max_output_tokens",
-             "response_format": "text.format"}
+             "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice"}
     if error.param not in names:
         return error
     message = error.message.replace("response_format.json_schema", "text.format").replace(
         "'max_completion_tokens'", "'max_output_tokens'").replace("'messages'", "'input'")
+    message = re.sub(r"(tools\[\d+\])\.function\.", r"\1.", message).replace("{type: function, function: {name}}",
+                                                                           "{type: function, name}")
     message = "input" + message.removeprefix("prompt") if message.startswith("prompt:") else message
     return APIError(error.status, message, names[error.param], error.kind)
 
 
 class ModelResponse:
     """One response's object as it goes from in progress to completed (or incomplete: cut by
-    max_output_tokens), and its stream's events."""
+    max_output_tokens), and its stream's events. Its output: a message with the reply's text (left out
+    when the reply is only function calls), then a function_call item per call."""
 
     def __init__(self, body: dict, model: str):
         self.body, self.model = body, model
         self.id, self.message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.sequence = itertools.count()
-        self.text = ""
+        self.text, self.calls, self.message_open = "", [], False
 
     def message(self, status: str) -> dict:
         content = [] if status == "in_progress" else [self.part()]
@@ -136,24 +192,37 @@ class ModelResponse:
     def part(self) -> dict:
         return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
 
+    @staticmethod
+    def call_item(call: dict, status: str = "completed") -> dict:
+        """A function call (ToolCall.openai()'s dict) as an output item; its call_id is what the function's
+        output names when the conversation goes on."""
+        return {"type": "function_call", "id": f"fc_{call['id'].removeprefix('call_')}", "call_id": call["id"],
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"] if status == "completed" else "", "status": status}
+
+    def output(self, status: str) -> list[dict]:
+        with_message = self.text or not self.calls
+        return [self.message(status)] * bool(with_message) + [self.call_item(call) for call in self.calls]
+
     def object(self, status: str = "in_progress", usage: dict | None = None) -> dict:
         body = self.body
         text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        cut = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "error": None, "incomplete_details": cut,
                 "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
                 "metadata": body.get("metadata") or {}, "model": self.model,
-                "output": [] if status == "in_progress" else [self.message(status)],
-                "parallel_tool_calls": True, "previous_response_id": None,
+                "output": [] if status == "in_progress" else self.output(status),
+                "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
                 "reasoning": {"effort": None, "summary": None}, "store": False,
                 "temperature": body.get("temperature", 1.0),
                 "text": {"format": text.get("format") or {"type": "text"}},
-                "tool_choice": "auto", "tools": [], "top_p": body.get("top_p", 1.0), "truncation": "disabled",
-                "usage": usage, "user": body.get("user")}
+                "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+                "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": body.get("user")}
 
-    def finished(self, text: str, last: dict) -> dict:
-        """The whole response from the reply's text and its last event (finish reason, token counts)."""
-        self.text = text
+    def finished(self, text: str | None, calls: list[dict], last: dict) -> dict:
+        """The whole response from the reply's text, its calls and its last event (finish reason, token counts)."""
+        self.text, self.calls = text or "", calls
         return self.object(self.status(last), self.usage(last))
 
     @staticmethod
@@ -175,21 +244,37 @@ class ModelResponse:
         return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
 
     def started(self) -> list[str]:
-        """The events before the first text: the response, its message and the message's text part opened."""
         return [self.event("response.created", response=self.object()),
-                self.event("response.in_progress", response=self.object()),
-                self.event("response.output_item.added", output_index=0, item=self.message("in_progress")),
+                self.event("response.in_progress", response=self.object())]
+
+    def _open_message(self) -> list[str]:
+        self.message_open = True
+        return [self.event("response.output_item.added", output_index=0, item=self.message("in_progress")),
                 self.event("response.content_part.added", **self._at(),
                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
-    def delta(self, text: str) -> str:
+    def delta(self, text: str) -> list[str]:
+        """The message's next text (the message opened by its first)."""
+        opened = [] if self.message_open else self._open_message()
         self.text += text
-        return self.event("response.output_text.delta", **self._at(), delta=text, logprobs=[])
+        return opened + [self.event("response.output_text.delta", **self._at(), delta=text, logprobs=[])]
 
-    def ended(self, last: dict) -> list[str]:
-        """The events after the last text: each part closed, then the response completed (or incomplete)."""
-        status = self.status(last)
-        return [self.event("response.output_text.done", **self._at(), text=self.text, logprobs=[]),
-                self.event("response.content_part.done", **self._at(), part=self.part()),
-                self.event("response.output_item.done", output_index=0, item=self.message(status)),
-                self.event(f"response.{status}", response=self.object(status, self.usage(last)))]
+    def ended(self, last: dict, calls: list[dict]) -> list[str]:
+        """The events after the last text: the message closed (a reply of calls alone has none), each call
+        as an item with its arguments, then the response completed (or incomplete)."""
+        status, self.calls = self.status(last), calls
+        events = [] if self.message_open or calls else self._open_message()
+        if self.message_open:
+            events += [self.event("response.output_text.done", **self._at(), text=self.text, logprobs=[]),
+                       self.event("response.content_part.done", **self._at(), part=self.part()),
+                       self.event("response.output_item.done", output_index=0, item=self.message(status))]
+        for index, call in enumerate(calls, start=int(self.message_open)):
+            item = self.call_item(call)
+            at = {"item_id": item["id"], "output_index": index}
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=self.call_item(call, "in_progress")),
+                       self.event("response.function_call_arguments.delta", **at, delta=item["arguments"]),
+                       self.event("response.function_call_arguments.done", **at, name=item["name"],
+                                  arguments=item["arguments"]),
+                       self.event("response.output_item.done", output_index=index, item=item)]
+        return events + [self.event(f"response.{status}", response=self.object(status, self.usage(last)))]

@@ -20,8 +20,9 @@ from starlette.requests import ClientDisconnect
 from launcher.openai_protocol import (APIError, ToolCallStream, adds_special_tokens, chat_prompt, chat_tools,
                                       check_model, choice_count, choice_params, completion_prompts,
                                       completion_response, echoes, guided_decoding, logprobs_count, logprobs_object,
-                                      parallel_tool_calls, parse_body, refuse_unsupported, sampling_params,
-                                      stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk, wants_stream_usage)
+                                      parallel_tool_calls, parse_body, read_tool_calls, refuse_unsupported,
+                                      sampling_params, stream_chunk, tokenize_text, tool_calls_chunk, usage_chunk,
+                                      wants_stream_usage)
 from launcher.prefix_router import PrefixAffinityRouter
 from launcher.responses_api import ModelResponse, chat_request, renamed_error
 from launcher.serve_model import SHUTDOWN_CHECK_S, LanguageModel
@@ -175,25 +176,39 @@ class OpenAIServer:
         self._authorize(request)
         body = parse_body(await request.body())
         try:
-            choices, _, _, _ = await self._start(chat_request(body), chat=True)
+            choices, _, tool_form, parallel = await self._start(chat_request(body), chat=True)
         except APIError as error:
             raise renamed_error(error) from None
         response = ModelResponse(body, self.model_name)
         if body.get("stream"):
-            return StreamingResponse(self._response_events(response, choices[0]), media_type="text/event-stream")
+            return StreamingResponse(self._response_events(response, choices[0], tool_form, parallel),
+                                     media_type="text/event-stream")
         text, last, _ = await self._collect(choices[0])
-        return response.finished(text, last)
+        content, calls = read_tool_calls(text, tool_form, parallel) if tool_form else (text, [])
+        return response.finished(content, [call.openai() for call in calls], last)
 
     @staticmethod
-    async def _response_events(response: ModelResponse, events):
+    async def _response_events(response: ModelResponse, events, tool_form: str | None, parallel: bool):
+        """The reply's text as it comes (with tools offered, up to where a call may begin), its calls
+        once it is whole."""
+        calls_held = ToolCallStream(tool_form, parallel) if tool_form else None
         for event in response.started():
             yield event
         async for event in events:
-            if event.get("delta"):
-                yield response.delta(event["delta"])
+            text = event.get("delta", "")
+            if calls_held is not None:
+                text = calls_held.feed(text)[0] if text else ""
+            for sent in response.delta(text) if text else []:
+                yield sent
             if "finish_reason" in event:
-                for ended in response.ended(event):
-                    yield ended
+                calls = []
+                if calls_held is not None:
+                    rest, _, _ = calls_held.finish()
+                    for sent in response.delta(rest) if rest else []:
+                        yield sent
+                    calls = [call.openai() for call in read_tool_calls(calls_held.text, tool_form, parallel)[1]]
+                for sent in response.ended(event, calls):
+                    yield sent
 
     async def _complete(self, request: Request, chat: bool):
         self._authorize(request)

@@ -635,6 +635,8 @@ BAD = [
         "type": "string", "pattern": "(?=a)"}}}}).encode(), 400, "text.format"),
     ("responses", json.dumps({"input": "hi", "previous_response_id": "resp_1"}).encode(), 400, "previous_response_id"),
     ("responses", json.dumps({"input": "hi", "tools": [{"type": "web_search"}]}).encode(), 400, "tools"),
+    ("responses", json.dumps({"input": "hi", "tools": [{"type": "function", "name": "f"}]}).encode(), 400, "tools"),
+    ("responses", json.dumps({"input": [{"type": "function_call", "call_id": "c"}]}).encode(), 400, "input"),
     ("responses", json.dumps({"input": "hi", "reasoning": {"effort": "high"}}).encode(), 400, "reasoning"),
     ("responses", json.dumps({"input": "hi", "model": "nope"}).encode(), 404, "model"),
     ("responses", json.dumps({"input": "def f():\n    pass\n" * 200}).encode(), 400, "input"),

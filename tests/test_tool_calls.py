@@ -334,6 +334,36 @@ def test_served_model_calls_tools_over_http(qwen_dir):
                                                   max_tokens=8, temperature=0)
         assert followed.choices[0].finish_reason in ("stop", "tool_calls", "length")
 
+        # The Responses API: the call as a function_call item, streamed and not; the conversation goes on
+        # with the call and its output as input items.
+        function = {"type": "function", **WEATHER["function"]}
+        response = client.responses.create(model="qwen-tools", input="Weather in Paris?", tools=[function],
+                                           max_output_tokens=8, temperature=0)
+        (item,) = response.output
+        assert response.status == "completed" and item.type == "function_call" and item.name == "get_weather"
+        assert json.loads(item.arguments) == {"city": "Paris"} and item.call_id.startswith("call_")
+        events = list(client.responses.create(model="qwen-tools", input="Weather in Paris?", tools=[function],
+                                              max_output_tokens=8, temperature=0, stream=True))
+        assert not [e for e in events if e.type == "response.output_text.delta"]  # the call is not text
+        (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert done.name == "get_weather" and json.loads(done.arguments) == {"city": "Paris"}
+        assert [item.type for item in events[-1].response.output] == ["function_call"]
+        went_on = client.responses.create(model="qwen-tools", tools=[function], max_output_tokens=8, temperature=0,
+                                          input=[{"role": "user", "content": "Weather in Paris?"},
+                                                 {"type": "function_call", "call_id": item.call_id,
+                                                  "name": item.name, "arguments": item.arguments},
+                                                 {"type": "function_call_output", "call_id": item.call_id,
+                                                  "output": "sunny, 21 C"},
+                                                 {"role": "user", "content": "And tomorrow?"}])
+        assert went_on.status in ("completed", "incomplete") and went_on.output
+        either_city = {**function, "parameters": {"type": "object", "required": ["city"],
+                                                  "properties": {"city": {"enum": ["Paris", "Rome"]}}}}
+        named = client.responses.create(model="qwen-tools", input="Weather in Paris?", tools=[either_city],
+                                        tool_choice={"type": "function", "name": "get_weather"},
+                                        max_output_tokens=64, temperature=0)
+        (item,) = named.output  # guided to the named function's call
+        assert item.type == "function_call" and json.loads(item.arguments)["city"] in ("Paris", "Rome")
+
         # Forced calls: the model's own choice (<tool_call> text) is refused and the reply guided to a call.
         cities = {"type": "function", "function": {"name": "get_weather", "parameters": {
             "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
