@@ -52,7 +52,7 @@ def chat_request(body: dict) -> dict:
     messages += input_messages(body.get("input"))
     request = {"messages": messages, **{name: body[name] for name in SAMPLING if name in body}}
     if _given(body.get("tools")):
-        request["tools"] = chat_tools(body["tools"])
+        request["tools"] = function_tools(body["tools"])
     if body.get("tool_choice") is not None:
         request["tool_choice"] = chat_tool_choice(body["tool_choice"])
     if "parallel_tool_calls" in body:
@@ -79,7 +79,8 @@ def _given(value) -> bool:
 
 def input_messages(value) -> list[dict]:
     """`input` as chat messages: a string is the user's message; a list holds messages (or items of type
-    "message") whose content is a string or text parts."""
+    "message", as a response's output comes back) whose content is a string or text parts, and a
+    tool-using conversation's function calls (joined to their assistant turn) and outputs."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -123,7 +124,7 @@ def _function_call(i: int, item: dict) -> dict:
             "function": {"name": item["name"], "arguments": item["arguments"]}}
 
 
-def chat_tools(tools) -> list[dict]:
+def function_tools(tools) -> list[dict]:
     """Function tools ({type: function, name, description, parameters}) as chat's, the function's
     fields one level down."""
     if not isinstance(tools, list):
