@@ -1,5 +1,6 @@
 """Serve an export over HTTP with Ray Serve (blocks until Ctrl-C, or the SIGTERM that `docker stop`,
-Kubernetes and systemd send: either shuts Serve and its local Ray down and exits 0):
+Kubernetes and systemd send: either lets the requests in flight finish, then shuts Serve and its local
+Ray down and exits 0):
 
     python -m launcher.serve run.name=<run> serve.port=8000
 """
