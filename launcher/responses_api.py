@@ -4,7 +4,8 @@ typed events, as the `openai` client's `responses.create` reads them.
 
 `input` (a string, or messages whose content is text, and the function calls and their outputs of a
 tool-using conversation), `instructions` (a system message first), `max_output_tokens`, the sampling
-fields, `text.format` (JSON or a JSON schema, as guided decoding), and function `tools` with
+fields, `text.format` (JSON or a JSON schema, as guided decoding), the text's log-probabilities
+(`include: ["message.output_text.logprobs"]`, `top_logprobs`), and function `tools` with
 `tool_choice`, for a model whose chat template takes tools: its calls come back as `function_call`
 items. What needs state kept on the server (`previous_response_id`, `background`, `conversation`) is
 a 400 naming the field; nothing is stored, so every response reports `store: false`."""
@@ -24,14 +25,13 @@ UNSUPPORTED = {
     "conversation": "conversations are not stored; send the conversation so far as 'input'",
     "background": "send the request and wait for it, or stream it",
     "prompt": "stored prompts are not kept; send 'instructions' and 'input'",
-    "include": "for log-probabilities, use /v1/chat/completions",
-    "top_logprobs": "for log-probabilities, use /v1/chat/completions",
     "reasoning": "the models served here answer without a reasoning phase",
 }
 # Passed on to the chat request as they are (OpenAI's, and vLLM's sampling extras, as its /v1/responses takes them).
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
             "repetition_penalty", "min_p", "min_tokens", "ignore_eos", "logit_bias")
 INPUT_ROLES = ("user", "assistant", "system", "developer")
+LOGPROBS = "message.output_text.logprobs"  # `include`'s item that asks for the text's log-probabilities
 TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -57,6 +57,11 @@ def chat_request(body: dict) -> dict:
         request["tool_choice"] = chat_tool_choice(body["tool_choice"])
     if "parallel_tool_calls" in body:
         request["parallel_tool_calls"] = body["parallel_tool_calls"]
+    include = body.get("include") or []
+    if not (isinstance(include, list) and all(isinstance(item, str) for item in include)):
+        raise APIError(400, "'include' must be a list of strings such as \"message.output_text.logprobs\"", "include")
+    if LOGPROBS in include or _given(body.get("top_logprobs")):  # what else may be included, these replies lack
+        request["logprobs"], request["top_logprobs"] = True, body.get("top_logprobs") or 0
     if "model" in body:
         request["model"] = body["model"]
     if body.get("max_output_tokens") is not None:
@@ -163,11 +168,13 @@ def chat_response_format(value) -> dict:
 def renamed_error(error: APIError) -> APIError:
     """A chat request's error, naming the Responses request's field it came from."""
     names = {"messages": "input", "prompt": "input", "max_completion_tokens": "max_output_tokens",
-             "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice"}
+             "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
+             "top_logprobs": "top_logprobs"}
     if error.param not in names:
         return error
     message = error.message.replace("response_format.json_schema", "text.format").replace(
         "'max_completion_tokens'", "'max_output_tokens'").replace("'messages'", "'input'")
+    message = message.replace(", with 'logprobs': true", "")
     message = re.sub(r"(tools\[\d+\])\.function\.", r"\1.", message).replace("{type: function, function: {name}}",
                                                                            "{type: function, name}")
     message = "input" + message.removeprefix("prompt") if message.startswith("prompt:") else message
@@ -185,13 +192,14 @@ class ModelResponse:
         self.created = int(time.time())
         self.sequence = itertools.count()
         self.text, self.calls, self.message_open = "", [], False
+        self.logprobs: list[dict] = []  # the text's tokens' (with `include` or `top_logprobs`), chat's form
 
     def message(self, status: str) -> dict:
         content = [] if status == "in_progress" else [self.part()]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
     def part(self) -> dict:
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
 
     @staticmethod
     def call_item(call: dict, status: str = "completed") -> dict:
@@ -219,11 +227,13 @@ class ModelResponse:
                 "temperature": body.get("temperature", 1.0),
                 "text": {"format": text.get("format") or {"type": "text"}},
                 "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
-                "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": body.get("user")}
+                "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+                "usage": usage, "user": body.get("user")}
 
-    def finished(self, text: str | None, calls: list[dict], last: dict) -> dict:
-        """The whole response from the reply's text, its calls and its last event (finish reason, token counts)."""
-        self.text, self.calls = text or "", calls
+    def finished(self, text: str | None, calls: list[dict], last: dict, logprobs: list[dict]) -> dict:
+        """The whole response from the reply's text, its calls, its last event (finish reason, token counts)
+        and its tokens' log-probabilities."""
+        self.text, self.calls, self.logprobs = text or "", calls, logprobs
         return self.object(self.status(last), self.usage(last))
 
     @staticmethod
@@ -254,11 +264,12 @@ class ModelResponse:
                 self.event("response.content_part.added", **self._at(),
                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
-    def delta(self, text: str) -> list[str]:
-        """The message's next text (the message opened by its first)."""
+    def delta(self, text: str, logprobs: list[dict] = ()) -> list[str]:
+        """The message's next text and its tokens' log-probabilities (the message opened by its first)."""
         opened = [] if self.message_open else self._open_message()
         self.text += text
-        return opened + [self.event("response.output_text.delta", **self._at(), delta=text, logprobs=[])]
+        self.logprobs += logprobs
+        return opened + [self.event("response.output_text.delta", **self._at(), delta=text, logprobs=list(logprobs))]
 
     def ended(self, last: dict, calls: list[dict]) -> list[str]:
         """The events after the last text: the message closed (a reply of calls alone has none), each call
@@ -266,7 +277,7 @@ class ModelResponse:
         status, self.calls = self.status(last), calls
         events = [] if self.message_open or calls else self._open_message()
         if self.message_open:
-            events += [self.event("response.output_text.done", **self._at(), text=self.text, logprobs=[]),
+            events += [self.event("response.output_text.done", **self._at(), text=self.text, logprobs=self.logprobs),
                        self.event("response.content_part.done", **self._at(), part=self.part()),
                        self.event("response.output_item.done", output_index=0, item=self.message(status))]
         for index, call in enumerate(calls, start=int(self.message_open)):

@@ -183,22 +183,23 @@ class OpenAIServer:
         if body.get("stream"):
             return StreamingResponse(self._response_events(response, choices[0], tool_form, parallel),
                                      media_type="text/event-stream")
-        text, last, _ = await self._collect(choices[0])
+        text, last, described = await self._collect(choices[0])
         content, calls = read_tool_calls(text, tool_form, parallel) if tool_form else (text, [])
-        return response.finished(content, [call.openai() for call in calls], last)
+        return response.finished(content, [call.openai() for call in calls], last,
+                                 logprobs_object(described, chat=True)["content"])
 
     @staticmethod
     async def _response_events(response: ModelResponse, events, tool_form: str | None, parallel: bool):
-        """The reply's text as it comes (with tools offered, up to where a call may begin), its calls
-        once it is whole."""
+        """The reply's text as it comes (with tools offered, up to where a call may begin, and without
+        log-probabilities), its calls once it is whole."""
         calls_held = ToolCallStream(tool_form, parallel) if tool_form else None
         for event in response.started():
             yield event
         async for event in events:
-            text = event.get("delta", "")
+            text, logprobs = event.get("delta", ""), logprobs_object(event.get("logprobs", []), chat=True)["content"]
             if calls_held is not None:
-                text = calls_held.feed(text)[0] if text else ""
-            for sent in response.delta(text) if text else []:
+                text, logprobs = calls_held.feed(text)[0] if text else "", []
+            for sent in response.delta(text, logprobs) if text or logprobs else []:
                 yield sent
             if "finish_reason" in event:
                 calls = []

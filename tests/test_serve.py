@@ -426,7 +426,8 @@ def test_response_format_guides_replies_to_json_that_matches_the_schema(server, 
 def test_responses_api_answers_as_chat_does_streaming_and_not(server, client):
     """OpenAI's Responses API through the openai client: `instructions` and `input` are the chat's system
     and user messages, so the greedy answer is the chat's; the stream's events build the same text;
-    `max_output_tokens` cuts a response to `incomplete`; `text.format` guides it to JSON."""
+    `max_output_tokens` cuts a response to `incomplete`; log-probabilities are chat's; `text.format`
+    guides it to JSON."""
     _, model = server
     question = "Write a loop."
     chat = client.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=[
@@ -460,6 +461,21 @@ def test_responses_api_answers_as_chat_does_streaming_and_not(server, client):
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer.output_text
     assert events[-1].response.output_text == answer.output_text
     assert events[-1].response.usage.output_tokens == answer.usage.output_tokens
+
+    # the text's log-probabilities, as chat's: the same tokens and values, streamed with each delta
+    scored = client.responses.create(model=model, input=question, max_output_tokens=6, temperature=0,
+                                     include=["message.output_text.logprobs"], top_logprobs=2)
+    chat_scored = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                 max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    tokens = scored.output[0].content[0].logprobs
+    expected = chat_scored.choices[0].logprobs.content
+    assert [t.token for t in tokens] == [t.token for t in expected] and len(tokens) == scored.usage.output_tokens
+    assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert all(len(t.top_logprobs) == 2 for t in tokens)
+    streamed = list(client.responses.create(model=model, input=question, max_output_tokens=6, temperature=0,
+                                            top_logprobs=2, stream=True))
+    assert [t.token for e in streamed if e.type == "response.output_text.delta" for t in e.logprobs] == \
+        [t.token for t in tokens]
 
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     shaped = client.responses.create(model=model, input="How many? Answer in JSON.", max_output_tokens=40,
@@ -638,6 +654,8 @@ BAD = [
     ("responses", json.dumps({"input": "hi", "tools": [{"type": "function", "name": "f"}]}).encode(), 400, "tools"),
     ("responses", json.dumps({"input": [{"type": "function_call", "call_id": "c"}]}).encode(), 400, "input"),
     ("responses", json.dumps({"input": "hi", "reasoning": {"effort": "high"}}).encode(), 400, "reasoning"),
+    ("responses", json.dumps({"input": "hi", "top_logprobs": 21}).encode(), 400, "top_logprobs"),
+    ("responses", json.dumps({"input": "hi", "include": "logprobs"}).encode(), 400, "include"),
     ("responses", json.dumps({"input": "hi", "model": "nope"}).encode(), 404, "model"),
     ("responses", json.dumps({"input": "def f():\n    pass\n" * 200}).encode(), 400, "input"),
 ]
