@@ -346,12 +346,13 @@ def test_serve_deploy_serves_a_runs_export_on_the_cluster(ray_head, sweep_job):
 
     serve_cli("deploy", str(deployed))
     deadline = time.time() + 120
-    while time.time() < deadline:
-        app = yaml.safe_load(serve_cli("status"))["applications"].get("lm", {})
+    while time.time() < deadline:  # what `serve status` reads, without a CLI process a poll
+        app = httpx.get(f"{ray_head}/api/serve/applications/", timeout=30).json()["applications"].get("lm", {})
         assert app.get("status") != "DEPLOY_FAILED", app.get("message")
         if app.get("status") == "RUNNING":
             break
-        time.sleep(1)
+        time.sleep(0.5)
+    app = yaml.safe_load(serve_cli("status"))["applications"]["lm"]
     assert app["status"] == "RUNNING" and app["deployments"]["LanguageModel"]["replica_states"] == {"RUNNING": 1}
     answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                         json={"model": run_name, "prompt": "def main(", "max_tokens": 4})

@@ -119,7 +119,7 @@ def test_with_two_replicas_each_turn_of_a_conversation_goes_to_the_replica_holdi
 
 
 def test_a_replica_whose_decode_steps_keep_failing_is_replaced_by_serve(server, trained):
-    """End to end: Serve calls the model replica's check_health (here every second, not every 10 s) and,
+    """End to end: Serve calls the model replica's check_health (here every 0.5 s, not every 10 s) and,
     once it raises after 3 failed decode steps in a row, replaces the replica with a fresh one.
     Meanwhile each request fails at once with a 500 rather than hang, and the next replica serves."""
     from ray import serve
@@ -141,7 +141,7 @@ def test_a_replica_whose_decode_steps_keep_failing_is_replaced_by_serve(server, 
 
     url, model_name = server
     export_dir = trained[0] / "gpt2-trained" / "exports" / "fp32-step000300"
-    model = serve.deployment(BreakableModel).options(health_check_period_s=1, ray_actor_options={"num_cpus": 0.5})
+    model = serve.deployment(BreakableModel).options(health_check_period_s=0.5, ray_actor_options={"num_cpus": 0.5})
     serve.run(OpenAIServer.options(ray_actor_options={"num_cpus": 0}).bind(
         model.bind(str(export_dir), 4, 1, model_name=model_name), model_name, None), name="breakable",
         route_prefix="/breakable")
