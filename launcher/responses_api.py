@@ -210,8 +210,8 @@ class ModelResponse:
                 "arguments": call["function"]["arguments"] if status == "completed" else "", "status": status}
 
     def output(self, status: str) -> list[dict]:
-        with_message = self.text or not self.calls
-        return [self.message(status)] * bool(with_message) + [self.call_item(call) for call in self.calls]
+        calls = [self.call_item(call) for call in self.calls]
+        return calls if calls and not self.text else [self.message(status), *calls]
 
     def object(self, status: str = "in_progress", usage: dict | None = None) -> dict:
         body = self.body

@@ -220,11 +220,11 @@ class OpenAIServer:
             return StreamingResponse(self._sse(choices, n, chat, usage, tool_form, parallel),
                                      media_type="text/event-stream")
         finished = await asyncio.gather(*(self._collect(events) for events in choices))
+        scored = logprobs_count(body, chat) is not None
         return completion_response(
             self.model_name,
             [(text, last["finish_reason"], last["completion_tokens"],
-              None if logprobs_count(body, chat) is None else logprobs_object(described, chat))
-             for text, last, described in finished],
+              logprobs_object(described, chat) if scored else None) for text, last, described in finished],
             sum(last["prompt_tokens"] for _, last, _ in finished[::n]), chat, tool_form, parallel,  # each prompt once
             sum(last["cached_tokens"] for _, last, _ in finished[::n]))
 
